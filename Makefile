@@ -1,0 +1,34 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv/ first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dmdl-installed
+# torch and torchvision are pinned so pip takes the builds this project is tested with.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_WS ?= runs/demo
+
+.PHONY: venv test demo bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[test,export]'
+	$(PY) -c "import torch, torchvision, faiss, sklearn, typer, rich, onnxruntime; print('environment ready: torch', torch.__version__)"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest
+
+demo: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash recipes/demo.sh $(DEMO_WS)
+
+bench: venv
+	$(PY) benchmarks/eval_bench.py
+	$(PY) benchmarks/cluster_bench.py --sizes 22258
+	$(PY) benchmarks/train_bench.py
+
+clean-demo:
+	rm -rf $(DEMO_WS)

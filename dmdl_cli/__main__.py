@@ -1,0 +1,3 @@
+from dmdl_cli.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""One rich console for the whole tool, and the progress bar every long loop uses."""
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console(highlight=False)
+
+
+def log(message: str) -> None:
+    """A line of stage logging: what was read, what was written, how long it took."""
+    console.print(message)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, where one progress step may stand for several items (``per_step``)."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text(f"-- {self.unit}/s", style="cyan")
+        rate = speed * float(task.fields.get("per_step", 1))
+        return Text(f"{rate:,.1f} {self.unit}/s", style="cyan")
+
+
+def make_progress(unit: str = "img") -> Progress:
+    """A progress bar with count, rate (``unit``/s), elapsed and remaining time, and an info
+    field (``progress.update(task, info="loss 1.23")``). Add tasks with ``per_step=`` when one
+    advance stands for several items (a training step of B images), and ``info=""``.
+
+    The live display is off when ``DMDL_NO_PROGRESS`` is set (tests, CI logs).
+    """
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=bool(os.environ.get("DMDL_NO_PROGRESS")),
+    )

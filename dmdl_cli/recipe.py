@@ -1,0 +1,383 @@
+"""Typed recipes: every number a paper would print, loaded from YAML and validated on load.
+
+A recipe is a tree of dataclasses. ``load_recipe(path, overlays=..., overrides=...)`` reads the
+base YAML file, merges overlay files on top of it (later wins, key by key), applies
+``--set a.b=value`` overrides, and validates the result: an unknown key or a value of the wrong
+type or out of range raises :class:`~dmdl_cli.errors.DmdlError` naming the key and the file.
+
+How files compose: a data set recipe (``recipes/sysu.yaml``) is complete on its own: any key it
+omits takes the default below. An overlay (``recipes/ablation/baseline.yaml``) names only the
+keys it changes. ``--set`` is applied last.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from dmdl_cli.errors import DmdlError
+
+ARCHS = ("resnet50_agw", "resnet50", "resnet18")
+KNN_METHODS = ("exact", "ivf", "hnsw")
+ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
+AMP_MODES = ("off", "fp16", "bf16")
+DATASETS = ("sysu", "regdb", "llcm", "synthetic")
+
+
+def _choice(default: Any, choices: Iterable[Any]) -> Any:
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _ranged(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"min": lo, "max": hi})
+
+
+@dataclass
+class DataRecipe:
+    """Input images: size of the cache and of the network input, loader workers."""
+
+    dataset: str = _choice("synthetic", DATASETS)
+    height: int = _ranged(288, 16)
+    width: int = _ranged(144, 8)
+    workers: int = _ranged(4, 0)
+    trial: int = _ranged(1, 1, 10)  # RegDB split trial
+
+
+@dataclass
+class ModelRecipe:
+    """The shared two-modality backbone (method.md section 5)."""
+
+    arch: str = _choice("resnet50_agw", ARCHS)
+    pretrained: str | None = "imagenet"  # "imagenet" (torch hub cache), a .pth path, or null
+    gem_p: float = _ranged(3.0, 1.0)
+    last_stride: int = _choice(1, (1, 2))
+
+
+@dataclass
+class ClusterRecipe:
+    """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (method.md section 2)."""
+
+    k1: int = _ranged(30, 1)
+    k2: int = _ranged(6, 1)
+    eps: float = _ranged(0.6, 0.0, 1.0)
+    min_samples: int = _ranged(4, 1)
+    knn: str = _choice("exact", KNN_METHODS)
+
+
+@dataclass
+class StageRecipe:
+    """One training stage: schedule, optimiser, batch, losses and their ramps."""
+
+    epochs: int = _ranged(50, 1)
+    iters: int = _ranged(200, 1)
+    lr: float = _ranged(3.5e-4, 0.0)
+    weight_decay: float = _ranged(5e-4, 0.0)
+    lr_step: int = _ranged(20, 1)  # step decay every lr_step epochs
+    lr_gamma: float = _ranged(0.1, 0.0, 1.0)
+    clusters_per_batch: int = _ranged(8, 1)  # P
+    instances: int = _ranged(16, 1)  # K images per cluster and modality
+    temp: float = _ranged(0.05, 1e-6)  # contrastive temperature tau
+    momentum: float = _ranged(0.2, 0.0, 1.0)  # memory momentum: m <- momentum*m + (1-momentum)*f
+    triplet_margin: float = _ranged(0.3, 0.0)
+    # Triplet weight sigma: [[epoch, weight], ...]: from `epoch` on the weight is `weight` (0 before).
+    triplet_ramp: list = field(default_factory=lambda: [[15, 0.25], [25, 0.5], [35, 1.0]])
+    refine_from: int = _ranged(30, 0)  # first epoch with label refinement (before: c = 1)
+    refine_topk: int = _ranged(3, 1)
+    onehot_epochs: int = _ranged(0, 0)  # first epochs with one-hot targets
+    cross_sampler_from: int = _ranged(10**6, 0)  # epoch from which batches are cross-modality
+
+
+@dataclass
+class TrainRecipe:
+    """Run-level settings shared by both stages."""
+
+    seed: int = _ranged(1, 0)
+    checkpoint_every: int = _ranged(50, 1)  # steps between resume points (and at each epoch end)
+    eval_every: int = _ranged(0, 0)  # epochs between test-set monitoring (0 = off); logged only
+    amp: str = _choice("fp16", AMP_MODES)  # GPU only; CPU runs in fp32
+    channels_last: bool = True
+    feature_batch: int = _ranged(256, 1)  # batch size of feature extraction
+    keep_epochs: bool = False  # also keep epoch-NNN.pt per epoch
+
+
+@dataclass
+class AugmentRecipe:
+    """CBT data level: probabilities and strengths of the two views (method.md section 4)."""
+
+    pad: int = _ranged(10, 0)
+    flip_p: float = _ranged(0.5, 0.0, 1.0)
+    erasing_p: float = _ranged(0.5, 0.0, 1.0)
+    jitter_brightness: float = _ranged(0.5, 0.0)
+    jitter_contrast: float = _ranged(0.5, 0.0)
+    jitter_saturation: float = _ranged(0.5, 0.0)
+    jitter_hue: float = _ranged(0.5, 0.0, 0.5)
+    jitter_p: float = _ranged(1.0, 0.0, 1.0)
+    channel_exchange_p: float = _ranged(0.5, 0.0, 1.0)
+    ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)
+    ir_pseudo_colour_p: float = _ranged(1.0, 0.0, 1.0)
+
+
+@dataclass
+class CBTRecipe:
+    """Collaborative Bias-free Training switches (optimization-level debiasing)."""
+
+    augment: bool = True  # modality-specific views (off: two standard views)
+    refine: bool = True  # GMM confidence + top-k soft targets (off: hard labels)
+    align: bool = True  # multi-kernel MMD between view A and view B features
+    align_weight: float = _ranged(1.0, 0.0)
+    mmd_kernels: int = _ranged(5, 1)
+    mmd_kernel_mul: float = _ranged(2.0, 1.0)
+
+
+@dataclass
+class CAIRecipe:
+    """Causality-inspired Adjustment Intervention (model-level debiasing), stage 2 only."""
+
+    enabled: bool = True
+    weight: float = _ranged(0.5, 0.0)  # mu
+    confidence_momentum: bool = True  # fused memory momentum 0.2 / max(t(y), 0.2)
+
+
+@dataclass
+class AssociationRecipe:
+    method: str = _choice("nearest-alternating", ASSOCIATION_METHODS)
+
+
+@dataclass
+class EvalRecipe:
+    trials: int = _ranged(10, 1)
+    shots: int = _choice(1, (1, 10))
+    rerank_k1: int = _ranged(20, 1)
+    rerank_k2: int = _ranged(6, 1)
+    rerank_lambda: float = _ranged(0.3, 0.0, 1.0)
+
+
+def _stage2_defaults() -> StageRecipe:
+    return StageRecipe(
+        triplet_ramp=[[10, 0.5], [20, 1.0]],
+        refine_from=0,
+        refine_topk=10,
+        onehot_epochs=5,
+        cross_sampler_from=40,
+    )
+
+
+@dataclass
+class Recipe:
+    data: DataRecipe = field(default_factory=DataRecipe)
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    cluster: ClusterRecipe = field(default_factory=ClusterRecipe)
+    stage1: StageRecipe = field(default_factory=StageRecipe)
+    stage2: StageRecipe = field(default_factory=_stage2_defaults)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    augment: AugmentRecipe = field(default_factory=AugmentRecipe)
+    cbt: CBTRecipe = field(default_factory=CBTRecipe)
+    cai: CAIRecipe = field(default_factory=CAIRecipe)
+    association: AssociationRecipe = field(default_factory=AssociationRecipe)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self, sections: Iterable[str] | None = None) -> str:
+        """sha256 (16 hex digits) of the canonical JSON of the named sections (all by default)."""
+        full = self.to_dict()
+        chosen = full if sections is None else {name: full[name] for name in sections}
+        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Sections whose values determine each stage's result: a checkpoint is compatible with a recipe
+# when these hashes agree (an overlay that only touches stage 2 keeps stage 1 valid).
+STAGE_SECTIONS = {
+    "model": ("data", "model"),
+    "stage1": ("data", "model", "cluster", "stage1", "train", "augment", "cbt"),
+    "stage2": ("data", "model", "cluster", "stage1", "stage2", "train", "augment", "cbt", "cai",
+               "association"),
+}
+
+
+def stage_hash(recipe: Recipe, stage: str) -> str:
+    return recipe.hash(STAGE_SECTIONS[stage])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return copy.deepcopy(value)
+    else:  # pragma: no cover - a programming error in this file
+        raise TypeError(f"unsupported recipe field type {tp!r}")
+    raise DmdlError(
+        f"recipe key '{key}' ({source}): expected {_type_name(tp)}, got {value!r}"
+    )
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise DmdlError(f"recipe key '{prefix}' ({source}): expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise DmdlError(
+            f"unknown recipe key '{where}' ({source}); known keys here: {', '.join(known)}"
+        )
+    default = cls()
+    values: dict[str, Any] = {}
+    for name, fld in known.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            sub = data.get(name, {})
+            base = dataclasses.asdict(getattr(default, name))
+            merged = _deep_merge(base, sub if isinstance(sub, Mapping) else _raise_mapping(key, sub, source))
+            values[name] = _build(tp, merged, key, source)
+            continue
+        if name not in data:
+            values[name] = getattr(default, name)
+            continue
+        value = _coerce(data[name], tp, key, source)
+        meta = fld.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            allowed = ", ".join(str(c) for c in meta["choices"])
+            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is not one of {allowed}")
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo:
+            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is below the minimum {lo}")
+        if hi is not None and value > hi:
+            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {hi}")
+        values[name] = value
+    return cls(**values)
+
+
+def _raise_mapping(key: str, value: Any, source: str) -> Mapping[str, Any]:
+    raise DmdlError(f"recipe key '{key}' ({source}): expected a mapping, got {value!r}")
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DmdlError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise DmdlError(f"recipe file {path}{where} is not valid YAML: fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DmdlError(f"recipe file {path} must hold a mapping of sections (data:, model:, ...)")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``a.b=value`` override; the value is read as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
+    if "=" not in text:
+        raise DmdlError(f"--set '{text}': expected KEY=VALUE, e.g. --set stage1.epochs=2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise DmdlError(f"--set '{text}': the key must look like section.name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise DmdlError(f"--set '{text}': '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
+    return _build(Recipe, data, "", source)
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    *,
+    overlays: Iterable[str | Path] = (),
+    overrides: Iterable[str] = (),
+) -> Recipe:
+    """Load, merge, override and validate a recipe; ``path=None`` starts from the defaults."""
+    tree: dict[str, Any] = {}
+    sources = []
+    if path is not None:
+        tree = _read_yaml(Path(path))
+        sources.append(str(path))
+        # validate the base on its own first so errors name the right file
+        recipe_from_dict(tree, str(path))
+    for overlay in overlays:
+        top = _read_yaml(Path(overlay))
+        recipe_from_dict(_deep_merge(tree, top), str(overlay))
+        tree = _deep_merge(tree, top)
+        sources.append(str(overlay))
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(tree, parts, value, text)
+        recipe_from_dict(tree, f"--set {text}")
+    return recipe_from_dict(tree, " + ".join(sources) or "defaults")
+
+
+def triplet_weight(ramp: list, epoch: int) -> float:
+    """The triplet weight sigma at ``epoch`` from a ``[[epoch, weight], ...]`` ramp (0 before)."""
+    weight = 0.0
+    for start, value in sorted(ramp):
+        if epoch >= start:
+            weight = float(value)
+    return weight

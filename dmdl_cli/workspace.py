@@ -1,0 +1,337 @@
+"""The workspace contract (docs/workspace.md): layout, manifest ledger, lock, checkpoints, labels.
+
+Every stage reads its inputs from and writes its outputs to one workspace folder, so stages can be
+chained from a shell script, run alone, resumed, or re-run with another recipe. The manifest is
+the ledger of what produced what; it is rewritten atomically after every change.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import io
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from dmdl_cli import __version__
+from dmdl_cli.atomic import atomic_output, atomic_write_json, atomic_write_text, sha256_file
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import Recipe, load_recipe
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RECIPE_FILE = "recipe.yaml"
+LOCK_FILE = ".lock"
+STAGE_DIRS = ("data", "stage1", "stage2", "labels", "features", "eval", "export")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    """The commit of the dmdl checkout this code runs from, if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class WorkspaceLock:
+    """An exclusive ``flock`` on ``WS/.lock``; the holder's pid is written into the file.
+
+    The kernel releases a flock when its process dies, so a killed run never leaves a stale lock.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise DmdlError(
+                    f"workspace {self.path.parent} is in use by another dmdl process "
+                    f"(pid {holder}); wait for it to finish or stop it"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class StageRun:
+    """One entry of the manifest ledger, filled in while a stage runs."""
+
+    workspace: "Workspace"
+    entry: dict[str, Any]
+    outputs: list[str] = field(default_factory=list)
+
+    def add_input(self, path: Path) -> None:
+        self.entry["inputs"].append(self.workspace.file_record(path))
+        self.workspace.write_manifest()
+
+    def add_output(self, path: Path) -> None:
+        record = self.workspace.file_record(path)
+        self.entry["outputs"] = [o for o in self.entry["outputs"] if o["path"] != record["path"]]
+        self.entry["outputs"].append(record)
+        self.workspace.write_manifest()
+
+    def set(self, **info: Any) -> None:
+        self.entry.setdefault("info", {}).update(info)
+        self.workspace.write_manifest()
+
+
+class Workspace:
+    """A workspace folder. Open it with :meth:`open` (must exist) or :meth:`create`."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+        self.manifest: dict[str, Any] = {}
+        self._lock = WorkspaceLock(self.root / LOCK_FILE)
+
+    # -- layout -------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / RECIPE_FILE
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "data" / "index.csv"
+
+    def cache_path(self, height: int, width: int) -> Path:
+        return self.root / "data" / f"cache-{height}x{width}.u8"
+
+    def dir(self, name: str) -> Path:
+        if name not in STAGE_DIRS:
+            raise ValueError(f"unknown workspace folder {name}")
+        return self.root / name
+
+    def rel(self, path: Path) -> str:
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    # -- manifest -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> "Workspace":
+        ws = cls(root)
+        if not ws.root.is_dir():
+            raise DmdlError(
+                f"workspace {ws.root} does not exist: create it with "
+                f"`dmdl prepare-data --workspace {ws.root} ...`"
+            )
+        if not ws.manifest_path.is_file():
+            raise DmdlError(
+                f"{ws.manifest_path} is missing: {ws.root} is not a dmdl workspace; "
+                "run `dmdl prepare-data` into it first"
+            )
+        ws.manifest = ws._read_manifest()
+        return ws
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str]) -> "Workspace":
+        """Open an existing workspace or start an empty one (nothing is written until a lock)."""
+        ws = cls(root)
+        if ws.manifest_path.is_file():
+            ws.manifest = ws._read_manifest()
+        else:
+            if ws.root.exists() and not ws.root.is_dir():
+                raise DmdlError(f"workspace path {ws.root} exists and is not a folder")
+            ws.manifest = {
+                "format_version": FORMAT_VERSION,
+                "dmdl_version": __version__,
+                "created": _now(),
+                "dataset": None,
+                "runs": [],
+            }
+        return ws
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise DmdlError(
+                f"{self.manifest_path} is unreadable ({err.__class__.__name__}): the workspace is "
+                "damaged; prepare a new workspace with `dmdl prepare-data`"
+            ) from None
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
+            raise DmdlError(
+                f"{self.manifest_path} has workspace format version {version!r}, this dmdl "
+                f"({__version__}) reads version {FORMAT_VERSION}: prepare a new workspace with "
+                "`dmdl prepare-data`, or use the dmdl version that wrote it"
+            )
+        return data
+
+    def write_manifest(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    def file_record(self, path: Path) -> dict[str, Any]:
+        path = Path(path)
+        return {"path": self.rel(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+    @property
+    def dataset(self) -> dict[str, Any] | None:
+        return self.manifest.get("dataset")
+
+    def require_dataset(self) -> dict[str, Any]:
+        if not self.dataset or not self.index_path.is_file():
+            raise DmdlError(
+                f"{self.index_path} is missing: run `dmdl prepare-data --workspace {self.root}` first"
+            )
+        return self.dataset
+
+    def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
+        runs = self.manifest.get("runs", [])
+        return [r for r in runs if stage is None or r["stage"] == stage]
+
+    # -- lock and stage runs ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["Workspace"]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            # Another process may have changed the ledger before we took the lock.
+            if self.manifest_path.is_file():
+                self.manifest = self._read_manifest()
+            yield self
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def stage_run(self, stage: str, recipe: Recipe, **info: Any) -> Iterator[StageRun]:
+        """Record a stage run in the ledger: running -> done, or failed with the error."""
+        entry: dict[str, Any] = {
+            "stage": stage,
+            "status": "running",
+            "recipe_hash": recipe.hash(),
+            "started": _now(),
+            "ended": None,
+            "pid": os.getpid(),
+            "dmdl_version": __version__,
+            "git_commit": git_commit(),
+            "inputs": [],
+            "outputs": [],
+            "info": dict(info),
+        }
+        self.manifest.setdefault("runs", []).append(entry)
+        self.write_manifest()
+        run = StageRun(self, entry)
+        try:
+            yield run
+        except BaseException as err:
+            entry["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            entry["error"] = str(err) or err.__class__.__name__
+            entry["ended"] = _now()
+            self.write_manifest()
+            raise
+        entry["status"] = "done"
+        entry["ended"] = _now()
+        self.write_manifest()
+
+    # -- recipe -------------------------------------------------------------------------------
+    def save_recipe(self, recipe: Recipe) -> None:
+        atomic_write_text(self.recipe_path, recipe.to_yaml())
+
+    def resolve_recipe(
+        self, path: str | None, overlays: list[str] | None = None, overrides: list[str] | None = None
+    ) -> Recipe:
+        """The recipe a command runs with: ``path`` or else the workspace's own, plus overrides."""
+        base: str | None = path
+        if base is None:
+            if not self.recipe_path.is_file():
+                raise DmdlError(
+                    f"{self.recipe_path} is missing: pass --recipe FILE or run `dmdl prepare-data`"
+                )
+            base = str(self.recipe_path)
+        return load_recipe(base, overlays=overlays or (), overrides=overrides or ())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and pseudo-label files
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save into a temp file + fsync + rename: a kill mid-write keeps the previous file."""
+    import torch
+
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, *, what: str = "checkpoint") -> dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DmdlError(f"{what} {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any decode failure is a corrupt file to the user
+        raise DmdlError(
+            f"{what} {path} cannot be read ({err.__class__.__name__}): the file is damaged or not "
+            "a dmdl checkpoint"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "meta" not in state:
+        raise DmdlError(f"{what} {path} is not a dmdl checkpoint (no model/meta entries)")
+    return state
+
+
+def save_labels(path: Path, labels: np.ndarray, **meta: Any) -> None:
+    """Pseudo labels aligned with index rows (int32, -1 = outlier) plus provenance."""
+    buffer = io.BytesIO()
+    extra = {k: np.asarray(v) for k, v in meta.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in meta.items() if not isinstance(v, np.ndarray)}
+    np.savez(buffer, labels=np.asarray(labels, dtype=np.int32),
+             meta=np.asarray(json.dumps(scalars, sort_keys=True)), **extra)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def load_labels(path: Path) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DmdlError(f"pseudo-label file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            labels = data["labels"].astype(np.int64)
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in data.files if k not in ("labels", "meta")}
+    except Exception as err:  # noqa: BLE001
+        raise DmdlError(f"pseudo-label file {path} cannot be read ({err.__class__.__name__})") from None
+    return labels, meta, arrays

@@ -1,0 +1,126 @@
+"""Training dataset: two augmented views per image, a pure function of ``(row, seed)``.
+
+The sampler (:mod:`dmdl_cli.data.sampling`) hands out keys ``(row, aug_seed)``; the dataset reads
+row ``row`` of the uint8 image cache ``(N, H, W, 3)`` and draws both views from a
+``torch.Generator`` seeded with ``aug_seed``. Nothing depends on worker identity, worker count or
+global RNG state, so a resumed run reproduces every batch bit for bit.
+
+The dataset pickles without its image array: a DataLoader worker re-opens the memmap lazily from
+``(path, shape, offset)`` on first access.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dmdl_cli.data.augment import AugmentConfig, make_views
+from dmdl_cli.data.index import INFRARED, VISIBLE
+from dmdl_cli.errors import DmdlError
+
+__all__ = ["TwoViewDataset", "collate_views"]
+
+
+class TwoViewDataset(Dataset):
+    """Two views of cached images, keyed by ``(row, seed)``.
+
+    Args:
+        images: the image cache: a path to a raw uint8 file holding ``shape`` = ``(N, H, W, 3)``
+            from byte ``offset`` on (opened read-only as a memmap, lazily, once per process),
+            or an array ``(N, H, W, 3)`` uint8 (an ``np.memmap`` is re-opened from its file in
+            workers instead of being pickled).
+        modality: ``(N,)`` ints, 0 visible / 1 infrared, aligned with the cache rows.
+        config: the augmentation (:class:`AugmentConfig`).
+        shape: ``(N, H, W, 3)``; required with a path, checked against an array.
+        offset: byte offset of row 0 in the file (0 for a bare cache).
+
+    ``dataset[(row, seed)]`` returns ``{"view_a": uint8 (3, H', W'), "view_b": uint8 (3, H', W'),
+    "row": int, "modality": int}``; the same key always returns the same tensors.
+    """
+
+    def __init__(self, images: str | Path | np.ndarray, modality: Sequence[int] | np.ndarray,
+                 config: AugmentConfig, *, shape: Sequence[int] | None = None,
+                 offset: int = 0) -> None:
+        self.config = config
+        self.modality = np.asarray(modality).astype(np.int64, copy=True)  # (N,)
+        self._array: np.ndarray | None = None
+        self._path: str | None = None
+        self._offset = int(offset)
+        if isinstance(images, (str, Path)):
+            if shape is None:
+                raise ValueError("TwoViewDataset: `shape` (N, H, W, 3) is required with a path")
+            self._path = str(images)
+            self._shape = tuple(int(s) for s in shape)
+            path = Path(self._path)
+            expected = self._offset + int(np.prod(self._shape))
+            if not path.is_file() or path.stat().st_size < expected:
+                raise DmdlError(f"{path}: image cache missing or shorter than {expected} bytes; "
+                                "re-create it with `dmdl prepare-data --force`")
+        else:
+            arr = images
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 4 \
+                    or arr.shape[3] != 3:
+                raise ValueError("TwoViewDataset: images must be a uint8 array (N, H, W, 3)")
+            if shape is not None and tuple(shape) != arr.shape:
+                raise ValueError(f"TwoViewDataset: shape {tuple(shape)} != array shape {arr.shape}")
+            self._shape = tuple(arr.shape)
+            if isinstance(arr, np.memmap) and getattr(arr, "filename", None):
+                self._path = str(arr.filename)
+                self._offset = int(arr.offset)
+            self._array = arr
+        if self.modality.shape != (self._shape[0],):
+            raise ValueError(f"TwoViewDataset: modality has shape {self.modality.shape}, "
+                             f"expected ({self._shape[0]},)")
+        bad = ~np.isin(self.modality, (VISIBLE, INFRARED))
+        if bad.any():
+            raise ValueError(f"TwoViewDataset: modality values must be {VISIBLE} or {INFRARED}")
+
+    # -- pickling: never ship a memmap's contents to a worker ---------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._path is not None:
+            state["_array"] = None
+        return state
+
+    @property
+    def images(self) -> np.ndarray:
+        """The cache ``(N, H, W, 3)`` uint8, opened on first use in this process."""
+        if self._array is None:
+            self._array = np.memmap(self._path, dtype=np.uint8, mode="r", offset=self._offset,
+                                    shape=self._shape)
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def __len__(self) -> int:
+        return self._shape[0]
+
+    def image(self, row: int) -> torch.Tensor:
+        """Row ``row`` of the cache as uint8 ``(3, H, W)`` (a copy, channel first)."""
+        hwc = np.array(self.images[row], dtype=np.uint8, copy=True)  # (H, W, 3)
+        return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        row, seed = int(key[0]), int(key[1])
+        if not 0 <= row < self._shape[0]:
+            raise IndexError(f"row {row} out of range [0, {self._shape[0]})")
+        generator = torch.Generator().manual_seed(seed)
+        modality = int(self.modality[row])
+        view_a, view_b = make_views(self.image(row), modality, self.config, generator)
+        return {"view_a": view_a, "view_b": view_b, "row": row, "modality": modality}
+
+
+def collate_views(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack samples of :class:`TwoViewDataset` in order: ``view_a``, ``view_b`` uint8
+    ``(B, 3, H, W)``; ``row``, ``modality`` int64 ``(B,)``."""
+    return {
+        "view_a": torch.stack([s["view_a"] for s in samples]),
+        "view_b": torch.stack([s["view_b"] for s in samples]),
+        "row": torch.tensor([s["row"] for s in samples], dtype=torch.int64),
+        "modality": torch.tensor([s["modality"] for s in samples], dtype=torch.int64),
+    }

@@ -1,0 +1,234 @@
+"""Pseudo-label batch samplers (dmdl_cli.data.sampling) and the two-view dataset they feed."""
+from __future__ import annotations
+
+import inspect
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dmdl_cli.data.augment import AugmentConfig
+from dmdl_cli.data.sampling import (
+    ResumableBatchSampler,
+    epoch_batch_arrays,
+    epoch_batches,
+)
+from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
+from dmdl_cli.errors import DmdlError
+
+P, K = 4, 5
+
+
+def make_labels(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """300 rows, modality interleaved; per-modality cluster ids (overlapping name spaces):
+    visible clusters 0..9 (sizes 2..20), IR clusters 0..6, ~15% outliers."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    modality = (np.arange(n) % 3 == 0).astype(np.int64)  # 100 IR, 200 visible
+    labels = np.full(n, -1, dtype=np.int64)
+    vis = np.flatnonzero(modality == 0)
+    ir = np.flatnonzero(modality == 1)
+    sizes_v = [2, 3, 20, 20, 20, 20, 20, 20, 20, 20]
+    start = 0
+    for c, s in enumerate(sizes_v):
+        labels[vis[start:start + s]] = c
+        start += s
+    labels[ir[:84]] = np.repeat(np.arange(7), 12)
+    perm = rng.permutation(n)  # shuffle rows so clusters are not contiguous
+    return labels[perm], modality[perm]
+
+
+def check_batch_layout(batch, labels, modality, p, k):
+    rows = np.array([r for r, _ in batch])
+    assert len(batch) == 2 * p * k
+    assert (labels[rows] >= 0).all()  # never an outlier
+    halves = rows[:p * k], rows[p * k:]
+    for m, half in enumerate(halves):
+        assert (modality[half] == m).all()
+        blocks = labels[half].reshape(p, k)
+        assert (blocks == blocks[:, :1]).all()  # K images of one cluster per block
+        for block_rows, lab in zip(half.reshape(p, k), blocks[:, 0]):
+            size = int(((labels == lab) & (modality == m)).sum())
+            # without replacement when possible; all members when the cluster is small
+            assert len(set(block_rows.tolist())) == min(size, k)
+    return halves
+
+
+def test_per_modality_batches_layout():
+    labels, modality = make_labels()
+    batches = epoch_batches(labels, modality=modality, num_instances=K, clusters_per_batch=P,
+                            iters=30, seed=1, epoch=0)
+    assert len(batches) == 30
+    for batch in batches:
+        vis, ir = check_batch_layout(batch, labels, modality, P, K)
+        # at least P clusters per modality here: clusters of a batch are distinct
+        assert len(set(labels[vis].tolist())) == P
+        assert len(set(labels[ir].tolist())) == P
+        assert all(isinstance(r, int) and isinstance(s, int) for r, s in batch)
+    # every labelled cluster of each modality gets sampled over the epoch
+    rows = np.array([r for b in batches for r, _ in b])
+    assert set(zip(modality[rows].tolist(), labels[rows].tolist())) == \
+        {(m, c) for m, c in zip(modality.tolist(), labels.tolist()) if c >= 0}
+
+
+def test_fewer_clusters_than_p():
+    labels, modality = make_labels()
+    labels = np.where(modality == 1, np.where(labels >= 0, labels % 2, -1), labels)  # 2 IR clusters
+    batches = epoch_batches(labels, modality=modality, num_instances=K, clusters_per_batch=P,
+                            iters=5, seed=0, epoch=0)
+    for batch in batches:
+        _, ir = check_batch_layout(batch, labels, modality, P, K)
+        counts = np.bincount(labels[ir].reshape(P, K)[:, 0], minlength=2)
+        assert counts.max() <= 2 and counts.sum() == P  # each at most ceil(P / 2) times
+
+
+def test_cross_modality_batches_pair_identities():
+    labels, modality = make_labels()
+    # Unified ids: visible 0..9, IR 0..6 -> ids 7, 8, 9 exist only in the visible modality.
+    batches = epoch_batches(labels, modality=modality, num_instances=K, clusters_per_batch=P,
+                            iters=20, seed=3, epoch=4, mode="cross-modality")
+    for batch in batches:
+        vis, ir = check_batch_layout(batch, labels, modality, P, K)
+        ids_v = labels[vis].reshape(P, K)[:, 0]
+        ids_i = labels[ir].reshape(P, K)[:, 0]
+        assert np.array_equal(ids_v, ids_i)  # slot i of both halves: the same identity
+        assert set(ids_v.tolist()) <= set(range(7))  # only ids present in both modalities
+        assert len(set(ids_v.tolist())) == P
+
+
+def test_deterministic_per_seed_and_epoch():
+    labels, modality = make_labels()
+    kw = dict(modality=modality, num_instances=K, clusters_per_batch=P, iters=10)
+    a = epoch_batches(labels, seed=5, epoch=2, **kw)
+    assert a == epoch_batches(labels.copy(), seed=5, epoch=2, **kw)
+    np.random.seed(0)  # the global RNGs play no part
+    torch.manual_seed(0)
+    assert a == epoch_batches(labels, seed=5, epoch=2, **kw)
+    assert a != epoch_batches(labels, seed=5, epoch=3, **kw)
+    assert a != epoch_batches(labels, seed=6, epoch=2, **kw)
+    assert a != epoch_batches(labels, seed=5, epoch=2, stream=1, **kw)
+    for mode in ("per-modality", "cross-modality"):
+        r1, s1 = epoch_batch_arrays(labels, seed=5, epoch=2, mode=mode, **kw)
+        r2, s2 = epoch_batch_arrays(labels, seed=5, epoch=2, mode=mode, **kw)
+        assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
+
+
+def test_aug_seeds_distinct_and_label_independent():
+    labels, modality = make_labels()
+    kw = dict(modality=modality, num_instances=K, clusters_per_batch=P, iters=10, seed=5, epoch=2)
+    rows, seeds = epoch_batch_arrays(labels, **kw)
+    assert seeds.shape == rows.shape == (10, 2 * P * K)
+    assert len(np.unique(seeds)) == seeds.size  # the same image twice: different augmentations
+    assert (seeds >= 0).all()
+    other_labels, _ = make_labels(seed=9)
+    _, seeds2 = epoch_batch_arrays(other_labels, **kw)
+    assert np.array_equal(seeds, seeds2)  # a function of (seed, stream, epoch, step, slot) only
+
+
+def test_resume_from_step_yields_remaining_batches():
+    labels, modality = make_labels()
+    batches = epoch_batches(labels, modality=modality, num_instances=K, clusters_per_batch=P,
+                            iters=12, seed=0, epoch=7)
+    assert list(ResumableBatchSampler(batches)) == batches
+    for s in (0, 5, 11, 12):
+        sampler = ResumableBatchSampler(batches, start=s)
+        assert len(sampler) == 12 - s
+        assert list(sampler) == batches[s:]
+    # A resumed process regenerates the identical epoch and skips to step 5.
+    again = epoch_batches(labels, modality=modality, num_instances=K, clusters_per_batch=P,
+                          iters=12, seed=0, epoch=7)
+    assert list(ResumableBatchSampler(again, start=5)) == batches[5:]
+    with pytest.raises(ValueError):
+        ResumableBatchSampler(batches, start=13)
+
+
+def test_sampler_api_takes_no_true_ids():
+    params = set(inspect.signature(epoch_batch_arrays).parameters)
+    assert params == {"labels", "modality", "num_instances", "clusters_per_batch", "iters",
+                      "seed", "epoch", "mode", "stream"}
+    assert set(inspect.signature(epoch_batches).parameters) == params
+
+
+def test_unusable_labels_raise():
+    labels, modality = make_labels()
+    no_ir = np.where(modality == 1, -1, labels)
+    with pytest.raises(DmdlError, match="infrared"):
+        epoch_batches(no_ir, modality=modality, iters=2, seed=0, epoch=0)
+    disjoint = np.where(modality == 1, np.where(labels >= 0, labels + 100, -1), labels)
+    with pytest.raises(DmdlError, match="both modalities"):
+        epoch_batches(disjoint, modality=modality, iters=2, seed=0, epoch=0,
+                      mode="cross-modality")
+    with pytest.raises(ValueError):
+        epoch_batches(labels, modality=modality, iters=2, seed=0, epoch=0, mode="bogus")
+    assert epoch_batches(labels, modality=modality, iters=0, seed=0, epoch=0) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# TwoViewDataset fed by the sampler
+# ---------------------------------------------------------------------------------------------
+def write_cache(path, n=300, h=32, w=16):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    images.tofile(path)
+    return images
+
+
+def test_dataset_reads_rows_and_is_deterministic(tmp_path):
+    labels, modality = make_labels()
+    images = write_cache(tmp_path / "cache.u8")
+    ds = TwoViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(),
+                        shape=images.shape)
+    assert len(ds) == 300
+    assert torch.equal(ds.image(17), torch.from_numpy(images[17]).permute(2, 0, 1))
+    item = ds[(17, 12345)]
+    assert item["row"] == 17 and item["modality"] == int(modality[17])
+    assert item["view_a"].dtype == torch.uint8 and item["view_a"].shape == (3, 32, 16)
+    again = ds[(17, 12345)]
+    assert torch.equal(item["view_a"], again["view_a"])
+    assert torch.equal(item["view_b"], again["view_b"])
+    assert not torch.equal(item["view_a"], ds[(17, 54321)]["view_a"])
+    # Pickling for a worker ships no pixels and re-opens the file lazily.
+    blob = pickle.dumps(ds)
+    assert len(blob) < images.nbytes // 10
+    clone = pickle.loads(blob)
+    assert torch.equal(clone[(17, 12345)]["view_b"], item["view_b"])
+    # The same from an np.memmap handed in directly.
+    mm = np.memmap(tmp_path / "cache.u8", dtype=np.uint8, mode="r", shape=images.shape)
+    ds_mm = TwoViewDataset(mm, modality, AugmentConfig())
+    assert len(pickle.dumps(ds_mm)) < images.nbytes // 10
+    assert torch.equal(pickle.loads(pickle.dumps(ds_mm))[(17, 12345)]["view_a"],
+                       item["view_a"])
+
+
+def test_dataset_rejects_short_cache(tmp_path):
+    write_cache(tmp_path / "cache.u8", n=10)
+    with pytest.raises(DmdlError, match="prepare-data"):
+        TwoViewDataset(tmp_path / "cache.u8", np.zeros(20, np.int64), AugmentConfig(),
+                       shape=(20, 32, 16, 3))
+
+
+def test_dataloader_resume_reproduces_batches(tmp_path):
+    labels, modality = make_labels()
+    images = write_cache(tmp_path / "cache.u8")
+    ds = TwoViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(), shape=images.shape)
+    batches = epoch_batches(labels, modality=modality, num_instances=2, clusters_per_batch=2,
+                            iters=4, seed=0, epoch=0)
+
+    def run(start):
+        loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(batches, start=start),
+                            collate_fn=collate_views, num_workers=0)
+        return list(loader)
+
+    full = run(0)
+    assert len(full) == 4
+    b0 = full[0]
+    assert b0["view_a"].shape == (8, 3, 32, 16) and b0["view_a"].dtype == torch.uint8
+    assert b0["row"].tolist() == [r for r, _ in batches[0]]
+    assert b0["modality"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    resumed = run(2)
+    assert len(resumed) == 2
+    for got, want in zip(resumed, full[2:]):
+        for key in ("view_a", "view_b", "row", "modality"):
+            assert torch.equal(got[key], want[key])

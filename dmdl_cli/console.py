@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from rich.console import Console
 from rich.progress import (
@@ -16,7 +17,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 
 
 def log(message: str) -> None:

@@ -120,7 +120,7 @@ class AugmentRecipe:
     jitter_saturation: float = _ranged(0.5, 0.0)
     jitter_hue: float = _ranged(0.5, 0.0, 0.5)
     jitter_p: float = _ranged(1.0, 0.0, 1.0)
-    channel_exchange_p: float = _ranged(0.5, 0.0, 1.0)
+    channel_exchange_p: float = _ranged(1.0, 0.0, 1.0)
     ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)
     ir_pseudo_colour_p: float = _ranged(1.0, 0.0, 1.0)
 

@@ -1,0 +1,88 @@
+"""Stage `cluster`: pseudo-label the train images of each modality with one checkpoint.
+
+Writes ``WS/labels/cluster-<checkpoint name>.npz`` (labels aligned with index rows, -1 outlier
+or not clustered, with the checkpoint sha256 and recipe hash inside) and prints per modality:
+clusters, outliers, largest and mean cluster size, seconds; and, when the data set has
+identities, ARI, NMI and purity against them, labelled as diagnostics.
+"""
+from __future__ import annotations
+
+import numpy as np
+from rich.table import Table
+
+from dmdl_cli.console import console, log
+from dmdl_cli.data.cache import open_cache
+from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE, read_index
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.evaluation.features import cached_features
+from dmdl_cli.model.loading import load_model
+from dmdl_cli.recipe import Recipe
+from dmdl_cli.runtime import select_runtime
+from dmdl_cli.training.labelling import cluster_modalities
+from dmdl_cli.workspace import Workspace, save_labels
+
+MODALITY_CHOICES = {"visible": (VISIBLE,), "infrared": (INFRARED,), "both": (VISIBLE, INFRARED)}
+
+
+class _Ctx:
+    """The slice of a training context that ``cluster_modalities`` reads."""
+
+    def __init__(self, recipe, train_rows, modality, true_ids):
+        self.recipe, self.train_rows, self.modality, self.true_ids = recipe, train_rows, modality, true_ids
+
+
+def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = None,
+                  modality: str = "both") -> np.ndarray:
+    if modality not in MODALITY_CHOICES:
+        raise DmdlError(f"--modality {modality}: choose visible, infrared or both")
+    wanted = MODALITY_CHOICES[modality]
+    index = read_index(ws.index_path)
+    train_rows = index.rows(split="train")
+    for m in wanted:
+        if not (index.modality[train_rows] == m).any():
+            raise DmdlError(f"{ws.index_path} has no {MODALITY_NAMES[m]} train images to cluster")
+    cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
+                       recipe.data.height, recipe.data.width)
+    runtime = select_runtime(recipe)
+    if checkpoint is None and not any((ws.root / s / "final.pt").is_file() for s in ("stage1", "stage2")) \
+            and not any((ws.root / s / "last.pt").is_file() for s in ("stage1", "stage2")):
+        checkpoint = "imagenet"
+    loaded = load_model(ws, recipe, checkpoint)
+    loaded.model.to(runtime.device)
+    log(f"clustering with {loaded.description}")
+    feats = cached_features(ws, loaded.model, loaded.sha256, "train", cache, train_rows, runtime,
+                            batch_size=recipe.train.feature_batch)
+    mod = index.modality[train_rows].astype(np.int8)
+    keep = np.isin(mod, wanted)
+    has_ids = bool((index.pids[train_rows] >= 0).any())
+    ctx = _Ctx(recipe, train_rows[keep], mod[keep], index.pids[train_rows][keep] if has_ids else None)
+    clusters = cluster_modalities(ctx, feats[keep])
+
+    labels = np.full(len(index), -1, dtype=np.int64)
+    offset = 0
+    table = Table(title=f"pseudo labels: {loaded.name} (k1={recipe.cluster.k1}, k2={recipe.cluster.k2}, "
+                        f"eps={recipe.cluster.eps}, min_samples={recipe.cluster.min_samples})")
+    for col in ("modality", "images", "clusters", "outliers", "largest", "mean size", "seconds"):
+        table.add_column(col, justify="left" if col == "modality" else "right")
+    if has_ids:
+        for col in ("ARI*", "NMI*", "purity*"):
+            table.add_column(col, justify="right")
+    for m in wanted:
+        c = clusters[m]
+        labels[c.rows] = np.where(c.labels >= 0, c.labels + offset, -1)
+        offset += c.centroids.shape[0]
+        s = c.stats
+        cells = [MODALITY_NAMES[m], str(len(c.rows)), str(s["clusters"]), str(s["outliers"]),
+                 str(s["largest"]), f"{s['mean_size']:.1f}", f"{s['seconds']:.1f}"]
+        if has_ids:
+            cells += [f"{s['ari']:.3f}", f"{s['nmi']:.3f}", f"{s['purity']:.3f}"]
+        table.add_row(*cells)
+    out = ws.dir("labels") / f"cluster-{loaded.name}.npz"
+    save_labels(out, labels, checkpoint=loaded.name, checkpoint_sha256=loaded.sha256,
+                recipe_hash=recipe.hash(), modality=modality,
+                stats={MODALITY_NAMES[m]: clusters[m].stats for m in wanted})
+    console.print(table)
+    if has_ids:
+        console.print("* diagnostics against the data set's identities; training never reads them")
+    log(f"wrote {ws.rel(out)}")
+    return labels

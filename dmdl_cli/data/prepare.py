@@ -1,0 +1,183 @@
+"""Stage `prepare-data`: index a raw data set, check its images, build the image cache.
+
+Writes ``WS/data/index.csv``, ``WS/data/cache-HxW.u8``, ``WS/recipe.yaml`` and the manifest's
+``dataset`` entry. Re-running on an unchanged source with the same image size is a no-op.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from dmdl_cli.atomic import sha256_file
+from dmdl_cli.console import console, log
+from dmdl_cli.data.cache import build_cache, open_cache
+from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, write_index
+from dmdl_cli.data.sources import find_bad_images, read_source
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import Recipe
+from dmdl_cli.workspace import STAGE_DIRS, Workspace
+
+SYNTHETIC_STAMP = "dmdl-synthetic.json"
+MAX_LISTED = 10
+
+
+def source_fingerprint(table: IndexTable) -> str:
+    """sha256 over the index content and every image's size and modification time."""
+    digest = hashlib.sha256(index_to_csv(table).encode())
+    for path in table.paths:
+        st = os.stat(path)
+        digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _synthetic_root(ws: Workspace, root: Path | None, ids: int | None, seed: int, force: bool) -> Path:
+    """Generate the synthetic set once (into a temp folder, then renamed) and reuse it."""
+    from dmdl_cli.data.synthetic import generate
+
+    target = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
+    wanted = {"ids": ids, "seed": seed}
+    stamp = target / SYNTHETIC_STAMP
+    if stamp.is_file():
+        if json.loads(stamp.read_text()).get("request") == wanted:
+            return target
+        if not force:
+            raise DmdlError(
+                f"{target} holds a synthetic set made with other --ids/--seed "
+                f"({stamp.read_text().strip()}): pass --force to regenerate it or another --root"
+            )
+    elif target.exists() and any(target.iterdir()):
+        raise DmdlError(f"{target} exists and is not a dmdl synthetic set: choose another --root")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    kwargs: dict[str, Any] = {"seed": seed}
+    if ids is not None:
+        kwargs["ids"] = ids
+    try:
+        summary = generate(tmp, **kwargs)
+        (tmp / SYNTHETIC_STAMP).write_text(json.dumps({"request": wanted, "summary": summary}, default=str))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"generated the synthetic set in {target} ({time.perf_counter() - start:.1f} s)")
+    return target
+
+
+def summary_table(table: IndexTable, title: str) -> Table:
+    """Images and identities per split x modality x camera."""
+    out = Table(title=title)
+    for name in ("split", "modality", "camera", "images", "identities"):
+        out.add_column(name, justify="right" if name in ("images", "identities") else "left")
+    for split in ("train", "test"):
+        for modality, mname in ((VISIBLE, "visible"), (INFRARED, "infrared")):
+            rows = table.rows(split=split, modality=modality)
+            if len(rows) == 0:
+                continue
+            for cam in np.unique(table.cams[rows]):
+                sel = rows[table.cams[rows] == cam]
+                out.add_row(split, mname, str(cam), str(len(sel)), str(len(np.unique(table.pids[sel]))))
+            out.add_row(split, f"[bold]{mname}[/]", "all", f"[bold]{len(rows)}[/]",
+                        f"[bold]{len(np.unique(table.pids[rows]))}[/]", end_section=True)
+    return out
+
+
+def prepare_data(
+    ws: Workspace,
+    recipe: Recipe,
+    *,
+    dataset: str,
+    root: Path | None,
+    trial: int = 1,
+    ids: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+    skip_bad_images: bool = False,
+) -> None:
+    with ws.locked():
+        previous = ws.dataset
+        if dataset == "synthetic":
+            root = _synthetic_root(ws, root, ids, seed, force)
+        elif root is None:
+            raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
+        root = Path(root).expanduser().resolve()
+        identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
+        if previous and not force and any(previous.get(k) != v for k, v in identity.items()):
+            raise DmdlError(
+                f"workspace {ws.root} was prepared from {previous['name']} at {previous['root']}"
+                f"{' trial ' + str(previous['trial']) if previous.get('trial') else ''}: "
+                "use a new workspace, or --force to replace it (its stage outputs are removed)"
+            )
+
+        start = time.perf_counter()
+        table = read_source(dataset, root, trial=trial)
+        log(f"read {len(table)} images of {dataset} from {root} ({time.perf_counter() - start:.1f} s)")
+        fingerprint = source_fingerprint(table)
+        height, width = recipe.data.height, recipe.data.width
+        cache_path = ws.cache_path(height, width)
+
+        if (previous and not force and previous.get("fingerprint") == fingerprint
+                and ws.index_path.is_file() and cache_path.is_file()
+                and previous.get("index_sha256") == sha256_file(ws.index_path)):
+            open_cache(cache_path, previous["num_images"], height, width)  # validates the size
+            log(f"[green]unchanged:[/] {root} matches the workspace index and "
+                f"{ws.rel(cache_path)}; nothing to do")
+            console.print(summary_table(_read_table(ws), f"{dataset} in {ws.root}"))
+            return
+
+        skipped: list[tuple[str, str]] = []
+        start = time.perf_counter()
+        bad = find_bad_images(table.paths, workers=max(1, recipe.data.workers))
+        log(f"checked {len(table)} images ({time.perf_counter() - start:.1f} s): {len(bad)} unreadable")
+        if bad:
+            listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
+            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            if not skip_bad_images:
+                raise DmdlError(
+                    f"{len(bad)} unreadable images in {root}: {listed}{more}; "
+                    "repair them or pass --skip-bad-images to exclude them"
+                )
+            bad_set = {p for p, _ in bad}
+            keep = np.array([p not in bad_set for p in table.paths], dtype=bool)
+            table = table.select(keep)
+            skipped = bad
+            log(f"[yellow]excluding {len(bad)} unreadable images[/] (recorded in the manifest)")
+
+        with ws.stage_run("prepare-data", recipe, dataset=dataset, root=str(root)) as run:
+            if previous and force:
+                for name in STAGE_DIRS:
+                    if name != "data":
+                        shutil.rmtree(ws.root / name, ignore_errors=True)
+            write_index(table, ws.index_path)
+            start = time.perf_counter()
+            build_cache(table.paths, cache_path, height, width, workers=max(1, recipe.data.workers))
+            cache_seconds = time.perf_counter() - start
+            ws.save_recipe(recipe)
+            ws.manifest["dataset"] = {
+                **identity,
+                "fingerprint": fingerprint,
+                "index_sha256": sha256_file(ws.index_path),
+                "num_images": len(table),
+                "skipped_bad_images": [{"path": p, "reason": why} for p, why in skipped],
+            }
+            run.add_output(ws.index_path)
+            run.add_output(cache_path)
+            run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
+        log(f"wrote {ws.rel(ws.index_path)} and {ws.rel(cache_path)} "
+            f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
+        console.print(summary_table(table, f"{dataset} in {ws.root}"))
+
+
+def _read_table(ws: Workspace) -> IndexTable:
+    from dmdl_cli.data.index import read_index
+
+    return read_index(ws.index_path)

@@ -1,0 +1,158 @@
+"""Stage `evaluate`: the data set's cross-modality protocols for one checkpoint.
+
+Reads the index, the cache and a checkpoint; extracts (or reuses) test features; runs every
+trial of every requested protocol; prints Rank-1/5/10/20, mAP, mINP (mean ± std over trials)
+and writes ``WS/eval/<mode>-<checkpoint>.json`` with the per-trial values.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from dmdl_cli.atomic import atomic_write_json
+from dmdl_cli.console import console, log
+from dmdl_cli.data.cache import open_cache
+from dmdl_cli.data.index import IndexTable, read_index
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.evaluation.features import cached_features
+from dmdl_cli.evaluation.metrics import mean_std, rank_metrics
+from dmdl_cli.evaluation.protocols import build_trials, protocol_modes
+from dmdl_cli.model.loading import load_model
+from dmdl_cli.recipe import Recipe
+from dmdl_cli.runtime import select_runtime
+from dmdl_cli.workspace import Workspace
+
+RANKS = (1, 5, 10, 20)
+
+
+def trial_distance(q: np.ndarray, g: np.ndarray, recipe: Recipe, rerank: bool) -> np.ndarray:
+    """(Q, G) distance of L2-normalised features: 2 - 2 cos, or k-reciprocal re-ranked."""
+    if rerank:
+        from dmdl_cli.clustering.rerank import rerank_distance
+
+        return rerank_distance(q, g, k1=recipe.eval.rerank_k1, k2=recipe.eval.rerank_k2,
+                               lambda_value=recipe.eval.rerank_lambda)
+    return 2.0 - 2.0 * (q @ g.T)
+
+
+def run_protocol(
+    dataset: str,
+    mode: str,
+    feats: np.ndarray,
+    test: IndexTable,
+    recipe: Recipe,
+    *,
+    trials: int,
+    shots: int,
+    rerank: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list]:
+    """Metrics of every trial of one protocol over test features ``feats`` (rows of ``test``)."""
+    trial_list = build_trials(dataset, mode, pids=test.pids, cams=test.cams, modality=test.modality,
+                              trials=trials, shots=shots)
+    per_trial = []
+    for trial in trial_list:
+        q, g = feats[trial.query], feats[trial.gallery]
+        dist = trial_distance(q, g, recipe, rerank)
+        result = rank_metrics(dist, test.pids[trial.query], test.pids[trial.gallery],
+                              test.cams[trial.query], test.cams[trial.gallery],
+                              exclude=trial.exclude, dedup=trial.dedup)
+        result["seed"] = trial.seed
+        per_trial.append(result)
+    return mean_std(per_trial), per_trial, trial_list
+
+
+def _pct(mean: float, std: float, trials: int) -> str:
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if trials > 1 else "")
+
+
+def results_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    table = Table(title=title)
+    table.add_column("protocol")
+    for r in RANKS:
+        table.add_column(f"Rank-{r}", justify="right")
+    table.add_column("mAP", justify="right")
+    table.add_column("mINP", justify="right")
+    table.add_column("trials", justify="right")
+    for name, summary in rows:
+        n = summary["trials"]
+        cells = [_pct(summary["cmc"][r - 1], summary["cmc_std"][r - 1], n) for r in RANKS]
+        table.add_row(name, *cells, _pct(summary["mAP"], summary["mAP_std"], n),
+                      _pct(summary["mINP"], summary["mINP_std"], n), str(n))
+    return table
+
+
+def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
+
+
+def evaluate(
+    ws: Workspace,
+    recipe: Recipe,
+    *,
+    mode: str = "all",
+    checkpoint: str | None = None,
+    trials: int | None = None,
+    shots: int | None = None,
+    rerank: bool = False,
+    visualize: int = 0,
+) -> dict[str, dict[str, Any]]:
+    dataset = ws.dataset["name"]
+    modes = list(protocol_modes(dataset)) if mode == "all" else [mode]
+    valid = protocol_modes(dataset)
+    for m in modes:
+        if m not in valid:
+            raise DmdlError(f"mode '{m}' does not apply to {dataset}: choose one of "
+                            f"{', '.join(valid)} or all")
+    trials = trials or recipe.eval.trials
+    shots = shots or recipe.eval.shots
+    if shots not in (1, 10):
+        raise DmdlError(f"--shots {shots}: use 1 (single-shot) or 10 (multi-shot)")
+
+    index = read_index(ws.index_path)
+    test_rows = index.rows(split="test")
+    if len(test_rows) == 0:
+        raise DmdlError(f"{ws.index_path} has no test rows: this workspace cannot be evaluated")
+    test = index.select(test_rows)
+    cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
+                       recipe.data.height, recipe.data.width)
+    runtime = select_runtime(recipe)
+    loaded = load_model(ws, recipe, checkpoint)
+    loaded.model.to(runtime.device)
+    log(f"evaluating {loaded.description}")
+    start = time.perf_counter()
+    feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows, runtime,
+                            batch_size=recipe.train.feature_batch)
+
+    summaries: dict[str, dict[str, Any]] = {}
+    table_rows = []
+    for m in modes:
+        summary, per_trial, trial_list = run_protocol(dataset, m, feats, test, recipe,
+                                                      trials=trials, shots=shots, rerank=rerank)
+        label = m + (" (re-ranked)" if rerank else "") + (f" {shots}-shot" if shots > 1 else "")
+        table_rows.append((label, summary))
+        summaries[m] = summary
+        suffix = ("-rerank" if rerank else "") + (f"-{shots}shot" if shots > 1 else "")
+        out = ws.dir("eval") / f"{m}{suffix}-{loaded.name}.json"
+        atomic_write_json(out, {
+            "dataset": dataset,
+            "protocol": {"mode": m, "trials": trials, "shots": shots, "rerank": rerank},
+            "checkpoint": {"name": loaded.name, "description": loaded.description,
+                           "sha256": loaded.sha256},
+            "recipe_hash": recipe.hash(),
+            "mean": _jsonable(summary),
+            "per_trial": [_jsonable(t) for t in per_trial],
+        })
+        log(f"wrote {ws.rel(out)}")
+        if visualize:
+            from dmdl_cli.evaluation.visualize import write_ranked_lists
+
+            written = write_ranked_lists(ws, cache, test, test_rows, feats, trial_list[0], m,
+                                         loaded.name, count=visualize)
+            log(f"wrote {len(written)} ranked lists under {ws.rel(ws.dir('eval') / 'ranks')}")
+    title = f"{dataset}: {loaded.name} ({time.perf_counter() - start:.1f} s)"
+    console.print(results_table(title, table_rows))
+    return summaries

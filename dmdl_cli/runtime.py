@@ -1,0 +1,103 @@
+"""Where and how tensors run: device, AMP, channels_last, threads, seeding, DDP (torchrun)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dmdl_cli.recipe import Recipe
+
+_AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: fp32 (always on the CPU)
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Move a normalised float batch (B, 3, H, W) to the device in the chosen memory format."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def select_runtime(recipe: Recipe, *, deterministic: bool = False) -> Runtime:
+    """GPU when present (AMP and channels_last from the recipe), else fp32 on the CPU.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the process group is initialised here: nccl on GPUs,
+    gloo on the CPU; each rank takes GPU ``LOCAL_RANK``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not deterministic
+        amp = _AMP_DTYPES[recipe.train.amp]
+        channels_last = recipe.train.channels_last
+    else:
+        device = torch.device("cpu")
+        amp, channels_last = None, False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    return Runtime(device, amp, channels_last, rank, world_size)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state, for checkpoints."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Evaluate ``model`` and restore its train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,0 +1,237 @@
+"""Stage 2, ``train-cross``: cross-modality learning with CAI and CBT.
+
+Per epoch: cluster each modality, associate the clusters into one identity space
+(``association.method``), build one memory per modality keyed by the unified ids it has
+(``M_vis``, ``M_ir``) and a fused memory over all images of each unified id (``M_fused``),
+GMM confidences on the unified labels (``cbt.refine``), the modality prior P(m). Per batch,
+with unified labels y, two views A/B and refined targets t (one-hot for the first
+``stage2.onehot_epochs`` epochs or without ``cbt.refine``):
+
+    L = L_intra + L_fused + mu * L_CAI + sigma(epoch) * triplet + w_align * MMD(A, B)
+
+- L_intra: contrastive loss of each sample against its own modality's memory;
+- L_fused: contrastive loss against the fused memory (likelihood modelling P(y | x));
+- L_CAI: -sum_y t(y) log P(y | do(x)), P(y | do(x)) = sum_m P(y | x, m) P(m) (``model/cai.py``),
+  present only with ``cai.enabled`` (so switching CAI off removes exactly mu * L_CAI);
+- triplet: batch-hard, cross-modal (positives from the other modality) once the sampler draws
+  every identity in both modalities (``stage2.cross_sampler_from``).
+
+Memories update after each step: per-modality with the stage momentum; the fused memory with
+CAI's confidence-weighted momentum 0.2 / max(t(y), 0.2) when ``cai.confidence_momentum``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dmdl_cli.clustering.association import associate, association_accuracy
+from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
+from dmdl_cli.console import log
+from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
+from dmdl_cli.data.sampling import epoch_batches
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.model.cai import cai_log_prob, cai_loss, modality_prior
+from dmdl_cli.model.loading import build_from_recipe
+from dmdl_cli.recipe import Recipe, stage_hash, triplet_weight
+from dmdl_cli.training.labelling import (
+    MODALITIES,
+    cluster_modalities,
+    confidences,
+    describe,
+    make_memory,
+    write_labels_file,
+)
+from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
+from dmdl_cli.training.losses import batch_hard_triplet, contrastive_loss, cross_modal_triplet
+from dmdl_cli.training.memory import confidence_momentum
+from dmdl_cli.training.single import alignment, view_targets
+from dmdl_cli.workspace import Workspace, load_checkpoint
+
+FUSED = "fused"
+
+
+def unified_memory_ids(labels: np.ndarray, modality: np.ndarray, m: int) -> np.ndarray:
+    """Sorted unified ids that have at least one pseudo-labelled image of modality ``m``."""
+    sel = (modality == m) & (labels >= 0)
+    return np.unique(labels[sel]).astype(np.int64)
+
+
+class CrossModalityStage(StageLogic):
+    name = "stage2"
+    labels_prefix = "cross"
+
+    def initial_model(self, recipe: Recipe, ws: Workspace):
+        path = ws.root / "stage1" / "final.pt"
+        if not path.is_file():
+            raise DmdlError(f"{path} is missing: run `dmdl pretrain-single --workspace {ws.root}` "
+                            "first (stage 2 starts from the stage-1 model)")
+        state = load_checkpoint(path, what="stage-1 checkpoint")
+        if state["meta"].get("stage1_hash") != stage_hash(recipe, "stage1"):
+            raise DmdlError(
+                f"{path} was trained with another stage-1 recipe (recipe hash "
+                f"{state['meta'].get('recipe_hash')}): re-run `dmdl pretrain-single --force` with "
+                "this recipe, or use the recipe that produced it")
+        model = build_from_recipe(recipe, pretrained=False)
+        model.load_state_dict(state["model"])
+        log(f"stage 2 starts from {ws.rel(path)}")
+        return model, str(path)
+
+    def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
+        recipe, stage = ctx.recipe, ctx.stage
+        feats = ctx.train_features()  # (N_train, D)
+        clusters = cluster_modalities(ctx, feats)
+        for m in MODALITIES:
+            log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
+        assoc = associate(clusters[VISIBLE].centroids, clusters[INFRARED].centroids,
+                          method=recipe.association.method, epoch=epoch)
+        n_all = len(ctx.index)
+        labels = np.full(n_all, -1, dtype=np.int64)
+        for m, mapping in ((VISIBLE, assoc.vis_to_unified), (INFRARED, assoc.ir_to_unified)):
+            c = clusters[m]
+            labels[c.rows] = np.where(c.labels >= 0, mapping[np.maximum(c.labels, 0)], -1)
+        train_pos = np.full(n_all, -1, dtype=np.int64)
+        train_pos[ctx.train_rows] = np.arange(len(ctx.train_rows))
+        modality = ctx.index.modality.astype(np.int64)
+        labelled = np.flatnonzero(labels >= 0)
+        fused = cluster_centroids(feats[train_pos[labelled]], labels[labelled]) if len(labelled) else \
+            np.zeros((0, feats.shape[1]), np.float32)
+        conf = np.ones(n_all, dtype=np.float32)
+        if recipe.cbt.refine and len(labelled):
+            conf[labelled] = confidences(feats[train_pos[labelled]], fused, labels[labelled], stage.temp)
+        ids = {m: unified_memory_ids(labels, modality, m) for m in MODALITIES}
+        per_modality = {}
+        for m in MODALITIES:
+            rows = np.flatnonzero((modality == m) & (labels >= 0))
+            dense = np.searchsorted(ids[m], labels[rows])  # unified id -> row of memory m
+            per_modality[m] = cluster_centroids(feats[train_pos[rows]], dense) if len(rows) else \
+                np.zeros((0, feats.shape[1]), np.float32)
+        prior = modality_prior(torch.from_numpy(labels), torch.from_numpy(modality)).numpy()
+        record = {"kind": "labels", "epoch": epoch, "step": 0, "unified_ids": int(assoc.num_ids),
+                  **{MODALITY_NAMES[m]: clusters[m].stats for m in MODALITIES},
+                  "prior": prior.tolist(), "mean_confidence": float(conf[labelled].mean()) if len(labelled) else 1.0}
+        if ctx.true_ids is not None:  # diagnostics only: training never reads true identities
+            truth = np.full(n_all, -1, dtype=np.int64)
+            truth[ctx.train_rows] = ctx.true_ids
+            vis, ir = clusters[VISIBLE], clusters[INFRARED]
+            record["association_accuracy"] = association_accuracy(
+                vis.labels, ir.labels, truth[vis.rows], truth[ir.rows], assoc)
+        log(f"epoch {epoch + 1}: {assoc.num_ids} unified identities ({recipe.association.method})"
+            + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic)"
+               if "association_accuracy" in record else ""))
+        ctx.log(record)
+        write_labels_file(ctx, self.labels_prefix, epoch, labels, confidence=conf)
+        memories = {m: make_memory(per_modality[m], stage) for m in MODALITIES}
+        memories[FUSED] = make_memory(fused, stage)
+        return EpochState(labels=labels, memories=memories,
+                          extra={"epoch": epoch, "conf": conf, "ids": ids, "prior": prior,
+                                 "num_ids": int(assoc.num_ids)})
+
+    def save_epoch(self, state: EpochState) -> dict[str, Any]:
+        x = state.extra
+        return {"epoch": x["epoch"], "labels": state.labels, "conf": x["conf"], "ids": x["ids"],
+                "prior": x["prior"], "num_ids": x["num_ids"],
+                "memories": {k: mem.features.clone() for k, mem in state.memories.items()}}
+
+    def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:
+        stage, device = ctx.stage, ctx.runtime.device
+        memories = {k: make_memory(f.numpy(), stage).to(device) for k, f in saved["memories"].items()}
+        mode = "cross-modality" if saved["epoch"] >= stage.cross_sampler_from else "per-modality"
+        batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,
+                                clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
+                                seed=ctx.recipe.train.seed, epoch=saved["epoch"], mode=mode)
+        num_ids = saved["num_ids"]
+        row_of_id = {}
+        for m in MODALITIES:
+            table = torch.full((num_ids,), -1, dtype=torch.long)
+            table[torch.from_numpy(saved["ids"][m])] = torch.arange(len(saved["ids"][m]))
+            row_of_id[m] = table.to(device)
+        extra = dict(saved)
+        extra.update(labels_t=torch.from_numpy(saved["labels"]).to(device),
+                     conf_t=torch.from_numpy(saved["conf"]).to(device),
+                     ids_t={m: torch.from_numpy(saved["ids"][m]).to(device) for m in MODALITIES},
+                     prior_t=torch.as_tensor(saved["prior"], dtype=torch.float32, device=device),
+                     row_of_id=row_of_id, cross_mode=mode == "cross-modality")
+        return EpochState(labels=saved["labels"], batches=batches, extra=extra, memories=memories)
+
+    def batch_loss(self, ctx: TrainContext, state: EpochState, epoch: int,
+                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
+        recipe, stage, runtime, x = ctx.recipe, ctx.stage, ctx.runtime, state.extra
+        rows, modality = batch["rows"], batch["modality"]
+        b = rows.shape[0]
+        labels = x["labels_t"][rows]  # (B,) unified ids
+        conf = x["conf_t"][rows]
+        refine = recipe.cbt.refine and epoch >= stage.onehot_epochs
+        with runtime.autocast():
+            pool, bn = ctx.model(batch["images"])  # (2B, D) each
+        feat = F.normalize(bn.float(), dim=1)
+        fa, fb = feat[:b], feat[b:]
+
+        fused = state.memories[FUSED]
+        za, zb = fused.logits(fa), fused.logits(fb)  # (B, num_ids)
+        ta, tb = view_targets(labels, conf, za, zb, stage.refine_topk, refine)
+        loss_fused = 0.5 * (contrastive_loss(za, ta) + contrastive_loss(zb, tb))
+
+        intra = feat.new_zeros(())
+        for m in MODALITIES:
+            sel = modality == m
+            if not bool(sel.any()):
+                continue
+            mem = state.memories[m]
+            local = x["row_of_id"][m][labels[sel]]
+            la, lb = mem.logits(fa[sel]), mem.logits(fb[sel])
+            ya, yb = view_targets(local, conf[sel], la, lb, stage.refine_topk, refine)
+            intra = intra + 0.5 * (contrastive_loss(la, ya) + contrastive_loss(lb, yb))
+
+        cai = feat.new_zeros(())
+        if recipe.cai.enabled:
+            mems = [state.memories[m].features for m in MODALITIES]
+            ids = [x["ids_t"][m] for m in MODALITIES]
+            soft_a = ta if ta.dim() == 2 else F.one_hot(ta, x["num_ids"]).float()
+            soft_b = tb if tb.dim() == 2 else F.one_hot(tb, x["num_ids"]).float()
+            lpa = cai_log_prob(fa, mems, ids, x["prior_t"], x["num_ids"], stage.temp)
+            lpb = cai_log_prob(fb, mems, ids, x["prior_t"], x["num_ids"], stage.temp)
+            cai = 0.5 * (cai_loss(lpa, soft_a) + cai_loss(lpb, soft_b))
+
+        sigma = triplet_weight(stage.triplet_ramp, epoch)
+        triplet = feat.new_zeros(())
+        if sigma > 0:
+            both_labels, both_mod = torch.cat([labels, labels]), torch.cat([modality, modality])
+            if x["cross_mode"]:
+                triplet = cross_modal_triplet(pool.float(), both_labels, both_mod, stage.triplet_margin)
+            else:
+                triplet = batch_hard_triplet(pool.float(), both_labels, stage.triplet_margin)
+        align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
+        loss = (intra + loss_fused + recipe.cai.weight * cai + sigma * triplet
+                + recipe.cbt.align_weight * align)
+        parts = {"intra": intra.item(), "fused": loss_fused.item(), "cai": cai.item(),
+                 "triplet": triplet.item(), "align": align.item()}
+
+        def update() -> None:
+            if ta.dim() == 2:
+                t_own = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
+                                   tb.gather(1, labels[:, None]).squeeze(1)])
+            else:
+                t_own = torch.ones(2 * b, device=feat.device)
+            all_feat = gather_cat(torch.cat([fa, fb]).detach(), runtime)
+            all_labels = gather_cat(torch.cat([labels, labels]), runtime)
+            all_mod = gather_cat(torch.cat([modality, modality]), runtime)
+            all_t = gather_cat(t_own, runtime)
+            for m in MODALITIES:
+                sel = all_mod == m
+                if bool(sel.any()):
+                    state.memories[m].update(all_feat[sel], x["row_of_id"][m][all_labels[sel]])
+            momentum = None
+            if recipe.cai.enabled and recipe.cai.confidence_momentum:
+                momentum = confidence_momentum(all_t, base=stage.momentum)
+            fused.update(all_feat, all_labels, momentum)
+
+        return loss, parts, update
+
+
+def train_cross(ws: Workspace, recipe: Recipe, *, resume: bool = False, force: bool = False,
+                deterministic: bool = False):
+    return run_stage(ws, recipe, CrossModalityStage(), resume=resume, force=force,
+                     deterministic=deterministic)

@@ -1,0 +1,436 @@
+"""The one training loop both stages share.
+
+A stage supplies a :class:`StageLogic`: how to (re)label the training set at the start of an
+epoch and build its memories (:meth:`StageLogic.prepare_epoch`), and the loss of one batch
+(:meth:`StageLogic.batch_loss`). This module owns everything else: epochs x iterations, the
+optimiser and its step schedule, AMP and channels_last on GPU, DDP under ``torchrun``, the rich
+progress bar, the JSON-lines log, test-set monitoring (logged, never used to pick a
+checkpoint), and resumable checkpoints.
+
+Resume contract: ``WS/<stage>/last.pt`` is written every ``train.checkpoint_every`` steps and at
+each epoch end. It holds the model, optimiser, scheduler, AMP scaler, the epoch's pseudo labels,
+confidences and memories, the epoch and the next step, and every RNG state. Batches are a
+deterministic function of (seed, epoch, labels) and each image's augmentation of its own seed,
+so a resumed run regenerates the epoch's batches and skips to the saved step: it continues as if
+never stopped (bitwise on the CPU with ``--deterministic``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dmdl_cli import __version__
+from dmdl_cli.atomic import atomic_write_text
+from dmdl_cli.console import log, make_progress
+from dmdl_cli.data.augment import AugmentConfig
+from dmdl_cli.data.cache import open_cache
+from dmdl_cli.data.index import IndexTable, read_index
+from dmdl_cli.data.sampling import ResumableBatchSampler
+from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.evaluation.features import extract_features
+from dmdl_cli.model.backbone import normalize_batch
+from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
+from dmdl_cli.runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
+from dmdl_cli.workspace import Workspace, load_checkpoint, save_checkpoint
+
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainContext:
+    """What a stage's logic may read: the workspace, recipe, runtime, data and model."""
+
+    ws: Workspace
+    recipe: Recipe
+    stage: StageRecipe
+    runtime: Runtime
+    index: IndexTable
+    train_rows: np.ndarray  # (N,) index rows of the training split
+    modality: np.ndarray  # (N,) int8 modality of each train row (0 visible, 1 infrared)
+    cache: np.ndarray  # (N_all, H, W, 3) uint8 memmap
+    model: torch.nn.Module
+    true_ids: np.ndarray | None  # (N,) true identities: DIAGNOSTICS ONLY, never used to train
+    log: Callable[[dict[str, Any]], None]
+
+    def train_features(self) -> np.ndarray:
+        """(N, D) flip-averaged L2-normalised features of every train image."""
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        return extract_features(model, self.cache, self.train_rows, self.runtime,
+                                batch_size=self.recipe.train.feature_batch,
+                                description="train features")
+
+
+@dataclass
+class EpochState:
+    """Everything a stage derives at the start of an epoch; saved in resume checkpoints."""
+
+    labels: np.ndarray  # (N,) int64 per train row, -1 = outlier; batches are drawn from these
+    batches: list = field(default_factory=list)  # [[(train position, aug seed), ...], ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific (confidences, ids, ...)
+    memories: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+class StageLogic:
+    """The stage-specific part of training (see the module docstring)."""
+
+    name = "stage"
+    labels_prefix = "stage"
+
+    def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:  # pragma: no cover
+        raise NotImplementedError
+
+    def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:  # pragma: no cover
+        raise NotImplementedError
+
+    def save_epoch(self, state: EpochState) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def batch_loss(self, ctx: TrainContext, state: EpochState, epoch: int, batch: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:  # pragma: no cover
+        """Return (loss, named parts for the log, a no-grad memory update to run after the step)."""
+        raise NotImplementedError
+
+    def initial_model(self, ctx_recipe: Recipe, ws: Workspace) -> tuple[torch.nn.Module, dict[str, Any]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:
+    return lambda epoch: stage.lr_gamma ** (epoch // stage.lr_step)
+
+
+class JsonLog:
+    """``WS/<stage>/log.jsonl``: one JSON object per line (per-step losses, per-epoch stats)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, epoch: int, step: int) -> None:
+        """On resume: drop records written after the checkpoint (they will be written again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if (rec.get("epoch", 0), rec.get("step", 0)) <= (epoch, step) and rec.get("kind") != "end":
+                kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _make_loader(ctx: TrainContext, batches: list, start: int, dataset: TwoViewDataset):
+    sampler = ResumableBatchSampler(batches, start=start)
+    workers = ctx.recipe.data.workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_views,
+        num_workers=workers,
+        pin_memory=ctx.runtime.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def _rank_slice(batch: list, rank: int, world: int) -> list:
+    """This rank's share of a global batch (every rank draws the same global batches)."""
+    return batch[rank::world]
+
+
+def _stage_paths(ws: Workspace, name: str) -> tuple[Path, Path, Path]:
+    folder = ws.root / name
+    return folder, folder / "last.pt", folder / "final.pt"
+
+
+def _checkpoint_meta(recipe: Recipe, logic: StageLogic, epoch: int, step: int, complete: bool) -> dict[str, Any]:
+    return {
+        "stage": logic.name,
+        "epoch": epoch,
+        "step": step,
+        "complete": complete,
+        "arch": recipe.model.arch,
+        "input_size": [recipe.data.height, recipe.data.width],
+        "recipe_hash": recipe.hash(),
+        "stage_hash": stage_hash(recipe, logic.name),
+        "stage1_hash": stage_hash(recipe, "stage1"),
+        "dmdl_version": __version__,
+    }
+
+
+def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool, force: bool,
+              deterministic: bool) -> Path:
+    """Train one stage to its end; returns the path of ``final.pt``."""
+    stage: StageRecipe = getattr(recipe, logic.name)
+    folder, last_path, final_path = _stage_paths(ws, logic.name)
+    command = "pretrain-single" if logic.name == "stage1" else "train-cross"
+    runtime = select_runtime(recipe, deterministic=deterministic)
+    seed_everything(recipe.train.seed)
+
+    with ws.locked() if runtime.is_main else _nullcontext(ws):
+        start_epoch, start_step, saved = 0, 0, None
+        if final_path.is_file() and not force:
+            if resume:
+                log(f"{ws.rel(final_path)} exists: {logic.name} is finished, nothing to resume")
+                return final_path
+            raise DmdlError(
+                f"{ws.rel(final_path)} exists: {logic.name} already finished; pass --force to "
+                f"train it again from scratch (`dmdl {command} --force`)")
+        if last_path.is_file() and not force and not resume:
+            raise DmdlError(
+                f"{ws.rel(last_path)} holds a partial {logic.name} run: pass --resume to continue "
+                f"it or --force to start again (`dmdl {command} --resume|--force`)")
+        if force:
+            for path in (last_path, final_path, folder / LOG_FILE):
+                if runtime.is_main and path.exists():
+                    path.unlink()
+            if runtime.is_main:
+                for path in ws.dir("labels").glob(f"{logic.labels_prefix}-e*.npz"):
+                    path.unlink()
+        if resume and last_path.is_file():
+            saved = load_checkpoint(last_path, what="resume checkpoint")
+            meta = saved["meta"]
+            if meta.get("stage_hash") != stage_hash(recipe, logic.name):
+                raise DmdlError(
+                    f"{ws.rel(last_path)} was written with another recipe (hash "
+                    f"{meta.get('recipe_hash')}, now {recipe.hash()}): resume with the recipe of "
+                    f"that run (the workspace's recipe.yaml) or pass --force to start again")
+            start_epoch, start_step = meta["epoch"], meta["step"]
+            log(f"resuming {logic.name} from {ws.rel(last_path)}: epoch {start_epoch + 1}, "
+                f"step {start_step}")
+        elif resume:
+            log(f"no {ws.rel(last_path)} to resume: starting {logic.name} from the beginning")
+
+        index = read_index(ws.index_path)
+        train_rows = index.rows(split="train")
+        if len(train_rows) == 0:
+            raise DmdlError(f"{ws.index_path} has no train rows: nothing to train on")
+        cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
+                           recipe.data.height, recipe.data.width)
+        model, init_info = logic.initial_model(recipe, ws)
+        model.to(runtime.device)
+        if runtime.channels_last:
+            model.to(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
+        scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+        train_model: torch.nn.Module = model
+        if runtime.distributed:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+        has_ids = bool((index.pids[train_rows] >= 0).any())
+        jlog = JsonLog(folder / LOG_FILE, enabled=runtime.is_main)
+        ctx = TrainContext(ws, recipe, stage, runtime, index, train_rows,
+                           index.modality[train_rows].astype(np.int8), cache, train_model,
+                           index.pids[train_rows] if has_ids else None, jlog)
+        epoch_state: EpochState | None = None
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            if start_step < stage.iters:
+                epoch_state = logic.restore_epoch(ctx, saved["epoch_state"])
+            else:  # saved at an epoch end: the next epoch starts afresh
+                start_epoch, start_step = start_epoch + 1, 0
+            set_rng_state(saved["rng"])
+            jlog.truncate_after(meta["epoch"], meta["step"])
+        else:
+            jlog({"kind": "start", "epoch": 0, "step": 0, "stage": logic.name,
+                  "recipe_hash": recipe.hash(), "init": init_info})
+
+        aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
+        dataset = TwoViewDataset(ws.cache_path(recipe.data.height, recipe.data.width),
+                                 ctx.index.modality, aug, shape=cache.shape)
+
+        stage_run = ws.stage_run(command, recipe, resumed=saved is not None) if runtime.is_main else _nullcontext(None)
+        with stage_run as run:
+            for epoch in range(start_epoch, stage.epochs):
+                t_epoch = time.perf_counter()
+                if epoch_state is None:
+                    # Pseudo-labelling runs once, on rank 0; the other ranks receive its result.
+                    payload = logic.save_epoch(logic.prepare_epoch(ctx, epoch)) if runtime.is_main else None
+                    epoch_state = logic.restore_epoch(ctx, broadcast_object(payload, runtime))
+                    start_step = 0
+                _train_epoch(ctx, logic, epoch_state, epoch, start_step, dataset, optimizer,
+                             scaler, model, scheduler, last_path)
+                scheduler.step()
+                if runtime.is_main:
+                    save_checkpoint(last_path, _full_state(recipe, logic, model, optimizer, scheduler,
+                                                           scaler, epoch_state, epoch, stage.iters))
+                seconds = time.perf_counter() - t_epoch
+                jlog({"kind": "epoch", "epoch": epoch, "step": stage.iters, "seconds": round(seconds, 2),
+                      "lr": optimizer.param_groups[0]["lr"]})
+                if recipe.train.eval_every and (epoch + 1) % recipe.train.eval_every == 0 and runtime.is_main:
+                    _monitor(ctx, epoch)
+                if recipe.train.keep_epochs and runtime.is_main:
+                    save_checkpoint(folder / f"epoch-{epoch + 1:03d}.pt",
+                                    {"model": model.state_dict(),
+                                     "meta": _checkpoint_meta(recipe, logic, epoch, stage.iters, True)})
+                epoch_state = None
+            if runtime.is_main:
+                save_checkpoint(final_path, {"model": model.state_dict(),
+                                             "meta": _checkpoint_meta(recipe, logic, stage.epochs - 1,
+                                                                      stage.iters, True)})
+                jlog({"kind": "end", "epoch": stage.epochs, "step": 0})
+                run.add_output(final_path)
+                log(f"wrote {ws.rel(final_path)} (the last epoch: no checkpoint is selected on "
+                    "the test set)")
+        if runtime.distributed:
+            dist.barrier()
+    return final_path
+
+
+class _nullcontext:
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _full_state(recipe: Recipe, logic: StageLogic, model, optimizer, scheduler, scaler,
+                epoch_state: EpochState, epoch: int, step: int) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch_state": logic.save_epoch(epoch_state),
+        "rng": rng_state(),
+        "meta": _checkpoint_meta(recipe, logic, epoch, step, False),
+    }
+
+
+def _to_batch(raw: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
+    """Two uint8 views -> one normalised float input (2B, 3, H, W): view A rows, then view B."""
+    images = torch.cat([raw["view_a"], raw["view_b"]])
+    return {
+        "images": runtime.to_input(normalize_batch(images)),
+        "rows": raw["row"].to(runtime.device).long(),  # (B,) positions into the train rows
+        "modality": raw["modality"].to(runtime.device).long(),  # (B,)
+    }
+
+
+def _train_epoch(ctx: TrainContext, logic: StageLogic, state: EpochState, epoch: int,
+                 start_step: int, dataset: TwoViewDataset, optimizer, scaler, model,
+                 scheduler, last_path: Path) -> None:
+    runtime, recipe, stage = ctx.runtime, ctx.recipe, ctx.stage
+    batches = [_rank_slice(b, runtime.rank, runtime.world_size) for b in state.batches]
+    loader = _make_loader(ctx, batches, start_step, dataset)
+    ctx.model.train()
+    images_per_step = 2 * sum(len(b) for b in state.batches[:1])
+    wait = compute = 0.0
+    with make_progress("img") as progress:
+        task = progress.add_task(f"{logic.name} epoch {epoch + 1}/{stage.epochs}",
+                                 total=stage.iters, completed=start_step, per_step=images_per_step,
+                                 info="")
+        t0 = time.perf_counter()
+        for step, raw in enumerate(loader, start=start_step):
+            t1 = time.perf_counter()
+            wait += t1 - t0
+            batch = _to_batch(raw, runtime)
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts, update = logic.batch_loss(ctx, state, epoch, batch)
+            if not torch.isfinite(loss):
+                raise DmdlError(
+                    f"{logic.name} loss became {loss.item()} at epoch {epoch + 1} step {step}: "
+                    "lower the learning rate or disable AMP (--set train.amp=off), then --resume")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                update()
+            t0 = time.perf_counter()
+            compute += t0 - t1
+            done = step + 1
+            record = {"kind": "step", "epoch": epoch, "step": done, "loss": round(loss.item(), 5),
+                      **{k: round(v, 5) for k, v in parts.items()}}
+            if done % 10 == 0 or done == stage.iters:
+                ctx.log(record)
+            progress.update(task, advance=1, info=f"loss {loss.item():.3f}")
+            if done % recipe.train.checkpoint_every == 0 and done < stage.iters and runtime.is_main:
+                save_checkpoint(last_path, _full_state(recipe, logic, model, optimizer, scheduler,
+                                                       scaler, state, epoch, done))
+    total = max(wait + compute, 1e-9)
+    steps = stage.iters - start_step
+    ctx.log({"kind": "speed", "epoch": epoch, "step": stage.iters,
+             "images_per_s": round(steps * images_per_step * runtime.world_size / total, 1),
+             "data_wait_share": round(wait / total, 3)})
+
+
+def _monitor(ctx: TrainContext, epoch: int) -> None:
+    """Test-set monitoring: logged for the curious, never used to choose a checkpoint."""
+    from dmdl_cli.evaluation.evaluate import run_protocol
+    from dmdl_cli.evaluation.protocols import protocol_modes
+
+    test_rows = ctx.index.rows(split="test")
+    if len(test_rows) == 0:
+        return
+    model = ctx.model.module if hasattr(ctx.model, "module") else ctx.model
+    feats = extract_features(model, ctx.cache, test_rows, ctx.runtime,
+                             batch_size=ctx.recipe.train.feature_batch, description="test features")
+    test = ctx.index.select(test_rows)
+    dataset = ctx.ws.dataset["name"]
+    mode = protocol_modes(dataset)[0]
+    summary, _, _ = run_protocol(dataset, mode, feats, test, ctx.recipe,
+                                 trials=ctx.recipe.eval.trials, shots=ctx.recipe.eval.shots)
+    ctx.log({"kind": "monitor", "epoch": epoch, "step": ctx.stage.iters, "mode": mode,
+             "rank1": round(float(summary["cmc"][0]), 4), "mAP": round(summary["mAP"], 4),
+             "note": "test-set monitoring only; never selects a checkpoint"})
+    log(f"  monitor (test set, not used for selection): {mode} Rank-1 "
+        f"{100 * summary['cmc'][0]:.1f} mAP {100 * summary['mAP']:.1f}")
+
+
+def broadcast_object(obj: Any, runtime: Runtime) -> Any:
+    """Rank 0's ``obj`` on every rank (pseudo labels are computed once, on rank 0)."""
+    if not runtime.distributed:
+        return obj
+    holder = [obj if runtime.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_cat(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Concatenate a per-rank tensor over ranks (memory updates see the whole global batch)."""
+    if not runtime.distributed:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(runtime.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+

@@ -1,0 +1,167 @@
+"""Stage 1, ``pretrain-single``: single-modality clustering and contrastive learning.
+
+Per epoch: cluster each modality (labels of the two modalities live in one id space, visible
+clusters first: ``0..Cv-1``, infrared ``Cv..Cv+Ci-1``), one memory per modality from the
+centroids, GMM confidences from ``stage1.refine_from`` when ``cbt.refine``. Per batch, for each
+modality m (P clusters x K images, two views):
+
+    L = sum_m 1/2 [CE(f_A M_m / tau, t_A) + CE(f_B M_m / tau, t_B)]
+        + sigma(epoch) * triplet(pool features, labels)
+        + w_align * sum_m MMD(f_A, f_B)
+
+with t_A = c onehot(y) + (1 - c) topk-softmax(f_B M_m / tau) (and symmetrically) when
+refinement is on, one-hot otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dmdl_cli.console import log
+from dmdl_cli.data.index import MODALITY_NAMES
+from dmdl_cli.data.sampling import epoch_batches
+from dmdl_cli.model.loading import initial_model
+from dmdl_cli.recipe import Recipe, triplet_weight
+from dmdl_cli.training.labelling import (
+    MODALITIES,
+    cluster_modalities,
+    confidences,
+    describe,
+    make_memory,
+    write_labels_file,
+)
+from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
+from dmdl_cli.training.losses import batch_hard_triplet, contrastive_loss, mmd_multi_kernel
+from dmdl_cli.training.refine import refined_targets
+from dmdl_cli.workspace import Workspace
+
+
+def view_targets(local: torch.Tensor, conf: torch.Tensor, logits_a: torch.Tensor,
+                 logits_b: torch.Tensor, topk: int, refine: bool):
+    """Targets of view A and view B: refined soft targets (each from the other view) or hard."""
+    if not refine:
+        return local, local
+    return (refined_targets(local, conf, logits_b, topk),
+            refined_targets(local, conf, logits_a, topk))
+
+
+def alignment(fa: torch.Tensor, fb: torch.Tensor, modality: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """CBT feature level: multi-kernel MMD between view A and view B, per modality."""
+    total = fa.new_zeros(())
+    for m in MODALITIES:
+        sel = modality == m
+        if int(sel.sum()) > 1:
+            total = total + mmd_multi_kernel(fa[sel].float(), fb[sel].float(),
+                                             num_kernels=recipe.cbt.mmd_kernels,
+                                             kernel_mul=recipe.cbt.mmd_kernel_mul)
+    return total
+
+
+class SingleModalityStage(StageLogic):
+    name = "stage1"
+    labels_prefix = "stage1"
+
+    def initial_model(self, recipe: Recipe, ws: Workspace):
+        model = initial_model(recipe)
+        log(f"stage 1 starts from the untrained {recipe.model.arch}: {model.init_description}")
+        return model, model.init_description
+
+    def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
+        recipe, stage = ctx.recipe, ctx.stage
+        feats = ctx.train_features()  # (N_train, D)
+        clusters = cluster_modalities(ctx, feats)
+        n_all = len(ctx.index)
+        labels = np.full(n_all, -1, dtype=np.int64)
+        conf = np.ones(n_all, dtype=np.float32)
+        offsets, sizes = {}, {}
+        offset = 0
+        refine = recipe.cbt.refine and epoch >= stage.refine_from
+        train_pos = np.full(n_all, -1, dtype=np.int64)
+        train_pos[ctx.train_rows] = np.arange(len(ctx.train_rows))
+        for m in MODALITIES:
+            c = clusters[m]
+            offsets[m], sizes[m] = offset, c.centroids.shape[0]
+            labels[c.rows] = np.where(c.labels >= 0, c.labels + offset, -1)
+            if refine:
+                conf[c.rows] = confidences(feats[train_pos[c.rows]], c.centroids, c.labels, stage.temp)
+            offset += sizes[m]
+            log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(c.stats)}")
+        ctx.log({"kind": "labels", "epoch": epoch, "step": 0,
+                 **{MODALITY_NAMES[m]: clusters[m].stats for m in MODALITIES},
+                 "refine": refine, "mean_confidence": float(conf[labels >= 0].mean()) if (labels >= 0).any() else 1.0})
+        write_labels_file(ctx, self.labels_prefix, epoch, labels, confidence=conf)
+        return EpochState(
+            labels=labels,
+            extra={"epoch": epoch, "conf": conf, "offsets": offsets, "sizes": sizes},
+            memories={m: make_memory(clusters[m].centroids, stage) for m in MODALITIES},
+        )
+
+    def save_epoch(self, state: EpochState) -> dict[str, Any]:
+        return {"epoch": state.extra["epoch"], "labels": state.labels, "conf": state.extra["conf"],
+                "offsets": state.extra["offsets"], "sizes": state.extra["sizes"],
+                "memories": {m: mem.features.clone() for m, mem in state.memories.items()}}
+
+    def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:
+        stage = ctx.stage
+        memories = {m: make_memory(feats.numpy(), stage) for m, feats in saved["memories"].items()}
+        for mem in memories.values():
+            mem.to(ctx.runtime.device)
+        batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,
+                                clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
+                                seed=ctx.recipe.train.seed, epoch=saved["epoch"],
+                                mode="per-modality")
+        return EpochState(labels=saved["labels"], batches=batches,
+                          extra={"epoch": saved["epoch"], "conf": saved["conf"], "offsets": saved["offsets"], "sizes": saved["sizes"],
+                                 "labels_t": torch.from_numpy(saved["labels"]).to(ctx.runtime.device),
+                                 "conf_t": torch.from_numpy(saved["conf"]).to(ctx.runtime.device)},
+                          memories=memories)
+
+    def batch_loss(self, ctx: TrainContext, state: EpochState, epoch: int,
+                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
+        recipe, stage, runtime = ctx.recipe, ctx.stage, ctx.runtime
+        rows, modality = batch["rows"], batch["modality"]
+        b = rows.shape[0]
+        labels = state.extra["labels_t"][rows]  # (B,) global cluster ids
+        conf = state.extra["conf_t"][rows]  # (B,)
+        refine = recipe.cbt.refine and epoch >= stage.refine_from
+        with runtime.autocast():
+            pool, bn = ctx.model(batch["images"])  # (2B, D) each
+        feat = F.normalize(bn.float(), dim=1)
+        fa, fb = feat[:b], feat[b:]
+        contrast = feat.new_zeros(())
+        for m in MODALITIES:
+            sel = modality == m
+            if not bool(sel.any()):
+                continue
+            mem = state.memories[m]
+            local = labels[sel] - state.extra["offsets"][m]
+            la, lb = mem.logits(fa[sel]), mem.logits(fb[sel])
+            ta, tb = view_targets(local, conf[sel], la, lb, stage.refine_topk, refine)
+            contrast = contrast + 0.5 * (contrastive_loss(la, ta) + contrastive_loss(lb, tb))
+        sigma = triplet_weight(stage.triplet_ramp, epoch)
+        triplet = feat.new_zeros(())
+        if sigma > 0:
+            triplet = batch_hard_triplet(pool.float(), torch.cat([labels, labels]), stage.triplet_margin)
+        align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
+        loss = contrast + sigma * triplet + recipe.cbt.align_weight * align
+        parts = {"contrast": contrast.item(), "triplet": triplet.item(), "align": align.item()}
+
+        def update() -> None:
+            all_feat = gather_cat(torch.cat([fa, fb]).detach(), runtime)
+            all_labels = gather_cat(torch.cat([labels, labels]), runtime)
+            all_mod = gather_cat(torch.cat([modality, modality]), runtime)
+            for m in MODALITIES:
+                sel = all_mod == m
+                if bool(sel.any()):
+                    state.memories[m].update(all_feat[sel], all_labels[sel] - state.extra["offsets"][m])
+
+        return loss, parts, update
+
+
+def pretrain_single(ws: Workspace, recipe: Recipe, *, resume: bool = False, force: bool = False,
+                    deterministic: bool = False):
+    return run_stage(ws, recipe, SingleModalityStage(), resume=resume, force=force,
+                     deterministic=deterministic)

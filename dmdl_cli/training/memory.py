@@ -1,0 +1,126 @@
+"""Cluster memory: one L2-normalised prototype per (pseudo-)cluster, updated by momentum.
+
+Single-sample rule (ClusterContrast / the paper): ``m <- mu m + (1 - mu) f``, then renormalise.
+
+**Several samples of one cluster in one batch.** A batch holds K = 16 images per cluster, so the
+combination rule matters. The reference code applies the single-sample rule sequentially in batch
+order, which makes the result depend on the order and keeps only ``mu^K`` (0.2^16 ~ 7e-12) of the
+old prototype. Here the n samples of a cluster in a batch make **one** update, the average of
+the updates each would make alone (before renormalisation)::
+
+    m' = normalise( (1/n) sum_i [ mu_i m + (1 - mu_i) f_i ] )
+       = normalise( mu_bar m + (1 - mu_bar) f_bar ),
+    mu_bar = mean_i mu_i,   f_bar = sum_i (1 - mu_i) f_i / sum_i (1 - mu_i)
+
+i.e. an update with the mean momentum and the mean feature weighted by each sample's pull
+``1 - mu_i``. It is order-invariant, equals the single-sample rule for n = 1, and a cluster moves
+by one momentum step per iteration whatever its number of samples in the batch. With the
+confidence-weighted momentum of CAI (:func:`confidence_momentum`) a sample with ``mu_i = 1``
+does not pull at all. The update is a scatter over the batch (no Python loop over samples),
+runs under ``torch.no_grad`` in float32 and is deterministic (per-cluster sums are a one-hot
+matrix product, not atomic adds).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClusterMemory", "confidence_momentum"]
+
+
+def confidence_momentum(t_y: torch.Tensor, base: float = 0.2) -> torch.Tensor:
+    """CAI's per-sample momentum ``mu = base / max(t(y), base)``, ``(B,)`` in ``[base, 1]``.
+
+    ``t_y`` is the target probability of the sample's own label: a confident sample
+    (``t(y) = 1``) updates with ``mu = base``; ``t(y) <= base`` leaves the memory unchanged.
+    """
+    t_y = t_y.detach().float()
+    return base / t_y.clamp(min=base)
+
+
+class ClusterMemory(nn.Module):
+    """``C`` L2-normalised prototypes of dimension ``D`` (buffer ``features (C, D)``).
+
+    ``logits(feat) = feat @ features.T / temp``; ``update(feat, labels, momentum)`` moves the
+    prototypes of the labelled clusters (see the module docstring for the batch rule).
+    The state dict holds ``features`` only; loading a state dict with a different number of
+    clusters resizes the buffer (a checkpoint taken after re-clustering restores as is).
+    """
+
+    features: torch.Tensor
+
+    def __init__(self, num_features: int, num_clusters: int, *, temp: float = 0.05,
+                 momentum: float = 0.2) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+        self.temp = float(temp)
+        self.momentum = float(momentum)
+        self.register_buffer("features", torch.zeros(num_clusters, num_features))
+
+    @classmethod
+    def from_centroids(cls, centroids, *, temp: float = 0.05, momentum: float = 0.2
+                       ) -> "ClusterMemory":
+        """A memory whose rows are the L2-normalised ``centroids`` ``(C, D)`` (array or tensor)."""
+        c = torch.as_tensor(centroids).detach().to(torch.float32)
+        if c.dim() != 2:
+            raise ValueError(f"centroids must be (C, D), got {tuple(c.shape)}")
+        mem = cls(c.shape[1], c.shape[0], temp=temp, momentum=momentum)
+        mem.features = F.normalize(c, dim=1).to(c.device).clone()
+        return mem
+
+    @property
+    def num_clusters(self) -> int:
+        return self.features.shape[0]
+
+    def logits(self, feat: torch.Tensor) -> torch.Tensor:
+        """``(B, D) -> (B, C)``: ``feat @ features.T / temp`` (float32, autocast off)."""
+        with torch.autocast(device_type=feat.device.type, enabled=False):
+            return feat.float() @ self.features.T / self.temp
+
+    forward = logits
+
+    @torch.no_grad()
+    def update(self, feat: torch.Tensor, labels: torch.Tensor, momentum=None) -> None:
+        """Momentum update of the rows ``labels`` with the normalised features ``feat``.
+
+        Args:
+            feat: ``(B, D)`` L2-normalised features (detached internally).
+            labels: ``(B,)`` cluster indices; negative labels (outliers) are ignored.
+            momentum: ``None`` (the memory's ``momentum``), a float, or a ``(B,)`` tensor of
+                per-sample momenta in ``[0, 1]``.
+        """
+        with torch.autocast(device_type=feat.device.type, enabled=False):
+            f = feat.detach().float()  # (B, D)
+            labels = labels.to(device=f.device, dtype=torch.long)
+            if momentum is None:
+                momentum = self.momentum
+            mu = torch.as_tensor(momentum, dtype=torch.float32, device=f.device)
+            mu = mu.expand(f.shape[0]) if mu.dim() == 0 else mu.reshape(-1)  # (B,)
+            if mu.shape[0] != f.shape[0] or labels.shape != (f.shape[0],):
+                raise ValueError("feat, labels and momentum must describe the same batch")
+            keep = labels >= 0
+            f, labels, mu = f[keep], labels[keep], mu[keep]
+            if labels.numel() == 0:
+                return
+            if int(labels.max()) >= self.num_clusters:
+                raise ValueError(f"label {int(labels.max())} >= {self.num_clusters} clusters")
+            rows, inverse = torch.unique(labels, return_inverse=True)  # (U,), (B',)
+            onehot = F.one_hot(inverse, rows.numel()).T.to(f.dtype)  # (U, B')
+            count = onehot.sum(dim=1, keepdim=True)  # (U, 1)
+            mu_bar = (onehot @ mu.unsqueeze(1)) / count  # (U, 1)
+            pull = (onehot @ ((1.0 - mu).unsqueeze(1) * f)) / count  # (U, D) = (1 - mu_bar) f_bar
+            old = self.features[rows].float()  # (U, D)
+            self.features[rows] = F.normalize(mu_bar * old + pull, dim=1).to(self.features.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "features"
+        if key in state_dict and state_dict[key].shape != self.features.shape:
+            self.features = torch.zeros_like(state_dict[key], device=self.features.device,
+                                             dtype=self.features.dtype)
+            self.num_features = int(state_dict[key].shape[1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"num_clusters={self.num_clusters}, num_features={self.num_features}, "
+                f"temp={self.temp}, momentum={self.momentum}")

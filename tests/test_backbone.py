@@ -1,0 +1,187 @@
+"""The shared re-id network: shapes, normalisation, non-local identity init, weight loading."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    model_signature,
+    normalize_batch,
+)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def agw():
+    """One resnet50_agw for the module (building a ResNet-50 dominates these tests' time)."""
+    torch.manual_seed(0)
+    return build_model("resnet50_agw")
+
+
+@pytest.fixture(scope="module")
+def plain50():
+    return build_model("resnet50")
+
+
+def _batch(b: int = 2, h: int = 64, w: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g)
+
+
+@pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet50_agw", 2048)])
+def test_output_shapes_train_and_eval(arch, dim, request):
+    torch.manual_seed(0)
+    model = request.getfixturevalue("agw") if arch == "resnet50_agw" else build_model(arch)
+    assert model.feat_dim == dim and model.arch == arch
+    assert "random initialisation" in model.init_description
+    x = _batch()
+    model.train()
+    pool_feat, bn_feat = model(x)
+    assert pool_feat.shape == (2, dim) and bn_feat.shape == (2, dim)
+    assert bool((pool_feat >= 0).all())  # GeM of ReLU activations
+    model.eval()
+    with torch.no_grad():
+        emb = model(x)
+        fmap = model.feature_map(x)
+    assert emb.shape == (2, dim)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    # last stride 1: a 64 x 32 input gives a 4 x 2 map (stride 16), not 2 x 1
+    assert fmap.shape == (2, dim, 4, 2)
+
+
+def test_neck_bias_frozen_and_signature(plain50):
+    model = build_model("resnet18")
+    assert not model.neck.bias.requires_grad and model.neck.weight.requires_grad
+    sig = model_signature(model)
+    assert sig == {
+        "arch": "resnet18",
+        "feat_dim": 512,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+    assert model_signature(plain50)["num_params"] != sig["num_params"]
+
+
+def test_non_local_starts_as_identity(agw, plain50):
+    agw, plain = copy.deepcopy(agw), plain50
+    assert len(agw.non_local["layer2"]) == 2 and len(agw.non_local["layer3"]) == 3
+    assert agw._nl_after == {"layer2": (2, 3), "layer3": (3, 4, 5)}
+    state = {k: v for k, v in agw.state_dict().items() if not k.startswith("non_local.")}
+    plain.load_state_dict(state, strict=True)
+    x = _batch(seed=1)
+    for mode in ("train", "eval"):
+        agw.train(mode == "train")
+        plain.train(mode == "train")
+        with torch.no_grad():
+            a, b = agw(x), plain(x)
+        a = a if isinstance(a, tuple) else (a,)
+        b = b if isinstance(b, tuple) else (b,)
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+    # ... and the non-local blocks are not a no-op once W's BN is non-zero
+    with torch.no_grad():
+        for block in agw.non_local["layer3"]:
+            block.W[1].weight.fill_(1.0)
+        agw.eval()
+        plain.eval()
+        assert not torch.allclose(agw(x), plain(x))
+
+
+def test_agw_backbone_keys_are_torchvision_resnet50_keys(agw):
+    tv = torchvision.models.resnet50(weights=None)
+    expected = {k for k in tv.state_dict() if not k.startswith("fc.")}
+    assert set(agw.backbone.state_dict()) == expected
+
+
+def test_channels_last_and_autocast():
+    torch.manual_seed(0)
+    model = build_model("resnet18").to(memory_format=torch.channels_last).eval()
+    x = _batch().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = model(x)
+    assert emb.dtype == torch.float32 and emb.shape == (2, 512)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    assert float((emb * ref).sum(1).min()) > 0.98  # bf16 trunk, same embedding direction
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pool_feat, bn_feat = model(x)
+    (pool_feat.sum() + bn_feat.sum()).backward()
+    assert model.backbone.conv1.weight.grad is not None
+
+
+def test_normalize_batch():
+    img = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(2, 3, 1, 2).clone()
+    out = normalize_batch(img)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 1, 2)
+    for c in range(3):
+        assert out[0, c, 0, 0].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c])
+        assert out[0, c, 0, 1].item() == pytest.approx((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+    with pytest.raises(TypeError):
+        normalize_batch(img.float())
+
+
+def test_missing_imagenet_file_names_the_expected_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(DmdlError) as err:
+        build_model("resnet50_agw", pretrained="imagenet")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in msg
+    assert "model.pretrained" in msg
+
+
+def test_missing_local_file(tmp_path):
+    path = tmp_path / "nope.pth"
+    with pytest.raises(DmdlError) as err:
+        build_model("resnet18", pretrained=path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_local_pth_loads_and_hub_cache_is_found(tmp_path, monkeypatch):
+    torch.manual_seed(123)
+    tv = torchvision.models.resnet18(weights=None)
+    ckpt_dir = tmp_path / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    path = ckpt_dir / "resnet18-f37072fd.pth"
+    torch.save(tv.state_dict(), path)
+
+    model = build_model("resnet18", pretrained=str(path))
+    assert str(path) in model.init_description
+    for k, v in model.backbone.state_dict().items():
+        torch.testing.assert_close(v, tv.state_dict()[k], rtol=0, atol=0)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    from_hub = build_model("resnet18", pretrained="imagenet")
+    torch.testing.assert_close(from_hub.backbone.conv1.weight, tv.conv1.weight, rtol=0, atol=0)
+
+
+def test_mismatching_state_dict_reports_keys(tmp_path):
+    tv = torchvision.models.resnet18(weights=None)
+    state = tv.state_dict()
+    del state["layer1.0.conv1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(DmdlError) as err:
+        build_model("resnet18", pretrained=path)
+    msg = str(err.value)
+    assert "missing keys: layer1.0.conv1.weight" in msg and "unexpected keys: extra.weight" in msg
+    assert "\n" not in msg
+    # a resnet18 file for a resnet50 backbone: refused, no silent partial load
+    torch.save(tv.state_dict(), path)
+    with pytest.raises(DmdlError, match="do not match the resnet50 backbone"):
+        build_model("resnet50", pretrained=path)
+
+
+def test_unknown_arch():
+    with pytest.raises(DmdlError, match="resnet50_agw"):
+        build_model("vit")

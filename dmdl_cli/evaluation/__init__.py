@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics (CMC, mAP, mINP) and the per-data-set test protocols."""

@@ -42,6 +42,7 @@ from dmdl_cli.training.labelling import (
     confidences,
     describe,
     make_memory,
+    restore_memory,
     write_labels_file,
 )
 from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
@@ -137,7 +138,7 @@ class CrossModalityStage(StageLogic):
 
     def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:
         stage, device = ctx.stage, ctx.runtime.device
-        memories = {k: make_memory(f.numpy(), stage).to(device) for k, f in saved["memories"].items()}
+        memories = {k: restore_memory(f, stage).to(device) for k, f in saved["memories"].items()}
         mode = "cross-modality" if saved["epoch"] >= stage.cross_sampler_from else "per-modality"
         batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,
                                 clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,

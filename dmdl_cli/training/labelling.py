@@ -77,8 +77,17 @@ def confidences(feats: np.ndarray, cents: np.ndarray, labels: np.ndarray, temp: 
 
 
 def make_memory(cents: np.ndarray, stage) -> ClusterMemory:
+    """A memory initialised from cluster centroids (C, D) (rows are L2-normalised)."""
     return ClusterMemory.from_centroids(torch.from_numpy(np.ascontiguousarray(cents)),
                                         temp=stage.temp, momentum=stage.momentum)
+
+
+def restore_memory(features: torch.Tensor, stage) -> ClusterMemory:
+    """A memory holding exactly the saved rows ``features`` (C, D): no renormalisation, so a
+    resumed run continues from bit-identical prototypes."""
+    mem = ClusterMemory(features.shape[1], features.shape[0], temp=stage.temp, momentum=stage.momentum)
+    mem.features.copy_(features)
+    return mem
 
 
 def write_labels_file(ctx, prefix: str, epoch: int, labels_all: np.ndarray, **arrays: Any) -> None:

@@ -375,11 +375,12 @@ def _train_epoch(ctx: TrainContext, logic: StageLogic, state: EpochState, epoch:
             t0 = time.perf_counter()
             compute += t0 - t1
             done = step + 1
-            record = {"kind": "step", "epoch": epoch, "step": done, "loss": round(loss.item(), 5),
-                      **{k: round(v, 5) for k, v in parts.items()}}
+            shown = mean_over_ranks(loss.detach(), runtime)
+            record = {"kind": "step", "epoch": epoch, "step": done, "loss": round(shown, 5),
+                      **{k: round(mean_over_ranks(torch.tensor(v), runtime), 5) for k, v in parts.items()}}
             if done % 10 == 0 or done == stage.iters:
                 ctx.log(record)
-            progress.update(task, advance=1, info=f"loss {loss.item():.3f}")
+            progress.update(task, advance=1, info=f"loss {shown:.3f}")
             if done % recipe.train.checkpoint_every == 0 and done < stage.iters and runtime.is_main:
                 save_checkpoint(last_path, _full_state(recipe, logic, model, optimizer, scheduler,
                                                        scaler, state, epoch, done))
@@ -431,6 +432,11 @@ def gather_cat(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def mean_over_ranks(value: torch.Tensor, runtime: Runtime) -> float:
+    """A scalar averaged over ranks (under DDP each rank sees its share of the global batch)."""
+    if runtime.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= runtime.world_size
+    return float(value.item())
 

@@ -31,6 +31,7 @@ from dmdl_cli.training.labelling import (
     confidences,
     describe,
     make_memory,
+    restore_memory,
     write_labels_file,
 )
 from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
@@ -106,7 +107,7 @@ class SingleModalityStage(StageLogic):
 
     def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:
         stage = ctx.stage
-        memories = {m: make_memory(feats.numpy(), stage) for m, feats in saved["memories"].items()}
+        memories = {m: restore_memory(feats, stage) for m, feats in saved["memories"].items()}
         for mem in memories.values():
             mem.to(ctx.runtime.device)
         batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,

@@ -1,0 +1,78 @@
+"""The memory-mapped image cache."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmdl_cli.data.cache import build_cache, cache_name, load_image, open_cache
+from dmdl_cli.errors import DmdlError
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """Four images of different sizes and modes (RGB jpg, grey png, RGBA png, exact size)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    specs = [((70, 40, 3), "RGB", "a.jpg"), ((50, 30), "L", "b.png"),
+             ((90, 44, 4), "RGBA", "c.png"), ((24, 12, 3), "RGB", "d.png")]
+    for shape, mode, name in specs:
+        arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        Image.fromarray(arr, mode=mode).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+def test_cache_name():
+    assert cache_name(288, 144) == "cache-288x144.u8"
+
+
+def test_rows_equal_decoded_and_resized_images(tmp_path, images):
+    out = tmp_path / "ws" / cache_name(24, 12)
+    cache = build_cache(images, out, 24, 12, workers=2, progress=False)
+    assert isinstance(cache, np.memmap) and cache.shape == (4, 24, 12, 3) and cache.dtype == np.uint8
+    assert os.path.getsize(out) == 4 * 24 * 12 * 3
+    for i, path in enumerate(images):
+        with Image.open(path) as img:
+            expected = np.asarray(img.convert("RGB").resize((12, 24), Image.BILINEAR))
+        assert np.array_equal(cache[i], expected)
+        assert np.array_equal(cache[i], load_image(path, 24, 12))
+    grey = cache[1]
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 0], grey[..., 2])
+    with pytest.raises(ValueError):
+        cache[0, 0, 0, 0] = 1  # read-only
+    again = open_cache(out, 4, 24, 12)
+    assert np.array_equal(np.asarray(again), np.asarray(cache))
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left
+
+
+def test_single_worker_gives_the_same_bytes(tmp_path, images):
+    a = build_cache(images, tmp_path / "a.u8", 16, 8, workers=1, progress=False)
+    b = build_cache(images * 40, tmp_path / "b.u8", 16, 8, workers=3, progress=True)
+    assert np.array_equal(np.asarray(b[:4]), np.asarray(a))
+    assert np.array_equal(np.asarray(b[-4:]), np.asarray(a))
+
+
+def test_open_cache_mismatch_names_the_fix(tmp_path, images):
+    out = tmp_path / "c.u8"
+    build_cache(images, out, 16, 8, progress=False)
+    with pytest.raises(DmdlError, match=r"c\.u8.*dmdl prepare-data --force"):
+        open_cache(out, 5, 16, 8)
+    with pytest.raises(DmdlError, match="prepare-data --force"):
+        open_cache(out, 4, 16, 16)
+    with pytest.raises(DmdlError, match=r"missing.*dmdl prepare-data"):
+        open_cache(tmp_path / "none.u8", 4, 16, 8)
+
+
+def test_undecodable_image_leaves_no_cache(tmp_path, images):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "cache" / "x.u8"
+    with pytest.raises(DmdlError, match=r"bad\.jpg.*skip-bad-images"):
+        build_cache(images + [str(bad)] + images, out, 16, 8, workers=2, progress=False)
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
+    with pytest.raises(DmdlError, match="no images"):
+        build_cache([], out, 16, 8, progress=False)

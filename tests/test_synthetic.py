@@ -1,0 +1,172 @@
+"""The synthetic data set: determinism, layouts, splits, and the modality bias it must carry."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmdl_cli.data.cache import load_image
+from dmdl_cli.data.index import INFRARED, VISIBLE
+from dmdl_cli.data.sources import read_source
+from dmdl_cli.data.synthetic import (
+    LLCM_NIR_CAMS,
+    LLCM_VIS_CAMS,
+    SYSU_CAMERAS,
+    SyntheticConfig,
+    generate,
+    make_camera,
+    make_identity,
+    render_image,
+    split_ids,
+)
+from dmdl_cli.errors import DmdlError
+
+TINY = (3, 1, 2)  # train / val / test identities
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    a = generate(tmp_path / "a", ids=TINY, images_per_cam=2, seed=7)
+    b = generate(tmp_path / "b", ids=TINY, images_per_cam=2, seed=7, workers=1)
+    c = generate(tmp_path / "c", ids=TINY, images_per_cam=2, seed=8)
+    ta, tb, tc = (_tree_bytes(tmp_path / n) for n in "abc")
+    assert ta == tb
+    assert a["images"] == b["images"] == 6 * 6 * 2
+    assert set(ta) == set(tc)  # same layout ...
+    jpgs = [k for k in ta if k.endswith(".jpg")]
+    assert sum(ta[k] != tc[k] for k in jpgs) == len(jpgs)  # ... every image differs
+    assert c["ids"] == {"train": 3, "val": 1, "test": 2}
+
+
+def test_sysu_layout_files_and_summary(tmp_path):
+    root = tmp_path / "syn"
+    summary = generate(root, ids=TINY, images_per_cam=3, seed=1)
+    splits = split_ids(TINY, 1)
+    assert sorted(splits["train"] + splits["val"] + splits["test"]) == list(range(1, 7))
+    for name in ("train", "val", "test"):
+        text = (root / "exp" / f"{name}_id.txt").read_text()
+        assert [int(x) for x in text.strip().split(",")] == splits[name]
+    for cam in SYSU_CAMERAS:
+        for pid in range(1, 7):
+            files = sorted(p.name for p in (root / f"cam{cam}" / f"{pid:04d}").iterdir())
+            assert files == ["0001.jpg", "0002.jpg", "0003.jpg"]
+    meta = json.loads((root / "synthetic.json").read_text())
+    assert meta["images"] == summary["images"] == 6 * 6 * 3
+    assert summary["counts"]["train"] == {"visible": 4 * 4 * 3, "infrared": 4 * 2 * 3}
+    assert summary["counts"]["test"] == {"visible": 2 * 4 * 3, "infrared": 2 * 2 * 3}
+    assert summary["cameras"] == {"visible": [1, 2, 4, 5], "infrared": [3, 6]}
+    assert not list(tmp_path.glob(".syn*"))  # no temporary tree left behind
+
+
+def test_refuses_non_empty_root_unless_overwrite(tmp_path):
+    root = tmp_path / "syn"
+    root.mkdir()
+    (root / "keep.txt").write_text("x")
+    with pytest.raises(DmdlError, match="not empty"):
+        generate(root, ids=TINY, images_per_cam=1)
+    generate(root, ids=TINY, images_per_cam=1, overwrite=True)
+    assert not (root / "keep.txt").exists() and (root / "cam1").is_dir()
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(DmdlError, match="layout"):
+        generate(tmp_path / "x", ids=TINY, layout="market")
+    with pytest.raises(DmdlError, match="images_per_cam"):
+        generate(tmp_path / "x", ids=TINY, images_per_cam=0)
+    with pytest.raises(DmdlError, match="ids"):
+        generate(tmp_path / "x", ids=(0, 0, 1))
+    with pytest.raises(DmdlError, match="negative"):
+        SyntheticConfig(ir_noise=-1.0)
+    assert split_ids(90, 0)["test"].__len__() == 30
+
+
+def test_images_have_the_modality_look():
+    cfg = SyntheticConfig()
+    ident = make_identity(3, 0, cfg)
+    vis = render_image(ident, make_camera(1, VISIBLE, 0, cfg), np.random.default_rng(0), cfg)
+    ir = render_image(ident, make_camera(3, INFRARED, 0, cfg), np.random.default_rng(0), cfg)
+    assert vis.shape == ir.shape == (96, 48, 3) and vis.dtype == np.uint8
+    assert np.array_equal(ir[..., 0], ir[..., 1]) and np.array_equal(ir[..., 0], ir[..., 2])
+    assert np.abs(vis[..., 0].astype(int) - vis[..., 2]).mean() > 5  # visible has colour
+    small = SyntheticConfig(height=64, width=32)
+    img = render_image(ident, make_camera(1, VISIBLE, 0, small), np.random.default_rng(0), small)
+    assert img.shape == (64, 32, 3)
+
+
+def test_regdb_and_llcm_layouts(tmp_path):
+    generate(tmp_path / "regdb", ids=(3, 1, 2), images_per_cam=2, layout="regdb", seed=3)
+    idx = tmp_path / "regdb" / "idx"
+    trials_train = set()
+    for t in range(1, 11):
+        train = (idx / f"train_visible_{t}.txt").read_text().split("\n")
+        test = (idx / f"test_thermal_{t}.txt").read_text().split("\n")
+        train_ids = {int(line.split()[1]) for line in train if line}
+        test_ids = {int(line.split()[1]) for line in test if line}
+        assert len(train_ids) == len(test_ids) == 3 and not train_ids & test_ids
+        trials_train.add(frozenset(train_ids))
+    assert len(trials_train) > 1  # the trials differ
+    assert len(list((tmp_path / "regdb" / "Thermal").rglob("*.jpg"))) == 6 * 2
+
+    generate(tmp_path / "llcm", ids=(3, 1, 2), images_per_cam=1, layout="llcm", seed=3)
+    llcm = tmp_path / "llcm"
+    assert sorted(int(p.name[3:]) for p in (llcm / "train_vis").iterdir()) == list(LLCM_VIS_CAMS)
+    assert sorted(int(p.name[3:]) for p in (llcm / "test_nir").iterdir()) == list(LLCM_NIR_CAMS)
+    lines = (llcm / "idx" / "test_nir.txt").read_text().split()
+    assert len(lines) == 2 * 2 * len(LLCM_NIR_CAMS)
+
+
+# --------------------------------------------------------------------------------------------
+# the bias: visible-only cues strong, cross-modal cues weak but present
+# --------------------------------------------------------------------------------------------
+
+def _retrieval_r1(feat, pids, cams, q, g) -> float:
+    """Rank-1 of nearest-neighbour (euclidean) retrieval, ignoring same-camera gallery images."""
+    d = ((feat[q][:, None, :] - feat[g][None, :, :]) ** 2).sum(-1)
+    d[cams[q][:, None] == cams[g][None, :]] = np.inf
+    return float(np.mean(pids[g][np.argmin(d, axis=1)] == pids[q]))
+
+
+def _garment_colour(x):  # mean RGB of the torso and of the legs: (N, 6)
+    return np.concatenate([x[:, 28:48, 18:30].mean((1, 2)), x[:, 58:80, 18:30].mean((1, 2))], 1)
+
+
+def _gradient_histogram(x, gh=8, gw=4, bins=6):
+    """Polarity-free shape/texture descriptor: per-image standardised grey level, gradient
+    orientation histograms in a gh x gw grid (square-rooted, L2-normalised)."""
+    g = x @ np.array([0.299, 0.587, 0.114])
+    g = (g - g.mean((1, 2), keepdims=True)) / (g.std((1, 2), keepdims=True) + 1e-6)
+    gx, gy = np.zeros_like(g), np.zeros_like(g)
+    gx[:, :, 1:-1] = g[:, :, 2:] - g[:, :, :-2]
+    gy[:, 1:-1] = g[:, 2:] - g[:, :-2]
+    mag, ang = np.hypot(gx, gy), np.mod(np.arctan2(gy, gx), np.pi)
+    b = np.minimum((ang / np.pi * bins).astype(int), bins - 1)
+    n, H, W = g.shape
+    h = np.stack([(mag * (b == k)).reshape(n, gh, H // gh, gw, W // gw).sum((2, 4))
+                  for k in range(bins)], -1).reshape(n, -1)
+    h = np.sqrt(h)
+    return h / (np.linalg.norm(h, axis=1, keepdims=True) + 1e-9)
+
+
+def test_bias_colour_shortcut_does_not_transfer_shape_cues_do(tmp_path):
+    root = tmp_path / "syn"
+    generate(root, ids=(1, 0, 24), images_per_cam=3, seed=0)
+    table = read_source("synthetic", root)
+    test = table.rows(split="test")
+    imgs = np.stack([load_image(table.paths[i], 96, 48) for i in test]).astype(np.float64) / 255
+    pids, cams, mods = table.pids[test], table.cams[test], table.modality[test]
+    vis, ir = np.flatnonzero(mods == VISIBLE), np.flatnonzero(mods == INFRARED)
+    chance = 1 / 24
+
+    colour = _garment_colour(imgs)
+    colour_within = _retrieval_r1(colour, pids, cams, vis, vis)
+    colour_cross = _retrieval_r1(colour, pids, cams, ir, vis)
+    shape_cross = _retrieval_r1(_gradient_histogram(imgs), pids, cams, ir, vis)
+    assert colour_within > 0.85                    # the visible-only cue is strong ...
+    assert colour_cross < 2.5 * chance             # ... and useless on infrared images
+    assert shape_cross > 3 * chance                # cross-modal cues are there ...
+    assert colour_within > shape_cross + 0.3       # ... but much weaker

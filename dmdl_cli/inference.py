@@ -1,0 +1,156 @@
+"""A tiny inference API: L2-normalised embeddings of images for a dmdl checkpoint.
+
+>>> import dmdl_cli
+>>> feats = dmdl_cli.embed(["query.jpg", "gallery1.png", "gallery2.png"],
+...                        "runs/sysu/stage2/final.pt")          # doctest: +SKIP
+>>> feats.shape, feats.dtype                                      # doctest: +SKIP
+((3, 2048), dtype('float32'))
+>>> scores = feats[1:] @ feats[0]        # cosine similarity to the query   # doctest: +SKIP
+
+Images go through exactly what the workspace image cache and ``dmdl evaluate`` do: decode,
+convert to RGB (grey infrared images become three equal channels), resize bilinearly to the
+checkpoint's input size, ``(x / 255 - mean) / std`` with the ImageNet statistics
+(:func:`~dmdl_cli.model.backbone.normalize_batch`), the eval-mode network, and (``flip=True``)
+the mean with the embedding of the mirrored image, L2-normalised.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.model.backbone import ReIDNet, build_model, normalize_batch
+from dmdl_cli.recipe import Recipe, load_recipe
+from dmdl_cli.workspace import load_checkpoint
+
+__all__ = ["embed", "load_embedder"]
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+# One loaded network is kept between calls: {key: (model, (height, width))}.
+_LOADED: dict[tuple, tuple[ReIDNet, tuple[int, int]]] = {}
+
+
+def _model_settings(meta: dict[str, Any], recipe: Recipe | str | os.PathLike | None,
+                    path: Path) -> tuple[str, tuple[int, int], float, int]:
+    """(arch, (H, W), gem_p, last_stride) of a checkpoint: its meta first, then the recipe."""
+    if recipe is not None and not isinstance(recipe, Recipe):
+        recipe = load_recipe(str(recipe))
+    arch = meta.get("arch") or (recipe.model.arch if recipe else None)
+    if arch is None:
+        raise DmdlError(f"checkpoint {path} does not say its backbone (meta.arch): pass recipe=")
+    if recipe is not None and recipe.model.arch != arch:
+        raise DmdlError(f"checkpoint {path} holds a {arch} backbone but the recipe asks for "
+                        f"{recipe.model.arch}: pass the checkpoint's recipe")
+    size = meta.get("input_size") or ([recipe.data.height, recipe.data.width] if recipe else None)
+    if not size:
+        raise DmdlError(f"checkpoint {path} does not say its input size (meta.input_size): "
+                        "pass recipe=")
+    gem_p = float(meta.get("gem_p", recipe.model.gem_p if recipe else 3.0))
+    last_stride = int(meta.get("last_stride", recipe.model.last_stride if recipe else 1))
+    return arch, (int(size[0]), int(size[1])), gem_p, last_stride
+
+
+def load_embedder(checkpoint: str | os.PathLike, *, recipe: Recipe | str | os.PathLike | None = None,
+                  device: str | torch.device | None = None) -> tuple[ReIDNet, tuple[int, int]]:
+    """``(eval-mode network on device, (height, width))`` of a dmdl checkpoint file.
+
+    The network is kept in memory, so repeated :func:`embed` calls do not reload it (a changed
+    file is reloaded).
+    """
+    path = Path(checkpoint).expanduser().resolve()
+    if not path.is_file():
+        raise DmdlError(f"checkpoint {path} does not exist: pass the path of a dmdl checkpoint "
+                        "(e.g. WS/stage2/final.pt)")
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size, str(dev),
+           recipe.hash() if isinstance(recipe, Recipe) else str(recipe))
+    if key in _LOADED:
+        return _LOADED[key]
+    state = load_checkpoint(path)
+    arch, size, gem_p, last_stride = _model_settings(state["meta"], recipe, path)
+    model = build_model(arch, pretrained=None, gem_p=gem_p, last_stride=last_stride,
+                        gem_learnable="pool.p" in state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise DmdlError(f"checkpoint {path} does not fit the {arch} network: "
+                        f"{str(err).splitlines()[0]}") from None
+    model.to(dev).eval()
+    _LOADED.clear()
+    _LOADED[key] = (model, size)
+    return model, size
+
+
+def _to_array(image: ImageLike, height: int, width: int) -> np.ndarray:
+    """``(height, width, 3)`` uint8 RGB, decoded and resized like the workspace image cache."""
+    if isinstance(image, Image.Image):
+        img = image.convert("RGB")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+    path = Path(image)
+    try:
+        with Image.open(path) as img:
+            return _to_array(img, height, width)
+    except FileNotFoundError:
+        raise DmdlError(f"image {path} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure names the file
+        raise DmdlError(f"{path}: cannot decode image ({err or type(err).__name__})") from None
+
+
+def embed(
+    images: Sequence[ImageLike] | ImageLike,
+    checkpoint: str | os.PathLike,
+    *,
+    recipe: Recipe | str | os.PathLike | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    flip: bool = True,
+) -> np.ndarray:
+    """L2-normalised embeddings ``(N, D)`` float32 of ``images`` for a dmdl checkpoint.
+
+    ``images``: PIL images and/or image paths (one image alone is accepted too).
+    ``checkpoint``: path of a dmdl checkpoint (``WS/stage2/final.pt``); its meta gives the
+    backbone and the input size. ``recipe`` (a Recipe or a YAML path) is needed only for a
+    checkpoint whose meta lacks them; it also supplies ``gem_p`` / ``last_stride`` (defaults
+    3.0 / 1, the values of every shipped recipe). ``device``: default CUDA when present, else
+    CPU; fp32 either way. ``flip``: average with the horizontally mirrored image (as
+    ``dmdl evaluate`` does). Rows of the result are unit vectors, so ``a @ b.T`` is the cosine
+    similarity.
+
+    Example::
+
+        import dmdl_cli
+        q = dmdl_cli.embed(["probe_ir.jpg"], "ws/stage2/final.pt")         # (1, D)
+        g = dmdl_cli.embed(sorted(Path("gallery").glob("*.jpg")), "ws/stage2/final.pt")
+        ranking = np.argsort(-(g @ q[0]))                                  # best match first
+    """
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    images = list(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model, (height, width) = load_embedder(checkpoint, recipe=recipe, device=device)
+    dev = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            arrays = np.stack([_to_array(im, height, width) for im in chunk])  # (B, H, W, 3) uint8
+            x = normalize_batch(torch.from_numpy(arrays).permute(0, 3, 1, 2).to(dev))  # (B, 3, H, W)
+            emb = model(x).float()  # (B, D) unit rows
+            if flip:
+                emb = emb + model(torch.flip(x, dims=[3])).float()
+            out.append(F.normalize(emb, dim=1).cpu())
+    if not out:
+        return np.zeros((0, model.feat_dim), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32, copy=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from dmdl_cli import __version__
 from dmdl_cli.console import console
@@ -48,7 +49,8 @@ def command(name: str):
             try:
                 return func(*args, **kwargs)
             except DmdlError as err:
-                console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+                # the message is plain text: paths like "SYSU [copy]" are not markup
+                console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
                 raise typer.Exit(err.exit_code) from None
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/]")

@@ -299,7 +299,7 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint") -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise DmdlError(f"{what} {path} does not exist")
+        raise DmdlError(f"{what} {path} does not exist: check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any decode failure is a corrupt file to the user

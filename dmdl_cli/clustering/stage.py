@@ -8,6 +8,7 @@ identities, ARI, NMI and purity against them, labelled as diagnostics.
 from __future__ import annotations
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from dmdl_cli.console import console, log
@@ -49,7 +50,7 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
         checkpoint = "imagenet"
     loaded = load_model(ws, recipe, checkpoint)
     loaded.model.to(runtime.device)
-    log(f"clustering with {loaded.description}")
+    log(f"clustering with {escape(loaded.description)}")
     feats = cached_features(ws, loaded.model, loaded.sha256, "train", cache, train_rows, runtime,
                             batch_size=recipe.train.feature_batch)
     mod = index.modality[train_rows].astype(np.int8)
@@ -60,8 +61,9 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
 
     labels = np.full(len(index), -1, dtype=np.int64)
     offset = 0
-    table = Table(title=f"pseudo labels: {loaded.name} (k1={recipe.cluster.k1}, k2={recipe.cluster.k2}, "
-                        f"eps={recipe.cluster.eps}, min_samples={recipe.cluster.min_samples})")
+    title = (f"pseudo labels: {loaded.name} (k1={recipe.cluster.k1}, k2={recipe.cluster.k2}, "
+             f"eps={recipe.cluster.eps}, min_samples={recipe.cluster.min_samples})")
+    table = Table(title=escape(title))
     for col in ("modality", "images", "clusters", "outliers", "largest", "mean size", "seconds"):
         table.add_column(col, justify="left" if col == "modality" else "right")
     if has_ids:
@@ -84,5 +86,5 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
     console.print(table)
     if has_ids:
         console.print("* diagnostics against the data set's identities; training never reads them")
-    log(f"wrote {ws.rel(out)}")
+    log(f"wrote {escape(ws.rel(out))}")
     return labels

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from dmdl_cli.atomic import sha256_file
@@ -23,7 +24,7 @@ from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, wri
 from dmdl_cli.data.sources import find_bad_images, read_source
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.workspace import STAGE_DIRS, Workspace
+from dmdl_cli.workspace import LOCK_FILE, STAGE_DIRS, Workspace
 
 SYNTHETIC_STAMP = "dmdl-synthetic.json"
 MAX_LISTED = 10
@@ -69,7 +70,7 @@ def _synthetic_root(ws: Workspace, root: Path | None, ids: int | None, seed: int
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"generated the synthetic set in {target} ({time.perf_counter() - start:.1f} s)")
+    log(f"generated the synthetic set in {escape(str(target))} ({time.perf_counter() - start:.1f} s)")
     return target
 
 
@@ -91,6 +92,32 @@ def summary_table(table: IndexTable, title: str) -> Table:
     return out
 
 
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    out = []
+    while not path.exists() and path.parent != path:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _undo_fresh(ws: Workspace, lock_existed: bool, created: list[Path]) -> None:
+    """After a failed first run: remove the lock file and the folders this run created, when
+    nothing else was written (a bad input leaves the file system as it was)."""
+    lock = ws.root / LOCK_FILE
+    try:
+        if ws.manifest_path.exists() or any(p.name != LOCK_FILE for p in ws.root.iterdir()):
+            return
+        if lock.is_file() and lock.read_text().strip():
+            return  # another process holds the lock (its pid is in the file): not ours to remove
+        if not lock_existed:
+            lock.unlink(missing_ok=True)
+        for folder in created:
+            folder.rmdir()
+    except OSError:
+        pass
+
+
 def prepare_data(
     ws: Workspace,
     recipe: Recipe,
@@ -103,24 +130,52 @@ def prepare_data(
     force: bool = False,
     skip_bad_images: bool = False,
 ) -> None:
+    created = _missing_folders(ws.root)
+    lock_existed = (ws.root / LOCK_FILE).exists()
+    try:
+        _prepare_data(ws, recipe, dataset=dataset, root=root, trial=trial, ids=ids, seed=seed,
+                      force=force, skip_bad_images=skip_bad_images)
+    except BaseException:
+        _undo_fresh(ws, lock_existed, created)
+        raise
+
+
+def _prepare_data(
+    ws: Workspace,
+    recipe: Recipe,
+    *,
+    dataset: str,
+    root: Path | None,
+    trial: int,
+    ids: int | None,
+    seed: int,
+    force: bool,
+    skip_bad_images: bool,
+) -> None:
     with ws.locked():
         previous = ws.dataset
-        if dataset == "synthetic":
-            root = _synthetic_root(ws, root, ids, seed, force)
-        elif root is None:
+        if dataset != "synthetic" and root is None:
             raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
-        root = Path(root).expanduser().resolve()
+        root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
         identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
-        if previous and not force and any(previous.get(k) != v for k, v in identity.items()):
-            raise DmdlError(
-                f"workspace {ws.root} was prepared from {previous['name']} at {previous['root']}"
-                f"{' trial ' + str(previous['trial']) if previous.get('trial') else ''}: "
-                "use a new workspace, or --force to replace it (its stage outputs are removed)"
-            )
+
+        def check_identity() -> None:
+            if previous and not force and any(previous.get(k) != v for k, v in identity.items()):
+                raise DmdlError(
+                    f"workspace {ws.root} was prepared from {previous['name']} at {previous['root']}"
+                    f"{' trial ' + str(previous['trial']) if previous.get('trial') else ''}: "
+                    "use a new workspace, or --force to replace it (its stage outputs are removed)"
+                )
 
         start = time.perf_counter()
-        table = read_source(dataset, root, trial=trial)
-        log(f"read {len(table)} images of {dataset} from {root} ({time.perf_counter() - start:.1f} s)")
+        if dataset == "synthetic":
+            check_identity()  # before generating anything into the workspace
+            root = _synthetic_root(ws, root, ids, seed, force)
+            table = read_source(dataset, root, trial=trial)
+        else:
+            table = read_source(dataset, root, trial=trial)  # a bad root is named first
+            check_identity()
+        log(f"read {len(table)} images of {dataset} from {escape(str(root))} ({time.perf_counter() - start:.1f} s)")
         fingerprint = source_fingerprint(table)
         height, width = recipe.data.height, recipe.data.width
         cache_path = ws.cache_path(height, width)
@@ -129,10 +184,17 @@ def prepare_data(
                 and ws.index_path.is_file() and cache_path.is_file()
                 and previous.get("index_sha256") == sha256_file(ws.index_path)):
             open_cache(cache_path, previous["num_images"], height, width)  # validates the size
-            log(f"[green]unchanged:[/] {root} matches the workspace index and "
-                f"{ws.rel(cache_path)}; nothing to do")
-            console.print(summary_table(_read_table(ws), f"{dataset} in {ws.root}"))
+            log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
+                f"{escape(ws.rel(cache_path))}; nothing to do")
+            console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
             return
+
+        if previous and not force and previous.get("fingerprint") != fingerprint:
+            raise DmdlError(
+                f"{root} changed since workspace {ws.root} was prepared from it (images added, "
+                "removed or modified): pass --force to re-index it (its stage outputs are "
+                "removed), or use a new workspace"
+            )
 
         skipped: list[tuple[str, str]] = []
         start = time.perf_counter()
@@ -172,9 +234,9 @@ def prepare_data(
             run.add_output(ws.index_path)
             run.add_output(cache_path)
             run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
-        log(f"wrote {ws.rel(ws.index_path)} and {ws.rel(cache_path)} "
+        log(f"wrote {escape(ws.rel(ws.index_path))} and {escape(ws.rel(cache_path))} "
             f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
-        console.print(summary_table(table, f"{dataset} in {ws.root}"))
+        console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
 
 
 def _read_table(ws: Workspace) -> IndexTable:

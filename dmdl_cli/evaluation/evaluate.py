@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from dmdl_cli.atomic import atomic_write_json
@@ -107,10 +108,14 @@ def evaluate(
         if m not in valid:
             raise DmdlError(f"mode '{m}' does not apply to {dataset}: choose one of "
                             f"{', '.join(valid)} or all")
-    trials = trials or recipe.eval.trials
-    shots = shots or recipe.eval.shots
+    trials = recipe.eval.trials if trials is None else trials  # --trials 0 is an error, not 10
+    shots = recipe.eval.shots if shots is None else shots
+    if trials < 1:
+        raise DmdlError(f"--trials {trials}: use 1 or more gallery sampling trials")
     if shots not in (1, 10):
         raise DmdlError(f"--shots {shots}: use 1 (single-shot) or 10 (multi-shot)")
+    if visualize < 0:
+        raise DmdlError(f"--visualize {visualize}: give the number of queries to draw (0 = none)")
 
     index = read_index(ws.index_path)
     test_rows = index.rows(split="test")
@@ -122,7 +127,7 @@ def evaluate(
     runtime = select_runtime(recipe)
     loaded = load_model(ws, recipe, checkpoint)
     loaded.model.to(runtime.device)
-    log(f"evaluating {loaded.description}")
+    log(f"evaluating {escape(loaded.description)}")
     start = time.perf_counter()
     feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows, runtime,
                             batch_size=recipe.train.feature_batch)
@@ -146,13 +151,13 @@ def evaluate(
             "mean": _jsonable(summary),
             "per_trial": [_jsonable(t) for t in per_trial],
         })
-        log(f"wrote {ws.rel(out)}")
+        log(f"wrote {escape(ws.rel(out))}")
         if visualize:
             from dmdl_cli.evaluation.visualize import write_ranked_lists
 
             written = write_ranked_lists(ws, cache, test, test_rows, feats, trial_list[0], m,
                                          loaded.name, count=visualize)
             log(f"wrote {len(written)} ranked lists under {ws.rel(ws.dir('eval') / 'ranks')}")
-    title = f"{dataset}: {loaded.name} ({time.perf_counter() - start:.1f} s)"
+    title = escape(f"{dataset}: {loaded.name} ({time.perf_counter() - start:.1f} s)")
     console.print(results_table(title, table_rows))
     return summaries

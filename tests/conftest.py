@@ -1,0 +1,144 @@
+"""Shared fixtures: tiny synthetic raw trees, a prepared tiny workspace, and CLI helpers.
+
+Every session fixture builds its files once in its own ``tmp_path_factory`` folder. A test that
+writes into a workspace must copy it first (``copy_workspace(tiny_workspace, tmp_path)``).
+
+* ``synthetic_root``: a raw SYSU-MM01-layout tree of the synthetic set (ids (3, 1, 2): 4 train +
+  val identities, 2 test; 2 images per identity and camera; 72 images).
+* ``regdb_root``, ``llcm_root``: the same identities in the RegDB and LLCM layouts.
+* ``sysu_workspace``: ``synthetic_root`` prepared as ``--dataset sysu`` at 64x32.
+* ``tiny_workspace``: ``dmdl prepare-data --dataset synthetic --ids 9`` at 64x32 (the demo recipe:
+  resnet18, no ImageNet weights; 270 images: 6 train identities, 3 test).
+* ``run_cli``: ``run_cli(["evaluate", ...])`` runs the Typer app in process and checks that no
+  exception escaped it (only ``typer.Exit``/``SystemExit``) and no traceback was printed.
+* ``snapshot``: ``snapshot(folder)`` -> {relative path: sha256} of every file below it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from dmdl_cli.cli import app
+
+TINY_SIZE = ("--set", "data.height=64", "--set", "data.width=32", "--set", "data.workers=1")
+RAW_IDS = (3, 1, 2)  # train / val / test identities of the raw trees
+RAW_IMAGES_PER_CAM = 2
+RAW_SEED = 3
+TINY_WORKSPACE_IDS = 9
+
+
+def invoke(args: Sequence[str]) -> Result:
+    """Run ``dmdl ARGS`` in process; fail the test if an exception (not an exit) escaped."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(
+            f"dmdl {' '.join(map(str, args))} raised {result.exception!r}\n{result.output}"
+        ) from result.exception
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def error_lines(result: Result) -> list[str]:
+    """The lines of ``result.output`` that are dmdl error lines."""
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def tree_snapshot(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``folder`` (hidden files included)."""
+    folder = Path(folder)
+    out = {}
+    if not folder.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for name in dirnames:  # empty folders count too
+            sub = Path(dirpath) / name
+            if not any(sub.iterdir()):
+                out[str(sub.relative_to(folder)) + "/"] = "<dir>"
+    return out
+
+
+def copy_workspace(src: Path, tmp_path: Path, name: str = "ws") -> Path:
+    dst = Path(tmp_path) / name
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def _no_progress(monkeypatch):
+    monkeypatch.setenv("DMDL_NO_PROGRESS", "1")
+
+
+@pytest.fixture
+def run_cli() -> Callable[[Sequence[str]], Result]:
+    return invoke
+
+
+@pytest.fixture
+def snapshot() -> Callable[[Path], dict[str, str]]:
+    return tree_snapshot
+
+
+def _generate(tmp_path_factory, layout: str) -> Path:
+    from dmdl_cli.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp(f"raw-{layout}") / layout
+    generate(root, ids=RAW_IDS, seed=RAW_SEED, images_per_cam=RAW_IMAGES_PER_CAM, layout=layout,
+             workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Raw synthetic set in the SYSU-MM01 layout (read-only: copy it before changing it)."""
+    return _generate(tmp_path_factory, "sysu")
+
+
+@pytest.fixture(scope="session")
+def regdb_root(tmp_path_factory) -> Path:
+    return _generate(tmp_path_factory, "regdb")
+
+
+@pytest.fixture(scope="session")
+def llcm_root(tmp_path_factory) -> Path:
+    return _generate(tmp_path_factory, "llcm")
+
+
+def _prepare(args: Sequence[str]) -> Result:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DMDL_NO_PROGRESS", "1")
+        result = invoke(args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="session")
+def sysu_workspace(tmp_path_factory, synthetic_root) -> Path:
+    """``synthetic_root`` prepared as SYSU-MM01 at 64x32 (read-only: copy it before writing)."""
+    ws = tmp_path_factory.mktemp("sysu-ws") / "ws"
+    _prepare(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws,
+              *TINY_SIZE])
+    return ws
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory) -> Path:
+    """The demo path: ``prepare-data --dataset synthetic --ids 9`` at 64x32 (copy before writing).
+
+    The synthetic set lives outside the workspace (``--root``), so copies of the workspace
+    still point at the same raw images.
+    """
+    base = tmp_path_factory.mktemp("tiny")
+    ws = base / "ws"
+    _prepare(["prepare-data", "--dataset", "synthetic", "--ids", str(TINY_WORKSPACE_IDS),
+              "--seed", "0", "--root", base / "synthetic", "--workspace", ws, *TINY_SIZE])
+    return ws

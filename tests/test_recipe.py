@@ -1,0 +1,230 @@
+"""Typed recipes: loading, --set overrides, overlays, validation, hashes."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import (
+    STAGE_SECTIONS,
+    Recipe,
+    load_recipe,
+    parse_override,
+    recipe_from_dict,
+    stage_hash,
+    triplet_weight,
+)
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DATASET_RECIPES = sorted(RECIPES.glob("*.yaml"))
+OVERLAYS = sorted((RECIPES / "ablation").glob("*.yaml"))
+
+
+def test_the_shipped_recipes_are_there():
+    assert {p.name for p in DATASET_RECIPES} == {"demo.yaml", "sysu.yaml", "regdb.yaml", "llcm.yaml"}
+    assert {p.name for p in OVERLAYS} == {"baseline.yaml", "cai.yaml", "cbt.yaml", "dmdl.yaml"}
+
+
+@pytest.mark.parametrize("path", DATASET_RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_says_what_its_file_says(path):
+    recipe = load_recipe(path)
+    expected = {"demo.yaml": "synthetic", "sysu.yaml": "sysu", "regdb.yaml": "regdb",
+                "llcm.yaml": "llcm"}[path.name]
+    assert recipe.data.dataset == expected
+    # every value written in the file is the value loaded (nothing silently dropped)
+    raw = yaml.safe_load(path.read_text())
+    loaded = recipe.to_dict()
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert loaded[section][key] == value, f"{path.name}: {section}.{key}"
+    # the YAML the workspace stores round-trips to the same recipe and hash
+    again = recipe_from_dict(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe and again.hash() == recipe.hash()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("base", DATASET_RECIPES, ids=lambda p: p.name)
+def test_every_overlay_composes_on_every_dataset_recipe(base, overlay):
+    recipe = load_recipe(base, overlays=[overlay])
+    plain = load_recipe(base)
+    top = yaml.safe_load(overlay.read_text())
+    want = plain.to_dict()
+    for section, values in top.items():
+        want[section].update(values)
+    assert recipe.to_dict() == want
+
+
+def test_ablation_overlays_switch_exactly_their_parts():
+    base = RECIPES / "sysu.yaml"
+    baseline = load_recipe(base, overlays=[RECIPES / "ablation" / "baseline.yaml"])
+    assert (baseline.cai.enabled, baseline.cbt.augment, baseline.cbt.refine, baseline.cbt.align) == (
+        False, False, False, False)
+    cai = load_recipe(base, overlays=[RECIPES / "ablation" / "cai.yaml"])
+    assert cai.cai.enabled and not (cai.cbt.augment or cai.cbt.refine or cai.cbt.align)
+    cbt = load_recipe(base, overlays=[RECIPES / "ablation" / "cbt.yaml"])
+    assert not cbt.cai.enabled and cbt.cbt.augment and cbt.cbt.refine and cbt.cbt.align
+    dmdl = load_recipe(base, overlays=[RECIPES / "ablation" / "dmdl.yaml"])
+    assert dmdl == load_recipe(base)  # "the same as the data set recipes' defaults"
+    # untouched sections keep the base values: stage 1 and data are the same in all four
+    for r in (baseline, cai, cbt):
+        assert r.stage1 == dmdl.stage1 and r.data == dmdl.data and r.cluster == dmdl.cluster
+    # later overlays win key by key
+    both = load_recipe(base, overlays=[RECIPES / "ablation" / "baseline.yaml",
+                                       RECIPES / "ablation" / "cai.yaml"])
+    assert both.cai.enabled and not both.cbt.augment
+
+
+def test_set_overrides_parse_yaml_types_and_nest():
+    r = load_recipe(RECIPES / "sysu.yaml", overrides=[
+        "data.height=64",
+        "stage1.lr=1e-4",           # YAML 1.1 reads this as a string; the recipe takes it as float
+        "stage2.lr=0.002",
+        "cluster.eps=0.5",
+        "cbt.align=false",
+        "model.pretrained=null",
+        "model.arch=resnet18",
+        "stage1.triplet_ramp=[[1, 0.5], [3, 1.0]]",
+        "train.amp=bf16",
+        "stage1.momentum=1",        # an int where a float is expected is a float
+    ])
+    assert r.data.height == 64 and isinstance(r.data.height, int)
+    assert r.stage1.lr == pytest.approx(1e-4) and isinstance(r.stage1.lr, float)
+    assert r.stage2.lr == pytest.approx(0.002)
+    assert r.cluster.eps == 0.5
+    assert r.cbt.align is False
+    assert r.model.pretrained is None
+    assert r.model.arch == "resnet18"
+    assert r.stage1.triplet_ramp == [[1, 0.5], [3, 1.0]]
+    assert r.train.amp == "bf16"
+    assert r.stage1.momentum == 1.0 and isinstance(r.stage1.momentum, float)
+    # everything not overridden is the file's value
+    base = load_recipe(RECIPES / "sysu.yaml")
+    assert r.stage1.epochs == base.stage1.epochs and r.eval == base.eval and r.augment == base.augment
+    # later --set wins over earlier --set and over overlays
+    r2 = load_recipe(RECIPES / "sysu.yaml", overlays=[RECIPES / "ablation" / "baseline.yaml"],
+                     overrides=["cai.enabled=true", "data.height=32", "data.height=48"])
+    assert r2.cai.enabled and r2.data.height == 48 and not r2.cbt.align
+
+
+def test_parse_override():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+    assert parse_override("a.b=") == (["a", "b"], None)
+    assert parse_override(" a.b =[1, 2]") == (["a", "b"], [1, 2])
+    for bad in ("noequals", "=3", "a..b=1", ".a=1"):
+        with pytest.raises(DmdlError, match="--set"):
+            parse_override(bad)
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("stage1.epoch=3", "stage1.epoch", ["unknown", "epochs"]),
+    ("stage3.epochs=3", "stage3", ["unknown"]),
+    ("model.arch=vgg", "model.arch", ["vgg", "resnet50_agw", "resnet18"]),
+    ("cluster.eps=2", "cluster.eps", ["above the maximum"]),
+    ("cluster.eps=-0.1", "cluster.eps", ["below the minimum"]),
+    ("stage1.epochs=0", "stage1.epochs", ["below the minimum 1"]),
+    ("stage1.epochs=2.5", "stage1.epochs", ["expected int"]),
+    ("stage1.epochs=true", "stage1.epochs", ["expected int"]),
+    ("stage1.lr=fast", "stage1.lr", ["expected float"]),
+    ("cbt.align=3", "cbt.align", ["expected bool"]),
+    ("stage1.triplet_ramp=5", "stage1.triplet_ramp", ["expected list"]),
+    ("data.dataset=market", "data.dataset", ["sysu", "regdb"]),
+    ("eval.shots=5", "eval.shots", ["1, 10"]),
+    ("model=3", "model", ["expected a mapping"]),
+    ("data.height.x=3", "data.height", ["not a section"]),
+])
+def test_bad_overrides_are_refused_naming_the_key(override, key, words):
+    with pytest.raises(DmdlError) as info:
+        load_recipe(RECIPES / "sysu.yaml", overrides=[override])
+    message = str(info.value)
+    assert f"'{key}" in message, message
+    for word in words:
+        assert word in message, message
+    assert "\n" not in message
+
+
+def test_bad_files_are_refused_naming_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(DmdlError, match="recipe file not found.*nope.yaml"):
+        load_recipe(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data:\n  height: [1, 2\n")
+    with pytest.raises(DmdlError, match=r"broken.yaml line \d+ is not valid YAML"):
+        load_recipe(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(DmdlError, match="scalar.yaml must hold a mapping"):
+        load_recipe(scalar)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("stage1:\n  epoch: 3\n")
+    with pytest.raises(DmdlError, match=r"'stage1.epoch' \(.*typo.yaml\)"):
+        load_recipe(RECIPES / "sysu.yaml", overlays=[typo])
+    # the error names the overlay that brought the bad value, not the base
+    bad_overlay = tmp_path / "bad.yaml"
+    bad_overlay.write_text("cluster:\n  eps: 3\n")
+    with pytest.raises(DmdlError, match=r"'cluster.eps' \(.*bad.yaml\)"):
+        load_recipe(RECIPES / "sysu.yaml", overlays=[bad_overlay])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_recipe(empty) == Recipe()  # an empty file is the defaults
+
+
+def test_hash_is_stable_and_canonical():
+    a = load_recipe(RECIPES / "sysu.yaml")
+    b = load_recipe(RECIPES / "sysu.yaml")
+    assert a.hash() == b.hash() and len(a.hash()) == 16
+    int(a.hash(), 16)
+    # the same values written in another key order / style give the same hash
+    shuffled = {k: dict(reversed(list(v.items()))) for k, v in reversed(list(a.to_dict().items()))}
+    assert recipe_from_dict(shuffled).hash() == a.hash()
+    assert load_recipe(RECIPES / "sysu.yaml", overrides=["stage1.lr=3.5e-4"]).hash() == a.hash()
+    # any change of any value changes it
+    assert load_recipe(RECIPES / "sysu.yaml", overrides=["eval.trials=3"]).hash() != a.hash()
+    # a fixed recipe has a fixed hash across runs and machines (canonical JSON of the values)
+    assert Recipe().hash() == Recipe().hash()
+    assert a.hash() != Recipe().hash()
+
+
+# which stage hashes must change when one value of a section changes
+_CHANGES = {
+    "data": ("data.height=64", {"model", "stage1", "stage2"}),
+    "model": ("model.gem_p=4.0", {"model", "stage1", "stage2"}),
+    "cluster": ("cluster.k1=10", {"stage1", "stage2"}),
+    "stage1": ("stage1.lr=0.001", {"stage1", "stage2"}),
+    "train": ("train.seed=7", {"stage1", "stage2"}),
+    "augment": ("augment.flip_p=0.1", {"stage1", "stage2"}),
+    "cbt": ("cbt.align=false", {"stage1", "stage2"}),
+    "stage2": ("stage2.lr=0.001", {"stage2"}),
+    "cai": ("cai.weight=0.1", {"stage2"}),
+    "association": ("association.method=hungarian", {"stage2"}),
+    "eval": ("eval.trials=2", set()),
+}
+
+
+def test_change_table_covers_every_section():
+    assert set(_CHANGES) == {f.name for f in dataclasses.fields(Recipe)}
+
+
+@pytest.mark.parametrize("section", sorted(_CHANGES))
+def test_stage_hash_changes_only_with_its_sections(section):
+    override, changed = _CHANGES[section]
+    base = load_recipe(RECIPES / "sysu.yaml")
+    other = load_recipe(RECIPES / "sysu.yaml", overrides=[override])
+    assert other.hash() != base.hash()
+    for stage, sections in STAGE_SECTIONS.items():
+        differs = stage_hash(other, stage) != stage_hash(base, stage)
+        assert differs == (stage in changed), (section, stage)
+        assert differs == (section in sections)
+    # the section hash is the hash of exactly those sections
+    assert stage_hash(base, "stage1") == base.hash(STAGE_SECTIONS["stage1"])
+
+
+def test_triplet_ramp():
+    ramp = [[15, 0.25], [25, 0.5], [35, 1.0]]
+    assert [triplet_weight(ramp, e) for e in (0, 14, 15, 24, 25, 34, 35, 99)] == [
+        0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
+    assert triplet_weight([[35, 1.0], [15, 0.25]], 20) == 0.25  # order of the pairs is free
+    assert triplet_weight([], 10) == 0.0

@@ -214,6 +214,12 @@ class Workspace:
             raise DmdlError(
                 f"{self.index_path} is missing: run `dmdl prepare-data --workspace {self.root}` first"
             )
+        expected = self.dataset.get("index_sha256")
+        if expected and sha256_file(self.index_path) != expected:
+            raise DmdlError(
+                f"{self.index_path} does not match the manifest (it was changed or half-written): "
+                f"re-run `dmdl prepare-data --workspace {self.root} --force`"
+            )
         return self.dataset
 
     def runs(self, stage: str | None = None) -> list[dict[str, Any]]:

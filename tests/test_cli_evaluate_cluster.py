@@ -314,3 +314,16 @@ def test_cluster_bad_inputs_are_one_line_and_change_nothing(clustered, tmp_path)
     ]:
         _refused(invoke(["cluster", "--workspace", ws, *extra]), *words)
         assert tree_snapshot(ws) == before, extra
+
+
+def test_an_index_changed_behind_the_manifest_is_refused(tiny_workspace, tmp_path):
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    index = ws / "data" / "index.csv"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join(lines[:-1]) + "\n")  # a half-written or hand-edited index
+    before = tree_snapshot(ws)
+    result = invoke(["evaluate", "--workspace", str(ws), "--checkpoint", "imagenet"])
+    assert result.exit_code != 0
+    (line,) = error_lines(result)
+    assert "index.csv does not match the manifest" in line and "--force" in line
+    assert tree_snapshot(ws) == before

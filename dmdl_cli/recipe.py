@@ -71,6 +71,7 @@ class ClusterRecipe:
     eps: float = _ranged(0.6, 0.0, 1.0)
     min_samples: int = _ranged(4, 1)
     knn: str = _choice("exact", KNN_METHODS)
+    flip_average: bool = True  # average train features with the horizontal flip before clustering
 
 
 @dataclass

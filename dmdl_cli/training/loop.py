@@ -65,7 +65,7 @@ class TrainContext:
         model = self.model.module if hasattr(self.model, "module") else self.model
         return extract_features(model, self.cache, self.train_rows, self.runtime,
                                 batch_size=self.recipe.train.feature_batch,
-                                description="train features")
+                                flip=self.recipe.cluster.flip_average, description="train features")
 
 
 @dataclass

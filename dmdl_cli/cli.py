@@ -102,7 +102,7 @@ def prepare_data(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Exclude unreadable images (recorded in the manifest)."),
     force: bool = ForceOpt,
 ) -> None:
-    """Index a raw data set and build the workspace and image cache."""
+    """Index a raw data set and build the image cache."""
     from dmdl_cli.recipe import DATASETS, load_recipe
     from dmdl_cli.workspace import Workspace
 
@@ -131,7 +131,7 @@ def cluster(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Pseudo-label train images per modality (Jaccard + DBSCAN)."""
+    """Pseudo-label train images per modality."""
     ws, recipe_obj = _open(workspace, recipe, overlay, set_)
     _stage("dmdl_cli.clustering.stage", "cluster_stage")(ws, recipe_obj, checkpoint=checkpoint, modality=modality)
 
@@ -194,7 +194,7 @@ def export(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path or 'imagenet' (default: newest of stage 2, then stage 1)."),
     fmt: str = typer.Option("both", "--format", help="onnx, torchscript or both."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
-    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension (fixed export: batch 1)."),
     recipe: Optional[Path] = RecipeOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:

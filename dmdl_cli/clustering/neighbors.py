@@ -1,14 +1,21 @@
 """k nearest neighbours of L2-normalised features by inner product (faiss).
 
 :func:`knn` returns, for every row of ``features``, its ``k`` most similar rows, the row itself
-always first. Three index kinds:
+always first. Three methods:
 
-- ``"exact"``: brute force (``IndexFlatIP``; ``faiss.knn_gpu`` on a GPU). O(N^2 D) time,
-  O(N k) memory besides the features. The default, and what the reference algorithm uses.
-- ``"ivf"``: inverted file (``IndexIVFFlat``), ``nlist`` ~ 4 sqrt(N) lists, k-means trained on a
-  subsample, ``nprobe`` lists scanned per query. For large N (1e5 .. 1e6+).
-- ``"hnsw"``: graph index (``IndexHNSWFlat``, inner product), parameters ``hnsw_m``,
+- ``"exact"``: brute force, what the reference algorithm uses, and the default. On a GPU
+  ``faiss.knn_gpu``; on the CPU blocked matrix products that exploit the symmetry of X X^T
+  (each block pair is multiplied once and feeds both sides: half the arithmetic of a plain
+  ``IndexFlatIP`` search) with faiss's top-k heaps. O(N^2 D) time, O(N k) memory.
+- ``"ivf"``: inverted file for large N (1e5 .. 1e6+). ``nlist`` ~ 4 sqrt(N) cells from
+  spherical k-means on a subsample. On a GPU faiss ``IndexIVFFlat`` (each query scans its
+  ``nprobe`` nearest cells); on the CPU each cell is searched at once, its rows against the rows
+  of the ``nprobe`` cells nearest to its centroid, one matrix product per cell (BLAS speed
+  instead of one dot product at a time). O(N (nlist + nprobe N / nlist) D) time.
+- ``"hnsw"``: faiss ``IndexHNSWFlat`` graph index (inner product), parameters ``hnsw_m``,
   ``ef_construction``, ``ef_search``. CPU only.
+
+faiss uses :func:`faiss_threads` OpenMP threads (``OMP_NUM_THREADS`` or the CPUs available).
 
 Guarantees, whatever the method:
 

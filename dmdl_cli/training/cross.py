@@ -80,6 +80,9 @@ class CrossModalityStage(StageLogic):
         log(f"stage 2 starts from {ws.rel(path)}")
         return model, str(path)
 
+    def inputs(self, ws: Workspace) -> list:
+        return [ws.index_path, ws.root / "stage1" / "final.pt"]
+
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
         recipe, stage = ctx.recipe, ctx.stage
         feats = ctx.train_features()  # (N_train, D)

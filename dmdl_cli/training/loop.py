@@ -98,8 +98,13 @@ class StageLogic:
         """Return (loss, named parts for the log, a no-grad memory update to run after the step)."""
         raise NotImplementedError
 
-    def initial_model(self, ctx_recipe: Recipe, ws: Workspace) -> tuple[torch.nn.Module, dict[str, Any]]:  # pragma: no cover
+    def initial_model(self, ctx_recipe: Recipe, ws: Workspace) -> tuple[torch.nn.Module, str]:  # pragma: no cover
+        """The network the stage starts from and one line saying where it came from."""
         raise NotImplementedError
+
+    def inputs(self, ws: Workspace) -> list[Path]:
+        """Workspace files the stage reads (recorded with their sha256 in the manifest)."""
+        return [ws.index_path]
 
 
 def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:
@@ -273,6 +278,9 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
 
         stage_run = ws.stage_run(command, recipe, resumed=saved is not None) if runtime.is_main else _nullcontext(None)
         with stage_run as run:
+            if run is not None:
+                for path in logic.inputs(ws):
+                    run.add_input(path)
             for epoch in range(start_epoch, stage.epochs):
                 t_epoch = time.perf_counter()
                 if epoch_state is None:

@@ -108,14 +108,33 @@ def test_knn_self_first_with_duplicate_rows():
 
 @pytest.mark.parametrize("method", ["ivf", "hnsw"])
 def test_approximate_knn_valid_and_accurate(method):
-    x, _ = clustered(1500, d=16, n_ids=40, seed=3)
+    n = 800
+    x, _ = clustered(n, d=16, n_ids=40, seed=3)
     sims, idx = knn(x, 10, method=method, nprobe=8)
-    assert idx.shape == (1500, 10) and (idx >= 0).all()
-    assert np.array_equal(idx[:, 0], np.arange(1500))
+    assert idx.shape == (n, 10) and (idx >= 0).all()
+    assert np.array_equal(idx[:, 0], np.arange(n))
     _, exact = knn(x, 10)
-    recall = np.mean([len(np.intersect1d(idx[i], exact[i])) / 10 for i in range(1500)])
+    recall = np.mean([len(np.intersect1d(idx[i], exact[i])) / 10 for i in range(n)])
     assert recall > 0.9
     np.testing.assert_allclose(sims, np.einsum("id,ikd->ik", x, x[idx]), atol=1e-5)
+
+
+def test_ivf_rows_with_too_few_candidates_are_searched_exactly():
+    x, _ = clustered(300, d=16, seed=6)
+    sims, idx = knn(x, 20, method="ivf", nlist=30, nprobe=1)  # cells of ~10 rows < k
+    assert (idx >= 0).all() and np.isfinite(sims).all()
+    assert np.array_equal(idx[:, 0], np.arange(300))
+    assert all(len(set(r)) == 20 for r in idx.tolist())
+
+
+def test_use_gpu_true_without_gpu_raises():
+    from dmdl_cli.clustering.neighbors import gpu_available
+
+    if gpu_available(None):
+        pytest.skip("a GPU is available here")
+    x, _ = clustered(20, seed=7)
+    with pytest.raises(DmdlError, match="GPU"):
+        knn(x, 5, use_gpu=True)
 
 
 def test_knn_clamps_k_to_n():

@@ -14,7 +14,6 @@ Labels are renumbered 0..C-1 in order of first appearance (row order); -1 = outl
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -23,8 +22,6 @@ import numpy as np
 from dmdl_cli.clustering.jaccard import jaccard_distance
 from dmdl_cli.clustering.neighbors import KnnMethod, check_features
 from dmdl_cli.errors import DmdlError
-
-log = logging.getLogger(__name__)
 
 
 def renumber(labels: np.ndarray) -> np.ndarray:

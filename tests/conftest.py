@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -142,3 +143,24 @@ def tiny_workspace(tmp_path_factory) -> Path:
     _prepare(["prepare-data", "--dataset", "synthetic", "--ids", str(TINY_WORKSPACE_IDS),
               "--seed", "0", "--root", base / "synthetic", "--workspace", ws, *TINY_SIZE])
     return ws
+
+
+def clustered_features(n: int, d: int = 32, n_ids: int = 25, sigma: float = 0.9, seed: int = 0):
+    """Unit features around ``n_ids`` identity centres; returns (features (n, d) float32, ids (n,))."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_ids, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    ids = rng.integers(0, n_ids, n)
+    x = centres[ids] + sigma * rng.standard_normal((n, d)) / np.sqrt(d)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), ids
+
+
+def assert_refused(result, *words: str) -> str:
+    """Non-zero exit, exactly one error line holding ``words``; returns that line."""
+    assert result.exit_code != 0, result.output
+    lines = error_lines(result)
+    assert len(lines) == 1, result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]

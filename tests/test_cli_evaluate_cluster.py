@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import copy_workspace, error_lines, invoke, tree_snapshot
+from conftest import assert_refused, copy_workspace, error_lines, invoke, tree_snapshot
 from dmdl_cli.atomic import sha256_file
 from dmdl_cli.clustering.pseudo_labels import cluster_features
 from dmdl_cli.data.cache import open_cache
@@ -71,13 +71,6 @@ def _result_row(output: str, name: str) -> list[str]:
     raise AssertionError(f"no table row {name!r} in\n{output}")
 
 
-def _refused(result, *words: str) -> str:
-    assert result.exit_code != 0, result.output
-    lines = error_lines(result)
-    assert len(lines) == 1, result.output
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,10 +213,10 @@ def test_evaluate_bad_inputs_are_one_line_and_change_nothing(evaluated, tmp_path
     before = tree_snapshot(ws)
     for extra, words in cases:
         result = invoke(["evaluate", "--workspace", ws, *extra])
-        _refused(result, *words)
+        assert_refused(result, *words)
         assert tree_snapshot(ws) == before, extra
     result = invoke(["evaluate", "--workspace", tmp_path / "nowhere"])
-    line = _refused(result, "does not exist", "prepare-data")
+    line = assert_refused(result, "does not exist", "prepare-data")
     assert result.output.strip() == line
 
 
@@ -312,7 +305,7 @@ def test_cluster_bad_inputs_are_one_line_and_change_nothing(clustered, tmp_path)
         (["--set", "cluster.eps=2"], ["cluster.eps", "maximum"]),
         (["--set", "cluster.k1=0"], ["cluster.k1", "minimum"]),
     ]:
-        _refused(invoke(["cluster", "--workspace", ws, *extra]), *words)
+        assert_refused(invoke(["cluster", "--workspace", ws, *extra]), *words)
         assert tree_snapshot(ws) == before, extra
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_SIZE, copy_workspace, error_lines, invoke, tree_snapshot
+from conftest import TINY_SIZE, assert_refused, copy_workspace, error_lines, invoke, tree_snapshot
 from dmdl_cli import __version__
 from dmdl_cli.atomic import sha256_file
 from dmdl_cli.recipe import load_recipe
@@ -161,14 +161,6 @@ def prepare(dataset: str, root: Path | None, ws: Path, *extra: str):
     return invoke(args)
 
 
-def assert_refused(result, *words: str) -> str:
-    """Non-zero exit, exactly one error line holding ``words``; returns that line."""
-    assert result.exit_code != 0, result.output
-    lines = error_lines(result)
-    assert len(lines) == 1, result.output
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def copy_tree(src: Path, tmp_path: Path, name: str = "raw") -> Path:

@@ -15,18 +15,10 @@ import scipy.sparse as sp
 from dmdl_cli.clustering.jaccard import jaccard_distance, kreciprocal_encoding
 from dmdl_cli.clustering.neighbors import knn
 from dmdl_cli.clustering.rerank import rerank_distance
+from conftest import clustered_features as clustered
 from dmdl_cli.errors import DmdlError
 
 
-def clustered(n: int, d: int = 32, n_ids: int = 25, sigma: float = 0.9, seed: int = 0):
-    """Unit features around ``n_ids`` identity centres; returns (features, ids)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_ids, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    ids = rng.integers(0, n_ids, n)
-    x = centres[ids] + sigma * rng.standard_normal((n, d)) / np.sqrt(d)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), ids
 
 
 # ----------------------------------------------------------------------------- dense references

@@ -14,17 +14,10 @@ from dmdl_cli.clustering.pseudo_labels import (
     cluster_stats,
     renumber,
 )
+from conftest import clustered_features as clustered
 from dmdl_cli.errors import DmdlError
 
 
-def clustered(n: int, d: int = 32, n_ids: int = 25, sigma: float = 0.9, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_ids, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    ids = rng.integers(0, n_ids, n)
-    x = centres[ids] + sigma * rng.standard_normal((n, d)) / np.sqrt(d)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), ids
 
 
 def dense_reference_jaccard(x: np.ndarray, k1: int, k2: int) -> np.ndarray:

@@ -48,7 +48,7 @@ from dmdl_cli.training.labelling import (
 from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
 from dmdl_cli.training.losses import batch_hard_triplet, contrastive_loss, cross_modal_triplet
 from dmdl_cli.training.memory import confidence_momentum
-from dmdl_cli.training.single import alignment, view_targets
+from dmdl_cli.training.single import alignment, memory_contrast, view_targets
 from dmdl_cli.workspace import Workspace, load_checkpoint
 
 FUSED = "fused"
@@ -178,16 +178,8 @@ class CrossModalityStage(StageLogic):
         ta, tb = view_targets(labels, conf, za, zb, stage.refine_topk, refine)
         loss_fused = 0.5 * (contrastive_loss(za, ta) + contrastive_loss(zb, tb))
 
-        intra = feat.new_zeros(())
-        for m in MODALITIES:
-            sel = modality == m
-            if not bool(sel.any()):
-                continue
-            mem = state.memories[m]
-            local = x["row_of_id"][m][labels[sel]]
-            la, lb = mem.logits(fa[sel]), mem.logits(fb[sel])
-            ya, yb = view_targets(local, conf[sel], la, lb, stage.refine_topk, refine)
-            intra = intra + 0.5 * (contrastive_loss(la, ya) + contrastive_loss(lb, yb))
+        intra = memory_contrast(state.memories, lambda m, sel: x["row_of_id"][m][labels[sel]], fa, fb,
+                                modality, conf, stage.refine_topk, refine)
 
         cai = feat.new_zeros(())
         if recipe.cai.enabled:

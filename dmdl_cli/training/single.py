@@ -49,6 +49,26 @@ def view_targets(local: torch.Tensor, conf: torch.Tensor, logits_a: torch.Tensor
             refined_targets(local, conf, logits_a, topk))
 
 
+def memory_contrast(memories: dict, local_labels: Callable[[int, torch.Tensor], torch.Tensor],
+                    fa: torch.Tensor, fb: torch.Tensor, modality: torch.Tensor, conf: torch.Tensor,
+                    topk: int, refine: bool) -> torch.Tensor:
+    """Sum over modalities m of 1/2 [CE(f_A M_m / tau, t_A) + CE(f_B M_m / tau, t_B)].
+
+    ``local_labels(m, sel)`` gives the memory-m rows of the batch samples selected by ``sel``.
+    """
+    total = fa.new_zeros(())
+    for m in MODALITIES:
+        sel = modality == m
+        if not bool(sel.any()):
+            continue
+        mem = memories[m]
+        local = local_labels(m, sel)
+        la, lb = mem.logits(fa[sel]), mem.logits(fb[sel])
+        ta, tb = view_targets(local, conf[sel], la, lb, topk, refine)
+        total = total + 0.5 * (contrastive_loss(la, ta) + contrastive_loss(lb, tb))
+    return total
+
+
 def alignment(fa: torch.Tensor, fb: torch.Tensor, modality: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """CBT feature level: multi-kernel MMD between view A and view B, per modality."""
     total = fa.new_zeros(())
@@ -132,16 +152,9 @@ class SingleModalityStage(StageLogic):
             pool, bn = ctx.model(batch["images"])  # (2B, D) each
         feat = F.normalize(bn.float(), dim=1)
         fa, fb = feat[:b], feat[b:]
-        contrast = feat.new_zeros(())
-        for m in MODALITIES:
-            sel = modality == m
-            if not bool(sel.any()):
-                continue
-            mem = state.memories[m]
-            local = labels[sel] - state.extra["offsets"][m]
-            la, lb = mem.logits(fa[sel]), mem.logits(fb[sel])
-            ta, tb = view_targets(local, conf[sel], la, lb, stage.refine_topk, refine)
-            contrast = contrast + 0.5 * (contrastive_loss(la, ta) + contrastive_loss(lb, tb))
+        offsets = state.extra["offsets"]
+        contrast = memory_contrast(state.memories, lambda m, sel: labels[sel] - offsets[m], fa, fb,
+                                   modality, conf, stage.refine_topk, refine)
         sigma = triplet_weight(stage.triplet_ramp, epoch)
         triplet = feat.new_zeros(())
         if sigma > 0:

@@ -25,10 +25,13 @@ test: venv
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash recipes/demo.sh $(DEMO_WS)
 
+# Speed figures (printed, never asserted). The ablation is separate: benchmarks/ablation.py.
 bench: venv
 	$(PY) benchmarks/eval_bench.py
-	$(PY) benchmarks/cluster_bench.py --sizes 22258
+	$(PY) benchmarks/cluster_bench.py --sizes 100000
+	$(PY) benchmarks/refine_bench.py
 	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/export_bench.py
 
 clean-demo:
 	rm -rf $(DEMO_WS)

@@ -16,7 +16,7 @@ from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE, read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import cached_features
-from dmdl_cli.model.loading import load_model
+from dmdl_cli.model.loading import default_checkpoint, load_model
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import select_runtime
 from dmdl_cli.training.labelling import cluster_modalities
@@ -45,9 +45,8 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
     cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
                        recipe.data.height, recipe.data.width)
     runtime = select_runtime(recipe)
-    if checkpoint is None and not any((ws.root / s / "final.pt").is_file() for s in ("stage1", "stage2")) \
-            and not any((ws.root / s / "last.pt").is_file() for s in ("stage1", "stage2")):
-        checkpoint = "imagenet"
+    if checkpoint is None and default_checkpoint(ws) is None:
+        checkpoint = "imagenet"  # nothing trained yet: cluster with the untrained backbone
     loaded = load_model(ws, recipe, checkpoint)
     loaded.model.to(runtime.device)
     log(f"clustering with {escape(loaded.description)}")

@@ -96,8 +96,7 @@ class CrossModalityStage(StageLogic):
         for m, mapping in ((VISIBLE, assoc.vis_to_unified), (INFRARED, assoc.ir_to_unified)):
             c = clusters[m]
             labels[c.rows] = np.where(c.labels >= 0, mapping[np.maximum(c.labels, 0)], -1)
-        train_pos = np.full(n_all, -1, dtype=np.int64)
-        train_pos[ctx.train_rows] = np.arange(len(ctx.train_rows))
+        train_pos = ctx.train_position
         modality = ctx.index.modality.astype(np.int64)
         labelled = np.flatnonzero(labels >= 0)
         fused = cluster_centroids(feats[train_pos[labelled]], labels[labelled]) if len(labelled) else \

@@ -16,6 +16,7 @@ never stopped (bitwise on the CPU with ``--deterministic``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,13 @@ class TrainContext:
     model: torch.nn.Module
     true_ids: np.ndarray | None  # (N,) true identities: DIAGNOSTICS ONLY, never used to train
     log: Callable[[dict[str, Any]], None]
+
+    @functools.cached_property
+    def train_position(self) -> np.ndarray:
+        """(N_all,) position of each index row among the train rows (-1 for test rows)."""
+        pos = np.full(len(self.index), -1, dtype=np.int64)
+        pos[self.train_rows] = np.arange(len(self.train_rows))
+        return pos
 
     def train_features(self) -> np.ndarray:
         """(N, D) flip-averaged L2-normalised features of every train image."""

@@ -100,8 +100,7 @@ class SingleModalityStage(StageLogic):
         offsets, sizes = {}, {}
         offset = 0
         refine = recipe.cbt.refine and epoch >= stage.refine_from
-        train_pos = np.full(n_all, -1, dtype=np.int64)
-        train_pos[ctx.train_rows] = np.arange(len(ctx.train_rows))
+        train_pos = ctx.train_position
         for m in MODALITIES:
             c = clusters[m]
             offsets[m], sizes[m] = offset, c.centroids.shape[0]

@@ -108,6 +108,9 @@ class TrainRecipe:
     channels_last: bool = True
     feature_batch: int = _ranged(256, 1)  # batch size of feature extraction
     keep_epochs: bool = False  # also keep epoch-NNN.pt per epoch
+    # Clean train images over which BatchNorm running statistics are re-estimated before each
+    # epoch's clustering features and before final.pt (0 = off: the reference behaviour).
+    bn_recalibration: int = _ranged(0, 0)
 
 
 @dataclass

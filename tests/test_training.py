@@ -32,7 +32,8 @@ TINY = [
     "stage1.refine_from=1", "stage1.triplet_ramp=[[1, 1.0]]",
     "stage2.epochs=3", "stage2.iters=2", "stage2.clusters_per_batch=3", "stage2.instances=2",
     "stage2.onehot_epochs=1", "stage2.cross_sampler_from=2", "stage2.triplet_ramp=[[1, 1.0]]",
-    "train.checkpoint_every=2", "train.feature_batch=64", "eval.trials=2",
+    "train.checkpoint_every=2", "train.feature_batch=64", "train.bn_recalibration=40",
+    "eval.trials=2",
 ]
 ENV = {"DMDL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -101,6 +102,35 @@ def test_pretrain_single_writes_results_and_logs(stage1_done: Path) -> None:
     manifest = json.loads((ws / "manifest.json").read_text())
     run = [r for r in manifest["runs"] if r["stage"] == "pretrain-single"][-1]
     assert run["status"] == "done" and run["outputs"][0]["path"] == "stage1/final.pt"
+
+
+def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_done: Path) -> None:
+    """With train.bn_recalibration, final.pt's running statistics are those re-estimated on the
+    recipe's clean train images for its weights, not the training batches' moving average."""
+    from dmdl_cli.data.cache import open_cache
+    from dmdl_cli.data.index import read_index
+    from dmdl_cli.model.batchnorm import batchnorm_layers, recalibrate_batchnorm, recalibration_rows
+    from dmdl_cli.model.loading import load_model
+    from dmdl_cli.recipe import load_recipe
+    from dmdl_cli.runtime import select_runtime
+    from dmdl_cli.workspace import Workspace
+
+    ws = stage1_done
+    recipe = load_recipe(ws / "recipe.yaml")
+    assert recipe.train.bn_recalibration == 40
+    model = load_model(Workspace(ws), recipe, str(ws / "stage1" / "final.pt")).model
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    index = read_index(ws / "data" / "index.csv")
+    cache = open_cache(ws / "data" / "cache-32x16.u8", len(index), 32, 16)
+    rows = recalibration_rows(index.rows(split="train"), 40, recipe.train.seed, recipe.stage1.epochs)
+    for layer in batchnorm_layers(model):  # start from nothing: the result must not depend on it
+        layer.running_mean.fill_(7.0)
+        layer.running_var.fill_(7.0)
+    recalibrate_batchnorm(model, cache, rows, select_runtime(recipe, deterministic=True),
+                          batch_size=recipe.train.feature_batch)
+    for key, value in model.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(value, saved[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_second_run_refuses_without_resume_or_force(stage1_done: Path) -> None:
@@ -244,7 +274,10 @@ def test_two_process_ddp_agrees_with_one_process(prepared: Path, tmp_path: Path)
     single, multi = tmp_path / "single", tmp_path / "ddp"
     shutil.copytree(prepared, single)
     shutil.copytree(prepared, multi)
-    one_epoch = ["--set", "stage1.epochs=1", "--set", "stage1.iters=1"]
+    # Without BatchNorm re-estimation: memories built with population statistics sit closer to
+    # full-batch than to half-batch train-mode features, which would blur this comparison.
+    one_epoch = ["--set", "stage1.epochs=1", "--set", "stage1.iters=1",
+                 "--set", "train.bn_recalibration=0"]
     dmdl("pretrain-single", "--workspace", str(single), "--deterministic", *one_epoch)
     env = {**os.environ, **ENV}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dmdl_cli",

@@ -38,6 +38,7 @@ from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import extract_features
 from dmdl_cli.model.backbone import normalize_batch
+from dmdl_cli.model.batchnorm import recalibrate_batchnorm, recalibration_rows
 from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
 from dmdl_cli.runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
 from dmdl_cli.workspace import Workspace, load_checkpoint, save_checkpoint
@@ -68,9 +69,26 @@ class TrainContext:
         pos[self.train_rows] = np.arange(len(self.train_rows))
         return pos
 
-    def train_features(self) -> np.ndarray:
-        """(N, D) flip-averaged L2-normalised features of every train image."""
-        model = self.model.module if hasattr(self.model, "module") else self.model
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        """The network without its DistributedDataParallel wrapper."""
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def recalibrate(self, epoch: int) -> None:
+        """Re-estimate BatchNorm statistics on ``train.bn_recalibration`` clean train images."""
+        count = self.recipe.train.bn_recalibration
+        if count <= 0:
+            return
+        rows = recalibration_rows(self.train_rows, count, self.recipe.train.seed, epoch)
+        layers = recalibrate_batchnorm(self.bare_model, self.cache, rows, self.runtime,
+                                       batch_size=self.recipe.train.feature_batch)
+        log(f"re-estimated {layers} BatchNorm layers on {len(rows)} clean train images")
+
+    def train_features(self, epoch: int) -> np.ndarray:
+        """(N, D) L2-normalised features of every train image (flip-averaged when the recipe
+        says so), after re-estimating BatchNorm statistics when the recipe asks for it."""
+        self.recalibrate(epoch)
+        model = self.bare_model
         return extract_features(model, self.cache, self.train_rows, self.runtime,
                                 batch_size=self.recipe.train.feature_batch,
                                 flip=self.recipe.cluster.flip_average, description="train features")
@@ -313,6 +331,7 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
                                      "meta": _checkpoint_meta(recipe, logic, epoch, stage.iters, True)})
                 epoch_state = None
             if runtime.is_main:
+                ctx.recalibrate(stage.epochs)
                 save_checkpoint(final_path, {"model": model.state_dict(),
                                              "meta": _checkpoint_meta(recipe, logic, stage.epochs - 1,
                                                                       stage.iters, True)})

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmdl_cli.data.cache import open_cache  # noqa: E402
+from dmdl_cli.data.cache import open_cache, read_rows  # noqa: E402
 from dmdl_cli.data.index import INFRARED, VISIBLE, read_index  # noqa: E402
 from dmdl_cli.evaluation.evaluate import run_protocol  # noqa: E402
 from dmdl_cli.evaluation.features import extract_features  # noqa: E402
@@ -89,9 +89,7 @@ def main() -> None:
         chosen = rng.choice(ids, size=min(args.ids_per_batch, len(ids)), replace=False)
         rows = np.concatenate([rng.choice(members[(p, m)], args.per_modality, replace=True)
                                for p in chosen for m in (VISIBLE, INFRARED)])
-        images = torch.from_numpy(np.ascontiguousarray(cache[np.sort(rows)]))
-        order = np.argsort(np.argsort(rows))
-        images = images[torch.from_numpy(order)].permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        images = torch.from_numpy(read_rows(cache, rows)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
         flip = torch.from_numpy(rng.random(len(rows)) < 0.5)
         images[flip] = torch.flip(images[flip], dims=[3])
         target = torch.tensor([label_of[p] for p in index.pids[rows]], device=runtime.device)

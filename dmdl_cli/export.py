@@ -48,7 +48,7 @@ from torch import nn
 from dmdl_cli import __version__
 from dmdl_cli.atomic import atomic_output, sha256_file
 from dmdl_cli.console import console, log
-from dmdl_cli.data.cache import open_cache
+from dmdl_cli.data.cache import open_cache, read_rows
 from dmdl_cli.data.index import read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import IMAGENET_MEAN, IMAGENET_STD, GeM, ReIDNet, normalize_batch
@@ -407,7 +407,7 @@ def export_model(
     height, width = _input_size(loaded, recipe)
     cache = open_cache(ws.cache_path(height, width), len(index), height, width)
     rows, source = parity_rows(index.split, parity_images)
-    images = normalize_batch(torch.from_numpy(np.ascontiguousarray(cache[rows])).permute(0, 3, 1, 2))
+    images = normalize_batch(torch.from_numpy(read_rows(cache, rows)).permute(0, 3, 1, 2))
     images_np = images.numpy()  # (N, 3, H, W) float32, normalised
     reference = torch_runner(loaded.model)
     net = exportable_model(loaded.model)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dmdl_cli.data.cache import build_cache, cache_name, load_image, open_cache
+from dmdl_cli.data.cache import build_cache, cache_name, load_image, open_cache, read_rows
 from dmdl_cli.errors import DmdlError
 
 
@@ -76,3 +76,13 @@ def test_undecodable_image_leaves_no_cache(tmp_path, images):
     assert list(out.parent.iterdir()) == []
     with pytest.raises(DmdlError, match="no images"):
         build_cache([], out, 16, 8, progress=False)
+
+
+def test_read_rows_keeps_the_requested_order_with_repeats():
+    cache = np.arange(6 * 2 * 1 * 3, dtype=np.uint8).reshape(6, 2, 1, 3)  # (N, H, W, 3)
+    rows = np.array([4, 0, 5, 0, 2])
+    out = read_rows(cache, rows)
+    assert out.shape == (5, 2, 1, 3) and out.dtype == np.uint8
+    for i, r in enumerate(rows):
+        assert np.array_equal(out[i], cache[r])
+    assert read_rows(cache, np.array([], dtype=np.int64)).shape == (0, 2, 1, 3)

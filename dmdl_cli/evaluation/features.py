@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from dmdl_cli.atomic import atomic_output
 from dmdl_cli.console import log, make_progress
+from dmdl_cli.data.cache import read_rows
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.runtime import Runtime, eval_mode
 from dmdl_cli.workspace import Workspace
@@ -35,9 +36,7 @@ def extract_features(
         task = progress.add_task(description, total=len(rows), info="")
         for start in range(0, len(rows), batch_size):
             batch_rows = rows[start:start + batch_size]
-            images = torch.from_numpy(np.ascontiguousarray(cache[np.sort(batch_rows)]))
-            order = np.argsort(np.argsort(batch_rows))  # memmap reads are faster in row order
-            images = images[torch.from_numpy(order)].permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+            images = torch.from_numpy(read_rows(cache, batch_rows)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
             x = runtime.to_input(normalize_batch(images))
             with runtime.autocast():
                 emb = model(x).float()  # (B, D) L2-normalised

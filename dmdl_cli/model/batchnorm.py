@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dmdl_cli.console import make_progress
+from dmdl_cli.data.cache import read_rows
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.runtime import Runtime
 
@@ -56,11 +57,11 @@ def recalibrate_batchnorm(model: torch.nn.Module, cache: np.ndarray, rows: np.nd
         with torch.no_grad(), make_progress("img") as progress:
             task = progress.add_task(description, total=len(rows), info="")
             for start in range(0, len(rows), batch_size):
-                batch_rows = np.sort(rows[start:start + batch_size])  # memmap reads in row order
+                batch_rows = np.sort(rows[start:start + batch_size])
                 if len(batch_rows) < 2:
                     break
-                images = torch.from_numpy(np.ascontiguousarray(cache[batch_rows]))
-                x = runtime.to_input(normalize_batch(images.permute(0, 3, 1, 2)))  # (B, 3, H, W)
+                images = torch.from_numpy(read_rows(cache, batch_rows)).permute(0, 3, 1, 2)
+                x = runtime.to_input(normalize_batch(images))  # (B, 3, H, W)
                 with runtime.autocast():
                     model(x)
                 progress.advance(task, len(batch_rows))

@@ -85,7 +85,7 @@ class CrossModalityStage(StageLogic):
 
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
         recipe, stage = ctx.recipe, ctx.stage
-        feats = ctx.train_features(epoch)  # (N_train, D)
+        feats = ctx.train_features()  # (N_train, D)
         clusters = cluster_modalities(ctx, feats)
         for m in MODALITIES:
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")

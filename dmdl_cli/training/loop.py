@@ -84,12 +84,10 @@ class TrainContext:
                                        batch_size=self.recipe.train.feature_batch)
         log(f"re-estimated {layers} BatchNorm layers on {len(rows)} clean train images")
 
-    def train_features(self, epoch: int) -> np.ndarray:
+    def train_features(self) -> np.ndarray:
         """(N, D) L2-normalised features of every train image (flip-averaged when the recipe
-        says so), after re-estimating BatchNorm statistics when the recipe asks for it."""
-        self.recalibrate(epoch)
-        model = self.bare_model
-        return extract_features(model, self.cache, self.train_rows, self.runtime,
+        says so)."""
+        return extract_features(self.bare_model, self.cache, self.train_rows, self.runtime,
                                 batch_size=self.recipe.train.feature_batch,
                                 flip=self.recipe.cluster.flip_average, description="train features")
 
@@ -310,8 +308,12 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
             for epoch in range(start_epoch, stage.epochs):
                 t_epoch = time.perf_counter()
                 if epoch_state is None:
-                    # Pseudo-labelling runs once, on rank 0; the other ranks receive its result.
-                    payload = logic.save_epoch(logic.prepare_epoch(ctx, epoch)) if runtime.is_main else None
+                    # Pseudo-labelling runs once, on rank 0; the other ranks receive its result
+                    # (and the re-estimated BatchNorm statistics with DDP's buffer broadcast).
+                    payload = None
+                    if runtime.is_main:
+                        ctx.recalibrate(epoch)
+                        payload = logic.save_epoch(logic.prepare_epoch(ctx, epoch))
                     epoch_state = logic.restore_epoch(ctx, broadcast_object(payload, runtime))
                     start_step = 0
                 _train_epoch(ctx, logic, epoch_state, epoch, start_step, dataset, optimizer,
@@ -434,8 +436,7 @@ def _monitor(ctx: TrainContext, epoch: int) -> None:
     test_rows = ctx.index.rows(split="test")
     if len(test_rows) == 0:
         return
-    model = ctx.model.module if hasattr(ctx.model, "module") else ctx.model
-    feats = extract_features(model, ctx.cache, test_rows, ctx.runtime,
+    feats = extract_features(ctx.bare_model, ctx.cache, test_rows, ctx.runtime,
                              batch_size=ctx.recipe.train.feature_batch, description="test features")
     test = ctx.index.select(test_rows)
     dataset = ctx.ws.dataset["name"]

@@ -92,7 +92,7 @@ class SingleModalityStage(StageLogic):
 
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
         recipe, stage = ctx.recipe, ctx.stage
-        feats = ctx.train_features(epoch)  # (N_train, D)
+        feats = ctx.train_features()  # (N_train, D)
         clusters = cluster_modalities(ctx, feats)
         n_all = len(ctx.index)
         labels = np.full(n_all, -1, dtype=np.int64)

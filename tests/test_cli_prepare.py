@@ -276,6 +276,15 @@ def test_prepare_synthetic_demo_path(tiny_workspace, tmp_path):
     result = invoke(args[:6] + ["1"] + args[7:])
     assert_refused(result, str(root), "--ids/--seed", "--force")
     assert tree_snapshot(ws) == before and tree_snapshot(root) == raw_before
+    # a set written by a generator with other settings (an older release) is not reused
+    old = tmp_path / "older-generator"
+    shutil.copytree(root, old)
+    stamp = json.loads((old / "dmdl-synthetic.json").read_text())
+    stamp["request"]["config"]["material_coupling"] = -0.5
+    (old / "dmdl-synthetic.json").write_text(json.dumps(stamp))
+    result = invoke(args[:8] + [old, "--workspace", tmp_path / "ws-old"])
+    assert_refused(result, str(old), "generator settings", "--force")
+    assert not (tmp_path / "ws-old" / "manifest.json").exists()
 
 
 def test_rerun_on_unchanged_source_is_a_noop(sysu_workspace, tmp_path, synthetic_root):

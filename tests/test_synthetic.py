@@ -1,15 +1,14 @@
 """The synthetic data set: determinism, layouts, splits, and the modality bias it must carry."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dmdl_cli.data.cache import load_image
 from dmdl_cli.data.index import INFRARED, VISIBLE
-from dmdl_cli.data.sources import read_source
 from dmdl_cli.data.synthetic import (
     LLCM_NIR_CAMS,
     LLCM_VIS_CAMS,
@@ -24,6 +23,18 @@ from dmdl_cli.data.synthetic import (
 from dmdl_cli.errors import DmdlError
 
 TINY = (3, 1, 2)  # train / val / test identities
+
+
+def _load_bias_benchmark():
+    """benchmarks/synthetic_bias.py: its hand-made descriptors are tested here, not copied."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic_bias.py"
+    spec = importlib.util.spec_from_file_location("synthetic_bias", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bias = _load_bias_benchmark()
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -82,6 +93,9 @@ def test_bad_arguments(tmp_path):
         generate(tmp_path / "x", ids=(0, 0, 1))
     with pytest.raises(DmdlError, match="negative"):
         SyntheticConfig(ir_noise=-1.0)
+    with pytest.raises(DmdlError, match="material_coupling"):
+        SyntheticConfig(material_coupling=-1.5)
+    SyntheticConfig(material_coupling=-1.0)  # negative is allowed: thermal cameras
     assert split_ids(90, 0)["test"].__len__() == 30
 
 
@@ -124,49 +138,36 @@ def test_regdb_and_llcm_layouts(tmp_path):
 # the bias: visible-only cues strong, cross-modal cues weak but present
 # --------------------------------------------------------------------------------------------
 
-def _retrieval_r1(feat, pids, cams, q, g) -> float:
-    """Rank-1 of nearest-neighbour (euclidean) retrieval, ignoring same-camera gallery images."""
-    d = ((feat[q][:, None, :] - feat[g][None, :, :]) ** 2).sum(-1)
-    d[cams[q][:, None] == cams[g][None, :]] = np.inf
-    return float(np.mean(pids[g][np.argmin(d, axis=1)] == pids[q]))
-
-
-def _garment_colour(x):  # mean RGB of the torso and of the legs: (N, 6)
-    return np.concatenate([x[:, 28:48, 18:30].mean((1, 2)), x[:, 58:80, 18:30].mean((1, 2))], 1)
-
-
-def _gradient_histogram(x, gh=8, gw=4, bins=6):
-    """Polarity-free shape/texture descriptor: per-image standardised grey level, gradient
-    orientation histograms in a gh x gw grid (square-rooted, L2-normalised)."""
-    g = x @ np.array([0.299, 0.587, 0.114])
-    g = (g - g.mean((1, 2), keepdims=True)) / (g.std((1, 2), keepdims=True) + 1e-6)
-    gx, gy = np.zeros_like(g), np.zeros_like(g)
-    gx[:, :, 1:-1] = g[:, :, 2:] - g[:, :, :-2]
-    gy[:, 1:-1] = g[:, 2:] - g[:, :-2]
-    mag, ang = np.hypot(gx, gy), np.mod(np.arctan2(gy, gx), np.pi)
-    b = np.minimum((ang / np.pi * bins).astype(int), bins - 1)
-    n, H, W = g.shape
-    h = np.stack([(mag * (b == k)).reshape(n, gh, H // gh, gw, W // gw).sum((2, 4))
-                  for k in range(bins)], -1).reshape(n, -1)
-    h = np.sqrt(h)
-    return h / (np.linalg.norm(h, axis=1, keepdims=True) + 1e-9)
+def _test_set(tmp_path, **config):
+    root = tmp_path / "syn"
+    generate(root, ids=(1, 0, 24), images_per_cam=3, seed=0, config=SyntheticConfig(**config))
+    return bias.load_test_split(root)
 
 
 def test_bias_colour_shortcut_does_not_transfer_shape_cues_do(tmp_path):
-    root = tmp_path / "syn"
-    generate(root, ids=(1, 0, 24), images_per_cam=3, seed=0)
-    table = read_source("synthetic", root)
-    test = table.rows(split="test")
-    imgs = np.stack([load_image(table.paths[i], 96, 48) for i in test]).astype(np.float64) / 255
-    pids, cams, mods = table.pids[test], table.cams[test], table.modality[test]
+    imgs, pids, cams, mods = _test_set(tmp_path)
     vis, ir = np.flatnonzero(mods == VISIBLE), np.flatnonzero(mods == INFRARED)
     chance = 1 / 24
 
-    colour = _garment_colour(imgs)
-    colour_within = _retrieval_r1(colour, pids, cams, vis, vis)
-    colour_cross = _retrieval_r1(colour, pids, cams, ir, vis)
-    shape_cross = _retrieval_r1(_gradient_histogram(imgs), pids, cams, ir, vis)
+    colour = bias.garment_colour(imgs)
+    lum, chroma = bias.luminance_chroma(colour)
+    colour_within, _ = bias.retrieval(colour, pids, cams, vis, vis)
+    chroma_cross, _ = bias.retrieval(chroma, pids, cams, ir, vis)
+    lum_cross, _ = bias.retrieval(lum, pids, cams, ir, vis)
+    shape_cross, _ = bias.retrieval(bias.gradient_histogram(imgs), pids, cams, ir, vis)
     assert colour_within > 0.85                    # the visible-only cue is strong ...
-    assert colour_cross < 2.5 * chance             # ... and useless on infrared images
-    assert shape_cross > 3 * chance                # cross-modal cues are there ...
-    assert colour_within > shape_cross + 0.3       # ... but much weaker
+    assert chroma_cross < 2.5 * chance             # ... and its hue is useless on infrared images
+    assert lum_cross > 3 * chance                  # garment brightness partly survives (NIR) ...
+    assert shape_cross > 3 * chance                # ... and so do shape and texture ...
+    assert colour_within > shape_cross + 0.1       # ... but colour is the stronger cue
+
+
+@pytest.mark.parametrize("coupling", [0.8, -0.8])
+def test_material_coupling_sign_sets_how_visible_brightness_follows_infrared(tmp_path, coupling):
+    imgs, pids, _, mods = _test_set(tmp_path, material_coupling=coupling)
+    lum, _ = bias.luminance_chroma(bias.garment_colour(imgs))  # IR images are grey: lum = intensity
+    ids = np.unique(pids)
+    vis_lum = np.array([lum[(pids == p) & (mods == VISIBLE)].mean(0) for p in ids]).ravel()
+    ir_lum = np.array([lum[(pids == p) & (mods == INFRARED)].mean(0) for p in ids]).ravel()
+    r = np.corrcoef(vis_lum, ir_lum)[0, 1]  # over 24 ids x 2 garments
+    assert r > 0.5 if coupling > 0 else r < -0.5

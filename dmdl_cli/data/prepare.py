@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +42,19 @@ def source_fingerprint(table: IndexTable) -> str:
 
 def _synthetic_root(ws: Workspace, root: Path | None, ids: int | None, seed: int, force: bool) -> Path:
     """Generate the synthetic set once (into a temp folder, then renamed) and reuse it."""
-    from dmdl_cli.data.synthetic import generate
+    from dmdl_cli.data.synthetic import SyntheticConfig, generate
 
     target = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
-    wanted = {"ids": ids, "seed": seed}
+    # the generator's settings are part of the request: a set written by an older generator
+    # with other defaults is not silently reused
+    wanted = {"ids": ids, "seed": seed, "config": asdict(SyntheticConfig())}
     stamp = target / SYNTHETIC_STAMP
     if stamp.is_file():
         if json.loads(stamp.read_text()).get("request") == wanted:
             return target
         if not force:
             raise DmdlError(
-                f"{target} holds a synthetic set made with other --ids/--seed "
+                f"{target} holds a synthetic set made with other --ids/--seed or generator settings "
                 f"({stamp.read_text().strip()}): pass --force to regenerate it or another --root"
             )
     elif target.exists() and any(target.iterdir()):

@@ -109,18 +109,20 @@ class SyntheticConfig:
     """visible camera colour cast: per-channel gain drawn in 1 +- cast_strength"""
 
     # --- cross-modal cues (weak) ----------------------------------------------------------
-    shape_spread: float = 0.1
+    shape_spread: float = 0.2
     """relative sd between identities of height, shoulder / hip width, head size, leg length"""
     texture_prob: float = 0.7
     """share of identities whose upper garment has a pattern (stripes or checks); the lower
     garment gets one with half this probability"""
-    texture_contrast: float = 0.3
+    texture_contrast: float = 0.6
     """amplitude of the pattern as a relative intensity modulation (both modalities)"""
-    material_spread: float = 0.3
+    material_spread: float = 0.6
     """spread of the garments' thermal brightness between identities (IR intensity units)"""
-    material_coupling: float = 0.5
-    """how far the visible luminance of a garment follows its material (0 = independent):
-    high-emissivity (bright in IR) fabrics are darker in visible light"""
+    material_coupling: float = 0.8
+    """how far the visible luminance of a garment follows its IR brightness, in [-1, 1]:
+    0 = independent; > 0 near-infrared cameras (SYSU-MM01, LLCM), which see reflected light, so a
+    fabric bright in visible light tends to be bright in IR; < 0 thermal cameras (RegDB), where
+    high-emissivity fabrics (bright in IR) are darker in visible light"""
     object_prob: float = 0.6
     """share of identities carrying an object (bag left, bag right or backpack)"""
 
@@ -151,11 +153,14 @@ class SyntheticConfig:
                             "raise synthetic height/width in the recipe")
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+                    and f.name != "material_coupling"):
                 raise DmdlError(f"synthetic {f.name} = {value} is negative; set it >= 0 in the recipe")
-        for name in ("texture_prob", "object_prob", "flip_prob", "occlusion_prob", "material_coupling"):
+        for name in ("texture_prob", "object_prob", "flip_prob", "occlusion_prob"):
             if getattr(self, name) > 1:
                 raise DmdlError(f"synthetic {name} = {getattr(self, name)} exceeds 1; set it in [0, 1]")
+        if not -1 <= self.material_coupling <= 1:
+            raise DmdlError(f"synthetic material_coupling = {self.material_coupling}; set it in [-1, 1]")
         if not 1 <= self.jpeg_quality <= 100:
             raise DmdlError(f"synthetic jpeg_quality = {self.jpeg_quality}; set it in 1..100")
 
@@ -222,10 +227,11 @@ def make_identity(pid: int, seed: int, cfg: SyntheticConfig) -> Identity:
 
     def garment_colour(mat: float) -> np.ndarray:
         rgb = 0.5 + cfg.colour_spread * (rng.uniform(size=3) - 0.5)
-        # high emissivity (bright in IR) <-> dark in visible light, partially
+        # the visible luminance is pulled towards the IR brightness (coupling > 0, reflected
+        # near-infrared light) or towards its inverse (coupling < 0, thermal emission)
         rel = (mat - 0.5) / max(cfg.material_spread, 1e-6)  # in [-0.5, 0.5]
-        target = 0.5 - 0.7 * rel
-        rgb = rgb + cfg.material_coupling * (target - _luminance(rgb))
+        target = 0.5 + 0.7 * rel * np.sign(cfg.material_coupling)
+        rgb = rgb + abs(cfg.material_coupling) * (target - _luminance(rgb))
         return np.clip(rgb, 0.03, 0.97)
 
     def pattern(prob: float) -> Pattern:

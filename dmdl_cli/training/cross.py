@@ -7,12 +7,15 @@ GMM confidences on the unified labels (``cbt.refine``), the modality prior P(m).
 with unified labels y, two views A/B and refined targets t (one-hot for the first
 ``stage2.onehot_epochs`` epochs or without ``cbt.refine``):
 
-    L = L_intra + L_fused + mu * L_CAI + sigma(epoch) * triplet + w_align * MMD(A, B)
+    L = L_intra + L_id + sigma(epoch) * triplet + w_align * MMD(A, B)
+    L_id = mu * L_CAI  with ``cai.enabled``;  L_fused  without (the baseline)
 
 - L_intra: contrastive loss of each sample against its own modality's memory;
-- L_fused: contrastive loss against the fused memory (likelihood modelling P(y | x));
-- L_CAI: -sum_y t(y) log P(y | do(x)), P(y | do(x)) = sum_m P(y | x, m) P(m) (``model/cai.py``),
-  present only with ``cai.enabled`` (so switching CAI off removes exactly mu * L_CAI);
+- L_fused: contrastive loss against the fused memory, i.e. likelihood modelling P(y | x);
+- L_CAI: -sum_y t(y) log P(y | do(x)), P(y | do(x)) = sum_m P(y | x, m) P(m) (``model/cai.py``).
+  CAI *replaces* likelihood modelling, as the paper and method.md section 3 state: with CAI on,
+  L_fused is logged but not trained on. The fused memory is kept either way: its similarities
+  give the refined targets' top-k part (``view_targets``);
 - triplet: batch-hard, cross-modal (positives from the other modality) once the sampler draws
   every identity in both modalities (``stage2.cross_sampler_from``).
 
@@ -199,8 +202,8 @@ class CrossModalityStage(StageLogic):
             else:
                 triplet = batch_hard_triplet(pool.float(), both_labels, stage.triplet_margin)
         align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
-        loss = (intra + loss_fused + recipe.cai.weight * cai + sigma * triplet
-                + recipe.cbt.align_weight * align)
+        identity = recipe.cai.weight * cai if recipe.cai.enabled else loss_fused
+        loss = intra + identity + sigma * triplet + recipe.cbt.align_weight * align
         parts = {"intra": intra.item(), "fused": loss_fused.item(), "cai": cai.item(),
                  "triplet": triplet.item(), "align": align.item()}
 

@@ -29,6 +29,7 @@ from dmdl_cli.data.cache import load_image  # noqa: E402
 from dmdl_cli.data.index import INFRARED, VISIBLE  # noqa: E402
 from dmdl_cli.data.sources import read_source  # noqa: E402
 from dmdl_cli.data.synthetic import generate  # noqa: E402
+from dmdl_cli.evaluation.metrics import rank_metrics  # noqa: E402
 
 LUMA = np.array([0.299, 0.587, 0.114])
 IMAGE_SIZE = (96, 48)  # the generator's default; the garment windows below assume it
@@ -71,20 +72,13 @@ def gradient_histogram(x: np.ndarray, gh: int = 8, gw: int = 4, bins: int = 6) -
 
 def retrieval(feat: np.ndarray, pids: np.ndarray, cams: np.ndarray, query: np.ndarray,
               gallery: np.ndarray) -> tuple[float, float]:
-    """Rank-1 and mAP of euclidean nearest-neighbour retrieval, same-camera gallery excluded."""
+    """Rank-1 (plain CMC) and mAP of euclidean nearest-neighbour retrieval, same-camera gallery
+    images excluded, by the evaluation's own ``rank_metrics``."""
     d = ((feat[query][:, None, :] - feat[gallery][None, :, :]) ** 2).sum(-1)  # (Q, G)
-    d[cams[query][:, None] == cams[gallery][None, :]] = np.inf
-    order = np.argsort(d, axis=1, kind="stable")
-    match = pids[gallery][order] == pids[query][:, None]  # (Q, G), ranked
-    valid = np.isfinite(np.take_along_axis(d, order, axis=1))
-    match &= valid
-    r1 = float(match[:, 0].mean())
-    aps = []
-    for row in match:
-        hits = np.flatnonzero(row)
-        if len(hits):
-            aps.append(np.mean((np.arange(len(hits)) + 1) / (hits + 1)))
-    return r1, float(np.mean(aps))
+    same_camera = cams[query][:, None] == cams[gallery][None, :]  # (Q, G)
+    m = rank_metrics(d, pids[query], pids[gallery], cams[query], cams[gallery], max_rank=1,
+                     exclude=same_camera, dedup=False)
+    return float(m["cmc"][0]), float(m["mAP"])
 
 
 def load_test_split(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

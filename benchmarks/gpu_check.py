@@ -569,7 +569,8 @@ def run_check(cpu: bool, folder: Path) -> Check:
     label_row = check.run("(b) pseudo-labelling", "k-NN + Jaccard + DBSCAN, recipes/sysu.yaml cluster.*",
                           lambda: pseudo_label_check(not cpu, visible, infrared))
     end_to_end(check, sizes, folder, cpu)
-    inputs = [speeds.get(recipe.train.amp, speeds["fp16"]), feat_row.figures if feat_row.status == "ok" else None,
+    inputs = [speeds.get(recipe.train.amp, speeds["fp16"]),
+              feat_row.figures if feat_row.status == "ok" else None,
               label_row.figures if label_row.status == "ok" else None]
     what = "SYSU-MM01 recipe, both stages" + (" (from toy CPU figures: not a forecast)" if cpu else "")
     if all(inputs) and knn_row.status == "ok":

@@ -537,12 +537,12 @@ def write_out(path: Path, title: str, rows: list[Row]) -> None:
     path.write_text(text + "\n", encoding="utf-8")
 
 
-def run_check(cpu: bool, folder: Path) -> Check:
-    check = Check()
+def run_check(check: Check, cpu: bool, folder: Path) -> None:
+    """Every step in order; each adds its row to ``check``."""
     sizes = CPU_SIZES if cpu else GPU_SIZES
     if not cpu and not torch.cuda.is_available():
         check.fail("(a-d)", "a CUDA GPU", "torch sees no CUDA GPU: run with --cpu for the toy check")
-        return check
+        return
     device = torch.device("cpu") if cpu else torch.device("cuda", 0)
     recipe = check_recipe(sizes)
     p, k = recipe.stage2.clusters_per_batch, recipe.stage2.instances
@@ -577,7 +577,6 @@ def run_check(cpu: bool, folder: Path) -> Check:
         check.run("(d) projected wall time", what, lambda: projection(*inputs))
     else:
         check.fail("(d) projected wall time", what, "not computed: a step of (a) or (b) failed")
-    return check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -588,8 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.cpu else torch.device("cpu")
     os.environ.setdefault("DMDL_NO_PROGRESS", "1")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dmdl-gpu-check-") as tmp:
-        check = run_check(args.cpu, Path(tmp))
+    check = Check()
+    try:
+        with tempfile.TemporaryDirectory(prefix="dmdl-gpu-check-") as tmp:
+            run_check(check, args.cpu, Path(tmp))
+    except Exception as err:  # noqa: BLE001 - set-up outside a step (disk, memory): still a row
+        check.fail("(set-up)", "outside the steps", one_line(err))
     title = header(device, args.cpu) + f"; {time.perf_counter() - start:.0f} s in all"
     render_table(title, check.rows)
     if args.out:

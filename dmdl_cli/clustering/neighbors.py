@@ -17,6 +17,11 @@ always first. Three methods:
 
 faiss uses :func:`faiss_threads` OpenMP threads (``OMP_NUM_THREADS`` or the CPUs available).
 
+GPU or CPU (``use_gpu=None``): the GPU when faiss has GPU support and torch sees CUDA. On a CUDA
+machine whose faiss cannot use it, or after a GPU search fails (a CUDA error, out of memory),
+the search runs on the CPU and one line says why, once per process; a failed GPU is not tried
+again in that process. ``use_gpu=True`` never falls back: the failure is raised.
+
 Guarantees, whatever the method:
 
 - ``idx[i, 0] == i`` (with ``sims[i, 0] = <x_i, x_i>``): ties with duplicate rows, or an

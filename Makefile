@@ -7,7 +7,7 @@ STAMP := $(VENV)/.dmdl-installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_WS ?= runs/demo
 
-.PHONY: venv test demo bench clean-demo
+.PHONY: venv test demo bench gpu-check clean-demo
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: venv
 	$(PY) benchmarks/refine_bench.py
 	$(PY) benchmarks/train_bench.py
 	$(PY) benchmarks/export_bench.py
+
+# Every GPU code path once, in minutes, as one table (README: "GPU check"); --cpu: toy size.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 clean-demo:
 	rm -rf $(DEMO_WS)

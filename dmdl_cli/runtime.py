@@ -14,12 +14,16 @@ import torch.distributed as dist
 from dmdl_cli.recipe import Recipe
 
 _AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Set to 1 to keep the recipe's AMP and channels_last on the CPU (slow: fp16 kernels on a CPU are
+# many times slower than fp32). For tests and `benchmarks/gpu_check.py --cpu`, which exercise
+# the GPU's mixed-precision branches on machines without one.
+CPU_AMP_ENV = "DMDL_CPU_AMP"
 
 
 @dataclass
 class Runtime:
     device: torch.device
-    amp_dtype: torch.dtype | None  # None: fp32 (always on the CPU)
+    amp_dtype: torch.dtype | None  # None: fp32 (on the CPU unless DMDL_CPU_AMP=1)
     channels_last: bool
     rank: int = 0
     world_size: int = 1
@@ -46,7 +50,8 @@ class Runtime:
 
 
 def select_runtime(recipe: Recipe, *, deterministic: bool = False) -> Runtime:
-    """GPU when present (AMP and channels_last from the recipe), else fp32 on the CPU.
+    """GPU when present (AMP and channels_last from the recipe), else fp32 on the CPU (the
+    recipe's AMP on the CPU too with ``DMDL_CPU_AMP=1``).
 
     Under ``torchrun`` (WORLD_SIZE > 1) the process group is initialised here: nccl on GPUs,
     gloo on the CPU; each rank takes GPU ``LOCAL_RANK``.
@@ -63,11 +68,19 @@ def select_runtime(recipe: Recipe, *, deterministic: bool = False) -> Runtime:
     else:
         device = torch.device("cpu")
         amp, channels_last = None, False
+        if os.environ.get(CPU_AMP_ENV) == "1":
+            amp, channels_last = _AMP_DTYPES[recipe.train.amp], recipe.train.channels_last
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     return Runtime(device, amp, channels_last, rank, world_size)
+
+
+def make_grad_scaler(runtime: Runtime) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (whose small gradients would underflow); a pass-through otherwise
+    (bf16 has fp32's exponent range). On the runtime's device, so it also runs on the CPU."""
+    return torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
 
 
 def seed_everything(seed: int) -> None:

@@ -17,6 +17,11 @@ always first. Three methods:
 
 faiss uses :func:`faiss_threads` OpenMP threads (``OMP_NUM_THREADS`` or the CPUs available).
 
+GPU or CPU (``use_gpu=None``): the GPU when faiss has GPU support and torch sees CUDA. On a CUDA
+machine whose faiss cannot use it, or after a GPU search fails (a CUDA error, out of memory),
+the search runs on the CPU and one line says why, once per process; a failed GPU is not tried
+again in that process. ``use_gpu=True`` never falls back: the failure is raised.
+
 Guarantees, whatever the method:
 
 - ``idx[i, 0] == i`` (with ``sims[i, 0] = <x_i, x_i>``): ties with duplicate rows, or an
@@ -42,6 +47,8 @@ KnnMethod = Literal["exact", "ivf", "hnsw"]
 METHODS: tuple[str, ...] = ("exact", "ivf", "hnsw")
 
 _GPU_RESOURCES = None  # one faiss.StandardGpuResources per process (it owns scratch memory)
+_GPU_FAILURE: str | None = None  # why a GPU search failed in this process (then: CPU from now on)
+_FALLBACK_SAID = False  # the one line saying k-NN falls back to the CPU was printed
 
 
 def check_features(features: np.ndarray, what: str = "features") -> np.ndarray:
@@ -79,24 +86,54 @@ def faiss_threads() -> int:
 
 
 def gpu_available(use_gpu: bool | None = None) -> bool:
-    """Whether :func:`knn` will search on a GPU for this ``use_gpu`` setting."""
+    """Whether :func:`knn` will search on a GPU for this ``use_gpu`` setting.
+
+    With ``use_gpu=None`` on a machine with a CUDA GPU but a faiss without GPU support, or after
+    a GPU search failed in this process, one line says so and the search runs on the CPU.
+    """
     if use_gpu is False:
         return False
     import faiss
 
-    ok = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if ok:  # only then pay for importing torch
+    faiss_gpus = _faiss_gpu_count(faiss)
+    ok = faiss_gpus > 0 and _GPU_FAILURE is None
+    if ok or use_gpu is None:  # only then pay for importing torch
         try:
             import torch
 
-            ok = bool(torch.cuda.is_available())
+            cuda = bool(torch.cuda.is_available())
         except ImportError:  # pragma: no cover - torch is a dependency
-            ok = False
+            cuda = False
+        ok = ok and cuda
+        if cuda and faiss_gpus == 0 and use_gpu is None:
+            _note_cpu_fallback("this faiss has no GPU support (faiss-cpu, or a faiss-gpu built "
+                               "for another CUDA); install faiss-gpu for a GPU search")
     if use_gpu is True and not ok:
-        raise DmdlError("use_gpu=True but faiss sees no GPU (faiss-gpu with CUDA and "
+        why = f" (a GPU search failed earlier: {_GPU_FAILURE})" if _GPU_FAILURE else ""
+        raise DmdlError(f"use_gpu=True but faiss sees no GPU{why} (faiss-gpu with CUDA and "
                         "torch.cuda.is_available() are both needed); drop the option to search "
                         "on the CPU")
     return ok
+
+
+def _faiss_gpu_count(faiss) -> int:
+    """GPUs this faiss build can use (0 for faiss-cpu or when its CUDA runtime fails to start)."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # noqa: BLE001 - a broken CUDA runtime raises anything
+        return 0
+
+
+def _note_cpu_fallback(reason: str) -> None:
+    """Say once per process why k-NN runs on the CPU."""
+    global _FALLBACK_SAID
+    if not _FALLBACK_SAID:
+        _FALLBACK_SAID = True
+        from dmdl_cli.console import log
+
+        log(f"[yellow]k-NN search on the CPU: {reason}[/]")
 
 
 def _gpu_resources():
@@ -149,10 +186,37 @@ def knn(
     k = min(int(k), n)
     faiss.omp_set_num_threads(faiss_threads())
     on_gpu = gpu_available(use_gpu)
+    options = dict(nlist=nlist, nprobe=nprobe, train_points_per_list=train_points_per_list,
+                   hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, seed=seed)
+    try:
+        sims, idx = _search(x, k, method, on_gpu, **options)
+    except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError, CUDA errors vary
+        if not on_gpu or use_gpu is True:
+            raise
+        _gpu_failed(err)
+        on_gpu = False
+        sims, idx = _search(x, k, method, on_gpu, **options)
 
+    sims = np.ascontiguousarray(sims, dtype=np.float32)
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    missing = np.flatnonzero((idx < 0).any(axis=1))
+    if missing.size:  # approximate index returned fewer than k results: search those exactly
+        s2, i2 = _exact(x[missing], x, k, on_gpu)
+        sims[missing], idx[missing] = s2, i2
+    _self_first(x, sims, idx)
+    return sims, idx
+
+
+def _search(x: np.ndarray, k: int, method: str, on_gpu: bool, *, nlist: int | None, nprobe: int,
+            train_points_per_list: int, hnsw_m: int, ef_construction: int, ef_search: int,
+            seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The raw search of :func:`knn` (faiss's -1 for missing results, self not yet first)."""
+    import faiss
+
+    n, d = x.shape
     if method == "exact" or n <= 2 * k:
-        sims, idx = _exact(x, x, k, on_gpu)
-    elif method == "ivf":
+        return _exact(x, x, k, on_gpu)
+    if method == "ivf":
         nl = default_nlist(n) if nlist is None else max(1, min(int(nlist), n))
         probe = max(1, min(int(nprobe), nl))
         n_train = min(n, max(nl * int(train_points_per_list), 39 * nl))
@@ -172,15 +236,16 @@ def knn(
         index.add(x)
         index.hnsw.efSearch = max(int(ef_search), k)
         sims, idx = index.search(x, k)
-
-    sims = np.ascontiguousarray(sims, dtype=np.float32)
-    idx = np.ascontiguousarray(idx, dtype=np.int64)
-    missing = np.flatnonzero((idx < 0).any(axis=1))
-    if missing.size:  # approximate index returned fewer than k results: search those exactly
-        s2, i2 = _exact(x[missing], x, k, on_gpu)
-        sims[missing], idx[missing] = s2, i2
-    _self_first(x, sims, idx)
     return sims, idx
+
+
+def _gpu_failed(err: BaseException) -> None:
+    """Remember that the GPU search failed (later searches go straight to the CPU) and say so."""
+    global _GPU_FAILURE
+    lines = str(err).strip().splitlines()
+    _GPU_FAILURE = f"{type(err).__name__}: {lines[0] if lines else ''}"[:160]
+    _note_cpu_fallback(f"the faiss GPU search failed ({_GPU_FAILURE}); later searches of this "
+                       "process run on the CPU too")
 
 
 def _exact(xq: np.ndarray, xb: np.ndarray, k: int, on_gpu: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,8 @@ from dmdl_cli.evaluation.features import extract_features
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.model.batchnorm import recalibrate_batchnorm, recalibration_rows
 from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
-from dmdl_cli.runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
+from dmdl_cli.runtime import (Runtime, make_grad_scaler, rng_state, seed_everything, select_runtime,
+                              set_rng_state)
 from dmdl_cli.workspace import Workspace, load_checkpoint, save_checkpoint
 
 LOG_FILE = "log.jsonl"
@@ -269,7 +270,7 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
-        scaler = torch.amp.GradScaler(enabled=runtime.amp_dtype == torch.float16)
+        scaler = make_grad_scaler(runtime)
         train_model: torch.nn.Module = model
         if runtime.distributed:
             train_model = torch.nn.parallel.DistributedDataParallel(

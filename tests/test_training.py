@@ -236,7 +236,7 @@ def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Pat
     ws = tmp_path / "ws"
     shutil.copytree(stage1_done, ws)
     proc = dmdl("train-cross", "--workspace", str(ws), "--set", "stage1.lr=0.001", check=False)
-    assert proc.returncode != 0 and "another stage-1 recipe" in proc.stdout
+    assert proc.returncode != 0 and "stage1.lr: 0.00035 -> 0.001" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     # an overlay that only changes stage-2 parts keeps stage 1 valid
     proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25",

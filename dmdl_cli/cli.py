@@ -33,7 +33,6 @@ REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = {"synthetic": "demo.yaml", "sysu": "sysu.yaml", "regdb": "regdb.yaml", "llcm": "llcm.yaml"}
 
 
-
 def _choices(name: str, values) -> type[enum.Enum]:
     """A Typer choice type over ``values`` (``--help`` lists them; a bad value is a usage error)."""
     return enum.Enum(name, [(v, v) for v in dict.fromkeys(values)], type=str)
@@ -209,8 +208,8 @@ def evaluate(
     _stage("dmdl_cli.evaluation.evaluate", "evaluate")(
         ws, recipe_obj, mode=mode.value, checkpoint=checkpoint, trials=trials, shots=shots,
         rerank=rerank, visualize=visualize, visualize_worst=visualize_worst)
-    _results(f"{ws.dir('eval')} (one JSON per protocol" + (", ranked lists in ranks/)"
-                                                            if visualize or visualize_worst else ")"))
+    pictures = "; ranked lists in ranks/" if visualize or visualize_worst else ""
+    _results(f"{ws.dir('eval')} (one JSON per protocol{pictures})")
 
 
 @command("export")
@@ -247,12 +246,6 @@ def _open(workspace: Path, recipe: Optional[Path], overlay, set_, command: str, 
     recipe_obj = resolve_recipe(ws, command, str(recipe) if recipe else None,
                                 [str(o) for o in overlay or []], list(set_ or []),
                                 resume=resume, checkpoint=checkpoint)
-    dataset = ws.dataset["name"]
-    if recipe_obj.data.dataset != dataset:
-        raise DmdlError(
-            f"the recipe is for data set '{recipe_obj.data.dataset}' but workspace {ws.root} holds "
-            f"'{dataset}': use the workspace's recipe or a {dataset} recipe"
-        )
     return ws, recipe_obj
 
 

@@ -122,7 +122,8 @@ def differences(made: Mapping[str, Any], asked: Mapping[str, Any], keys: Iterabl
 def resolve_recipe(ws, command: str, recipe_path: str | None, overlays: list[str],
                    overrides: list[str], *, resume: bool = False,
                    checkpoint: str | None = None) -> Recipe:
-    """The recipe ``command`` runs with (module docstring); records its origin on ``ws``."""
+    """The recipe ``command`` runs with in the prepared workspace ``ws`` (module docstring);
+    records its origin on ``ws`` for the ledger."""
     base = recipe_path or str(ws.recipe_path)
     if recipe_path is None and not ws.recipe_path.is_file():
         raise DmdlError(f"{ws.recipe_path} is missing: pass --recipe FILE or run `dmdl prepare-data`")
@@ -131,6 +132,11 @@ def resolve_recipe(ws, command: str, recipe_path: str | None, overlays: list[str
     inherited = [] if recipe_path else [(ws.rel(up.recipe_file), _subtree(made[up], up.keys))
                                         for up in ups]
     recipe = load_recipe(base, overlays=overlays, overrides=overrides, inherited=inherited)
+    dataset = ws.dataset["name"]
+    if recipe.data.dataset != dataset:
+        raise DmdlError(
+            f"the recipe is for data set '{recipe.data.dataset}' but workspace {ws.root} holds "
+            f"'{dataset}': use the workspace's recipe or a {dataset} recipe")
     asked = recipe.to_dict()
     for up in ups:
         diff = differences(made[up], asked, up.keys)

@@ -101,7 +101,8 @@ def test_pretrain_single_writes_results_and_logs(stage1_done: Path) -> None:
     assert "ari" in labels_recs[0]["visible"]  # diagnostics against true identities are logged
     manifest = json.loads((ws / "manifest.json").read_text())
     run = [r for r in manifest["runs"] if r["stage"] == "pretrain-single"][-1]
-    assert run["status"] == "done" and run["outputs"][0]["path"] == "stage1/final.pt"
+    assert run["status"] == "done"
+    assert [o["path"] for o in run["outputs"]] == ["stage1/recipe.yaml", "stage1/final.pt"]
 
 
 def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_done: Path) -> None:

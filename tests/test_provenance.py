@@ -82,3 +82,15 @@ def test_differences_lists_each_changed_leaf():
     assert differences(made, asked, ("stage1", "model.arch")) == [
         "stage1.epochs: 50 -> 1", "model.arch: resnet18 -> resnet50"]
     assert differences(made, made, ("stage1", "model")) == []
+
+
+def test_plain_resume_continues_with_the_partial_runs_own_recipe(stage1_with_sets, tmp_path):
+    ws = copy_workspace(stage1_with_sets, tmp_path)
+    (ws / "stage1" / "final.pt").unlink()  # as if killed after the last epoch's last.pt
+    result = invoke(["pretrain-single", "-w", ws, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (ws / "stage1" / "final.pt").is_file()
+    run = json.loads((ws / "manifest.json").read_text())["runs"][-1]
+    assert run["recipe_origin"]["overrides"] == []
+    assert [i["from"] for i in run["recipe_origin"]["inherited"]] == ["stage1/recipe.yaml"]
+    assert load_recipe(ws / "stage1" / "recipe.yaml").stage1.epochs == 1

@@ -6,9 +6,9 @@ printed as one line and turned into a non-zero exit code.
 """
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +18,8 @@ from rich.markup import escape
 from dmdl_cli import __version__
 from dmdl_cli.console import console
 from dmdl_cli.errors import DmdlError, NotImplementedStage
+from dmdl_cli.evaluation.protocols import PROTOCOLS
+from dmdl_cli.recipe import CLUSTER_MODALITIES, DATASETS, EXPORT_FORMATS
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +31,18 @@ app = typer.Typer(
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = {"synthetic": "demo.yaml", "sysu": "sysu.yaml", "regdb": "regdb.yaml", "llcm": "llcm.yaml"}
+
+
+def _choices(name: str, values) -> type[enum.Enum]:
+    """A Typer choice type over ``values`` (``--help`` lists them; a bad value is a usage error)."""
+    return enum.Enum(name, [(v, v) for v in dict.fromkeys(values)], type=str)
+
+
+# Choice types, built from the one declaration of each list (recipe.py, protocols.py).
+Dataset = _choices("Dataset", DATASETS)
+Mode = _choices("Mode", ["all", *(m for modes in PROTOCOLS.values() for m in modes)])
+ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
+Modality = _choices("Modality", CLUSTER_MODALITIES)
 
 # Shared option declarations -------------------------------------------------------------------
 WorkspaceOpt = typer.Option(..., "--workspace", "-w", help="Workspace folder.")
@@ -90,7 +104,7 @@ def _root(
 
 @command("prepare-data")
 def prepare_data(
-    dataset: str = typer.Option(..., "--dataset", "-d", help="sysu, regdb, llcm or synthetic."),
+    dataset: Dataset = typer.Option(..., "--dataset", "-d", help="The data set."),
     workspace: Path = WorkspaceOpt,
     root: Optional[Path] = typer.Option(None, "--root", help="Raw data set folder (synthetic: where to write it, default WS/synthetic)."),
     trial: int = typer.Option(1, "--trial", help="RegDB split trial 1..10."),
@@ -103,37 +117,42 @@ def prepare_data(
     force: bool = ForceOpt,
 ) -> None:
     """Index a raw data set and build the image cache."""
-    from dmdl_cli.recipe import DATASETS, load_recipe
+    from dmdl_cli.recipe import load_recipe
     from dmdl_cli.workspace import Workspace
 
-    if dataset not in DATASETS:
-        raise DmdlError(f"unknown data set '{dataset}': choose one of {', '.join(DATASETS)}")
+    dataset = dataset.value
     ws = Workspace.create(workspace)
+    overlays = [str(o) for o in overlay or []]
     overrides = [f"data.dataset={dataset}", f"data.trial={trial}", *(set_ or [])]
     if recipe is None and ws.recipe_path.is_file() and not force:
-        recipe_obj = ws.resolve_recipe(None, [str(o) for o in overlay or []], overrides)
+        base = ws.recipe_path
     else:
         base = recipe or REPO_RECIPES / DEFAULT_RECIPE[dataset]
         if not Path(base).is_file():
             raise DmdlError(f"no recipe given and the default {base} is missing: pass --recipe FILE")
-        recipe_obj = load_recipe(base, overlays=[str(o) for o in overlay or []], overrides=overrides)
+    recipe_obj = load_recipe(base, overlays=overlays, overrides=overrides)
+    ws.recipe_origin = {"recipe": str(Path(base).resolve()), "overlays": overlays,
+                        "overrides": overrides, "inherited": []}
     run = _stage("dmdl_cli.data.prepare", "prepare_data")
     run(ws, recipe_obj, dataset=dataset, root=root, trial=trial, ids=ids, seed=seed,
         force=force, skip_bad_images=skip_bad_images)
+    _results(f"workspace {ws.root} (its recipe: {ws.recipe_path})")
 
 
 @command("cluster")
 def cluster(
     workspace: Path = WorkspaceOpt,
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path, or 'imagenet' (default: newest of stage 2, stage 1, else imagenet)."),
-    modality: str = typer.Option("both", "--modality", help="visible, infrared or both."),
+    modality: Modality = typer.Option("both", "--modality", help="Which modality to cluster."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Pseudo-label train images per modality."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_)
-    _stage("dmdl_cli.clustering.stage", "cluster_stage")(ws, recipe_obj, checkpoint=checkpoint, modality=modality)
+    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "cluster", checkpoint=checkpoint)
+    _stage("dmdl_cli.clustering.stage", "cluster_stage")(
+        ws, recipe_obj, checkpoint=checkpoint, modality=modality.value)
+    _results(f"{ws.dir('labels')} (pseudo labels and the recipe beside them)")
 
 
 @command("pretrain-single")
@@ -147,9 +166,10 @@ def pretrain_single(
     deterministic: bool = DeterministicOpt,
 ) -> None:
     """Stage 1: single-modality contrastive learning."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_)
-    _stage("dmdl_cli.training.single", "pretrain_single")(
+    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "pretrain-single", resume=resume)
+    final = _stage("dmdl_cli.training.single", "pretrain_single")(
         ws, recipe_obj, resume=resume, force=force, deterministic=deterministic)
+    _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
 @command("train-cross")
@@ -163,60 +183,69 @@ def train_cross(
     deterministic: bool = DeterministicOpt,
 ) -> None:
     """Stage 2: cross-modality learning with CAI and CBT."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_)
-    _stage("dmdl_cli.training.cross", "train_cross")(
+    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "train-cross", resume=resume)
+    final = _stage("dmdl_cli.training.cross", "train_cross")(
         ws, recipe_obj, resume=resume, force=force, deterministic=deterministic)
+    _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
 @command("evaluate")
 def evaluate(
     workspace: Path = WorkspaceOpt,
-    mode: str = typer.Option("all", "--mode", help="all-search, indoor-search, visible-to-infrared, infrared-to-visible, or all."),
+    mode: Mode = typer.Option("all", "--mode", help="Protocol (all: every protocol of the data set)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path or 'imagenet' (default: newest of stage 2, then stage 1)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Gallery sampling trials (default: recipe eval.trials)."),
     shots: Optional[int] = typer.Option(None, "--shots", help="1 (single-shot) or 10 (multi-shot)."),
     rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking."),
-    visualize: int = typer.Option(0, "--visualize", help="Write ranked-list pictures for K queries."),
+    visualize: int = typer.Option(0, "--visualize", help="Draw the ranked lists of K queries spread over the first trial."),
+    visualize_worst: int = typer.Option(0, "--visualize-worst", help="Draw the ranked lists of the K queries with the lowest AP."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Rank-k, mAP and mINP on cross-modality protocols."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_)
+    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "evaluate", checkpoint=checkpoint)
     _stage("dmdl_cli.evaluation.evaluate", "evaluate")(
-        ws, recipe_obj, mode=mode, checkpoint=checkpoint, trials=trials, shots=shots,
-        rerank=rerank, visualize=visualize)
+        ws, recipe_obj, mode=mode.value, checkpoint=checkpoint, trials=trials, shots=shots,
+        rerank=rerank, visualize=visualize, visualize_worst=visualize_worst)
+    pictures = "; ranked lists in ranks/" if visualize or visualize_worst else ""
+    _results(f"{ws.dir('eval')} (one JSON per protocol{pictures})")
 
 
 @command("export")
 def export(
     workspace: Path = WorkspaceOpt,
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path or 'imagenet' (default: newest of stage 2, then stage 1)."),
-    fmt: str = typer.Option("both", "--format", help="onnx, torchscript or both."),
+    fmt: ExportFormat = typer.Option("both", "--format", help="What to export."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension (fixed export: batch 1)."),
     recipe: Optional[Path] = RecipeOpt,
+    overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Export to ONNX / TorchScript with a parity check."""
-    ws, recipe_obj = _open(workspace, recipe, None, set_)
+    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "export", checkpoint=checkpoint)
     _stage("dmdl_cli.export", "export_model")(
-        ws, recipe_obj, checkpoint=checkpoint, fmt=fmt, opset=opset, dynamic_batch=dynamic_batch)
+        ws, recipe_obj, checkpoint=checkpoint, fmt=fmt.value, opset=opset, dynamic_batch=dynamic_batch)
+    _results(f"{ws.dir('export')}")
 
 
-def _open(workspace: Path, recipe: Optional[Path], overlay, set_):
+def _results(where: str) -> None:
+    """The closing line of a command: where its results are."""
+    console.print(f"[bold green]results:[/] {escape(where)}", soft_wrap=True)
+
+
+def _open(workspace: Path, recipe: Optional[Path], overlay, set_, command: str, *,
+          resume: bool = False, checkpoint: Optional[str] = None):
+    """Open the workspace and resolve the command's recipe (dmdl_cli/provenance.py)."""
+    from dmdl_cli.provenance import resolve_recipe
     from dmdl_cli.workspace import Workspace
 
     ws = Workspace.open(workspace)
     ws.require_dataset()
-    recipe_obj = ws.resolve_recipe(
-        str(recipe) if recipe else None, [str(o) for o in overlay or []], list(set_ or []))
-    dataset = ws.dataset["name"]
-    if recipe_obj.data.dataset != dataset:
-        raise DmdlError(
-            f"the recipe is for data set '{recipe_obj.data.dataset}' but workspace {ws.root} holds "
-            f"'{dataset}': use the workspace's recipe or a {dataset} recipe"
-        )
+    recipe_obj = resolve_recipe(ws, command, str(recipe) if recipe else None,
+                                [str(o) for o in overlay or []], list(set_ or []),
+                                resume=resume, checkpoint=checkpoint)
     return ws, recipe_obj
 
 

@@ -21,8 +21,10 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 
 
 def log(message: str) -> None:
-    """A line of stage logging: what was read, what was written, how long it took."""
-    console.print(message)
+    """A line of stage logging: what was read, what was written, how long it took.
+
+    Not re-wrapped (``soft_wrap``): a path in it stays one piece that can be copied."""
+    console.print(message, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):

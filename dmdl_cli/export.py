@@ -488,9 +488,9 @@ def export_model(
                     f"{PREPROCESS_FILE})")
         run.set(files={n: info["files"][n]["bytes"] for n in formats},
                 max_abs_diff=max(c["max_abs_diff"] for c in info["parity"]["checks"]))
-    written = ", ".join(f"{ws.rel(out_dir / FILES[n])} ({_mib(info['files'][n]['bytes'])})"
+    written = ", ".join(f"{out_dir / FILES[n]} ({_mib(info['files'][n]['bytes'])})"
                         for n in formats)
-    log(f"wrote {escape(written)} and {escape(ws.rel(preprocess_path))}")
+    log(f"wrote {escape(written)} and {escape(str(preprocess_path))}")
     return info
 
 

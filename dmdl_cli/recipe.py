@@ -31,6 +31,9 @@ KNN_METHODS = ("exact", "ivf", "hnsw")
 ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
 AMP_MODES = ("off", "fp16", "bf16")
 DATASETS = ("sysu", "regdb", "llcm", "synthetic")
+# Command-line choices (declared once here; the CLI shows them in --help).
+CLUSTER_MODALITIES = ("visible", "infrared", "both")
+EXPORT_FORMATS = ("onnx", "torchscript", "both")
 
 
 def _choice(default: Any, choices: Iterable[Any]) -> Any:
@@ -364,8 +367,13 @@ def load_recipe(
     *,
     overlays: Iterable[str | Path] = (),
     overrides: Iterable[str] = (),
+    inherited: Iterable[tuple[str, Mapping[str, Any]]] = (),
 ) -> Recipe:
-    """Load, merge, override and validate a recipe; ``path=None`` starts from the defaults."""
+    """Load, merge, override and validate a recipe; ``path=None`` starts from the defaults.
+
+    ``inherited``: ``(source, tree)`` pairs merged after the base and before the overlays (the
+    sections an upstream stage result was made with, see ``dmdl_cli/provenance.py``).
+    """
     tree: dict[str, Any] = {}
     sources = []
     if path is not None:
@@ -373,6 +381,10 @@ def load_recipe(
         sources.append(str(path))
         # validate the base on its own first so errors name the right file
         recipe_from_dict(tree, str(path))
+    for source, top in inherited:
+        tree = _deep_merge(tree, top)
+        recipe_from_dict(tree, source)
+        sources.append(source)
     for overlay in overlays:
         top = _read_yaml(Path(overlay))
         recipe_from_dict(_deep_merge(tree, top), str(overlay))

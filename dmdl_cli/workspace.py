@@ -115,6 +115,9 @@ class Workspace:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).expanduser().resolve()
         self.manifest: dict[str, Any] = {}
+        # how this command's recipe was resolved (--recipe, --overlay, --set, inherited keys);
+        # set by dmdl_cli.provenance and recorded in each ledger entry
+        self.recipe_origin: dict[str, Any] | None = None
         self._lock = WorkspaceLock(self.root / LOCK_FILE)
 
     # -- layout -------------------------------------------------------------------------------
@@ -255,6 +258,8 @@ class Workspace:
             "outputs": [],
             "info": dict(info),
         }
+        if self.recipe_origin is not None:
+            entry["recipe_origin"] = self.recipe_origin
         self.manifest.setdefault("runs", []).append(entry)
         self.write_manifest()
         run = StageRun(self, entry)

@@ -1,7 +1,8 @@
 """Stage `cluster`: pseudo-label the train images of each modality with one checkpoint.
 
 Writes ``WS/labels/cluster-<checkpoint name>.npz`` (labels aligned with index rows, -1 outlier
-or not clustered, with the checkpoint sha256 and recipe hash inside) and prints per modality:
+or not clustered, with the checkpoint sha256 and recipe hash inside) and the resolved recipe
+beside it (``cluster-<checkpoint name>.recipe.yaml``), and prints per modality:
 clusters, outliers, largest and mean cluster size, seconds; and, when the data set has
 identities, ARI, NMI and purity against them, labelled as diagnostics.
 """
@@ -17,12 +18,13 @@ from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE, read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import cached_features
 from dmdl_cli.model.loading import default_checkpoint, load_model
-from dmdl_cli.recipe import Recipe
+from dmdl_cli.provenance import sidecar_recipe_path, write_recipe
+from dmdl_cli.recipe import CLUSTER_MODALITIES, Recipe
 from dmdl_cli.runtime import select_runtime
 from dmdl_cli.training.labelling import cluster_modalities
 from dmdl_cli.workspace import Workspace, save_labels
 
-MODALITY_CHOICES = {"visible": (VISIBLE,), "infrared": (INFRARED,), "both": (VISIBLE, INFRARED)}
+MODALITY_CHOICES = dict(zip(CLUSTER_MODALITIES, ((VISIBLE,), (INFRARED,), (VISIBLE, INFRARED))))
 
 
 class _Ctx:
@@ -82,8 +84,9 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
     save_labels(out, labels, checkpoint=loaded.name, checkpoint_sha256=loaded.sha256,
                 recipe_hash=recipe.hash(), modality=modality,
                 stats={MODALITY_NAMES[m]: clusters[m].stats for m in wanted})
+    recipe_file = write_recipe(sidecar_recipe_path(out), recipe)
     console.print(table)
     if has_ids:
         console.print("* diagnostics against the data set's identities; training never reads them")
-    log(f"wrote {escape(ws.rel(out))}")
+    log(f"wrote {escape(str(out))} and {escape(str(recipe_file))}")
     return labels

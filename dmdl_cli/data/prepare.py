@@ -237,7 +237,7 @@ def _prepare_data(
             run.add_output(ws.index_path)
             run.add_output(cache_path)
             run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
-        log(f"wrote {escape(ws.rel(ws.index_path))} and {escape(ws.rel(cache_path))} "
+        log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
             f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
         console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
 

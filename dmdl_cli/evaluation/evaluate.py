@@ -2,7 +2,9 @@
 
 Reads the index, the cache and a checkpoint; extracts (or reuses) test features; runs every
 trial of every requested protocol; prints Rank-1/5/10/20, mAP, mINP (mean ± std over trials)
-and writes ``WS/eval/<mode>-<checkpoint>.json`` with the per-trial values.
+and writes ``WS/eval/<mode>-<checkpoint>.json`` with the per-trial values, the resolved recipe
+of the evaluation and the evaluated checkpoint's own recipe hash. Warns when a gallery holds
+fewer identities than the largest rank reported (Rank-k then says little for large k).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import cached_features
 from dmdl_cli.evaluation.metrics import mean_std, rank_metrics
 from dmdl_cli.evaluation.protocols import build_trials, protocol_modes
-from dmdl_cli.model.loading import load_model
+from dmdl_cli.model.loading import LoadedModel, load_model
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import select_runtime
 from dmdl_cli.workspace import Workspace
@@ -90,6 +92,32 @@ def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
 
 
+def _warn_small_gallery(mode: str, test: IndexTable, trial_list: list) -> None:
+    """Rank-k over a gallery of fewer than k identities is (nearly) certain: say so."""
+    ids = min(len(np.unique(test.pids[t.gallery])) for t in trial_list)
+    if ids < max(RANKS):
+        log(f"[yellow]warning:[/] the {mode} gallery holds {ids} identities, fewer than "
+            f"Rank-{max(RANKS)}: Rank-k for k >= {ids} is trivially high here")
+
+
+def _write_result(out: Path, dataset: str, protocol: dict[str, Any], loaded: LoadedModel,
+                  recipe: Recipe, summary: dict[str, Any], per_trial: list) -> None:
+    atomic_write_json(out, {
+        "dataset": dataset,
+        "protocol": protocol,
+        "checkpoint": {"name": loaded.name, "description": loaded.description,
+                       "sha256": loaded.sha256,
+                       # the recipe the checkpoint itself was trained with (None: untrained)
+                       "recipe_hash": loaded.meta.get("recipe_hash"),
+                       "stage_hash": loaded.meta.get("stage_hash")},
+        "recipe_hash": recipe.hash(),  # of this evaluation's recipe, given below in full
+        "recipe": recipe.to_dict(),
+        "mean": _jsonable(summary),
+        "per_trial": [_jsonable(t) for t in per_trial],
+    })
+    log(f"wrote {escape(str(out))}")
+
+
 def evaluate(
     ws: Workspace,
     recipe: Recipe,
@@ -100,6 +128,7 @@ def evaluate(
     shots: int | None = None,
     rerank: bool = False,
     visualize: int = 0,
+    visualize_worst: int = 0,
 ) -> dict[str, dict[str, Any]]:
     dataset = ws.dataset["name"]
     modes = list(protocol_modes(dataset)) if mode == "all" else [mode]
@@ -114,8 +143,9 @@ def evaluate(
         raise DmdlError(f"--trials {trials}: use 1 or more gallery sampling trials")
     if shots not in (1, 10):
         raise DmdlError(f"--shots {shots}: use 1 (single-shot) or 10 (multi-shot)")
-    if visualize < 0:
-        raise DmdlError(f"--visualize {visualize}: give the number of queries to draw (0 = none)")
+    for flag, value in (("--visualize", visualize), ("--visualize-worst", visualize_worst)):
+        if value < 0:
+            raise DmdlError(f"{flag} {value}: give the number of queries to draw (0 = none)")
 
     index = read_index(ws.index_path)
     test_rows = index.rows(split="test")
@@ -141,23 +171,20 @@ def evaluate(
         table_rows.append((label, summary))
         summaries[m] = summary
         suffix = ("-rerank" if rerank else "") + (f"-{shots}shot" if shots > 1 else "")
-        out = ws.dir("eval") / f"{m}{suffix}-{loaded.name}.json"
-        atomic_write_json(out, {
-            "dataset": dataset,
-            "protocol": {"mode": m, "trials": trials, "shots": shots, "rerank": rerank},
-            "checkpoint": {"name": loaded.name, "description": loaded.description,
-                           "sha256": loaded.sha256},
-            "recipe_hash": recipe.hash(),
-            "mean": _jsonable(summary),
-            "per_trial": [_jsonable(t) for t in per_trial],
-        })
-        log(f"wrote {escape(ws.rel(out))}")
-        if visualize:
+        _warn_small_gallery(m, test, trial_list)
+        _write_result(ws.dir("eval") / f"{m}{suffix}-{loaded.name}.json", dataset,
+                      {"mode": m, "trials": trials, "shots": shots, "rerank": rerank},
+                      loaded, recipe, summary, per_trial)
+        if visualize or visualize_worst:
             from dmdl_cli.evaluation.visualize import write_ranked_lists
 
-            written = write_ranked_lists(ws, cache, test, test_rows, feats, trial_list[0], m,
-                                         loaded.name, count=visualize)
-            log(f"wrote {len(written)} ranked lists under {ws.rel(ws.dir('eval') / 'ranks')}")
+            first = trial_list[0]
+            dist = trial_distance(feats[first.query], feats[first.gallery], recipe, rerank)
+            ranks_dir = ws.dir("eval") / "ranks"
+            written = write_ranked_lists(ranks_dir, cache, test, test_rows, dist, first,
+                                         f"{m}{suffix}-{loaded.name}", spread=visualize,
+                                         worst=visualize_worst)
+            log(f"wrote {len(written)} ranked lists (first trial) to {escape(str(ranks_dir))}")
     title = escape(f"{dataset}: {loaded.name} ({time.perf_counter() - start:.1f} s)")
     console.print(results_table(title, table_rows))
     return summaries

@@ -77,5 +77,5 @@ def cached_features(
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, features=feats, rows=rows)
-    log(f"wrote {ws.rel(path)} ({len(rows)} x {feats.shape[1]})")
+    log(f"wrote {path} ({len(rows)} x {feats.shape[1]})")
     return feats

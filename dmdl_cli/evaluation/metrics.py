@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["rank_metrics", "mean_std"]
+__all__ = ["rank_metrics", "mean_std", "query_average_precision"]
 
 # Upper bound on the number of (query, gallery) cells processed at once; bounds
 # the temporary arrays to a few tens of MB. A memory knob, not a method parameter.
@@ -261,3 +261,28 @@ def mean_std(per_trial: list[dict]) -> dict[str, Any]:
         "mINP_std": float(minps.std()),
         "trials": len(per_trial),
     }
+
+
+def query_average_precision(dist: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
+                            exclude: np.ndarray | None = None) -> np.ndarray:
+    """``(Q,)`` AP of each query (the module docstring's formula), NaN for a query that is not
+    valid. The mean over the valid queries is ``rank_metrics(...)["mAP"]``; this plain
+    sort-based form serves the ranked-list pictures (which queries fail most)."""
+    dist = np.asarray(dist)
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    ap = np.full(dist.shape[0], np.nan)
+    chunk = max(1, _CHUNK_CELLS // max(dist.shape[1], 1))
+    for lo in range(0, dist.shape[0], chunk):
+        hi = min(lo + chunk, dist.shape[0])
+        key = _order_keys(dist[lo:hi])                                # (C, G)
+        match = g_pids[None, :] == q_pids[lo:hi, None]                # (C, G)
+        if exclude is not None:
+            key[exclude[lo:hi]] = _KEY_MAX                            # kept entries first
+            match &= ~exclude[lo:hi]
+        order = np.argsort(key, axis=1)                               # (C, G) ranked lists
+        hits = np.take_along_axis(match, order, axis=1)               # (C, G) by rank
+        n_pos = hits.sum(axis=1)                                      # (C,)
+        precision = np.cumsum(hits, axis=1) / np.arange(1, dist.shape[1] + 1)  # i / (r_i + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap[lo:hi] = np.where(n_pos > 0, (precision * hits).sum(axis=1) / n_pos, np.nan)
+    return ap

@@ -39,6 +39,7 @@ from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import extract_features
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.model.batchnorm import recalibrate_batchnorm, recalibration_rows
+from dmdl_cli.provenance import STAGE_RECIPE, write_recipe
 from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
 from dmdl_cli.runtime import (Runtime, make_grad_scaler, rng_state, seed_everything, select_runtime,
                               set_rng_state)
@@ -211,6 +212,7 @@ def _checkpoint_meta(recipe: Recipe, logic: StageLogic, epoch: int, step: int, c
         "stage_hash": stage_hash(recipe, logic.name),
         "stage1_hash": stage_hash(recipe, "stage1"),
         "dmdl_version": __version__,
+        "recipe": recipe.to_dict(),  # the values themselves, so a checkpoint explains itself
     }
 
 
@@ -306,6 +308,7 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
             if run is not None:
                 for path in logic.inputs(ws):
                     run.add_input(path)
+                run.add_output(write_recipe(folder / STAGE_RECIPE, recipe))
             for epoch in range(start_epoch, stage.epochs):
                 t_epoch = time.perf_counter()
                 if epoch_state is None:
@@ -340,7 +343,7 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
                                                                       stage.iters, True)})
                 jlog({"kind": "end", "epoch": stage.epochs, "step": 0})
                 run.add_output(final_path)
-                log(f"wrote {ws.rel(final_path)} (the last epoch: no checkpoint is selected on "
+                log(f"wrote {final_path} (the last epoch: no checkpoint is selected on "
                     "the test set)")
         if runtime.distributed:
             dist.barrier()

@@ -1,0 +1,96 @@
+"""Recipe provenance through the CLI: each stage keeps the recipe it ran with, a later stage
+builds on it without repeating the overrides, and a real conflict names the differing keys."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_refused, copy_workspace, invoke
+from dmdl_cli.provenance import differences
+from dmdl_cli.recipe import load_recipe
+
+# Stage-1 values given only to pretrain-single; train-cross must inherit them.
+STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
+               "stage1.instances=2", "cluster.min_samples=2", "train.feature_batch=128"]
+STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3",
+               "stage2.instances=2"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def stage1_with_sets(tiny_workspace, tmp_path_factory) -> Path:
+    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("prov"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DMDL_NO_PROGRESS", "1")
+        result = invoke(["pretrain-single", "-w", ws, *_sets(STAGE1_SETS)])
+    assert result.exit_code == 0, result.output
+    return ws
+
+
+def test_stage_writes_its_recipe_and_the_ledger_its_overrides(stage1_with_sets):
+    ws = stage1_with_sets
+    saved = load_recipe(ws / "stage1" / "recipe.yaml")
+    workspace_recipe = load_recipe(ws / "recipe.yaml")
+    assert saved.stage1.epochs == 1 and workspace_recipe.stage1.epochs != 1
+    meta = torch.load(ws / "stage1" / "final.pt", map_location="cpu", weights_only=False)["meta"]
+    assert meta["recipe_hash"] == saved.hash() and meta["recipe"] == saved.to_dict()
+    run = json.loads((ws / "manifest.json").read_text())["runs"][-1]
+    assert run["stage"] == "pretrain-single"
+    assert run["recipe_origin"]["overrides"] == STAGE1_SETS
+    assert "stage1/recipe.yaml" in [o["path"] for o in run["outputs"]]
+
+
+def test_plain_train_cross_builds_on_the_stage1_recipe(stage1_with_sets, tmp_path):
+    ws = copy_workspace(stage1_with_sets, tmp_path)
+    result = invoke(["train-cross", "-w", ws, *_sets(STAGE2_SETS)])
+    assert result.exit_code == 0, result.output
+    stage2 = load_recipe(ws / "stage2" / "recipe.yaml")
+    assert stage2.stage1.epochs == 1 and stage2.cluster.min_samples == 2
+    assert stage2.stage2.epochs == 1
+    run = json.loads((ws / "manifest.json").read_text())["runs"][-1]
+    assert run["recipe_origin"]["inherited"][0]["from"] == "stage1/recipe.yaml"
+    assert f"results: {ws.resolve() / 'stage2'}" in result.output
+    # the evaluation records the evaluated checkpoint's own recipe hash beside its own recipe
+    result = invoke(["evaluate", "-w", ws, "--mode", "all-search", "--trials", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((ws / "eval" / "all-search-stage2-final.json").read_text())
+    assert report["checkpoint"]["recipe_hash"] == stage2.hash()
+    assert report["recipe"]["model"] == stage2.to_dict()["model"]
+
+
+def test_an_explicit_stage1_value_that_differs_is_refused_naming_it(stage1_with_sets, snapshot):
+    ws = stage1_with_sets
+    before = snapshot(ws)
+    result = invoke(["train-cross", "-w", ws, "--set", "stage1.epochs=2", "--set",
+                     "cluster.min_samples=2", *_sets(STAGE2_SETS)])
+    line = assert_refused(result, "stage1/final.pt", "stage1.epochs: 1 -> 2", "pretrain-single --force")
+    assert "min_samples" not in line  # the same value as stage 1 is no conflict
+    result = invoke(["evaluate", "-w", ws, "--set", "data.height=128"])
+    assert_refused(result, "data.height: 64 -> 128")
+    assert snapshot(ws) == before
+
+
+def test_differences_lists_each_changed_leaf():
+    made = {"stage1": {"epochs": 50, "lr": 0.1}, "model": {"arch": "resnet18"}}
+    asked = {"stage1": {"epochs": 1, "lr": 0.1}, "model": {"arch": "resnet50"}}
+    assert differences(made, asked, ("stage1", "model.arch")) == [
+        "stage1.epochs: 50 -> 1", "model.arch: resnet18 -> resnet50"]
+    assert differences(made, made, ("stage1", "model")) == []
+
+
+def test_plain_resume_continues_with_the_partial_runs_own_recipe(stage1_with_sets, tmp_path):
+    ws = copy_workspace(stage1_with_sets, tmp_path)
+    (ws / "stage1" / "final.pt").unlink()  # as if killed after the last epoch's last.pt
+    result = invoke(["pretrain-single", "-w", ws, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (ws / "stage1" / "final.pt").is_file()
+    run = json.loads((ws / "manifest.json").read_text())["runs"][-1]
+    assert run["recipe_origin"]["overrides"] == []
+    assert [i["from"] for i in run["recipe_origin"]["inherited"]] == ["stage1/recipe.yaml"]
+    assert load_recipe(ws / "stage1" / "recipe.yaml").stage1.epochs == 1

@@ -204,6 +204,15 @@ def export(
         ws, recipe_obj, checkpoint=checkpoint, fmt=fmt, opset=opset, dynamic_batch=dynamic_batch)
 
 
+@command("report")
+def report(
+    workspaces: list[Path] = typer.Argument(..., help="One or more workspaces (seeds, ablation variants, RegDB trials)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for tables and figures (default: WS/report; several: report/ in their common folder)."),
+) -> None:
+    """Per-epoch tables, training and CMC figures; with several workspaces, a comparison."""
+    _stage("dmdl_cli.report.build", "report")(workspaces, out)
+
+
 def _open(workspace: Path, recipe: Optional[Path], overlay, set_):
     from dmdl_cli.workspace import Workspace
 

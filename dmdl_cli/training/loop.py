@@ -318,13 +318,14 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
                     start_step = 0
                 _train_epoch(ctx, logic, epoch_state, epoch, start_step, dataset, optimizer,
                              scaler, model, scheduler, last_path)
+                lr = optimizer.param_groups[0]["lr"]  # this epoch's rate (before the step)
                 scheduler.step()
                 if runtime.is_main:
                     save_checkpoint(last_path, _full_state(recipe, logic, model, optimizer, scheduler,
                                                            scaler, epoch_state, epoch, stage.iters))
                 seconds = time.perf_counter() - t_epoch
                 jlog({"kind": "epoch", "epoch": epoch, "step": stage.iters, "seconds": round(seconds, 2),
-                      "lr": optimizer.param_groups[0]["lr"]})
+                      "lr": lr})
                 if recipe.train.eval_every and (epoch + 1) % recipe.train.eval_every == 0 and runtime.is_main:
                     _monitor(ctx, epoch)
                 if recipe.train.keep_epochs and runtime.is_main:

@@ -143,13 +143,25 @@ def _checkpoint_rank(name: str) -> tuple[int, str]:
     return (CHECKPOINT_ORDER.index(name) if name in CHECKPOINT_ORDER else len(CHECKPOINT_ORDER), name)
 
 
+def _recipe_of(ws: Path) -> dict[str, Any]:
+    """The recipe the newest stage ran with (its own ``recipe.yaml`` when the stage wrote one),
+    else the workspace's; {} when there is none."""
+    for path in (ws / "stage2" / "recipe.yaml", ws / "stage1" / "recipe.yaml", ws / "recipe.yaml"):
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                raise DmdlError(f"{path} is not valid YAML ({err}): restore it or delete it") from None
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
 def read_workspace(ws: Path, label: str | None = None) -> WorkspaceRecord:
     """The logs and evaluations of one workspace; refuses a folder that holds neither."""
     ws = Path(ws)
     if not ws.is_dir():
         raise DmdlError(f"workspace {ws} does not exist: give a folder made by `dmdl prepare-data`")
-    recipe_path = ws / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() else {}
+    recipe = _recipe_of(ws)
     stages = [s for s in (read_stage(ws, name, recipe or {}) for name in STAGES) if s is not None]
     evals = [read_evaluation(p) for p in sorted((ws / "eval").glob("*.json"))]
     evals.sort(key=lambda e: (e.mode, e.variant, _checkpoint_rank(e.checkpoint)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.model.batchnorm import recalibrate_batchnorm, recalibration_rows
 from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
 from dmdl_cli.runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
+from dmdl_cli.training.tensorboard import TensorBoardLog, require_tensorboard
 from dmdl_cli.workspace import Workspace, load_checkpoint, save_checkpoint
 
 LOG_FILE = "log.jsonl"
@@ -221,6 +223,8 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
     command = "pretrain-single" if logic.name == "stage1" else "train-cross"
     runtime = select_runtime(recipe, deterministic=deterministic)
     seed_everything(recipe.train.seed)
+    if recipe.train.tensorboard:
+        require_tensorboard()  # refuse before anything is written
 
     with ws.locked() if runtime.is_main else _nullcontext(ws):
         start_epoch, start_step, saved = 0, 0, None
@@ -239,6 +243,8 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
             for path in (last_path, final_path, folder / LOG_FILE):
                 if runtime.is_main and path.exists():
                     path.unlink()
+            if runtime.is_main:
+                shutil.rmtree(folder / "tensorboard", ignore_errors=True)
             if runtime.is_main:
                 for path in ws.dir("labels").glob(f"{logic.labels_prefix}-e*.npz"):
                     path.unlink()
@@ -277,6 +283,9 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
 
         has_ids = bool((index.pids[train_rows] >= 0).any())
         jlog = JsonLog(folder / LOG_FILE, enabled=runtime.is_main)
+        if recipe.train.tensorboard and runtime.is_main:
+            jlog = TensorBoardLog(jlog, folder / "tensorboard", stage.iters,
+                                  resume_at=(start_epoch, start_step) if saved is not None else None)
         ctx = TrainContext(ws, recipe, stage, runtime, index, train_rows,
                            index.modality[train_rows].astype(np.int8), cache, train_model,
                            index.pids[train_rows] if has_ids else None, jlog)

@@ -54,7 +54,7 @@ class DataRecipe:
 
 @dataclass
 class ModelRecipe:
-    """The shared two-modality backbone (method.md section 5)."""
+    """The shared two-modality backbone (docs/method.md section 5)."""
 
     arch: str = _choice("resnet50_agw", ARCHS)
     pretrained: str | None = "imagenet"  # "imagenet" (torch hub cache), a .pth path, or null
@@ -64,7 +64,7 @@ class ModelRecipe:
 
 @dataclass
 class ClusterRecipe:
-    """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (method.md section 2)."""
+    """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (docs/method.md section 2)."""
 
     k1: int = _ranged(30, 1)
     k2: int = _ranged(6, 1)
@@ -117,7 +117,7 @@ class TrainRecipe:
 
 @dataclass
 class AugmentRecipe:
-    """CBT data level: probabilities and strengths of the two views (method.md section 4)."""
+    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4)."""
 
     pad: int = _ranged(10, 0)
     flip_p: float = _ranged(0.5, 0.0, 1.0)

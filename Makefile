@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[test,export]'
-	$(PY) -c "import torch, torchvision, faiss, sklearn, typer, rich, onnxruntime; print('environment ready: torch', torch.__version__)"
+	$(PY) -c "import torch, torchvision, faiss, sklearn, typer, rich, onnxruntime, matplotlib; print('environment ready: torch', torch.__version__)"
 	touch $(STAMP)
 
 test: venv

@@ -235,6 +235,15 @@ def _results(where: str) -> None:
     console.print(f"[bold green]results:[/] {escape(where)}", soft_wrap=True)
 
 
+@command("report")
+def report(
+    workspaces: list[Path] = typer.Argument(..., help="One or more workspaces (seeds, ablation variants, RegDB trials)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for tables and figures (default: WS/report; several: report/ in their common folder)."),
+) -> None:
+    """Per-epoch tables, training and CMC figures; with several workspaces, a comparison."""
+    _stage("dmdl_cli.report.build", "report")(workspaces, out)
+
+
 def _open(workspace: Path, recipe: Optional[Path], overlay, set_, command: str, *,
           resume: bool = False, checkpoint: Optional[str] = None):
     """Open the workspace and resolve the command's recipe (dmdl_cli/provenance.py)."""

@@ -57,7 +57,7 @@ class DataRecipe:
 
 @dataclass
 class ModelRecipe:
-    """The shared two-modality backbone (method.md section 5)."""
+    """The shared two-modality backbone (docs/method.md section 5)."""
 
     arch: str = _choice("resnet50_agw", ARCHS)
     pretrained: str | None = "imagenet"  # "imagenet" (torch hub cache), a .pth path, or null
@@ -67,7 +67,7 @@ class ModelRecipe:
 
 @dataclass
 class ClusterRecipe:
-    """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (method.md section 2)."""
+    """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (docs/method.md section 2)."""
 
     k1: int = _ranged(30, 1)
     k2: int = _ranged(6, 1)
@@ -114,11 +114,13 @@ class TrainRecipe:
     # Clean train images over which BatchNorm running statistics are re-estimated before each
     # epoch's clustering features and before final.pt (0 = off: the reference behaviour).
     bn_recalibration: int = _ranged(0, 0)
+    # Also write TensorBoard event files to WS/<stage>/tensorboard (needs the `tensorboard` extra).
+    tensorboard: bool = False
 
 
 @dataclass
 class AugmentRecipe:
-    """CBT data level: probabilities and strengths of the two views (method.md section 4)."""
+    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4)."""
 
     pad: int = _ranged(10, 0)
     flip_p: float = _ranged(0.5, 0.0, 1.0)
@@ -201,10 +203,16 @@ class Recipe:
     def hash(self, sections: Iterable[str] | None = None) -> str:
         """sha256 (16 hex digits) of the canonical JSON of the named sections (all by default)."""
         full = self.to_dict()
+        for section, key in UNHASHED_KEYS:
+            full[section].pop(key, None)
         chosen = full if sections is None else {name: full[name] for name in sections}
         blob = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+
+# Keys that change only what is logged, never a result: left out of every hash, so switching
+# them for a resumed run keeps its checkpoints valid.
+UNHASHED_KEYS = (("train", "tensorboard"),)
 
 # Sections whose values determine each stage's result: a checkpoint is compatible with a recipe
 # when these hashes agree (an overlay that only touches stage 2 keeps stage 1 valid).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole DMDL pipeline on the embedded synthetic data set, on the CPU:
-#   prepare-data -> cluster (untrained sanity row) -> pretrain-single -> train-cross -> evaluate.
+#   prepare-data -> cluster (untrained sanity row) -> pretrain-single -> train-cross -> evaluate
+#   -> report (per-epoch table and figures in WORKSPACE/report).
 # Usage: recipes/demo.sh [WORKSPACE] (default runs/demo). Re-running resumes a killed stage and
 # skips finished ones. Extra recipe overrides: DMDL_SET="stage1.epochs=2 ..." recipes/demo.sh
 set -euo pipefail
@@ -20,4 +21,5 @@ dmdl train-cross --workspace "$WS" --resume
 dmdl evaluate --workspace "$WS" --mode all --checkpoint imagenet
 dmdl evaluate --workspace "$WS" --mode all --checkpoint "$WS/stage1/final.pt"
 dmdl evaluate --workspace "$WS" --mode all
+dmdl report "$WS"
 echo "demo finished in $(( $(date +%s) - start )) s; workspace: $WS"

@@ -58,5 +58,7 @@ def test_regdb_script_runs_each_trial_and_prints_the_mean(tmp_path: Path) -> Non
     out = run_script("regdb.sh", str(root), str(prefix), "1 2")
     for t in (1, 2):
         assert (prefix / f"trial-{t}" / "eval" / "visible-to-infrared-stage2-final.json").is_file()
-    assert "mean over 2 workspaces" in out.stdout
+    assert "comparison of 2 workspaces" in out.stdout  # `dmdl report` over the trials
     assert "infrared-to-visible" in out.stdout
+    assert (prefix / "report" / "comparison.md").is_file()
+    assert (prefix / "report" / "compare_cmc.png").is_file()

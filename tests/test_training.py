@@ -253,7 +253,7 @@ def _first_step(ws: Path, stage: str) -> dict:
 def test_cai_replaces_the_likelihood_term(stage1_done: Path, tmp_path: Path) -> None:
     # One iteration: the logged step is computed before any memory update, so both runs see
     # the same model, memories, batch and targets and differ only by the CAI switch. CAI
-    # replaces likelihood modelling (method.md section 3): with it on, mu * L_CAI takes the
+    # replaces likelihood modelling (docs/method.md section 3): with it on, mu * L_CAI takes the
     # place of the fused-memory term, which is still computed (and logged) for the targets.
     runs = {}
     for enabled in ("true", "false"):

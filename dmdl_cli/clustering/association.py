@@ -1,7 +1,7 @@
 """Cross-modality association of per-modality clusters into one identity space (stage 2).
 
 After each epoch's clustering, the visible clusters ``0..Cv-1`` and the infrared clusters
-``0..Ci-1`` are linked by the cosine similarity of their centroids (method.md section 2):
+``0..Ci-1`` are linked by the cosine similarity of their centroids (docs/method.md section 2):
 
 * ``"nearest-alternating"`` (DMDL): on even epochs every visible cluster takes the id of its most
   similar IR cluster (the unified id space is the IR clusters; each IR cluster keeps its own id),

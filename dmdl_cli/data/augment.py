@@ -1,4 +1,4 @@
-"""CBT data level: modality-specific two-view augmentation (method.md section 4).
+"""CBT data level: modality-specific two-view augmentation (docs/method.md section 4).
 
 Every training image yields two views. With ``AugmentConfig.modality_specific`` (DMDL):
 
@@ -164,7 +164,7 @@ def _lut_bank(names: tuple[str, ...]) -> np.ndarray:
 class AugmentConfig:
     """Every probability and strength of the two-view augmentation.
 
-    Defaults are the paper's (method.md section 4) and, where the paper is silent, its reference
+    Defaults are the paper's (docs/method.md section 4) and, where the paper is silent, its reference
     implementation's. Field names match ``recipe.AugmentRecipe`` (see :meth:`from_recipe`).
 
     * ``modality_specific``: True = DMDL views; False = baseline, both views standard.

@@ -13,7 +13,7 @@ with unified labels y, two views A/B and refined targets t (one-hot for the firs
 - L_intra: contrastive loss of each sample against its own modality's memory;
 - L_fused: contrastive loss against the fused memory, i.e. likelihood modelling P(y | x);
 - L_CAI: -sum_y t(y) log P(y | do(x)), P(y | do(x)) = sum_m P(y | x, m) P(m) (``model/cai.py``).
-  CAI *replaces* likelihood modelling, as the paper and method.md section 3 state: with CAI on,
+  CAI *replaces* likelihood modelling, as the paper and docs/method.md section 3 state: with CAI on,
   L_fused is logged but not trained on. The fused memory is kept either way: its similarities
   give the refined targets' top-k part (``view_targets``);
 - triplet: batch-hard, cross-modal (positives from the other modality) once the sampler draws

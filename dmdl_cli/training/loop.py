@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from dmdl_cli.provenance import STAGE_RECIPE, write_recipe
 from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
 from dmdl_cli.runtime import (Runtime, make_grad_scaler, rng_state, seed_everything, select_runtime,
                               set_rng_state)
+from dmdl_cli.training.tensorboard import TensorBoardLog, require_tensorboard
 from dmdl_cli.workspace import Workspace, load_checkpoint, save_checkpoint
 
 LOG_FILE = "log.jsonl"
@@ -224,6 +226,8 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
     command = "pretrain-single" if logic.name == "stage1" else "train-cross"
     runtime = select_runtime(recipe, deterministic=deterministic)
     seed_everything(recipe.train.seed)
+    if recipe.train.tensorboard:
+        require_tensorboard()  # refuse before anything is written
 
     with ws.locked() if runtime.is_main else _nullcontext(ws):
         start_epoch, start_step, saved = 0, 0, None
@@ -242,6 +246,8 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
             for path in (last_path, final_path, folder / LOG_FILE):
                 if runtime.is_main and path.exists():
                     path.unlink()
+            if runtime.is_main:
+                shutil.rmtree(folder / "tensorboard", ignore_errors=True)
             if runtime.is_main:
                 for path in ws.dir("labels").glob(f"{logic.labels_prefix}-e*.npz"):
                     path.unlink()
@@ -280,6 +286,9 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
 
         has_ids = bool((index.pids[train_rows] >= 0).any())
         jlog = JsonLog(folder / LOG_FILE, enabled=runtime.is_main)
+        if recipe.train.tensorboard and runtime.is_main:
+            jlog = TensorBoardLog(jlog, folder / "tensorboard", stage.iters,
+                                  resume_at=(start_epoch, start_step) if saved is not None else None)
         ctx = TrainContext(ws, recipe, stage, runtime, index, train_rows,
                            index.modality[train_rows].astype(np.int8), cache, train_model,
                            index.pids[train_rows] if has_ids else None, jlog)
@@ -322,13 +331,14 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
                     start_step = 0
                 _train_epoch(ctx, logic, epoch_state, epoch, start_step, dataset, optimizer,
                              scaler, model, scheduler, last_path)
+                lr = optimizer.param_groups[0]["lr"]  # this epoch's rate (before the step)
                 scheduler.step()
                 if runtime.is_main:
                     save_checkpoint(last_path, _full_state(recipe, logic, model, optimizer, scheduler,
                                                            scaler, epoch_state, epoch, stage.iters))
                 seconds = time.perf_counter() - t_epoch
                 jlog({"kind": "epoch", "epoch": epoch, "step": stage.iters, "seconds": round(seconds, 2),
-                      "lr": optimizer.param_groups[0]["lr"]})
+                      "lr": lr})
                 if recipe.train.eval_every and (epoch + 1) % recipe.train.eval_every == 0 and runtime.is_main:
                     _monitor(ctx, epoch)
                 if recipe.train.keep_epochs and runtime.is_main:

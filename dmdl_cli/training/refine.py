@@ -1,4 +1,4 @@
-"""CBT label refinement (method.md section 4, "Labels").
+"""CBT label refinement (docs/method.md section 4, "Labels").
 
 (a) **Per-member confidence.** For each sample the *normalised loss* is
 ``l_i = - softmax(f_i . centroids / tau)[y_i]`` — "normalised" because a softmax probability is

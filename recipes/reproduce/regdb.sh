@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce DMDL on RegDB (paper recipe): one workspace per trial, then the mean over trials.
+# Reproduce DMDL on RegDB (paper recipe): one workspace per trial, then `dmdl report` over them
+# (mean ± std over trials, written to PREFIX/report).
 # Usage: recipes/reproduce/regdb.sh RAW_REGDB_DIR [WORKSPACE_PREFIX=runs/regdb] [TRIALS="1 2 ... 10"]
 source "$(dirname "$0")/_common.sh"
 ROOT=${1:?usage: regdb.sh RAW_REGDB_DIR [WORKSPACE_PREFIX] [TRIALS]}
@@ -13,4 +14,4 @@ for t in $TRIALS; do
   pipeline "$WS"
   workspaces+=("$WS")
 done
-python -m dmdl_cli.evaluation.summary "${workspaces[@]}"
+dmdl report "${workspaces[@]}" --out "$PREFIX/report"

@@ -1,0 +1,200 @@
+"""`dmdl report`: tables and figures from what training and evaluation logged.
+
+The table and figure logic runs on workspaces whose ``log.jsonl`` and ``eval/*.json`` are written
+here by hand (known numbers, known means); one real tiny run checks the whole path end to end.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import assert_refused, copy_workspace, invoke, tree_snapshot
+from dmdl_cli.recipe import Recipe
+from dmdl_cli.report.logs import epoch_rows, read_workspace
+from dmdl_cli.report.tables import comparison_table, epoch_table, group_variants
+from dmdl_cli.training.tensorboard import scalars
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+def _labels(epoch: int, vis: int, ir: int, ari: float, **extra) -> dict:
+    return {"kind": "labels", "epoch": epoch, "step": 0,
+            "visible": {"n": 40, "clusters": vis, "outliers": 2, "ari": ari, "nmi": ari + 0.2},
+            "infrared": {"n": 20, "clusters": ir, "outliers": 1, "ari": ari / 2, "nmi": ari},
+            **extra}
+
+
+def _stage_records(stage: str, epochs: int, base_loss: float) -> list[dict]:
+    out = [{"kind": "start", "epoch": 0, "step": 0, "stage": stage}]
+    for e in range(epochs):
+        extra = {"association_accuracy": 0.1 * (e + 1), "unified_ids": 5 + e} if stage == "stage2" else {}
+        out.append(_labels(e, 10 + e, 6 + e, 0.2 + 0.1 * e, **extra))
+        out.append({"kind": "step", "epoch": e, "step": 10, "loss": base_loss - e, "contrast": 2.0})
+        out.append({"kind": "step", "epoch": e, "step": 20, "loss": base_loss - e - 1, "contrast": 1.0})
+        out.append({"kind": "speed", "epoch": e, "step": 20, "images_per_s": 100.0 + e})
+        out.append({"kind": "epoch", "epoch": e, "step": 20, "seconds": 3.5, "lr": 3.5e-4})
+    out.append({"kind": "end", "epoch": epochs, "step": 0})
+    return out
+
+
+def _eval(ws: Path, mode: str, checkpoint: str, rank1: float, mAP: float) -> None:
+    cmc = [min(1.0, rank1 + 0.1 * r) for r in range(20)]
+    data = {"dataset": "synthetic", "protocol": {"mode": mode, "trials": 2, "shots": 1, "rerank": False},
+            "checkpoint": {"name": checkpoint}, "recipe_hash": "x",
+            "mean": {"cmc": cmc, "cmc_std": [0.01] * 20, "mAP": mAP, "mAP_std": 0.02, "mINP": mAP / 2,
+                     "mINP_std": 0.01, "trials": 2}}
+    (ws / "eval").mkdir(parents=True, exist_ok=True)
+    (ws / "eval" / f"{mode}-{checkpoint}.json").write_text(json.dumps(data))
+
+
+def fake_workspace(root: Path, seed: int, mAP: float, cai: bool = True) -> Path:
+    """A workspace holding only what `dmdl report` reads: recipe, two stage logs, evaluations."""
+    recipe = Recipe()
+    recipe.train.seed, recipe.cai.enabled = seed, cai
+    root.mkdir(parents=True)
+    (root / "recipe.yaml").write_text(recipe.to_yaml())
+    for stage, epochs in (("stage1", 2), ("stage2", 3)):
+        (root / stage).mkdir()
+        lines = [json.dumps(r) for r in _stage_records(stage, epochs, 10.0)]
+        (root / stage / "log.jsonl").write_text("\n".join(lines) + "\n{\"kind\": \"st")  # a cut last line
+    for mode in ("all-search", "indoor-search"):
+        _eval(root, mode, "random-init", 0.2, 0.15)
+        _eval(root, mode, "stage2-final", 0.4, mAP)
+    return root
+
+
+def test_epoch_rows_fold_the_log_into_one_row_per_epoch(tmp_path: Path) -> None:
+    rows = epoch_rows(_stage_records("stage2", 3, 10.0), "stage2")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    first = rows[0]
+    assert first["loss"] == pytest.approx(9.5)  # mean of the two logged steps 10 and 9
+    assert first["loss_contrast"] == pytest.approx(1.5)
+    assert (first["vis_clusters"], first["ir_clusters"], first["vis_outliers"]) == (10, 6, 2)
+    assert first["association_accuracy"] == pytest.approx(0.1) and first["unified_ids"] == 5
+    assert (first["lr"], first["images_per_s"], first["seconds"]) == (3.5e-4, 100.0, 3.5)
+    assert rows[2]["vis_ari"] == pytest.approx(0.4) and rows[2]["ir_nmi"] == pytest.approx(0.4)
+
+
+def test_one_workspace_prints_the_table_and_writes_tables_and_figures(tmp_path: Path) -> None:
+    ws = fake_workspace(tmp_path / "ws", seed=1, mAP=0.30)
+    result = invoke(["report", ws])
+    assert result.exit_code == 0, result.output
+    assert "per epoch" in result.output and "vis clu/out" in result.output
+    assert "10/2" in result.output  # visible clusters/outliers of stage 1, epoch 1
+    out = ws / "report"
+    for name in ("training_curves.png", "pseudo_labels.png", "cmc.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 300
+        assert str(out / name) in result.output.replace("\n", "")
+    with open(out / "per_epoch.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 5 and rows[0]["stage"] == "stage1"
+    assert float(rows[4]["association_accuracy"]) == pytest.approx(0.3)
+    assert "| stage2 | 3 |" in (out / "per_epoch.md").read_text()
+    assert "stage2-final" in (out / "evaluations.md").read_text()
+
+
+def test_two_workspaces_print_the_comparison_with_mean_and_std(tmp_path: Path) -> None:
+    a = fake_workspace(tmp_path / "seed1", seed=1, mAP=0.40)
+    b = fake_workspace(tmp_path / "seed2", seed=2, mAP=0.50)
+    result = invoke(["report", a, b, "--out", tmp_path / "cmp"])
+    assert result.exit_code == 0, result.output
+    assert "comparison of 2 workspaces" in result.output
+    assert "45.00 ± 5.00" in result.output  # mAP of stage2-final over the two seeds
+    assert "40.0, 50.0" in result.output
+    for name in ("comparison.md", "comparison.csv", "compare_curves.png", "compare_cmc.png",
+                 "seed1/cmc.png", "seed2/training_curves.png"):
+        assert (tmp_path / "cmp" / name).is_file(), name
+
+
+def test_variants_are_grouped_apart_and_named_by_what_differs(tmp_path: Path) -> None:
+    records = [read_workspace(fake_workspace(tmp_path / f"w{i}", seed=i, mAP=m, cai=cai))
+               for i, (m, cai) in enumerate([(0.4, True), (0.5, True), (0.2, False)])]
+    groups = group_variants(records)
+    assert sorted((name, len(members)) for name, members in groups) == [
+        ("cai.enabled=False", 1), ("cai.enabled=True", 2)]
+    table = comparison_table(records)
+    row = next(r for r in table.raw if r["variant"] == "cai.enabled=True" and r["checkpoint"] == "stage2-final"
+               and r["protocol"] == "all-search")
+    assert row["mAP_mean"] == pytest.approx(0.45) and row["mAP_std"] == pytest.approx(0.05)
+    assert row["runs"] == 2
+
+
+def test_a_folder_without_logs_or_evaluations_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert_refused(invoke(["report", tmp_path / "empty"]), "no training log", "dmdl evaluate")
+    assert_refused(invoke(["report", tmp_path / "missing"]), "does not exist")
+
+
+def test_tensorboard_scalars_of_log_records() -> None:
+    tags = scalars(_labels(0, 10, 6, 0.3, association_accuracy=0.5))
+    assert tags["labels/visible_clusters"] == 10 and tags["labels/infrared_ari"] == pytest.approx(0.15)
+    assert tags["labels/association_accuracy"] == 0.5
+    assert scalars({"kind": "step", "epoch": 0, "step": 10, "loss": 2.5}) == {"loss/loss": 2.5}
+    assert scalars({"kind": "start", "epoch": 0, "step": 0}) == {}
+
+
+def test_the_tensorboard_key_does_not_change_recipe_hashes() -> None:
+    on = Recipe()
+    on.train.tensorboard = True
+    assert on.hash() == Recipe().hash()
+
+
+# -- one real tiny run ----------------------------------------------------------------------------
+TINY_TRAIN = [
+    "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
+    "stage1.epochs=1", "stage1.iters=2", "stage1.clusters_per_batch=3", "stage1.instances=2",
+    "stage2.epochs=2", "stage2.iters=1", "stage2.clusters_per_batch=3", "stage2.instances=2",
+    "train.feature_batch=64", "eval.trials=2",
+]
+
+
+def _sets(extra: tuple[str, ...] = ()) -> list[str]:
+    return [x for kv in (*TINY_TRAIN, *extra) for x in ("--set", kv)]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_workspace, tmp_path_factory) -> Path:
+    """The tiny workspace after both stages and an all-search evaluation (one real run)."""
+    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("trained"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DMDL_NO_PROGRESS", "1")
+        extra = ("train.tensorboard=true",) if HAS_TENSORBOARD else ()
+        for command in ("pretrain-single", "train-cross"):
+            result = invoke([command, "--workspace", ws, "--deterministic", *_sets(extra)])
+            assert result.exit_code == 0, result.output
+        result = invoke(["evaluate", "--workspace", ws, "--mode", "all-search", *_sets()])
+        assert result.exit_code == 0, result.output
+    return ws
+
+
+def test_report_of_a_real_tiny_run(trained: Path, tmp_path: Path) -> None:
+    result = invoke(["report", trained, "--out", tmp_path / "r"])
+    assert result.exit_code == 0, result.output
+    assert "stage1" in result.output and "stage2" in result.output and "all-search" in result.output
+    rows = list(csv.DictReader(open(tmp_path / "r" / "per_epoch.csv")))
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("stage1", "1"), ("stage2", "1"), ("stage2", "2")]
+    assert all(float(r["lr"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    assert rows[1]["association_accuracy"] != ""  # the synthetic set has identities
+    for name in ("training_curves.png", "pseudo_labels.png", "cmc.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 10_000, name
+
+
+@pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed: the refusal cannot happen")
+def test_tensorboard_without_the_package_is_one_error_line_and_writes_nothing(tiny_workspace, tmp_path) -> None:
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    before = tree_snapshot(ws)
+    result = invoke(["pretrain-single", "--workspace", ws, *_sets(("train.tensorboard=true",))])
+    assert_refused(result, "tensorboard", "pip install")
+    assert tree_snapshot(ws) == before
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="the optional tensorboard extra is not installed")
+def test_tensorboard_event_files_are_written_when_asked(trained: Path) -> None:
+    events = list((trained / "stage2" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -87,6 +87,13 @@ def adopting_modality(epoch: int) -> int:
     return VISIBLE if epoch % 2 == 0 else INFRARED
 
 
+def clustering_k1(recipe: Recipe, epoch: int) -> dict[int, int] | None:
+    """Per-modality k1 overrides of this epoch's clustering: ``cluster.k1_adopting`` for the
+    modality adopting the other's ids (the reference's k1 alternation), None without it."""
+    k1 = recipe.cluster.k1_adopting
+    return None if k1 is None else {adopting_modality(epoch): k1}
+
+
 def memory_updates(modality: torch.Tensor, epoch: int, cross: bool) -> dict[int, torch.Tensor]:
     """Which samples move each per-modality memory: ``{m: (N,) bool}``.
 
@@ -135,8 +142,7 @@ class CrossModalityStage(StageLogic):
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
         recipe, stage = ctx.recipe, ctx.stage
         feats = ctx.train_features()  # (N_train, D)
-        k1 = recipe.cluster.k1_adopting
-        clusters = cluster_modalities(ctx, feats, None if k1 is None else {adopting_modality(epoch): k1})
+        clusters = cluster_modalities(ctx, feats, clustering_k1(recipe, epoch))
         for m in MODALITIES:
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
         assoc = associate(clusters[VISIBLE].centroids, clusters[INFRARED].centroids,

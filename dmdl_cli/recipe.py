@@ -408,8 +408,13 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: st
     node[parts[-1]] = value
 
 
-def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
+def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe", *,
+                     check_schedule: bool = True) -> Recipe:
+    """Build and validate a recipe; ``check_schedule=False`` skips the checks that relate keys
+    to each other (thresholds vs ``epochs``), for intermediate states of a merge."""
     recipe = _build(Recipe, data, "", source)
+    if not check_schedule:
+        return recipe
     for name in ("stage1", "stage2"):
         _check_schedule(getattr(recipe, name), name, source)
     if recipe.stage1.cross_sampler_from != NEVER:
@@ -454,6 +459,7 @@ def load_recipe(
     overrides: Iterable[str] = (),
 ) -> Recipe:
     """Load, merge, override and validate a recipe; ``path=None`` starts from the defaults."""
+    overrides = list(overrides)
     tree: dict[str, Any] = {}
     sources = []
     if path is not None:
@@ -463,13 +469,14 @@ def load_recipe(
         recipe_from_dict(tree, str(path))
     for overlay in overlays:
         top = _read_yaml(Path(overlay))
-        recipe_from_dict(_deep_merge(tree, top), str(overlay))
+        recipe_from_dict(_deep_merge(tree, top), str(overlay), check_schedule=False)
         tree = _deep_merge(tree, top)
         sources.append(str(overlay))
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(tree, parts, value, text)
-        recipe_from_dict(tree, f"--set {text}")
+        recipe_from_dict(tree, f"--set {text}", check_schedule=False)
+    sources += [f"--set {text}" for text in overrides]
     return recipe_from_dict(tree, " + ".join(sources) or "defaults")
 
 

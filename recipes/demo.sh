@@ -2,7 +2,7 @@
 # The whole DMDL pipeline on the embedded synthetic data set, on the CPU:
 #   prepare-data -> cluster (untrained sanity row) -> pretrain-single -> train-cross -> evaluate.
 # Usage: recipes/demo.sh [WORKSPACE] (default runs/demo). Re-running resumes a killed stage and
-# skips finished ones. Extra recipe overrides: DMDL_SET="stage1.epochs=2 ..." recipes/demo.sh
+# skips finished ones. Extra recipe overrides: DMDL_SET="stage1.iters=4 ..." recipes/demo.sh
 set -euo pipefail
 WS=${1:-runs/demo}
 HERE=$(cd "$(dirname "$0")" && pwd)

@@ -22,16 +22,21 @@ from typer.testing import CliRunner
 from dmdl_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-# A schedule small enough for seconds on a CPU, large enough to cross every epoch switch:
-# stage 1 refines from epoch 2 and ramps the triplet; stage 2 leaves one-hot targets after
-# epoch 1 and turns the cross-modality sampler on at epoch 2.
+# A schedule small enough for seconds on a CPU, large enough to cross every epoch switch
+# (epochs counted from 0; triplet ramps hold strictly after the epoch named): stage 1 refines
+# from epoch 1 and turns the triplet on after epoch 0; stage 2 leaves one-hot targets after
+# epoch 0, clusters the adopting modality with k1_adopting and turns the cross-modality
+# sampler (and the all-modality triplet) on at epoch 2. The reference switches (per-sample
+# memory updates, per-modality triplets, camera-aware sampling, cross-modality memory update,
+# sums over modalities) are the recipe defaults.
 TINY = [
     "data.height=32", "data.width=16", "data.workers=0",
     "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
+    "cluster.k1_adopting=6",
     "stage1.epochs=2", "stage1.iters=3", "stage1.clusters_per_batch=3", "stage1.instances=2",
-    "stage1.refine_from=1", "stage1.triplet_ramp=[[1, 1.0]]",
+    "stage1.refine_from=1", "stage1.triplet_ramp=[[0, 1.0]]",
     "stage2.epochs=3", "stage2.iters=2", "stage2.clusters_per_batch=3", "stage2.instances=2",
-    "stage2.onehot_epochs=1", "stage2.cross_sampler_from=2", "stage2.triplet_ramp=[[1, 1.0]]",
+    "stage2.onehot_epochs=1", "stage2.cross_sampler_from=2", "stage2.triplet_ramp=[[0, 1.0]]",
     "train.checkpoint_every=2", "train.feature_batch=64", "train.bn_recalibration=40",
     "eval.trials=2",
 ]

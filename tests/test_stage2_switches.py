@@ -110,3 +110,25 @@ def test_k1_alternation_clusters_the_adopting_modality_with_k1_adopting(monkeypa
     feats = np.eye(4, dtype=np.float32)
     labelling.cluster_modalities(ctx, feats, clustering_k1(recipe, 1))
     assert seen == [30, 15]  # visible k1 = 30, infrared (adopting on odd epochs) 15
+
+
+def test_stage2_triplet_adds_the_all_modality_term_only_with_the_cross_sampler():
+    from dmdl_cli.training.losses import batch_hard_triplet, cross_modal_triplet, modality_triplet
+
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(8, 3, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    modality = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    stage = Recipe().stage2
+    per_mod = modality_triplet(feat, labels, modality, 0.3)
+    every = batch_hard_triplet(feat, labels, 0.3)
+    assert per_mod.item() > 0 and every.item() > 0
+    assert CrossModalityStage.triplet(stage, feat, labels, modality, False).item() == pytest.approx(per_mod.item())
+    assert CrossModalityStage.triplet(stage, feat, labels, modality, True).item() == pytest.approx(
+        per_mod.item() + every.item())
+    stage.triplet_all_modalities = False
+    assert CrossModalityStage.triplet(stage, feat, labels, modality, True).item() == pytest.approx(per_mod.item())
+    stage.triplet = "joint"  # dmdl's earlier form
+    assert CrossModalityStage.triplet(stage, feat, labels, modality, False).item() == pytest.approx(every.item())
+    assert CrossModalityStage.triplet(stage, feat, labels, modality, True).item() == pytest.approx(
+        cross_modal_triplet(feat, labels, modality, 0.3).item())

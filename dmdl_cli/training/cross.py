@@ -49,7 +49,7 @@ from dmdl_cli.console import log
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.model.cai import cai_log_prob, cai_loss, modality_prior
+from dmdl_cli.model.cai import cai_log_prob, modality_prior
 from dmdl_cli.model.loading import build_from_recipe
 from dmdl_cli.recipe import Recipe, reached, stage_hash, triplet_weight
 from dmdl_cli.training.labelling import (
@@ -61,7 +61,7 @@ from dmdl_cli.training.labelling import (
     restore_memory,
     write_labels_file,
 )
-from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
+from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, run_stage
 from dmdl_cli.training.losses import (
     batch_hard_triplet,
     cross_modal_triplet,
@@ -268,8 +268,9 @@ class CrossModalityStage(StageLogic):
                 cross_mode: bool) -> torch.Tensor:
         """Stage 2's triplet on ``feat (2B, D)`` with unified ``labels`` and ``modality``."""
         if stage.triplet == "joint" and cross_mode:
-            return cross_modal_triplet(feat, labels, modality, stage.triplet_margin)
-        term = stage_triplet(stage, feat, labels, modality)
+            term = cross_modal_triplet(feat, labels, modality, stage.triplet_margin)
+        else:
+            term = stage_triplet(stage, feat, labels, modality)
         if cross_mode and stage.triplet_all_modalities:
             term = term + batch_hard_triplet(feat, labels, stage.triplet_margin)
         return term

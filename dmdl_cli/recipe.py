@@ -34,6 +34,11 @@ DATASETS = ("sysu", "regdb", "llcm", "synthetic")
 # Command-line choices (declared once here; the CLI shows them in --help).
 CLUSTER_MODALITIES = ("visible", "infrared", "both")
 EXPORT_FORMATS = ("onnx", "torchscript", "both")
+TRIPLET_MODES = ("per-modality", "joint")
+LOSS_REDUCTIONS = ("sum-modalities", "mean")
+MEMORY_UPDATES = ("per-sample", "batch-mean")
+INTRA_TARGETS = ("hard", "refined")
+NEVER = "never"  # an epoch threshold that is never reached
 
 
 def _choice(default: Any, choices: Iterable[Any]) -> Any:
@@ -42,6 +47,11 @@ def _choice(default: Any, choices: Iterable[Any]) -> Any:
 
 def _ranged(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
     return field(default=default, metadata={"min": lo, "max": hi})
+
+
+def _threshold(default: int | str) -> Any:
+    """An epoch threshold (0-based epoch number) or ``never``; validated against ``epochs``."""
+    return field(default=default, metadata={"min": 0, "threshold": True})
 
 
 @dataclass
@@ -70,6 +80,9 @@ class ClusterRecipe:
     """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (docs/method.md section 2)."""
 
     k1: int = _ranged(30, 1)
+    # k1 of the modality that adopts the other's ids in stage 2 (the visible one on even epochs,
+    # the infrared one on odd epochs, as in association.method nearest-alternating); null = k1
+    k1_adopting: int | None = _ranged(None, 1)
     k2: int = _ranged(6, 1)
     eps: float = _ranged(0.6, 0.0, 1.0)
     min_samples: int = _ranged(4, 1)
@@ -79,7 +92,14 @@ class ClusterRecipe:
 
 @dataclass
 class StageRecipe:
-    """One training stage: schedule, optimiser, batch, losses and their ramps."""
+    """One training stage: schedule, optimiser, batch, losses and their ramps.
+
+    Epochs are counted from 0. Thresholds ``refine_from``, ``onehot_epochs`` and
+    ``cross_sampler_from`` hold from the epoch named on (``epoch >= value``); ``never`` turns them
+    off. Triplet ramp entries ``[e, w]`` hold strictly after the epoch named (``epoch > e``), as
+    in the reference implementation. Validation refuses thresholds that the schedule never
+    reaches.
+    """
 
     epochs: int = _ranged(50, 1)
     iters: int = _ranged(200, 1)
@@ -91,13 +111,37 @@ class StageRecipe:
     instances: int = _ranged(16, 1)  # K images per cluster and modality
     temp: float = _ranged(0.05, 1e-6)  # contrastive temperature tau
     momentum: float = _ranged(0.2, 0.0, 1.0)  # memory momentum: m <- momentum*m + (1-momentum)*f
+    # per-sample: each sample of a batch moves its row in turn, in batch order (the reference);
+    # batch-mean: a row moves once per step towards the mean of its samples
+    memory_update: str = _choice("per-sample", MEMORY_UPDATES)
     triplet_margin: float = _ranged(0.3, 0.0)
-    # Triplet weight sigma: [[epoch, weight], ...]: from `epoch` on the weight is `weight` (0 before).
+    # Triplet weight sigma: [[epoch, weight], ...]: strictly after `epoch` the weight is `weight`.
     triplet_ramp: list = field(default_factory=lambda: [[15, 0.25], [25, 0.5], [35, 1.0]])
-    refine_from: int = _ranged(30, 0)  # first epoch with label refinement (before: c = 1)
+    # per-modality: batch-hard within the visible and within the infrared images, summed (the
+    # reference); joint: one batch-hard over the whole batch (stage 1: cross-modal pairs are
+    # always negatives)
+    triplet: str = _choice("per-modality", TRIPLET_MODES)
+    # sum-modalities: each term is the sum over the modalities of its batch mean (the
+    # reference); mean: terms over the whole batch (CAI, likelihood, triplet) are batch means
+    loss_reduction: str = _choice("sum-modalities", LOSS_REDUCTIONS)
+    # draw a cluster's other instances from cameras other than the anchor's where possible
+    camera_aware_sampling: bool = True
+    refine_from: int | str = _threshold(30)  # first epoch with label refinement (before: c = 1)
     refine_topk: int = _ranged(3, 1)
     onehot_epochs: int = _ranged(0, 0)  # first epochs with one-hot targets
-    cross_sampler_from: int = _ranged(10**6, 0)  # epoch from which batches are cross-modality
+    cross_sampler_from: int | str = _threshold(NEVER)  # epoch from which batches are cross-modality
+
+
+@dataclass
+class Stage2Recipe(StageRecipe):
+    """Stage 2 adds the switches that only exist with a unified identity space."""
+
+    # the modality that adopted the other's ids this epoch also moves the other's memory rows
+    cross_memory_update: bool = True
+    # add a batch-hard triplet over all images on unified ids while the cross sampler is on
+    triplet_all_modalities: bool = True
+    # targets of L_intra: hard labels (the reference) or the refined targets (which feed CAI)
+    intra_targets: str = _choice("hard", INTRA_TARGETS)
 
 
 @dataclass
@@ -170,8 +214,8 @@ class EvalRecipe:
     rerank_lambda: float = _ranged(0.3, 0.0, 1.0)
 
 
-def _stage2_defaults() -> StageRecipe:
-    return StageRecipe(
+def _stage2_defaults() -> Stage2Recipe:
+    return Stage2Recipe(
         triplet_ramp=[[10, 0.5], [20, 1.0]],
         refine_from=0,
         refine_topk=10,
@@ -186,7 +230,7 @@ class Recipe:
     model: ModelRecipe = field(default_factory=ModelRecipe)
     cluster: ClusterRecipe = field(default_factory=ClusterRecipe)
     stage1: StageRecipe = field(default_factory=StageRecipe)
-    stage2: StageRecipe = field(default_factory=_stage2_defaults)
+    stage2: Stage2Recipe = field(default_factory=_stage2_defaults)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     augment: AugmentRecipe = field(default_factory=AugmentRecipe)
     cbt: CBTRecipe = field(default_factory=CBTRecipe)
@@ -297,8 +341,17 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
         if name not in data:
             values[name] = getattr(default, name)
             continue
-        value = _coerce(data[name], tp, key, source)
         meta = fld.metadata
+        if meta.get("threshold") and data[name] == NEVER:
+            values[name] = NEVER
+            continue
+        if meta.get("threshold") and not (isinstance(data[name], int) and not isinstance(data[name], bool)):
+            raise DmdlError(f"recipe key '{key}' ({source}): expected an epoch number or "
+                            f"'{NEVER}', got {data[name]!r}")
+        value = _coerce(data[name], tp, key, source)
+        if value is None:
+            values[name] = value
+            continue
         if "choices" in meta and value not in meta["choices"]:
             allowed = ", ".join(str(c) for c in meta["choices"])
             raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is not one of {allowed}")
@@ -366,8 +419,48 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: st
     node[parts[-1]] = value
 
 
-def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
-    return _build(Recipe, data, "", source)
+def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe", *,
+                     check_schedule: bool = True) -> Recipe:
+    """Build and validate a recipe; ``check_schedule=False`` skips the checks that relate keys
+    to each other (thresholds vs ``epochs``), for intermediate states of a merge."""
+    recipe = _build(Recipe, data, "", source)
+    if not check_schedule:
+        return recipe
+    for name in ("stage1", "stage2"):
+        _check_schedule(getattr(recipe, name), name, source)
+    if recipe.stage1.cross_sampler_from != NEVER:
+        raise DmdlError(f"recipe key 'stage1.cross_sampler_from' ({source}): stage 1 has no "
+                        f"unified identities to sample across modalities; set it to '{NEVER}'")
+    return recipe
+
+
+def _check_schedule(stage: StageRecipe, name: str, source: str) -> None:
+    """Refuse epoch thresholds that the stage's ``epochs`` never reach (naming the key)."""
+    last = stage.epochs - 1  # epochs are counted from 0
+    for key in ("refine_from", "onehot_epochs", "cross_sampler_from"):
+        value = getattr(stage, key)
+        if value != NEVER and value > last:
+            hint = (f"set it to '{NEVER}' to switch it off" if key != "onehot_epochs"
+                    else "set cbt.refine: false to train on hard labels throughout")
+            raise DmdlError(f"recipe key '{name}.{key}' ({source}): epoch {value} is at or past "
+                            f"the stage's {stage.epochs} epochs (counted from 0), so it never "
+                            f"takes effect; {hint}")
+    for entry in stage.triplet_ramp:
+        ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+              and not isinstance(entry[0], bool) and entry[0] >= 0
+              and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and entry[1] >= 0)
+        if not ok:
+            raise DmdlError(f"recipe key '{name}.triplet_ramp' ({source}): entries are "
+                            f"[epoch, weight] pairs with epoch >= 0 and weight >= 0, got {entry!r}")
+        if entry[0] >= last:
+            raise DmdlError(f"recipe key '{name}.triplet_ramp' ({source}): the weight applies "
+                            f"strictly after epoch {entry[0]}, which the stage's {stage.epochs} "
+                            f"epochs (0..{last}) never pass; drop the entry or lower its epoch")
+
+
+def reached(threshold: int | str, epoch: int) -> bool:
+    """Whether the 0-based ``epoch`` is at or past an epoch ``threshold`` (``never``: False)."""
+    return threshold != NEVER and epoch >= int(threshold)
 
 
 def load_recipe(
@@ -382,6 +475,7 @@ def load_recipe(
     ``inherited``: ``(source, tree)`` pairs merged after the base and before the overlays (the
     sections an upstream stage result was made with, see ``dmdl_cli/provenance.py``).
     """
+    overrides = list(overrides)
     tree: dict[str, Any] = {}
     sources = []
     if path is not None:
@@ -395,20 +489,25 @@ def load_recipe(
         sources.append(source)
     for overlay in overlays:
         top = _read_yaml(Path(overlay))
-        recipe_from_dict(_deep_merge(tree, top), str(overlay))
+        recipe_from_dict(_deep_merge(tree, top), str(overlay), check_schedule=False)
         tree = _deep_merge(tree, top)
         sources.append(str(overlay))
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(tree, parts, value, text)
-        recipe_from_dict(tree, f"--set {text}")
+        recipe_from_dict(tree, f"--set {text}", check_schedule=False)
+    sources += [f"--set {text}" for text in overrides]
     return recipe_from_dict(tree, " + ".join(sources) or "defaults")
 
 
 def triplet_weight(ramp: list, epoch: int) -> float:
-    """The triplet weight sigma at ``epoch`` from a ``[[epoch, weight], ...]`` ramp (0 before)."""
+    """The triplet weight sigma at the 0-based ``epoch`` from a ``[[epoch, weight], ...]`` ramp.
+
+    An entry ``[e, w]`` holds strictly after epoch ``e`` (``epoch > e``), as the reference
+    implementation writes its ramps (``if epoch > 15: sigma = 0.25``); 0 before the first.
+    """
     weight = 0.0
     for start, value in sorted(ramp):
-        if epoch >= start:
+        if epoch > start:
             weight = float(value)
     return weight

@@ -3,7 +3,7 @@
 #   prepare-data -> cluster (untrained sanity row) -> pretrain-single -> train-cross -> evaluate
 #   -> report (per-epoch table and figures in WORKSPACE/report).
 # Usage: recipes/demo.sh [WORKSPACE] (default runs/demo). Re-running resumes a killed stage and
-# skips finished ones. Extra recipe overrides: DMDL_SET="stage1.epochs=2 ..." recipes/demo.sh
+# skips finished ones. Extra recipe overrides: DMDL_SET="stage1.iters=4 ..." recipes/demo.sh
 set -euo pipefail
 WS=${1:-runs/demo}
 HERE=$(cd "$(dirname "$0")" && pwd)

@@ -168,3 +168,114 @@ def test_mmd_zero_for_identical_sets_and_grows_with_shift():
     assert loss.item() >= 0.0
     loss.backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ reference switches (issue 15)
+def test_per_sample_update_matches_a_hand_loop_and_differs_from_batch_mean():
+    g = torch.Generator().manual_seed(1)
+    feat = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    labels = torch.randint(-1, 6, (40,), generator=g)  # repeats of rows and outliers
+    mu = 0.2 + 0.8 * torch.rand(40, generator=g)
+    base = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    seq = ClusterMemory.from_centroids(base, rule="per-sample")
+    seq.update(feat, labels, momentum=mu)
+    hand = base.clone()
+    for x, y, m in zip(feat, labels.tolist(), mu):  # the reference's loop, sample by sample
+        if y < 0:
+            continue
+        hand[y] = m * hand[y] + (1 - m) * x
+        hand[y] /= hand[y].norm()
+    torch.testing.assert_close(seq.features, hand, rtol=1e-6, atol=1e-6)
+    mean = ClusterMemory.from_centroids(base, rule="batch-mean")
+    mean.update(feat, labels, momentum=mu)
+    assert (mean.features - seq.features).abs().max() > 1e-2  # the two rules differ
+    # order matters for per-sample (it does not for batch-mean)
+    rev = ClusterMemory.from_centroids(base, rule="per-sample")
+    rev.update(feat.flip(0), labels.flip(0), momentum=mu.flip(0))
+    assert (rev.features - seq.features).abs().max() > 1e-3
+
+
+def test_per_sample_hand_case_two_samples_of_one_row():
+    mem = ClusterMemory.from_centroids(torch.tensor([[0.0, 1.0]]), momentum=0.5, rule="per-sample")
+    mem.update(torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.tensor([0, 0]))
+    # (0,1) -> normalise(0.5 (0,1) + 0.5 (1,0)) = (R2, R2) -> normalise(0.5 (R2, R2) + 0.5 (0,-1))
+    second = torch.tensor([0.5 * R2, 0.5 * R2 - 0.5])
+    torch.testing.assert_close(mem.features[0], second / second.norm())
+
+
+def test_reduce_over_modalities_hand_case():
+    from dmdl_cli.training.losses import reduce_over_modalities
+
+    values = torch.tensor([1.0, 3.0, 2.0, 10.0, 20.0, 30.0])
+    modality = torch.tensor([0, 0, 0, 1, 1, 1])
+    # sum-modalities: mean(1, 3, 2) + mean(10, 20, 30) = 2 + 20; mean: 66 / 6
+    assert reduce_over_modalities(values, modality, "sum-modalities").item() == pytest.approx(22.0)
+    assert reduce_over_modalities(values, modality, "mean").item() == pytest.approx(11.0)
+    valid = torch.tensor([True, False, True, False, False, False])
+    assert reduce_over_modalities(values, modality, "sum-modalities", valid).item() == pytest.approx(1.5)
+
+
+def test_stage2_loss_terms_against_a_hand_computed_case():
+    """L_intra on hard targets and mu * L_CAI summed over the modalities' batch means."""
+    from dmdl_cli.model.cai import cai_log_prob
+    from dmdl_cli.training.losses import reduce_over_modalities, sample_cross_entropy
+
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # vis, vis, ir, ir
+    modality = torch.tensor([0, 0, 1, 1])
+    mem_v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # unified ids 0, 1
+    mem_i = torch.tensor([[1.0, 0.0]])  # unified id 0 only
+    temp = 1.0
+    e = math.e
+    # hard-target L_intra: visible samples against M_v (labels 0, 1), IR against M_i (label 0)
+    ce_v = -math.log(e / (e + 1))  # both visible samples: own logit 1, other 0
+    intra = (sample_cross_entropy(f[:2] @ mem_v.T / temp, torch.tensor([0, 1])).mean()
+             + sample_cross_entropy(f[2:] @ mem_i.T / temp, torch.tensor([0, 0])).mean())
+    assert intra.item() == pytest.approx(ce_v + 0.0)  # IR: one row, log 1 = 0
+    # CAI with P(m) = (1/2, 1/2), one-hot targets 0, 1, 0, 0
+    log_p = cai_log_prob(f, [mem_v, mem_i], [torch.tensor([0, 1]), torch.tensor([0])],
+                         torch.tensor([0.5, 0.5]), 2, temp)
+    p_v0 = e / (e + 1)  # visible memory, feature (1, 0), id 0
+    expected = torch.tensor([
+        -math.log(0.5 * p_v0 + 0.5),          # f=(1,0), y=0: P_v(0)=e/(e+1), P_i(0)=1
+        -math.log(0.5 * p_v0),                # f=(0,1), y=1: P_v(1)=e/(e+1), P_i(1)=0
+        -math.log(0.5 * p_v0 + 0.5),          # f=(1,0), y=0
+        -math.log(0.5 * (1 / (e + 1)) + 0.5),  # f=(0,1), y=0: P_v(0)=1/(e+1), P_i(0)=1
+    ])
+    targets = torch.tensor([0, 1, 0, 0])
+    per_sample = -log_p.gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(per_sample, expected)
+    summed = reduce_over_modalities(per_sample, modality, "sum-modalities")
+    mean = reduce_over_modalities(per_sample, modality, "mean")
+    assert summed.item() == pytest.approx(expected[:2].mean() + expected[2:].mean())
+    assert summed.item() == pytest.approx(2 * mean.item())  # balanced halves: twice the batch mean
+    mu = 0.5
+    assert (intra + mu * summed).item() == pytest.approx(ce_v + 0.5 * float(expected[:2].mean() + expected[2:].mean()))
+
+
+def test_modality_triplet_never_pairs_a_visible_with_an_infrared_image():
+    from dmdl_cli.training.losses import modality_triplet
+
+    # stage 1: per-modality labels in one id space; a visible and an infrared image of the same
+    # person sit close together (rows 0 and 2), which a joint triplet treats as negatives
+    feat = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.05, 0.0], [0.05, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])  # visible cluster 0, infrared cluster 1
+    modality = torch.tensor([0, 0, 1, 1])
+    # per modality: each anchor's only positive is its modality partner and it has no negative
+    # within its modality, so no anchor is valid: the term is 0
+    assert modality_triplet(feat, labels, modality, 0.3).item() == 0.0
+    # joint: anchor 0 has hardest positive 1.0 (row 1) and hardest negative 0.05 (row 2)
+    joint = batch_hard_triplet(feat, labels, 0.3)
+    assert joint.item() == pytest.approx(1.0 - 0.05 + 0.3, abs=1e-5)
+    # with a second visible cluster, negatives come from the visible images only
+    feat2 = torch.cat([feat, torch.tensor([[3.0, 0.0], [3.0, 1.0]])])
+    labels2 = torch.cat([labels, torch.tensor([2, 2])])
+    modality2 = torch.cat([modality, torch.tensor([0, 0])])
+    # visible anchors 0,1 (cluster 0): d_ap = 1, nearest visible negative = 3 -> hinge 0;
+    # anchors 4,5 (cluster 2) likewise; IR anchors have no IR negative: skipped
+    assert modality_triplet(feat2, labels2, modality2, 0.3).item() == 0.0
+    grads = torch.zeros(6, 2, requires_grad=True)
+    loss = modality_triplet(feat2 + grads, labels2, modality2, margin=2.5, reduction="mean")
+    loss.backward()
+    assert grads.grad[2:4].abs().sum() == 0  # infrared images take part in no triplet here
+    # hinge per valid anchor = 1 - 3 + 2.5 = 0.5 (anchors 0 and 4: d_an = 3; 1 and 5: sqrt(9) too)
+    assert loss.item() == pytest.approx(0.5, abs=1e-5)

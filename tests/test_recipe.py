@@ -222,9 +222,71 @@ def test_stage_hash_changes_only_with_its_sections(section):
     assert stage_hash(base, "stage1") == base.hash(STAGE_SECTIONS["stage1"])
 
 
-def test_triplet_ramp():
+def test_triplet_ramp_holds_strictly_after_the_epoch_named():
+    # the reference writes its ramps as `if epoch > 15: sigma = 0.25` (0-based epochs)
     ramp = [[15, 0.25], [25, 0.5], [35, 1.0]]
-    assert [triplet_weight(ramp, e) for e in (0, 14, 15, 24, 25, 34, 35, 99)] == [
-        0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
+    assert [triplet_weight(ramp, e) for e in (0, 14, 15, 16, 25, 26, 35, 36, 99)] == [
+        0.0, 0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
     assert triplet_weight([[35, 1.0], [15, 0.25]], 20) == 0.25  # order of the pairs is free
     assert triplet_weight([], 10) == 0.0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("stage1.refine_from=50", "stage1.refine_from"),
+    ("stage2.cross_sampler_from=50", "stage2.cross_sampler_from"),
+    ("stage2.cross_sampler_from=1000000", "stage2.cross_sampler_from"),
+    ("stage2.onehot_epochs=50", "stage2.onehot_epochs"),
+    ("stage2.triplet_ramp=[[10, 0.5], [49, 1.0]]", "stage2.triplet_ramp"),
+    ("stage1.triplet_ramp=[[60, 1.0]]", "stage1.triplet_ramp"),
+])
+def test_thresholds_the_schedule_never_reaches_are_refused(override, key):
+    with pytest.raises(DmdlError) as info:
+        load_recipe(RECIPES / "sysu.yaml", overrides=[override])
+    message = str(info.value)
+    assert f"'{key}'" in message and "50 epochs" in message and "\n" not in message, message
+
+
+def test_the_last_epoch_is_a_valid_threshold_and_never_switches_off():
+    last = load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.cross_sampler_from=49",
+                                                        "stage2.triplet_ramp=[[48, 1.0]]"])
+    assert last.stage2.cross_sampler_from == 49
+    off = load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.cross_sampler_from=never",
+                                                       "stage1.refine_from=never"])
+    assert off.stage2.cross_sampler_from == "never" and off.stage1.refine_from == "never"
+    from dmdl_cli.recipe import reached
+
+    assert not reached("never", 10**9) and reached(49, 49) and not reached(49, 48)
+    # a shorter schedule makes a dataset recipe's thresholds invalid, naming the key
+    with pytest.raises(DmdlError, match="stage2.cross_sampler_from"):
+        load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.epochs=30"])
+    for bad in ("stage2.cross_sampler_from=soon", "stage2.cross_sampler_from=-1",
+                "stage1.cross_sampler_from=3", "stage2.triplet_ramp=[[1]]"):
+        with pytest.raises(DmdlError, match=bad.split("=")[0]):
+            load_recipe(RECIPES / "sysu.yaml", overrides=[bad])
+
+
+def test_new_switches_validate_and_exist_where_they_apply():
+    r = load_recipe(RECIPES / "sysu.yaml")
+    assert (r.stage2.cross_memory_update, r.stage2.triplet_all_modalities, r.stage2.intra_targets) == (
+        True, True, "hard")
+    assert r.cluster.k1_adopting == 15 and load_recipe(RECIPES / "llcm.yaml").cluster.k1_adopting == 15
+    for stage in (r.stage1, r.stage2):
+        assert (stage.triplet, stage.loss_reduction, stage.memory_update, stage.camera_aware_sampling) == (
+            "per-modality", "sum-modalities", "per-sample", True)
+    with pytest.raises(DmdlError, match="unknown recipe key 'stage1.cross_memory_update'"):
+        load_recipe(RECIPES / "sysu.yaml", overrides=["stage1.cross_memory_update=true"])
+    for bad, word in (("stage1.triplet=cross", "per-modality"), ("stage2.loss_reduction=sum", "mean"),
+                      ("stage2.memory_update=loop", "batch-mean"), ("stage2.intra_targets=soft", "hard"),
+                      ("cluster.k1_adopting=0", "minimum")):
+        with pytest.raises(DmdlError, match=word):
+            load_recipe(RECIPES / "sysu.yaml", overrides=[bad])
+    assert load_recipe(RECIPES / "sysu.yaml", overrides=["cluster.k1_adopting=null"]).cluster.k1_adopting is None
+
+
+def test_regdb_schedule_switches_on_within_its_30_epochs():
+    r = load_recipe(RECIPES / "regdb.yaml")
+    assert r.stage1.epochs == r.stage2.epochs == 30
+    assert r.stage2.cross_sampler_from == 25 and r.stage1.refine_from == "never"
+    assert r.cluster.k1_adopting is None
+    assert [triplet_weight(r.stage1.triplet_ramp, e) for e in (15, 16, 26, 29)] == [0.0, 0.25, 0.5, 0.5]
+    assert [triplet_weight(r.stage2.triplet_ramp, e) for e in (10, 11, 21, 29)] == [0.0, 0.5, 1.0, 1.0]

@@ -147,8 +147,61 @@ def test_resume_from_step_yields_remaining_batches():
 def test_sampler_api_takes_no_true_ids():
     params = set(inspect.signature(epoch_batch_arrays).parameters)
     assert params == {"labels", "modality", "num_instances", "clusters_per_batch", "iters",
-                      "seed", "epoch", "mode", "stream"}
+                      "seed", "epoch", "mode", "stream", "cameras"}
     assert set(inspect.signature(epoch_batches).parameters) == params
+
+
+def _cameras(labels: np.ndarray, modality: np.ndarray) -> np.ndarray:
+    """Cameras per row: visible clusters 0..9 each spread over cameras 1 and 2 except cluster 9
+    (camera 1 only); IR clusters 3 and 6 alternately."""
+    rows = np.arange(len(labels))
+    cams = np.where(modality == 0, 1 + rows % 2, 3 + 3 * (rows % 2))
+    cams[(modality == 0) & (labels == 9)] = 1
+    return cams
+
+
+@pytest.mark.parametrize("mode", ["per-modality", "cross-modality"])
+def test_camera_aware_sampling_draws_other_cameras_than_the_anchor(mode):
+    labels, modality = make_labels()
+    cams = _cameras(labels, modality)
+    kw = dict(modality=modality, num_instances=K, clusters_per_batch=P, iters=40, seed=3,
+              epoch=1, mode=mode)
+    rows, _ = epoch_batch_arrays(labels, cameras=cams, **kw)
+    blocks = rows.reshape(-1, K)  # (iters * 2P, K): the anchor first, then K - 1 others
+    assert (labels[blocks] == labels[blocks[:, :1]]).all()
+    assert (modality[blocks] == modality[blocks[:, :1]]).all()
+    anchors, others = blocks[:, :1], blocks[:, 1:]
+    single_camera = np.array([
+        not ((labels == labels[a]) & (modality == modality[a]) & (cams != cams[a])).any()
+        for a in anchors[:, 0]])
+    assert single_camera.any() and not single_camera.all()  # both cases are exercised
+    multi = ~single_camera
+    assert (cams[others[multi]] != cams[anchors[multi]]).all()  # never the anchor's camera
+    if single_camera.any():  # one camera only: the other members instead, never the anchor
+        assert (others[single_camera] != anchors[single_camera]).all()
+    # deterministic in (seed, epoch, labels, cameras); camera-blind draws differ
+    again, _ = epoch_batch_arrays(labels.copy(), cameras=cams.copy(), **kw)
+    assert np.array_equal(rows, again)
+    blind, _ = epoch_batch_arrays(labels, **kw)
+    assert not np.array_equal(rows, blind)
+    other_epoch, _ = epoch_batch_arrays(labels, cameras=cams, **{**kw, "epoch": 2})
+    assert not np.array_equal(rows, other_epoch)
+
+
+def test_camera_aware_pool_without_replacement_and_singletons():
+    # one visible cluster of 5 members: camera 1 for rows 0-1, camera 2 for rows 2-4; one IR
+    # singleton (row 5)
+    labels = np.array([0, 0, 0, 0, 0, 0])
+    modality = np.array([0, 0, 0, 0, 0, 1])
+    cams = np.array([1, 1, 2, 2, 2, 3])
+    rows, _ = epoch_batch_arrays(labels, modality=modality, cameras=cams, num_instances=3,
+                                 clusters_per_batch=1, iters=30, seed=0, epoch=0)
+    vis, ir = rows[:, :3], rows[:, 3:]
+    assert (ir == 5).all()  # the singleton repeats its anchor
+    for anchor, a, b in vis:
+        pool = {2, 3, 4} if anchor in (0, 1) else {0, 1}
+        assert {a, b} <= pool and a != b  # K - 1 = 2 distinct members of the other camera(s)
+    assert set(vis[:, 0].tolist()) == {0, 1, 2, 3, 4}  # every member serves as an anchor
 
 
 def test_unusable_labels_raise():

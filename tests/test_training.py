@@ -22,19 +22,30 @@ from typer.testing import CliRunner
 from dmdl_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-# A schedule small enough for seconds on a CPU, large enough to cross every epoch switch:
-# stage 1 refines from epoch 2 and ramps the triplet; stage 2 leaves one-hot targets after
-# epoch 1 and turns the cross-modality sampler on at epoch 2.
+# A schedule small enough for seconds on a CPU, large enough to cross every epoch switch
+# (epochs counted from 0; triplet ramps hold strictly after the epoch named): stage 1 refines
+# from epoch 1 and turns the triplet on after epoch 0; stage 2 leaves one-hot targets after
+# epoch 0, clusters the adopting modality with k1_adopting and turns the cross-modality
+# sampler (and the all-modality triplet) on at epoch 2. The reference switches (per-sample
+# memory updates, per-modality triplets, camera-aware sampling, cross-modality memory update,
+# sums over modalities) are the recipe defaults.
 TINY = [
     "data.height=32", "data.width=16", "data.workers=0",
     "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
+    "cluster.k1_adopting=6",
     "stage1.epochs=2", "stage1.iters=3", "stage1.clusters_per_batch=3", "stage1.instances=2",
-    "stage1.refine_from=1", "stage1.triplet_ramp=[[1, 1.0]]",
+    "stage1.refine_from=1", "stage1.triplet_ramp=[[0, 1.0]]",
     "stage2.epochs=3", "stage2.iters=2", "stage2.clusters_per_batch=3", "stage2.instances=2",
-    "stage2.onehot_epochs=1", "stage2.cross_sampler_from=2", "stage2.triplet_ramp=[[1, 1.0]]",
+    "stage2.onehot_epochs=1", "stage2.cross_sampler_from=2", "stage2.triplet_ramp=[[0, 1.0]]",
     "train.checkpoint_every=2", "train.feature_batch=64", "train.bn_recalibration=40",
     "eval.trials=2",
 ]
+# One-epoch variants: the epoch switches of TINY would never be reached (validation refuses
+# thresholds past a stage's epochs), so they are switched off.
+ONE_EPOCH_STAGE1 = ["--set", "stage1.epochs=1", "--set", "stage1.refine_from=never",
+                    "--set", "stage1.triplet_ramp=[]"]
+ONE_EPOCH_STAGE2 = ["--set", "stage2.epochs=1", "--set", "stage2.onehot_epochs=0",
+                    "--set", "stage2.cross_sampler_from=never", "--set", "stage2.triplet_ramp=[]"]
 ENV = {"DMDL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -240,8 +251,7 @@ def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Pat
     assert proc.returncode != 0 and "stage1.lr: 0.00035 -> 0.001" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     # an overlay that only changes stage-2 parts keeps stage 1 valid
-    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25",
-                "--set", "stage2.epochs=1")
+    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25", *ONE_EPOCH_STAGE2)
     assert (ws / "stage2" / "final.pt").is_file()
 
 
@@ -259,7 +269,7 @@ def test_cai_replaces_the_likelihood_term(stage1_done: Path, tmp_path: Path) -> 
     for enabled in ("true", "false"):
         ws = tmp_path / f"cai-{enabled}"
         shutil.copytree(stage1_done, ws)
-        dmdl("train-cross", "--workspace", str(ws), "--deterministic", "--set", "stage2.epochs=1",
+        dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
              "--set", "stage2.iters=1", "--set", f"cai.enabled={enabled}")
         runs[enabled] = _first_step(ws, "stage2")
     on, off = runs["true"], runs["false"]
@@ -280,8 +290,7 @@ def test_two_process_ddp_agrees_with_one_process(prepared: Path, tmp_path: Path)
     shutil.copytree(prepared, multi)
     # Without BatchNorm re-estimation: memories built with population statistics sit closer to
     # full-batch than to half-batch train-mode features, which would blur this comparison.
-    one_epoch = ["--set", "stage1.epochs=1", "--set", "stage1.iters=1",
-                 "--set", "train.bn_recalibration=0"]
+    one_epoch = [*ONE_EPOCH_STAGE1, "--set", "stage1.iters=1", "--set", "train.bn_recalibration=0"]
     dmdl("pretrain-single", "--workspace", str(single), "--deterministic", *one_epoch)
     env = {**os.environ, **ENV}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dmdl_cli",

@@ -263,7 +263,7 @@ def test_resolve_recipe_uses_the_workspace_recipe_plus_overrides(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides=["data.height=64"])
     ws.save_recipe(recipe)
     assert ws.resolve_recipe(None) == recipe
-    assert ws.resolve_recipe(None, [], ["stage1.epochs=1"]).stage1.epochs == 1
+    assert ws.resolve_recipe(None, [], ["stage1.iters=1"]).stage1.iters == 1
     assert ws.resolve_recipe(str(REPO / "recipes" / "sysu.yaml")).data.dataset == "sysu"
 
 

@@ -29,6 +29,13 @@ at most ``ceil(P / C)`` times). The K images of a cluster are distinct when it h
 members; a smaller cluster contributes every member once, the remaining slots drawn with
 replacement.
 
+With ``cameras`` (the ``(N,)`` camera of each row; ``stageN.camera_aware_sampling``) a
+cluster's K images are drawn as the reference sampler draws them: an anchor member at random,
+then K - 1 members from cameras other than the anchor's (without replacement when there are
+at least K - 1, else each once and the rest with replacement); a cluster seen by one camera
+only gives its other members instead, and a singleton repeats its anchor. Camera numbers are
+data, not labels: the batches stay a pure function of the arguments.
+
 ``aug_seed`` of slot ``j`` of step ``s`` is drawn from its own random stream keyed by
 ``(seed, stream, epoch)``, independent of the labels: the same image appearing twice gets
 different augmentations, and the same ``(seed, stream, epoch, s, j)`` always the same seed.
@@ -103,6 +110,35 @@ def _draw_members(rng: np.random.Generator, groups: _Groups, picks: np.ndarray,
     return shuffled[base[:, None] + pos]
 
 
+def _draw_members_camera_aware(rng: np.random.Generator, groups: _Groups, picks: np.ndarray,
+                               k: int, cams: np.ndarray) -> np.ndarray:
+    """``(n, k)`` rows: per picked cluster a random anchor, then k - 1 members of other cameras
+    than the anchor's (else other members, else the anchor again). ``cams (N,)`` per row."""
+    sizes = groups.sizes[picks]  # (n,)
+    n = picks.shape[0]
+    base = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)  # (n,) block offsets
+    total = int(sizes.sum())
+    owner = np.repeat(np.arange(n), sizes)  # (total,)
+    local = np.arange(total, dtype=np.int64) - np.repeat(base, sizes)  # position in the cluster
+    members = groups.rows[np.repeat(groups.starts[picks], sizes) + local]  # (total,)
+    anchor_pos = np.minimum(np.floor(rng.random(n) * sizes).astype(np.int64), sizes - 1)  # (n,)
+    anchors = members[base + anchor_pos]  # (n,)
+    member_cam = cams[members]
+    other_cam = member_cam != cams[anchors][owner]  # (total,)
+    not_anchor = local != anchor_pos[owner]
+    has_other_cam = np.bincount(owner, weights=other_cam, minlength=n) > 0  # (n,)
+    pool = np.where(has_other_cam[owner], other_cam, not_anchor)
+    pool = np.where((sizes == 1)[owner], True, pool)  # a singleton's pool is its anchor
+    pool_size = np.bincount(owner, weights=pool, minlength=n).astype(np.int64)  # (n,) >= 1
+    # Pool members first within each block, in random order: sort by (owner, not pool, key).
+    shuffled = members[np.lexsort((rng.random(total), ~pool, owner))]
+    j = np.arange(k - 1)[None, :]  # (1, k - 1)
+    extra = np.minimum(np.floor(rng.random((n, k - 1)) * pool_size[:, None]).astype(np.int64),
+                       pool_size[:, None] - 1)
+    pos = np.where(j < pool_size[:, None], j, extra)  # (n, k - 1) position in the pool
+    return np.concatenate([anchors[:, None], shuffled[base[:, None] + pos]], axis=1)
+
+
 def _stream_rng(seed: int, stream: int, epoch: int, tag: int) -> np.random.Generator:
     """Independent generator for ``(seed, stream, epoch, tag)`` (SeedSequence spawn key)."""
     key = (int(stream), int(epoch), int(tag))
@@ -127,8 +163,8 @@ def _check_inputs(labels: np.ndarray, modality: np.ndarray, num_instances: int,
 
 def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instances: int = 16,
                        clusters_per_batch: int = 8, iters: int, seed: int, epoch: int,
-                       mode: str = "per-modality",
-                       stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                       mode: str = "per-modality", stream: int = 0,
+                       cameras: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The epoch's batches as arrays: ``rows (iters, B)`` int64 and ``aug_seeds (iters, B)``
     int64 in ``[0, 2**63 - 1)``, ``B = 2 * clusters_per_batch * num_instances``.
 
@@ -148,6 +184,16 @@ def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instance
     rng = _stream_rng(seed, stream, epoch, _SAMPLE_STREAM)  # clusters and members
     aug_rng = _stream_rng(seed, stream, epoch, _AUG_STREAM)  # augmentation seeds
     groups = [_group(labels, modality == m) for m in (VISIBLE, INFRARED)]
+    if cameras is not None:
+        cams = np.asarray(cameras, dtype=np.int64)
+        if cams.shape != labels.shape:
+            raise ValueError(f"cameras {cams.shape} must match labels {labels.shape}")
+
+        def draw(g: _Groups, picks: np.ndarray) -> np.ndarray:
+            return _draw_members_camera_aware(rng, g, picks, k, cams)
+    else:
+        def draw(g: _Groups, picks: np.ndarray) -> np.ndarray:
+            return _draw_members(rng, g, picks, k)
 
     halves = []
     if mode == "per-modality":
@@ -158,7 +204,7 @@ def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instance
                     "can be drawn; loosen the clustering (cluster.eps / cluster.min_samples) in "
                     "the recipe")
             picks = _pick_clusters(rng, g.ids.size, iters, p)  # (iters, p)
-            halves.append(_draw_members(rng, g, picks.reshape(-1), k).reshape(iters, p * k))
+            halves.append(draw(g, picks.reshape(-1)).reshape(iters, p * k))
     else:
         shared = np.intersect1d(groups[0].ids, groups[1].ids)  # ids in both modalities
         if shared.size == 0:
@@ -169,7 +215,7 @@ def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instance
         picks = shared[_pick_clusters(rng, shared.size, iters, p)].reshape(-1)  # ids (iters*p,)
         for g in groups:
             idx = np.searchsorted(g.ids, picks)
-            halves.append(_draw_members(rng, g, idx, k).reshape(iters, p * k))
+            halves.append(draw(g, idx).reshape(iters, p * k))
 
     rows = np.concatenate(halves, axis=1)  # (iters, 2 * p * k)
     aug_seeds = aug_rng.integers(0, 2**63 - 1, size=rows.shape, dtype=np.int64)
@@ -178,7 +224,8 @@ def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instance
 
 def epoch_batches(labels: np.ndarray, *, modality: np.ndarray, num_instances: int = 16,
                   clusters_per_batch: int = 8, iters: int, seed: int, epoch: int,
-                  mode: str = "per-modality", stream: int = 0) -> list[Batch]:
+                  mode: str = "per-modality", stream: int = 0,
+                  cameras: np.ndarray | None = None) -> list[Batch]:
     """The epoch's ``iters`` batches, each a list of ``(row, aug_seed)`` Python int pairs of
     length ``2 * clusters_per_batch * num_instances`` (layout in the module docstring).
 
@@ -187,7 +234,8 @@ def epoch_batches(labels: np.ndarray, *, modality: np.ndarray, num_instances: in
     """
     rows, seeds = epoch_batch_arrays(labels, modality=modality, num_instances=num_instances,
                                      clusters_per_batch=clusters_per_batch, iters=iters,
-                                     seed=seed, epoch=epoch, mode=mode, stream=stream)
+                                     seed=seed, epoch=epoch, mode=mode, stream=stream,
+                                     cameras=cameras)
     return [list(zip(r, s)) for r, s in zip(rows.tolist(), seeds.tolist())]
 
 

@@ -4,7 +4,10 @@ from dmdl_cli.training.losses import (
     contrastive_loss,
     cross_modal_triplet,
     mmd_multi_kernel,
+    modality_triplet,
     pairwise_distances,
+    reduce_over_modalities,
+    sample_cross_entropy,
 )
 from dmdl_cli.training.memory import ClusterMemory, confidence_momentum
 from dmdl_cli.training.refine import gmm_confidence, refined_targets, sample_losses
@@ -17,7 +20,10 @@ __all__ = [
     "cross_modal_triplet",
     "gmm_confidence",
     "mmd_multi_kernel",
+    "modality_triplet",
     "pairwise_distances",
+    "reduce_over_modalities",
     "refined_targets",
+    "sample_cross_entropy",
     "sample_losses",
 ]

@@ -1,26 +1,39 @@
 """Stage 2, ``train-cross``: cross-modality learning with CAI and CBT.
 
-Per epoch: cluster each modality, associate the clusters into one identity space
+Per epoch: cluster each modality (the modality that adopts the other's ids this epoch with
+``cluster.k1_adopting``), associate the clusters into one identity space
 (``association.method``), build one memory per modality keyed by the unified ids it has
 (``M_vis``, ``M_ir``) and a fused memory over all images of each unified id (``M_fused``),
 GMM confidences on the unified labels (``cbt.refine``), the modality prior P(m). Per batch,
-with unified labels y, two views A/B and refined targets t (one-hot for the first
-``stage2.onehot_epochs`` epochs or without ``cbt.refine``):
+with unified labels y, two views A/B and refined targets t from the fused memory (one-hot for
+the first ``stage2.onehot_epochs`` epochs or without ``cbt.refine``):
 
     L = L_intra + L_id + sigma(epoch) * triplet + w_align * MMD(A, B)
     L_id = mu * L_CAI  with ``cai.enabled``;  L_fused  without (the baseline)
 
-- L_intra: contrastive loss of each sample against its own modality's memory;
+- L_intra: contrastive loss of each sample against its own modality's memory, on hard labels
+  (``stage2.intra_targets: hard``, the reference) or on refined targets (``refined``);
 - L_fused: contrastive loss against the fused memory, i.e. likelihood modelling P(y | x);
 - L_CAI: -sum_y t(y) log P(y | do(x)), P(y | do(x)) = sum_m P(y | x, m) P(m) (``model/cai.py``).
   CAI *replaces* likelihood modelling, as the paper and docs/method.md section 3 state: with CAI on,
   L_fused is logged but not trained on. The fused memory is kept either way: its similarities
   give the refined targets' top-k part (``view_targets``);
-- triplet: batch-hard, cross-modal (positives from the other modality) once the sampler draws
-  every identity in both modalities (``stage2.cross_sampler_from``).
+- each term is the sum over the two modalities of its batch mean (``stage2.loss_reduction:
+  sum-modalities``, the reference; ``mean``: L_CAI, L_fused and the triplet are batch means);
+- triplet: batch-hard on the BN-neck features, within each modality (``stage2.triplet:
+  per-modality``) plus, while the cross-modality sampler is on
+  (``stage2.cross_sampler_from``), one over all images on unified ids
+  (``stage2.triplet_all_modalities``). ``joint``: one batch-hard over the joint batch, and
+  cross-modal positives only once the cross-modality sampler is on (dmdl's earlier form).
 
-Memories update after each step: per-modality with the stage momentum; the fused memory with
-CAI's confidence-weighted momentum 0.2 / max(t(y), 0.2) when ``cai.confidence_momentum``.
+Memories update after each step (``stage2.memory_update``): per-modality with the stage
+momentum, and with ``stage2.cross_memory_update`` the modality that adopted the other's ids
+this epoch (visible on even epochs, infrared on odd) also moves the other modality's rows of
+its unified ids (semi-cross-modality update: L_intra and CAI's P(y|x,m) then see
+other-modality prototypes). Per-sample order as in the reference: visible samples before
+infrared ones (view A before view B) for the per-modality memories, infrared before visible
+for the fused memory, which moves with CAI's confidence-weighted momentum
+0.2 / max(t(y), 0.2) when ``cai.confidence_momentum``.
 """
 from __future__ import annotations
 
@@ -36,9 +49,9 @@ from dmdl_cli.console import log
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.model.cai import cai_log_prob, cai_loss, modality_prior
+from dmdl_cli.model.cai import cai_log_prob, modality_prior
 from dmdl_cli.model.loading import build_from_recipe
-from dmdl_cli.recipe import Recipe, stage_hash, triplet_weight
+from dmdl_cli.recipe import Recipe, reached, stage_hash, triplet_weight
 from dmdl_cli.training.labelling import (
     MODALITIES,
     cluster_modalities,
@@ -48,13 +61,53 @@ from dmdl_cli.training.labelling import (
     restore_memory,
     write_labels_file,
 )
-from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
-from dmdl_cli.training.losses import batch_hard_triplet, contrastive_loss, cross_modal_triplet
+from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, run_stage
+from dmdl_cli.training.losses import (
+    batch_hard_triplet,
+    cross_modal_triplet,
+    reduce_over_modalities,
+    sample_cross_entropy,
+)
 from dmdl_cli.training.memory import confidence_momentum
-from dmdl_cli.training.single import alignment, memory_contrast, view_targets
+from dmdl_cli.training.single import (
+    alignment,
+    gathered_batch,
+    memory_contrast,
+    stage_triplet,
+    view_targets,
+)
 from dmdl_cli.workspace import Workspace, load_checkpoint
 
 FUSED = "fused"
+
+
+def adopting_modality(epoch: int) -> int:
+    """The modality whose clusters take the other's ids at ``epoch`` (nearest-alternating):
+    visible on even epochs, infrared on odd ones."""
+    return VISIBLE if epoch % 2 == 0 else INFRARED
+
+
+def clustering_k1(recipe: Recipe, epoch: int) -> dict[int, int] | None:
+    """Per-modality k1 overrides of this epoch's clustering: ``cluster.k1_adopting`` for the
+    modality adopting the other's ids (the reference's k1 alternation), None without it."""
+    k1 = recipe.cluster.k1_adopting
+    return None if k1 is None else {adopting_modality(epoch): k1}
+
+
+def memory_updates(modality: torch.Tensor, epoch: int, cross: bool) -> dict[int, torch.Tensor]:
+    """Which samples move each per-modality memory: ``{m: (N,) bool}``.
+
+    Every sample moves its own modality's memory; with ``cross`` (``cross_memory_update``) the
+    samples of the modality that adopted the other's ids this epoch also move the other's.
+    """
+    adopter = adopting_modality(epoch)
+    out = {}
+    for m in MODALITIES:
+        movers = modality == m
+        if cross and m != adopter:
+            movers = movers | (modality == adopter)
+        out[m] = movers
+    return out
 
 
 def unified_memory_ids(labels: np.ndarray, modality: np.ndarray, m: int) -> np.ndarray:
@@ -89,7 +142,7 @@ class CrossModalityStage(StageLogic):
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
         recipe, stage = ctx.recipe, ctx.stage
         feats = ctx.train_features()  # (N_train, D)
-        clusters = cluster_modalities(ctx, feats)
+        clusters = cluster_modalities(ctx, feats, clustering_k1(recipe, epoch))
         for m in MODALITIES:
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
         assoc = associate(clusters[VISIBLE].centroids, clusters[INFRARED].centroids,
@@ -144,10 +197,11 @@ class CrossModalityStage(StageLogic):
     def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:
         stage, device = ctx.stage, ctx.runtime.device
         memories = {k: restore_memory(f, stage).to(device) for k, f in saved["memories"].items()}
-        mode = "cross-modality" if saved["epoch"] >= stage.cross_sampler_from else "per-modality"
+        mode = "cross-modality" if reached(stage.cross_sampler_from, saved["epoch"]) else "per-modality"
         batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,
                                 clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
-                                seed=ctx.recipe.train.seed, epoch=saved["epoch"], mode=mode)
+                                seed=ctx.recipe.train.seed, epoch=saved["epoch"], mode=mode,
+                                cameras=ctx.index.cams if stage.camera_aware_sampling else None)
         num_ids = saved["num_ids"]
         row_of_id = {}
         for m in MODALITIES:
@@ -169,38 +223,35 @@ class CrossModalityStage(StageLogic):
         b = rows.shape[0]
         labels = x["labels_t"][rows]  # (B,) unified ids
         conf = x["conf_t"][rows]
-        refine = recipe.cbt.refine and epoch >= stage.onehot_epochs
+        refine = recipe.cbt.refine and not epoch < stage.onehot_epochs
         with runtime.autocast():
-            pool, bn = ctx.model(batch["images"])  # (2B, D) each
+            _, bn = ctx.model(batch["images"])  # (2B, D) BN-neck features
         feat = F.normalize(bn.float(), dim=1)
         fa, fb = feat[:b], feat[b:]
+        both_labels, both_mod = torch.cat([labels, labels]), torch.cat([modality, modality])  # (2B,)
 
         fused = state.memories[FUSED]
         za, zb = fused.logits(fa), fused.logits(fb)  # (B, num_ids)
         ta, tb = view_targets(labels, conf, za, zb, stage.refine_topk, refine)
-        loss_fused = 0.5 * (contrastive_loss(za, ta) + contrastive_loss(zb, tb))
+        per_sample = torch.cat([sample_cross_entropy(za, ta), sample_cross_entropy(zb, tb)])
+        loss_fused = reduce_over_modalities(per_sample, both_mod, stage.loss_reduction)
 
         intra = memory_contrast(state.memories, lambda m, sel: x["row_of_id"][m][labels[sel]], fa, fb,
-                                modality, conf, stage.refine_topk, refine)
+                                modality, conf, stage.refine_topk,
+                                refine and stage.intra_targets == "refined")
 
         cai = feat.new_zeros(())
         if recipe.cai.enabled:
             mems = [state.memories[m].features for m in MODALITIES]
             ids = [x["ids_t"][m] for m in MODALITIES]
-            soft_a = ta if ta.dim() == 2 else F.one_hot(ta, x["num_ids"]).float()
-            soft_b = tb if tb.dim() == 2 else F.one_hot(tb, x["num_ids"]).float()
-            lpa = cai_log_prob(fa, mems, ids, x["prior_t"], x["num_ids"], stage.temp)
-            lpb = cai_log_prob(fb, mems, ids, x["prior_t"], x["num_ids"], stage.temp)
-            cai = 0.5 * (cai_loss(lpa, soft_a) + cai_loss(lpb, soft_b))
+            soft = torch.cat([t if t.dim() == 2 else F.one_hot(t, x["num_ids"]).float() for t in (ta, tb)])
+            log_p = cai_log_prob(feat, mems, ids, x["prior_t"], x["num_ids"], stage.temp)  # (2B, ids)
+            cai = reduce_over_modalities(-(soft * log_p).sum(dim=1), both_mod, stage.loss_reduction)
 
         sigma = triplet_weight(stage.triplet_ramp, epoch)
         triplet = feat.new_zeros(())
         if sigma > 0:
-            both_labels, both_mod = torch.cat([labels, labels]), torch.cat([modality, modality])
-            if x["cross_mode"]:
-                triplet = cross_modal_triplet(pool.float(), both_labels, both_mod, stage.triplet_margin)
-            else:
-                triplet = batch_hard_triplet(pool.float(), both_labels, stage.triplet_margin)
+            triplet = self.triplet(stage, bn.float(), both_labels, both_mod, x["cross_mode"])
         align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
         identity = recipe.cai.weight * cai if recipe.cai.enabled else loss_fused
         loss = intra + identity + sigma * triplet + recipe.cbt.align_weight * align
@@ -208,25 +259,43 @@ class CrossModalityStage(StageLogic):
                  "triplet": triplet.item(), "align": align.item()}
 
         def update() -> None:
-            if ta.dim() == 2:
-                t_own = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
-                                   tb.gather(1, labels[:, None]).squeeze(1)])
-            else:
-                t_own = torch.ones(2 * b, device=feat.device)
-            all_feat = gather_cat(torch.cat([fa, fb]).detach(), runtime)
-            all_labels = gather_cat(torch.cat([labels, labels]), runtime)
-            all_mod = gather_cat(torch.cat([modality, modality]), runtime)
-            all_t = gather_cat(t_own, runtime)
-            for m in MODALITIES:
-                sel = all_mod == m
-                if bool(sel.any()):
-                    state.memories[m].update(all_feat[sel], x["row_of_id"][m][all_labels[sel]])
-            momentum = None
-            if recipe.cai.enabled and recipe.cai.confidence_momentum:
-                momentum = confidence_momentum(all_t, base=stage.momentum)
-            fused.update(all_feat, all_labels, momentum)
+            self.update_memories(ctx, state, epoch, fa, fb, labels, modality, ta, tb)
 
         return loss, parts, update
+
+    @staticmethod
+    def triplet(stage, feat: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor,
+                cross_mode: bool) -> torch.Tensor:
+        """Stage 2's triplet on ``feat (2B, D)`` with unified ``labels`` and ``modality``."""
+        if stage.triplet == "joint" and cross_mode:
+            term = cross_modal_triplet(feat, labels, modality, stage.triplet_margin)
+        else:
+            term = stage_triplet(stage, feat, labels, modality)
+        if cross_mode and stage.triplet_all_modalities:
+            term = term + batch_hard_triplet(feat, labels, stage.triplet_margin)
+        return term
+
+    @staticmethod
+    def update_memories(ctx: TrainContext, state: EpochState, epoch: int, fa, fb, labels, modality,
+                        ta, tb) -> None:
+        """Momentum updates of the per-modality memories and the fused memory (module doc)."""
+        recipe, stage, runtime, x = ctx.recipe, ctx.stage, ctx.runtime, state.extra
+        if ta.dim() == 2:
+            t_own = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
+                               tb.gather(1, labels[:, None]).squeeze(1)])
+        else:
+            t_own = torch.ones(2 * labels.shape[0], device=fa.device)
+        feat, lab, mod = gathered_batch(runtime, fa, fb, labels, modality)
+        movers = memory_updates(mod, epoch, stage.cross_memory_update)
+        for m in MODALITIES:
+            sel = movers[m]
+            if bool(sel.any()):
+                state.memories[m].update(feat[sel], x["row_of_id"][m][lab[sel]])
+        feat, lab, _, t_all = gathered_batch(runtime, fa, fb, labels, modality, t_own, first=INFRARED)
+        momentum = None
+        if recipe.cai.enabled and recipe.cai.confidence_momentum:
+            momentum = confidence_momentum(t_all, base=stage.momentum)
+        state.memories[FUSED].update(feat, lab, momentum)
 
 
 def train_cross(ws: Workspace, recipe: Recipe, *, resume: bool = False, force: bool = False,

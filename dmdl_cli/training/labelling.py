@@ -32,12 +32,15 @@ class ModalityClusters:
     stats: dict[str, Any]
 
 
-def cluster_modalities(ctx, feats: np.ndarray) -> dict[int, ModalityClusters]:
+def cluster_modalities(ctx, feats: np.ndarray, k1: dict[int, int] | None = None
+                       ) -> dict[int, ModalityClusters]:
     """Jaccard + DBSCAN per modality with the recipe's ``cluster.*`` values.
 
-    ``feats`` (N_train, D) are aligned with ``ctx.train_rows``.
+    ``feats`` (N_train, D) are aligned with ``ctx.train_rows``; ``k1`` overrides
+    ``cluster.k1`` per modality (stage 2's ``cluster.k1_adopting``).
     """
     cfg = ctx.recipe.cluster
+    k1 = k1 or {}
     out: dict[int, ModalityClusters] = {}
     for m in MODALITIES:
         sel = np.flatnonzero(ctx.modality == m)
@@ -45,7 +48,7 @@ def cluster_modalities(ctx, feats: np.ndarray) -> dict[int, ModalityClusters]:
             out[m] = ModalityClusters(sel, np.zeros(0, np.int64), np.zeros((0, feats.shape[1]), np.float32), {})
             continue
         start = time.perf_counter()
-        labels, info = cluster_features(feats[sel], k1=cfg.k1, k2=cfg.k2, eps=cfg.eps,
+        labels, info = cluster_features(feats[sel], k1=k1.get(m, cfg.k1), k2=cfg.k2, eps=cfg.eps,
                                         min_samples=cfg.min_samples, knn_method=cfg.knn,
                                         return_info=True)
         truth = ctx.true_ids[sel] if ctx.true_ids is not None else None
@@ -79,13 +82,15 @@ def confidences(feats: np.ndarray, cents: np.ndarray, labels: np.ndarray, temp: 
 def make_memory(cents: np.ndarray, stage) -> ClusterMemory:
     """A memory initialised from cluster centroids (C, D) (rows are L2-normalised)."""
     return ClusterMemory.from_centroids(torch.from_numpy(np.ascontiguousarray(cents)),
-                                        temp=stage.temp, momentum=stage.momentum)
+                                        temp=stage.temp, momentum=stage.momentum,
+                                        rule=stage.memory_update)
 
 
 def restore_memory(features: torch.Tensor, stage) -> ClusterMemory:
     """A memory holding exactly the saved rows ``features`` (C, D): no renormalisation, so a
     resumed run continues from bit-identical prototypes."""
-    mem = ClusterMemory(features.shape[1], features.shape[0], temp=stage.temp, momentum=stage.momentum)
+    mem = ClusterMemory(features.shape[1], features.shape[0], temp=stage.temp, momentum=stage.momentum,
+                        rule=stage.memory_update)
     mem.features.copy_(features)
     return mem
 

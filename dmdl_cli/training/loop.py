@@ -197,6 +197,12 @@ def _rank_slice(batch: list, rank: int, world: int) -> list:
     return batch[rank::world]
 
 
+def batch_slots(n: int, runtime: Runtime) -> torch.Tensor:
+    """``(n,)`` position in the global batch of each of this rank's ``n`` samples (the inverse
+    of :func:`_rank_slice`), so that gathered samples can be put back in batch order."""
+    return torch.arange(n, device=runtime.device) * runtime.world_size + runtime.rank
+
+
 def _stage_paths(ws: Workspace, name: str) -> tuple[Path, Path, Path]:
     folder = ws.root / name
     return folder, folder / "last.pt", folder / "final.pt"

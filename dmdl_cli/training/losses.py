@@ -5,6 +5,9 @@ import torch
 
 __all__ = [
     "batch_hard_triplet",
+    "modality_triplet",
+    "reduce_over_modalities",
+    "sample_cross_entropy",
     "contrastive_loss",
     "cross_modal_triplet",
     "mmd_multi_kernel",
@@ -32,6 +35,39 @@ def contrastive_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         return -(target.detach().float() * log_p).sum(dim=1).mean()
 
 
+def sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``- sum_c t_c log softmax(logits)_c``, ``(B,)``; ``target`` as in
+    :func:`contrastive_loss` (``(B,)`` labels or ``(B, C)`` soft targets, no gradient)."""
+    with _no_autocast(logits):
+        log_p = torch.log_softmax(logits.float(), dim=1)  # (B, C)
+        if target.dim() == 1:
+            return -log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
+        if target.shape != logits.shape:
+            raise ValueError(f"target {tuple(target.shape)} vs logits {tuple(logits.shape)}")
+        return -(target.detach().float() * log_p).sum(dim=1)
+
+
+def reduce_over_modalities(values: torch.Tensor, modality: torch.Tensor, how: str,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-sample ``values (N,)`` of a batch holding both modalities to one term.
+
+    ``"sum-modalities"``: ``sum_m mean_{i: modality_i = m} values_i`` (the reference: each term
+    is the sum of the two modalities' batch means); ``"mean"``: the mean over the whole batch.
+    Samples with ``valid`` False are left out; a modality without valid samples adds 0.
+    """
+    keep = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
+    if how == "mean":
+        return values[keep].mean() if bool(keep.any()) else values.sum() * 0.0
+    if how != "sum-modalities":
+        raise ValueError(f"unknown reduction {how!r}")
+    total = values.sum() * 0.0
+    for m in torch.unique(modality).tolist():
+        sel = keep & (modality == m)
+        if bool(sel.any()):
+            total = total + values[sel].mean()
+    return total
+
+
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None, *, squared: bool = False,
                        eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distances ``(N, D) x (M, D) -> (N, M)``; ``sqrt(max(d^2, eps))`` unless squared.
@@ -44,19 +80,46 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None, *, square
     return d2 if squared else d2.clamp(min=eps).sqrt()
 
 
-def _hard_mining_triplet(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                         margin: float) -> torch.Tensor:
-    """``mean_a relu(max_{p in pos(a)} d_ap - min_{n in neg(a)} d_an + margin)`` over anchors
-    that have at least one positive and one negative; 0 (with a graph) if there is none."""
+def _triplet_hinges(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                    margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor ``relu(max_{p in pos(a)} d_ap - min_{n in neg(a)} d_an + margin)`` ``(B,)``
+    and whether the anchor has at least one positive and one negative ``(B,)``."""
     valid = pos.any(dim=1) & neg.any(dim=1)  # (B,)
-    if not bool(valid.any()):
-        return dist.sum() * 0.0
     neg_inf = torch.finfo(dist.dtype).min
     pos_inf = torch.finfo(dist.dtype).max
     hardest_pos = torch.where(pos, dist, torch.full_like(dist, neg_inf)).amax(dim=1)  # (B,)
     hardest_neg = torch.where(neg, dist, torch.full_like(dist, pos_inf)).amin(dim=1)  # (B,)
     hinge = torch.relu(hardest_pos - hardest_neg + margin)
+    return torch.where(valid, hinge, torch.zeros_like(hinge)), valid
+
+
+def _hard_mining_triplet(dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                         margin: float) -> torch.Tensor:
+    """Mean hinge over anchors that have at least one positive and one negative; 0 (with a
+    graph) if there is none."""
+    hinge, valid = _triplet_hinges(dist, pos, neg, margin)
+    if not bool(valid.any()):
+        return dist.sum() * 0.0
     return hinge[valid].mean()
+
+
+def modality_triplet(feat: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor,
+                     margin: float = 0.3, reduction: str = "sum-modalities") -> torch.Tensor:
+    """Batch-hard triplet within each modality (the reference's per-modality triplets).
+
+    Positives and negatives of an anchor are images of its own modality only, so a visible and
+    an infrared image never meet in one triplet. The per-anchor hinges are reduced by
+    :func:`reduce_over_modalities` (``sum-modalities``: the visible triplet plus the infrared
+    one). ``feat (B, D)``, ``labels`` and ``modality`` ``(B,)``.
+    """
+    with _no_autocast(feat):
+        f = feat.float()
+        dist = pairwise_distances(f)  # (B, B)
+        same = labels.view(-1, 1) == labels.view(1, -1)
+        same_mod = modality.view(-1, 1) == modality.view(1, -1)
+        eye = torch.eye(len(labels), dtype=torch.bool, device=f.device)
+        hinge, valid = _triplet_hinges(dist, same & same_mod & ~eye, ~same & same_mod, margin)
+        return reduce_over_modalities(hinge, modality, reduction, valid)
 
 
 def batch_hard_triplet(feat: torch.Tensor, labels: torch.Tensor, margin: float = 0.3

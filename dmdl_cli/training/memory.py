@@ -1,24 +1,29 @@
 """Cluster memory: one L2-normalised prototype per (pseudo-)cluster, updated by momentum.
 
 Single-sample rule (ClusterContrast / the paper): ``m <- mu m + (1 - mu) f``, then renormalise.
+A batch holds K images per cluster (two views each), so how several samples of one row combine
+is a recipe choice, ``stageN.memory_update``:
 
-**Several samples of one cluster in one batch.** A batch holds K = 16 images per cluster, so the
-combination rule matters. The reference code applies the single-sample rule sequentially in batch
-order, which makes the result depend on the order and keeps only ``mu^K`` (0.2^16 ~ 7e-12) of the
-old prototype. Here the n samples of a cluster in a batch make **one** update, the average of
-the updates each would make alone (before renormalisation)::
+* ``"per-sample"`` (the reference implementation): the single-sample rule applied sample by
+  sample in the order given (the caller passes the reference's batch order), renormalising
+  after each. Because of the renormalisation there is no closed form; the update runs in
+  rounds: round r moves every row that has at least r + 1 samples with its (r + 1)-th sample,
+  all such rows at once. Rounds = the largest multiplicity of a row in the batch (2K or so),
+  each a vectorised step over distinct rows; it equals the plain Python loop exactly
+  (``test_memory_losses``). Only ``mu^n`` of the old prototype survives n samples.
+* ``"batch-mean"``: the n samples of a row make **one** update, the average of the updates
+  each would make alone (before renormalisation)::
 
-    m' = normalise( (1/n) sum_i [ mu_i m + (1 - mu_i) f_i ] )
-       = normalise( mu_bar m + (1 - mu_bar) f_bar ),
-    mu_bar = mean_i mu_i,   f_bar = sum_i (1 - mu_i) f_i / sum_i (1 - mu_i)
+      m' = normalise( (1/n) sum_i [ mu_i m + (1 - mu_i) f_i ] )
+         = normalise( mu_bar m + (1 - mu_bar) f_bar ),
+      mu_bar = mean_i mu_i,   f_bar = sum_i (1 - mu_i) f_i / sum_i (1 - mu_i)
 
-i.e. an update with the mean momentum and the mean feature weighted by each sample's pull
-``1 - mu_i``. It is order-invariant, equals the single-sample rule for n = 1, and a cluster moves
-by one momentum step per iteration whatever its number of samples in the batch. With the
-confidence-weighted momentum of CAI (:func:`confidence_momentum`) a sample with ``mu_i = 1``
-does not pull at all. The update is a scatter over the batch (no Python loop over samples),
-runs under ``torch.no_grad`` in float32 and is deterministic (per-cluster sums are a one-hot
-matrix product, not atomic adds).
+  order-invariant, equal to the single-sample rule for n = 1; a row moves by one momentum step
+  per iteration whatever its number of samples.
+
+With the confidence-weighted momentum of CAI (:func:`confidence_momentum`) a sample with
+``mu_i = 1`` does not pull at all. Both rules run under ``torch.no_grad`` in float32 and are
+deterministic (per-row sums are one-hot matrix products, not atomic adds).
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClusterMemory", "confidence_momentum"]
+__all__ = ["ClusterMemory", "UPDATE_RULES", "confidence_momentum"]
+
+UPDATE_RULES = ("per-sample", "batch-mean")
 
 
 def confidence_momentum(t_y: torch.Tensor, base: float = 0.2) -> torch.Tensor:
@@ -51,21 +58,24 @@ class ClusterMemory(nn.Module):
     features: torch.Tensor
 
     def __init__(self, num_features: int, num_clusters: int, *, temp: float = 0.05,
-                 momentum: float = 0.2) -> None:
+                 momentum: float = 0.2, rule: str = "batch-mean") -> None:
         super().__init__()
+        if rule not in UPDATE_RULES:
+            raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}")
         self.num_features = int(num_features)
         self.temp = float(temp)
         self.momentum = float(momentum)
+        self.rule = rule
         self.register_buffer("features", torch.zeros(num_clusters, num_features))
 
     @classmethod
-    def from_centroids(cls, centroids, *, temp: float = 0.05, momentum: float = 0.2
-                       ) -> "ClusterMemory":
+    def from_centroids(cls, centroids, *, temp: float = 0.05, momentum: float = 0.2,
+                       rule: str = "batch-mean") -> "ClusterMemory":
         """A memory whose rows are the L2-normalised ``centroids`` ``(C, D)`` (array or tensor)."""
         c = torch.as_tensor(centroids).detach().to(torch.float32)
         if c.dim() != 2:
             raise ValueError(f"centroids must be (C, D), got {tuple(c.shape)}")
-        mem = cls(c.shape[1], c.shape[0], temp=temp, momentum=momentum)
+        mem = cls(c.shape[1], c.shape[0], temp=temp, momentum=momentum, rule=rule)
         mem.features = F.normalize(c, dim=1).to(c.device).clone()
         return mem
 
@@ -105,6 +115,9 @@ class ClusterMemory(nn.Module):
                 return
             if int(labels.max()) >= self.num_clusters:
                 raise ValueError(f"label {int(labels.max())} >= {self.num_clusters} clusters")
+            if self.rule == "per-sample":
+                self._update_in_order(f, labels, mu)
+                return
             rows, inverse = torch.unique(labels, return_inverse=True)  # (U,), (B',)
             onehot = F.one_hot(inverse, rows.numel()).T.to(f.dtype)  # (U, B')
             count = onehot.sum(dim=1, keepdim=True)  # (U, 1)
@@ -112,6 +125,24 @@ class ClusterMemory(nn.Module):
             pull = (onehot @ ((1.0 - mu).unsqueeze(1) * f)) / count  # (U, D) = (1 - mu_bar) f_bar
             old = self.features[rows].float()  # (U, D)
             self.features[rows] = F.normalize(mu_bar * old + pull, dim=1).to(self.features.dtype)
+
+    def _update_in_order(self, f: torch.Tensor, labels: torch.Tensor, mu: torch.Tensor) -> None:
+        """Sample-by-sample rule in the given order, in rounds over the r-th sample of each row.
+
+        ``f (B, D)``, ``labels (B,)`` (all >= 0), ``mu (B,)``.
+        """
+        order = torch.argsort(labels, stable=True)  # samples grouped by row, batch order kept
+        sorted_labels = labels[order]
+        rows, counts = torch.unique_consecutive(sorted_labels, return_counts=True)  # (U,), (U,)
+        starts = torch.cumsum(counts, 0) - counts  # (U,) first sample of each row in `order`
+        for r in range(int(counts.max())):
+            live = counts > r  # rows with an (r + 1)-th sample
+            pick = order[starts[live] + r]  # (U_r,) that sample, one per row
+            target = rows[live]
+            old = self.features[target].float()  # (U_r, D)
+            m = mu[pick].unsqueeze(1)
+            self.features[target] = F.normalize(m * old + (1.0 - m) * f[pick], dim=1).to(
+                self.features.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "features"
@@ -123,4 +154,4 @@ class ClusterMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_clusters={self.num_clusters}, num_features={self.num_features}, "
-                f"temp={self.temp}, momentum={self.momentum}")
+                f"temp={self.temp}, momentum={self.momentum}, rule={self.rule}")

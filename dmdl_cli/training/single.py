@@ -6,11 +6,13 @@ centroids, GMM confidences from ``stage1.refine_from`` when ``cbt.refine``. Per 
 modality m (P clusters x K images, two views):
 
     L = sum_m 1/2 [CE(f_A M_m / tau, t_A) + CE(f_B M_m / tau, t_B)]
-        + sigma(epoch) * triplet(pool features, labels)
+        + sigma(epoch) * triplet(BN-neck features, labels)
         + w_align * sum_m MMD(f_A, f_B)
 
 with t_A = c onehot(y) + (1 - c) topk-softmax(f_B M_m / tau) (and symmetrically) when
-refinement is on, one-hot otherwise.
+refinement is on, one-hot otherwise. The triplet is batch-hard on the BN-neck features before
+normalisation (the reference's): within each modality, summed over the two
+(``stage1.triplet: per-modality``), or over the joint batch (``joint``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from dmdl_cli.console import log
 from dmdl_cli.data.index import MODALITY_NAMES
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.model.loading import initial_model
-from dmdl_cli.recipe import Recipe, triplet_weight
+from dmdl_cli.data.index import VISIBLE
+from dmdl_cli.recipe import Recipe, StageRecipe, reached, triplet_weight
 from dmdl_cli.training.labelling import (
     MODALITIES,
     cluster_modalities,
@@ -34,8 +37,20 @@ from dmdl_cli.training.labelling import (
     restore_memory,
     write_labels_file,
 )
-from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, gather_cat, run_stage
-from dmdl_cli.training.losses import batch_hard_triplet, contrastive_loss, mmd_multi_kernel
+from dmdl_cli.training.loop import (
+    EpochState,
+    StageLogic,
+    TrainContext,
+    batch_slots,
+    gather_cat,
+    run_stage,
+)
+from dmdl_cli.training.losses import (
+    batch_hard_triplet,
+    contrastive_loss,
+    mmd_multi_kernel,
+    modality_triplet,
+)
 from dmdl_cli.training.refine import refined_targets
 from dmdl_cli.workspace import Workspace
 
@@ -81,6 +96,45 @@ def alignment(fa: torch.Tensor, fb: torch.Tensor, modality: torch.Tensor, recipe
     return total
 
 
+def stage_triplet(stage: StageRecipe, feat: torch.Tensor, labels: torch.Tensor,
+                  modality: torch.Tensor) -> torch.Tensor:
+    """The stage's triplet term on ``feat (2B, D)`` (views A then B) with ``labels`` and
+    ``modality`` ``(2B,)``: per modality (summed, or a batch mean with ``loss_reduction: mean``)
+    or one batch-hard over the joint batch."""
+    if stage.triplet == "per-modality":
+        return modality_triplet(feat, labels, modality, stage.triplet_margin, stage.loss_reduction)
+    return batch_hard_triplet(feat, labels, stage.triplet_margin)
+
+
+def sample_order(modality: torch.Tensor, view: torch.Tensor, slots: torch.Tensor,
+                 first: int = VISIBLE) -> torch.Tensor:
+    """Permutation putting two-view samples in the reference's memory-update order.
+
+    ``modality``, ``view`` (0 = A, 1 = B) and ``slots`` (position in the global batch), all
+    ``(N,)``. Order: modality ``first`` before the other; within a modality view A before view
+    B (the reference concatenates a modality's two views), then batch position.
+    """
+    size = int(slots.max()) + 1 if slots.numel() else 1
+    key = (modality != first).long() * 2 * size + view.long() * size + slots.long()
+    return torch.argsort(key, stable=True)
+
+
+def gathered_batch(runtime, fa: torch.Tensor, fb: torch.Tensor, labels: torch.Tensor,
+                   modality: torch.Tensor, *extra: torch.Tensor, first: int = VISIBLE
+                   ) -> list[torch.Tensor]:
+    """Every rank's two-view samples, in :func:`sample_order` (the same on one or many ranks):
+    ``[feat (2B, D), labels (2B,), modality (2B,), *extra]``; ``fa``, ``fb`` ``(b, D)``,
+    ``labels``, ``modality`` ``(b,)`` and each ``extra`` ``(2b, ...)`` (views A then B)."""
+    b = labels.shape[0]
+    slots = batch_slots(b, runtime)
+    view = torch.cat([torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)])
+    parts = [torch.cat([fa, fb]).detach(), torch.cat([labels, labels]),
+             torch.cat([modality, modality]), *extra, torch.cat([slots, slots]), view.to(slots.device)]
+    parts = [gather_cat(p, runtime) for p in parts]
+    order = sample_order(parts[2], parts[-1], parts[-2], first)
+    return [p[order] for p in parts[:-2]]
+
+
 class SingleModalityStage(StageLogic):
     name = "stage1"
     labels_prefix = "stage1"
@@ -99,7 +153,7 @@ class SingleModalityStage(StageLogic):
         conf = np.ones(n_all, dtype=np.float32)
         offsets, sizes = {}, {}
         offset = 0
-        refine = recipe.cbt.refine and epoch >= stage.refine_from
+        refine = recipe.cbt.refine and reached(stage.refine_from, epoch)
         train_pos = ctx.train_position
         for m in MODALITIES:
             c = clusters[m]
@@ -132,7 +186,8 @@ class SingleModalityStage(StageLogic):
         batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,
                                 clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
                                 seed=ctx.recipe.train.seed, epoch=saved["epoch"],
-                                mode="per-modality")
+                                mode="per-modality",
+                                cameras=ctx.index.cams if stage.camera_aware_sampling else None)
         return EpochState(labels=saved["labels"], batches=batches,
                           extra={"epoch": saved["epoch"], "conf": saved["conf"], "offsets": saved["offsets"], "sizes": saved["sizes"],
                                  "labels_t": torch.from_numpy(saved["labels"]).to(ctx.runtime.device),
@@ -146,7 +201,7 @@ class SingleModalityStage(StageLogic):
         b = rows.shape[0]
         labels = state.extra["labels_t"][rows]  # (B,) global cluster ids
         conf = state.extra["conf_t"][rows]  # (B,)
-        refine = recipe.cbt.refine and epoch >= stage.refine_from
+        refine = recipe.cbt.refine and reached(stage.refine_from, epoch)
         with runtime.autocast():
             pool, bn = ctx.model(batch["images"])  # (2B, D) each
         feat = F.normalize(bn.float(), dim=1)
@@ -157,15 +212,14 @@ class SingleModalityStage(StageLogic):
         sigma = triplet_weight(stage.triplet_ramp, epoch)
         triplet = feat.new_zeros(())
         if sigma > 0:
-            triplet = batch_hard_triplet(pool.float(), torch.cat([labels, labels]), stage.triplet_margin)
+            triplet = stage_triplet(stage, bn.float(), torch.cat([labels, labels]),
+                                    torch.cat([modality, modality]))
         align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
         loss = contrast + sigma * triplet + recipe.cbt.align_weight * align
         parts = {"contrast": contrast.item(), "triplet": triplet.item(), "align": align.item()}
 
         def update() -> None:
-            all_feat = gather_cat(torch.cat([fa, fb]).detach(), runtime)
-            all_labels = gather_cat(torch.cat([labels, labels]), runtime)
-            all_mod = gather_cat(torch.cat([modality, modality]), runtime)
+            all_feat, all_labels, all_mod = gathered_batch(runtime, fa, fb, labels, modality)
             for m in MODALITIES:
                 sel = all_mod == m
                 if bool(sel.any()):

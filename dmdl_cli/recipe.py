@@ -41,6 +41,11 @@ def _ranged(default: Any, lo: float | None = None, hi: float | None = None) -> A
     return field(default=default, metadata={"min": lo, "max": hi})
 
 
+def _between(default: Any, lo: float, hi: float) -> Any:
+    """A value in the open interval (lo, hi): both ends excluded."""
+    return field(default=default, metadata={"above": lo, "below": hi})
+
+
 @dataclass
 class DataRecipe:
     """Input images: size of the cache and of the network input, loader workers."""
@@ -68,7 +73,7 @@ class ClusterRecipe:
 
     k1: int = _ranged(30, 1)
     k2: int = _ranged(6, 1)
-    eps: float = _ranged(0.6, 0.0, 1.0)
+    eps: float = _between(0.6, 0.0, 1.0)  # Jaccard distances lie in [0, 1]: 0 or 1 clusters nothing
     min_samples: int = _ranged(4, 1)
     knn: str = _choice("exact", KNN_METHODS)
     flip_average: bool = True  # average train features with the horizontal flip before clustering
@@ -296,6 +301,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
             raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is below the minimum {lo}")
         if hi is not None and value > hi:
             raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {hi}")
+        above, below = meta.get("above"), meta.get("below")
+        if above is not None and not above < value < below:
+            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is outside the open interval "
+                            f"({above}, {below}); both ends are excluded")
         values[name] = value
     return cls(**values)
 

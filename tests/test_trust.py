@@ -225,3 +225,20 @@ def test_a_stop_signal_is_deferred_to_the_loop_and_a_second_one_acts_at_once():
         assert stop.requested(_Single()) == signal.SIGUSR1
     assert Interrupted("x", signal.SIGTERM).exit_code == 143
     assert Interrupted("x", signal.SIGINT).exit_code == 130
+
+
+def test_export_takes_the_lock_before_it_reads_the_checkpoint(tiny_workspace, tmp_path):
+    """With a stage holding the lock, export is refused before it opens the checkpoint (here a
+    hostile one: had it been read first, the refusal would name the file, not the lock)."""
+    from dmdl_cli.workspace import WorkspaceLock
+
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    evil = _hostile_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned")
+    holder = WorkspaceLock(ws / ".lock")
+    holder.acquire()  # another open file description: flock conflicts even in this process
+    try:
+        result = invoke(["export", "--workspace", ws, "--checkpoint", evil, "--format", "torchscript"])
+    finally:
+        holder.release()
+    line = assert_refused(result, "is in use by another dmdl process", f"pid {os.getpid()}")
+    assert str(evil) not in line and not (tmp_path / "pwned").exists()

@@ -322,6 +322,13 @@ def test_a_damaged_or_missing_cache_is_rebuilt_by_a_plain_rerun(sysu_workspace, 
     result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
     assert result.exit_code == 0 and "unchanged" in result.output
     assert re.search(r"checked the sha256 of data/cache-\S+ \([\d.]+ MiB, [\d.]+ s\)", result.output)
+    # a workspace from before caches had records: checked against the manifest's sha256
+    record = cache.with_name(cache.name + ".json")
+    written = record.read_text()
+    record.unlink()
+    result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
+    assert result.exit_code == 0 and "unchanged" in result.output
+    assert record.read_text() == written
     # missing: rebuilt the same way
     cache.unlink()
     result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])

@@ -69,6 +69,11 @@ def command(name: str):
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/]")
                 raise typer.Exit(130) from None
+            except OSError as err:  # disk full, I/O error outside an atomic write: one line
+                where = f" {err.filename}" if err.filename else ""
+                console.print(f"[bold red]error:[/] {escape(f'I/O error{where}: {err.strerror or err}')}",
+                              soft_wrap=True)
+                raise typer.Exit(1) from None
 
         return app.command(name)(wrapper)
 

@@ -17,3 +17,16 @@ class NotImplementedStage(DmdlError):
     """A stage whose issue is still open (scaffolding, not a result)."""
 
     exit_code = 2
+
+
+class Interrupted(DmdlError):
+    """A run stopped by a signal (SIGTERM, SIGINT, SIGUSR1) after it saved its resume point.
+
+    Exits with the shell's convention for a signal, 128 + the signal number (143 for SIGTERM,
+    130 for SIGINT), so schedulers and scripts see why it stopped.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -286,7 +286,7 @@ def parity_rows(index_split: np.ndarray, count: int) -> tuple[np.ndarray, str]:
     rows, source = (test, "test") if len(test) else (np.flatnonzero(index_split == "train"), "train")
     if len(rows) == 0:
         raise DmdlError("the workspace index is empty: no images to check the export on; "
-                        "run `dmdl prepare-data --force`")
+                        "re-run `dmdl prepare-data` with the options that prepared the workspace")
     pick = np.unique(np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(np.int64))
     return rows[pick], source
 
@@ -329,7 +329,8 @@ def _describe(loaded: LoadedModel, recipe: Recipe, height: int, width: int, dyna
             "checkpoint_sha256": loaded.sha256,
             "description": loaded.description,
             "stage": loaded.meta.get("stage"),
-            "epoch": loaded.meta.get("epoch"),
+            # numbered from 1 like every epoch a person reads (the checkpoint meta counts from 0)
+            "epoch": loaded.meta["epoch"] + 1 if isinstance(loaded.meta.get("epoch"), int) else None,
         },
         "recipe_hash": recipe.hash(),
         "input": {
@@ -401,7 +402,17 @@ def export_model(
         raise DmdlError(f"--opset {opset}: choose {MIN_OPSET}..{MAX_OPSET} (default 17)")
     if "onnx" in formats:
         require_onnx(opset)  # fail before any work when the extra is missing
+    # the lock comes before the checkpoint is read: no stage can replace it while it is exported
+    with ws.locked():
+        return _export_locked(ws, recipe, checkpoint=checkpoint, formats=formats, opset=opset,
+                              dynamic_batch=dynamic_batch, tolerance=tolerance,
+                              parity_images=parity_images)
 
+
+def _export_locked(ws: Workspace, recipe: Recipe, *, checkpoint: str | None, formats: tuple,
+                   opset: int, dynamic_batch: bool, tolerance: float, parity_images: int
+                   ) -> dict[str, Any]:
+    """:func:`export_model` once the workspace lock is held."""
     index = read_index(ws.index_path)
     loaded = load_model(ws, recipe, checkpoint)
     height, width = _input_size(loaded, recipe)
@@ -427,10 +438,10 @@ def export_model(
                       "runtime": {"onnx": "onnxruntime CPUExecutionProvider",
                                   "torchscript": "torch.jit.load, CPU"},
                       "checks": []}
-    with ws.locked(), ws.stage_run("export", recipe, checkpoint=loaded.name, formats=list(formats),
-                                   opset=opset, dynamic_batch=dynamic_batch) as run:
+    with ws.stage_run("export", recipe, checkpoint=loaded.name, formats=list(formats),
+                      opset=opset, dynamic_batch=dynamic_batch) as run:
         if checkpoint_path is not None:
-            run.add_input(checkpoint_path)
+            run.add_input(checkpoint_path, loaded.sha256)  # the bytes that were loaded
         failures: list[str] = []
         table_rows: list[list[str]] = []
         preprocess_path = out_dir / PREPROCESS_FILE

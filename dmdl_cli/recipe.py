@@ -54,6 +54,11 @@ def _threshold(default: int | str) -> Any:
     return field(default=default, metadata={"min": 0, "threshold": True})
 
 
+def _between(default: Any, lo: float, hi: float) -> Any:
+    """A value in the open interval (lo, hi): both ends excluded."""
+    return field(default=default, metadata={"above": lo, "below": hi})
+
+
 @dataclass
 class DataRecipe:
     """Input images: size of the cache and of the network input, loader workers."""
@@ -84,7 +89,7 @@ class ClusterRecipe:
     # the infrared one on odd epochs, as in association.method nearest-alternating); null = k1
     k1_adopting: int | None = _ranged(None, 1)
     k2: int = _ranged(6, 1)
-    eps: float = _ranged(0.6, 0.0, 1.0)
+    eps: float = _between(0.6, 0.0, 1.0)  # Jaccard distances lie in [0, 1]: 0 or 1 clusters nothing
     min_samples: int = _ranged(4, 1)
     knn: str = _choice("exact", KNN_METHODS)
     flip_average: bool = True  # average train features with the horizontal flip before clustering
@@ -360,6 +365,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
             raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is below the minimum {lo}")
         if hi is not None and value > hi:
             raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {hi}")
+        above, below = meta.get("above"), meta.get("below")
+        if above is not None and not above < value < below:
+            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is outside the open interval "
+                            f"({above}, {below}); both ends are excluded")
         values[name] = value
     return cls(**values)
 

@@ -13,6 +13,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from dmdl_cli import __version__
 from dmdl_cli.atomic import atomic_output, atomic_write_json, atomic_write_text, sha256_file
-from dmdl_cli.errors import DmdlError
+from dmdl_cli.errors import DmdlError, Interrupted
 from dmdl_cli.recipe import Recipe, load_recipe
 
 FORMAT_VERSION = 1
@@ -47,6 +48,53 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+#: Types of the manifest fields the code reads: (key, allowed types); None stands for null.
+_DATASET_FIELDS = (("name", (str,)), ("root", (str,)), ("fingerprint", (str,)),
+                   ("index_sha256", (str,)), ("num_images", (int,)), ("trial", (int, type(None))),
+                   ("skipped_bad_images", (list,)))
+_RUN_FIELDS = (("stage", (str,)), ("status", (str,)), ("inputs", (list,)), ("outputs", (list,)),
+               ("info", (dict,)))
+_RECORD_FIELDS = (("path", (str,)), ("sha256", (str,)), ("bytes", (int,)))
+
+
+def _wrong_type(where: str, value: Any, types: tuple) -> str | None:
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        return f"{where} is {type(value).__name__} {value!r:.40}, expected {names}"
+    return None
+
+
+def manifest_problem(data: dict[str, Any]) -> str | None:
+    """The first field of a manifest with a wrong type, in words (None when it is sound)."""
+    dataset = data.get("dataset")
+    if dataset is not None:
+        if not isinstance(dataset, dict):
+            return _wrong_type("dataset", dataset, (dict, type(None)))
+        for key, types in _DATASET_FIELDS:
+            if key in dataset and (problem := _wrong_type(f"dataset.{key}", dataset[key], types)):
+                return problem
+    runs = data.get("runs", [])
+    if not isinstance(runs, list):
+        return _wrong_type("runs", runs, (list,))
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            return _wrong_type(f"runs[{i}]", run, (dict,))
+        for key, types in _RUN_FIELDS:
+            if key not in run and key in ("stage", "status"):
+                return f"runs[{i}] has no {key}"
+            if key in run and (problem := _wrong_type(f"runs[{i}].{key}", run[key], types)):
+                return problem
+        for side in ("inputs", "outputs"):
+            for j, record in enumerate(run.get(side, [])):
+                if not isinstance(record, dict):
+                    return _wrong_type(f"runs[{i}].{side}[{j}]", record, (dict,))
+                for key, types in _RECORD_FIELDS:
+                    if key in record and (problem := _wrong_type(f"runs[{i}].{side}[{j}].{key}",
+                                                                 record[key], types)):
+                        return problem
+    return None
 
 
 class WorkspaceLock:
@@ -94,12 +142,12 @@ class StageRun:
     entry: dict[str, Any]
     outputs: list[str] = field(default_factory=list)
 
-    def add_input(self, path: Path) -> None:
-        self.entry["inputs"].append(self.workspace.file_record(path))
+    def add_input(self, path: Path, sha256: str | None = None) -> None:
+        self.entry["inputs"].append(self.workspace.file_record(path, sha256))
         self.workspace.write_manifest()
 
-    def add_output(self, path: Path) -> None:
-        record = self.workspace.file_record(path)
+    def add_output(self, path: Path, sha256: str | None = None) -> None:
+        record = self.workspace.file_record(path, sha256)
         self.entry["outputs"] = [o for o in self.entry["outputs"] if o["path"] != record["path"]]
         self.entry["outputs"].append(record)
         self.workspace.write_manifest()
@@ -198,15 +246,23 @@ class Workspace:
                 f"({__version__}) reads version {FORMAT_VERSION}: prepare a new workspace with "
                 "`dmdl prepare-data`, or use the dmdl version that wrote it"
             )
+        problem = manifest_problem(data)
+        if problem:
+            raise DmdlError(
+                f"{self.manifest_path} is malformed ({problem}): the workspace is damaged; restore "
+                "the file or prepare a new workspace with `dmdl prepare-data`"
+            )
         return data
 
     def write_manifest(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.manifest_path, self.manifest)
 
-    def file_record(self, path: Path) -> dict[str, Any]:
+    def file_record(self, path: Path, sha256: str | None = None) -> dict[str, Any]:
+        """{path, sha256, bytes} of a file; ``sha256`` when the caller already hashed it."""
         path = Path(path)
-        return {"path": self.rel(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        return {"path": self.rel(path), "sha256": sha256 or sha256_file(path),
+                "bytes": path.stat().st_size}
 
     @property
     def dataset(self) -> dict[str, Any] | None:
@@ -221,9 +277,18 @@ class Workspace:
         if expected and sha256_file(self.index_path) != expected:
             raise DmdlError(
                 f"{self.index_path} does not match the manifest (it was changed or half-written): "
-                f"re-run `dmdl prepare-data --workspace {self.root} --force`"
+                f"{self.repair_hint()}"
             )
         return self.dataset
+
+    def repair_hint(self) -> str:
+        """The command that rebuilds a damaged index or cache (a plain re-run; no --force)."""
+        data = self.dataset or {}
+        args = f" --dataset {data['name']}" if data.get("name") else " --dataset ..."
+        if data.get("root") and Path(data["root"]) != self.root / "synthetic":
+            args += f" --root {data['root']}"
+        return (f"re-run `dmdl prepare-data --workspace {self.root}{args}` with the options that "
+                "prepared it (no --force needed): it rebuilds what is damaged")
 
     def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
         runs = self.manifest.get("runs", [])
@@ -266,7 +331,8 @@ class Workspace:
         try:
             yield run
         except BaseException as err:
-            entry["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            stopped = isinstance(err, (KeyboardInterrupt, Interrupted))
+            entry["status"] = "interrupted" if stopped else "failed"
             entry["error"] = str(err) or err.__class__.__name__
             entry["ended"] = _now()
             self.write_manifest()
@@ -297,22 +363,110 @@ class Workspace:
 # Checkpoints and pseudo-label files
 
 
+#: Tag of a numpy array stored as a tensor inside a checkpoint (see :func:`to_plain`).
+_NUMPY_TAG = "__numpy__"
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` with every numpy array / scalar replaced by a tagged tensor.
+
+    Checkpoints hold only tensors and plain containers (dict, list, tuple, str, numbers), the
+    things ``torch.load(weights_only=True)`` reads without running code. Numpy arrays (pseudo
+    labels, confidences) become ``{"__numpy__": tensor, "dtype": "<i8", "scalar": False}`` and
+    come back as the same arrays through :func:`from_plain`. Containers without numpy inside
+    are returned as they are (a state dict keeps its ``_metadata``).
+    """
+    import torch
+
+    if isinstance(obj, (np.ndarray, np.generic)):
+        array = np.asarray(obj)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"a checkpoint cannot hold a numpy array of dtype {array.dtype}")
+        return {_NUMPY_TAG: torch.from_numpy(np.array(array, order="C", copy=True)),
+                "dtype": array.dtype.str, "scalar": isinstance(obj, np.generic)}
+    return _map_container(obj, to_plain)
+
+
+def from_plain(obj: Any) -> Any:
+    """Undo :func:`to_plain`: tagged tensors become the numpy arrays they were."""
+    if isinstance(obj, dict) and _NUMPY_TAG in obj:
+        array = obj[_NUMPY_TAG].numpy().astype(np.dtype(obj["dtype"]), copy=False)
+        return array[()] if obj.get("scalar") else array
+    return _map_container(obj, from_plain)
+
+
+def _map_container(obj: Any, func: Any) -> Any:
+    """``func`` applied to the values of a dict / list / tuple; ``obj`` itself when none changed."""
+    if isinstance(obj, dict):
+        values = {k: func(v) for k, v in obj.items()}
+        if all(values[k] is v for k, v in obj.items()):
+            return obj
+        out = type(obj)(values) if type(obj) is not dict else values
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if type(obj) in (list, tuple):
+        items = [func(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save into a temp file + fsync + rename: a kill mid-write keeps the previous file."""
+    """torch.save into a temp file + fsync + rename: a kill mid-write keeps the previous file.
+
+    Numpy arrays are stored as tensors (:func:`to_plain`) so the safe loader reads them back.
+    The file is serialised in memory and written by Python, so a full disk or a file-size limit
+    is an OSError that names the file (torch's own writer reports a bare RuntimeError).
+    """
     import torch
 
+    buffer = io.BytesIO()
+    torch.save(to_plain(state), buffer)
     with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getbuffer())
 
 
-def load_checkpoint(path: Path, *, what: str = "checkpoint") -> dict[str, Any]:
-    import torch
-
+def read_checkpoint_bytes(path: Path, *, what: str = "checkpoint") -> bytes:
+    """The bytes of a checkpoint file, read once (hash them and load them from memory)."""
     path = Path(path)
     if not path.is_file():
         raise DmdlError(f"{what} {path} does not exist: check the path")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return path.read_bytes()
+    except OSError as err:
+        raise DmdlError(f"{what} {path} cannot be read ({err.strerror or err}): check the file") from None
+
+
+def _unsafe_global(err: Exception) -> str | None:
+    """The Python object a refused file wanted to call, as torch's safe loader names it
+    ("... unsupported GLOBAL posix.system ..."), or None for a file that is merely damaged."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
+def load_checkpoint(path: Path, *, what: str = "checkpoint", data: bytes | None = None) -> dict[str, Any]:
+    """A dmdl checkpoint, read with ``torch.load(weights_only=True)``: tensors and plain
+    containers only, so a crafted file cannot run code. ``data``: the file's bytes, already
+    read (they are loaded from memory, so the bytes hashed are the bytes loaded)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if data is None:
+        data = read_checkpoint_bytes(path, what=what)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_global(err)
+        if unsafe is None:
+            raise DmdlError(f"{what} {path} cannot be read (UnpicklingError): the file is damaged or "
+                            "not a dmdl checkpoint") from None
+        raise DmdlError(
+            f"{what} {path} refused: loading it would call {unsafe}, and dmdl loads only tensors "
+            "and plain containers so that a file cannot run code; it is not a dmdl checkpoint"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any decode failure is a corrupt file to the user
         raise DmdlError(
             f"{what} {path} cannot be read ({err.__class__.__name__}): the file is damaged or not "
@@ -320,7 +474,7 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint") -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or "model" not in state or "meta" not in state:
         raise DmdlError(f"{what} {path} is not a dmdl checkpoint (no model/meta entries)")
-    return state
+    return from_plain(state)
 
 
 def save_labels(path: Path, labels: np.ndarray, **meta: Any) -> None:

@@ -1,13 +1,24 @@
 """The memory-mapped image cache."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dmdl_cli.data.cache import build_cache, cache_name, load_image, open_cache, read_rows
+from dmdl_cli.data.cache import (
+    SAMPLE_ROWS,
+    build_cache,
+    cache_name,
+    load_image,
+    open_cache,
+    read_rows,
+    record_path,
+    sample_rows,
+    verify_cache,
+)
 from dmdl_cli.errors import DmdlError
 
 
@@ -45,7 +56,8 @@ def test_rows_equal_decoded_and_resized_images(tmp_path, images):
         cache[0, 0, 0, 0] = 1  # read-only
     again = open_cache(out, 4, 24, 12)
     assert np.array_equal(np.asarray(again), np.asarray(cache))
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left
+    # no temporary left; the integrity record sits beside the cache
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, out.name + ".json"]
 
 
 def test_single_worker_gives_the_same_bytes(tmp_path, images):
@@ -58,9 +70,10 @@ def test_single_worker_gives_the_same_bytes(tmp_path, images):
 def test_open_cache_mismatch_names_the_fix(tmp_path, images):
     out = tmp_path / "c.u8"
     build_cache(images, out, 16, 8, progress=False)
-    with pytest.raises(DmdlError, match=r"c\.u8.*dmdl prepare-data --force"):
+    # a plain re-run of prepare-data rebuilds a damaged cache: the message does not ask for --force
+    with pytest.raises(DmdlError, match=r"c\.u8.*dmdl prepare-data.*no --force needed"):
         open_cache(out, 5, 16, 8)
-    with pytest.raises(DmdlError, match="prepare-data --force"):
+    with pytest.raises(DmdlError, match="prepare-data.*no --force needed"):
         open_cache(out, 4, 16, 16)
     with pytest.raises(DmdlError, match=r"missing.*dmdl prepare-data"):
         open_cache(tmp_path / "none.u8", 4, 16, 8)
@@ -86,3 +99,30 @@ def test_read_rows_keeps_the_requested_order_with_repeats():
     for i, r in enumerate(rows):
         assert np.array_equal(out[i], cache[r])
     assert read_rows(cache, np.array([], dtype=np.int64)).shape == (0, 2, 1, 3)
+
+
+def test_open_cache_detects_a_zeroed_stretch_and_a_missing_record(tmp_path, images):
+    """The quick check a stage runs on opening the cache: sampled rows against the record."""
+    out = tmp_path / "z.u8"
+    build_cache(images * 20, out, 16, 8, progress=False)  # 80 rows: all of them are sampled
+    record = record_path(out)
+    assert json.loads(record.read_text())["sample_rows"] == 80
+    ok, _ = verify_cache(out, 80, 16, 8)
+    assert ok
+    row = 16 * 8 * 3
+    with open(out, "r+b") as handle:  # same size, a stretch of three rows zeroed
+        handle.seek(30 * row)
+        handle.write(bytes(3 * row))
+    with pytest.raises(DmdlError, match=r"z\.u8: image cache is damaged"):
+        open_cache(out, 80, 16, 8)
+    assert verify_cache(out, 80, 16, 8)[0] is False  # the full sha256 check sees it too
+    record.unlink()
+    with pytest.raises(DmdlError, match="no integrity record"):
+        open_cache(out, 80, 16, 8)
+
+
+def test_sampled_rows_cover_the_file_evenly():
+    rows = sample_rows(10_000)
+    assert len(rows) == SAMPLE_ROWS and rows[0] == 0 and rows[-1] == 9_999
+    assert np.diff(rows).max() <= 10_000 // (SAMPLE_ROWS - 1) + 1
+    assert list(sample_rows(3)) == [0, 1, 2]

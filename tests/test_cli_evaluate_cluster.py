@@ -298,7 +298,7 @@ def test_cluster_bad_inputs_are_one_line_and_change_nothing(clustered, tmp_path)
     missing = tmp_path / "missing.pt"
     for extra, words in [
         (["--checkpoint", missing], [str(missing), "does not exist"]),
-        (["--set", "cluster.eps=2"], ["cluster.eps", "maximum"]),
+        (["--set", "cluster.eps=2"], ["cluster.eps", "open interval"]),
         (["--set", "cluster.k1=0"], ["cluster.k1", "minimum"]),
     ]:
         assert_refused(invoke(["cluster", "--workspace", ws, *extra]), *words)

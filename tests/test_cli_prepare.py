@@ -298,6 +298,44 @@ def test_rerun_on_unchanged_source_is_a_noop(sysu_workspace, tmp_path, synthetic
     assert tree_snapshot(ws) == before
 
 
+def test_a_damaged_or_missing_cache_is_rebuilt_by_a_plain_rerun(sysu_workspace, tmp_path,
+                                                                 synthetic_root):
+    ws = copy_workspace(sysu_workspace, tmp_path)
+    cache = ws / "data" / f"cache-{HEIGHT}x{WIDTH}.u8"
+    good = sha256_file(cache)
+    (ws / "stage1").mkdir()
+    (ws / "stage1" / "final.pt").write_bytes(b"a trained model")  # must survive the repair
+    row = HEIGHT * WIDTH * 3
+    with open(cache, "r+b") as handle:  # a zeroed stretch: same size, other bytes
+        handle.seek(7 * row)
+        handle.write(bytes(3 * row))
+    assert sha256_file(cache) != good
+    # a stage opening it refuses in one line that names the cache and the plain repair
+    result = invoke(["cluster", "--workspace", ws, "--checkpoint", "imagenet"])
+    assert_refused(result, str(cache), "damaged", "prepare-data", "no --force needed")
+    result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
+    assert result.exit_code == 0, result.output
+    assert "does not match its recorded sha256" in result.output and "unchanged" not in result.output
+    assert sha256_file(cache) == good
+    assert (ws / "stage1" / "final.pt").read_bytes() == b"a trained model"
+    # the unchanged re-run checks the whole file and prints what that cost
+    result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
+    assert result.exit_code == 0 and "unchanged" in result.output
+    assert re.search(r"checked the sha256 of data/cache-\S+ \([\d.]+ MiB, [\d.]+ s\)", result.output)
+    # a workspace from before caches had records: checked against the manifest's sha256
+    record = cache.with_name(cache.name + ".json")
+    written = record.read_text()
+    record.unlink()
+    result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
+    assert result.exit_code == 0 and "unchanged" in result.output
+    assert record.read_text() == written
+    # missing: rebuilt the same way
+    cache.unlink()
+    result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
+    assert result.exit_code == 0, result.output
+    assert sha256_file(cache) == good
+
+
 def test_changed_source_is_not_reindexed_without_force(tmp_path, synthetic_root):
     raw = copy_tree(synthetic_root, tmp_path)
     ws = tmp_path / "ws"
@@ -313,6 +351,7 @@ def test_changed_source_is_not_reindexed_without_force(tmp_path, synthetic_root)
     result = prepare("sysu", raw, ws, "--force")
     assert result.exit_code == 0, result.output
     assert not (ws / "stage1").exists()  # --force removes the stage outputs of the old index
+    assert not list(ws.glob(".retired-*"))  # moved aside, then deleted
     check_workspace(ws, expected_sysu(raw), "sysu", "sysu.yaml",
                     ["data.dataset=sysu", "data.trial=1", *TINY_SIZE[1::2]], prepare_runs=2)
 
@@ -545,7 +584,7 @@ def test_markup_like_text_in_an_error_is_printed_verbatim(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("stage1.epoch=3", ["unknown recipe key 'stage1.epoch'", "epochs"]),
     ("model.arch=vgg", ["'model.arch'", "'vgg' is not one of", "resnet50_agw"]),
-    ("cluster.eps=2", ["'cluster.eps'", "above the maximum 1.0"]),
+    ("cluster.eps=2", ["'cluster.eps'", "outside the open interval (0.0, 1.0)"]),
     ("data.height", ["--set 'data.height'", "KEY=VALUE"]),
 ])
 def test_bad_recipe_overrides_are_one_line(tmp_path, sysu_workspace, synthetic_root, override, words):

@@ -186,7 +186,7 @@ def test_saved_checkpoint_is_exported_by_default(tiny_workspace, tmp_path, run_c
     spec = json.loads((ws / "export" / "preprocess.json").read_text())
     assert spec["model"]["checkpoint"] == "stage1-final"
     assert spec["model"]["checkpoint_sha256"] == sha256_file(target)
-    assert spec["model"]["stage"] == "stage1" and spec["model"]["epoch"] == 0
+    assert spec["model"]["stage"] == "stage1" and spec["model"]["epoch"] == 1  # meta epoch 0, shown from 1
     assert spec["recipe_hash"] == Workspace.open(ws).resolve_recipe(None).hash()
     assert all(c["passed"] for c in spec["parity"]["checks"]) and len(spec["parity"]["checks"]) == 2
 

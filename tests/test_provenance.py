@@ -13,10 +13,14 @@ from dmdl_cli.provenance import differences
 from dmdl_cli.recipe import load_recipe
 
 # Stage-1 values given only to pretrain-single; train-cross must inherit them.
+# One epoch per stage: the epoch switches a one-epoch schedule never reaches are switched off
+# (recipe validation refuses them otherwise).
 STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
-               "stage1.instances=2", "cluster.min_samples=2", "train.feature_batch=128"]
+               "stage1.instances=2", "cluster.min_samples=2", "train.feature_batch=128",
+               "stage1.refine_from=never", "stage1.triplet_ramp=[]"]
 STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3",
-               "stage2.instances=2"]
+               "stage2.instances=2", "stage2.onehot_epochs=0", "stage2.cross_sampler_from=never",
+               "stage2.triplet_ramp=[]"]
 
 
 def _sets(items: list[str]) -> list[str]:

@@ -123,8 +123,12 @@ def test_parse_override():
     ("stage1.epoch=3", "stage1.epoch", ["unknown", "epochs"]),
     ("stage3.epochs=3", "stage3", ["unknown"]),
     ("model.arch=vgg", "model.arch", ["vgg", "resnet50_agw", "resnet18"]),
-    ("cluster.eps=2", "cluster.eps", ["above the maximum"]),
-    ("cluster.eps=-0.1", "cluster.eps", ["below the minimum"]),
+    ("cluster.eps=2", "cluster.eps", ["outside the open interval (0.0, 1.0)"]),
+    ("cluster.eps=-0.1", "cluster.eps", ["outside the open interval"]),
+    # Jaccard distances lie in [0, 1]: eps 0 or 1 would pass a closed range and fail later in
+    # clustering, after feature extraction, so both ends are refused on load
+    ("cluster.eps=0", "cluster.eps", ["outside the open interval", "both ends are excluded"]),
+    ("cluster.eps=1", "cluster.eps", ["outside the open interval", "both ends are excluded"]),
     ("stage1.epochs=0", "stage1.epochs", ["below the minimum 1"]),
     ("stage1.epochs=2.5", "stage1.epochs", ["expected int"]),
     ("stage1.epochs=true", "stage1.epochs", ["expected int"]),

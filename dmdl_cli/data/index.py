@@ -47,7 +47,8 @@ MODALITY_NAMES = ("visible", "infrared")  # index i = name of modality i
 SPLITS = ("train", "test")
 INDEX_HEADER = "path,pid,cam,modality,split"
 
-_FIX = "re-create it with `dmdl prepare-data --force`"
+_FIX = ("re-run `dmdl prepare-data` with the options that prepared the workspace (no --force "
+        "needed): it rebuilds a damaged index")
 
 
 @dataclass(eq=False)

@@ -1,7 +1,10 @@
 """Stage `prepare-data`: index a raw data set, check its images, build the image cache.
 
-Writes ``WS/data/index.csv``, ``WS/data/cache-HxW.u8``, ``WS/recipe.yaml`` and the manifest's
-``dataset`` entry. Re-running on an unchanged source with the same image size is a no-op.
+Writes ``WS/data/index.csv``, ``WS/data/cache-HxW.u8`` (with its integrity record),
+``WS/recipe.yaml`` and the manifest's ``dataset`` entry. Re-running on an unchanged source with
+the same image size checks the cache's sha256 and does nothing more; a damaged or missing index
+or cache is rebuilt by that plain re-run. ``--force`` builds the new index and cache first and
+retires the old stage outputs only once they exist, so a failed rebuild loses nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from rich.table import Table
 
 from dmdl_cli.atomic import sha256_file
 from dmdl_cli.console import console, log
-from dmdl_cli.data.cache import build_cache, open_cache
+from dmdl_cli.data.cache import build_cache, cache_record, read_record, verify_cache, write_record
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, write_index
 from dmdl_cli.data.sources import find_bad_images, read_source
 from dmdl_cli.errors import DmdlError
@@ -184,9 +187,8 @@ def _prepare_data(
         cache_path = ws.cache_path(height, width)
 
         if (previous and not force and previous.get("fingerprint") == fingerprint
-                and ws.index_path.is_file() and cache_path.is_file()
-                and previous.get("index_sha256") == sha256_file(ws.index_path)):
-            open_cache(cache_path, previous["num_images"], height, width)  # validates the size
+                and ws.index_path.is_file() and previous.get("index_sha256") == sha256_file(ws.index_path)
+                and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
             log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
                 f"{escape(ws.rel(cache_path))}; nothing to do")
             console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
@@ -218,15 +220,13 @@ def _prepare_data(
             log(f"[yellow]excluding {len(bad)} unreadable images[/] (recorded in the manifest)")
 
         with ws.stage_run("prepare-data", recipe, dataset=dataset, root=str(root)) as run:
-            if previous and force:
-                for name in STAGE_DIRS:
-                    if name != "data":
-                        shutil.rmtree(ws.root / name, ignore_errors=True)
-            write_index(table, ws.index_path)
+            # build first: the old stage outputs are retired only once the new index and cache exist
             start = time.perf_counter()
             build_cache(table.paths, cache_path, height, width, workers=max(1, recipe.data.workers))
             cache_seconds = time.perf_counter() - start
+            write_index(table, ws.index_path)
             ws.save_recipe(recipe)
+            retired = _retire_stage_outputs(ws) if previous and force else []
             ws.manifest["dataset"] = {
                 **identity,
                 "fingerprint": fingerprint,
@@ -235,11 +235,61 @@ def _prepare_data(
                 "skipped_bad_images": [{"path": p, "reason": why} for p, why in skipped],
             }
             run.add_output(ws.index_path)
-            run.add_output(cache_path)
+            run.add_output(cache_path, (read_record(cache_path) or {}).get("sha256"))
             run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
+            for folder in retired:  # the manifest no longer needs them: now they go
+                shutil.rmtree(folder, ignore_errors=True)
         log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
             f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
         console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
+
+
+def _retire_stage_outputs(ws: Workspace) -> list[Path]:
+    """Move every stage output folder aside (a rename: instant) and return the moved folders."""
+    moved = []
+    for name in STAGE_DIRS:
+        folder = ws.root / name
+        if name != "data" and folder.exists():
+            aside = ws.root / f".retired-{name}-{os.getpid()}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            moved.append(aside)
+    return moved
+
+
+def _cache_intact(ws: Workspace, cache_path: Path, n: int, height: int, width: int) -> bool:
+    """Full integrity check of the cache (its sha256 against its record), timed and printed.
+
+    A workspace written before caches had records is checked against the sha256 the manifest
+    recorded for the cache, and the record is written when they agree.
+    """
+    if not cache_path.is_file():
+        log(f"[yellow]{escape(ws.rel(cache_path))} is missing: building it[/]")
+        return False
+    if read_record(cache_path) is None:
+        recorded = _recorded_sha256(ws, cache_path)
+        record = cache_record(cache_path, n, height, width) if recorded else None
+        if record is not None and record["sha256"] == recorded and record["bytes"] == n * height * width * 3:
+            write_record(cache_path, record)
+    intact, seconds = verify_cache(cache_path, n, height, width)
+    size = cache_path.stat().st_size / 2**20
+    if intact:
+        log(f"checked the sha256 of {escape(ws.rel(cache_path))} ({size:.1f} MiB, {seconds:.2f} s)")
+    else:
+        log(f"[yellow]{escape(ws.rel(cache_path))} does not match its recorded sha256 "
+            f"(damaged or half-written): rebuilding it[/]")
+    return intact
+
+
+def _recorded_sha256(ws: Workspace, path: Path) -> str | None:
+    """The sha256 the newest finished prepare-data run recorded for ``path``."""
+    rel = ws.rel(path)
+    for run in reversed(ws.runs("prepare-data")):
+        if run.get("status") == "done":
+            for out in run.get("outputs", []):
+                if out.get("path") == rel:
+                    return out.get("sha256")
+    return None
 
 
 def _read_table(ws: Workspace) -> IndexTable:

@@ -49,6 +49,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from dmdl_cli.atomic import dir_mode
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.errors import DmdlError
 
@@ -684,6 +685,7 @@ def generate(
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700; the set is renamed into place as it is
     try:
         for folder in sorted({str(Path(j.relpath).parent) for j in jobs}):
             (tmp / folder).mkdir(parents=True, exist_ok=True)

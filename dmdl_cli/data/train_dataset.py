@@ -58,7 +58,8 @@ class TwoViewDataset(Dataset):
             expected = self._offset + int(np.prod(self._shape))
             if not path.is_file() or path.stat().st_size < expected:
                 raise DmdlError(f"{path}: image cache missing or shorter than {expected} bytes; "
-                                "re-create it with `dmdl prepare-data --force`")
+                                "re-run `dmdl prepare-data` with the options that prepared the "
+                                "workspace (no --force needed): it rebuilds the cache")
         else:
             arr = images
             if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 4 \

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from dmdl_cli.atomic import sha256_file
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, build_model
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.workspace import Workspace, load_checkpoint
+from dmdl_cli.workspace import Workspace, load_checkpoint, read_checkpoint_bytes
 
 STAGE_RESULTS = ("stage2/final.pt", "stage2/last.pt", "stage1/final.pt", "stage1/last.pt")
 
@@ -102,7 +101,12 @@ def load_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> LoadedM
             f"no checkpoint in {ws.root}: run `dmdl pretrain-single --workspace {ws.root}` first, "
             "or pass --checkpoint imagenet to evaluate the untrained backbone"
         )
-    state = load_checkpoint(path)
+    # read the bytes once, hash them and load them from memory: a trainer replacing the file
+    # meanwhile cannot make results be filed under the hash of bytes that were not evaluated
+    data = read_checkpoint_bytes(path)
+    sha256 = hashlib.sha256(data).hexdigest()
+    state = load_checkpoint(path, data=data)
+    del data
     meta = state["meta"]
     check_compatible(meta, recipe, path)
     model = build_from_recipe(recipe, pretrained=False)
@@ -111,5 +115,13 @@ def load_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> LoadedM
     except RuntimeError as err:
         raise DmdlError(f"checkpoint {path} does not fit the {recipe.model.arch} network: "
                         f"{str(err).splitlines()[0]}") from None
-    desc = f"{path} ({meta.get('stage', '?')}, epoch {meta.get('epoch', '?')})"
-    return LoadedModel(model, checkpoint_name(ws, path), sha256_file(path), desc, meta)
+    return LoadedModel(model, checkpoint_name(ws, path), sha256, describe_checkpoint(path, meta), meta)
+
+
+def describe_checkpoint(path: Path, meta: dict[str, Any]) -> str:
+    """One line for people: epochs are numbered from 1 (the meta stores the 0-based index)."""
+    epoch = meta.get("epoch")
+    shown = f"epoch {epoch + 1}" if isinstance(epoch, int) else "epoch ?"
+    if isinstance(epoch, int) and not meta.get("complete", True):
+        shown += f" step {meta.get('step', '?')}"
+    return f"{path} ({meta.get('stage', '?')}, {shown})"

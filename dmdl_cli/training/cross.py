@@ -133,7 +133,8 @@ class CrossModalityStage(StageLogic):
                 "this recipe, or use the recipe that produced it")
         model = build_from_recipe(recipe, pretrained=False)
         model.load_state_dict(state["model"])
-        log(f"stage 2 starts from {ws.rel(path)}")
+        if not self.resuming:  # when resuming, the weights come from last.pt
+            log(f"stage 2 starts from {ws.rel(path)}")
         return model, str(path)
 
     def inputs(self, ws: Workspace) -> list:

@@ -12,7 +12,12 @@ each epoch end. It holds the model, optimiser, scheduler, AMP scaler, the epoch'
 confidences and memories, the epoch and the next step, and every RNG state. Batches are a
 deterministic function of (seed, epoch, labels) and each image's augmentation of its own seed,
 so a resumed run regenerates the epoch's batches and skips to the saved step: it continues as if
-never stopped (bitwise on the CPU with ``--deterministic``).
+never stopped (bitwise on the CPU with ``--deterministic``). SIGTERM, SIGINT and SIGUSR1 stop a
+run at the end of its current step with ``last.pt`` written there (``training/signals.py``).
+
+``--force`` starts from scratch but keeps the previous run's ``final.pt``, ``last.pt``, log and
+labels until the new run writes its first checkpoint: a new run that fails early (a bad value,
+a full disk) leaves the previous models as they were.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import IndexTable, read_index
 from dmdl_cli.data.sampling import ResumableBatchSampler
 from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
-from dmdl_cli.errors import DmdlError
+from dmdl_cli.errors import DmdlError, Interrupted
 from dmdl_cli.evaluation.features import extract_features
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.model.batchnorm import recalibrate_batchnorm, recalibration_rows
@@ -44,6 +49,7 @@ from dmdl_cli.provenance import STAGE_RECIPE, write_recipe
 from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
 from dmdl_cli.runtime import (Runtime, make_grad_scaler, rng_state, seed_everything, select_runtime,
                               set_rng_state)
+from dmdl_cli.training.signals import StopRequest, signal_name
 from dmdl_cli.training.tensorboard import TensorBoardLog, require_tensorboard
 from dmdl_cli.workspace import Workspace, load_checkpoint, save_checkpoint
 
@@ -111,6 +117,7 @@ class StageLogic:
 
     name = "stage"
     labels_prefix = "stage"
+    resuming = False  # set by the loop: the weights will come from last.pt, not initial_model
 
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:  # pragma: no cover
         raise NotImplementedError
@@ -142,9 +149,19 @@ def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:
 class JsonLog:
     """``WS/<stage>/log.jsonl``: one JSON object per line (per-step losses, per-epoch stats)."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, held: bool = False):
         self.path = path
         self.enabled = enabled
+        # --force: records are held in memory until the new run writes its first checkpoint,
+        # so a run that fails early leaves the previous run's log as it was
+        self.held: list[str] | None = [] if held else None
+
+    def release(self) -> None:
+        """Replace the previous run's log with the records held so far; append from now on."""
+        if self.held is None or not self.enabled:
+            return
+        atomic_write_text(self.path, "".join(line + "\n" for line in self.held))
+        self.held = None
 
     def truncate_after(self, epoch: int, step: int) -> None:
         """On resume: drop records written after the checkpoint (they will be written again)."""
@@ -163,9 +180,13 @@ class JsonLog:
     def __call__(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        line = json.dumps(record, default=_json_default)
+        if self.held is not None:
+            self.held.append(line)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=_json_default) + "\n")
+            handle.write(line + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -224,11 +245,69 @@ def _checkpoint_meta(recipe: Recipe, logic: StageLogic, epoch: int, step: int, c
     }
 
 
+class StageFiles:
+    """What one stage run writes: ``last.pt``, ``final.pt``, ``epoch-NNN.pt``, log, labels.
+
+    With ``--force`` (``replacing``) the previous run's files stay until this run writes its
+    first ``last.pt``; then its ``final.pt``, the epoch models and label files this run has not
+    rewritten yet, and its log are retired. Only the main rank writes.
+    """
+
+    def __init__(self, ws: Workspace, logic: StageLogic, *, replacing: bool, main: bool):
+        self.ws, self.logic, self.main = ws, logic, main
+        self.folder, self.last, self.final = _stage_paths(ws, logic.name)
+        self.replacing = replacing and main
+        self.log = JsonLog(self.folder / LOG_FILE, enabled=main, held=self.replacing)
+
+    def save_last(self, state: dict[str, Any], epoch: int) -> None:
+        if not self.main:
+            return
+        save_checkpoint(self.last, state)
+        if self.replacing:
+            self._retire_previous(epoch)
+
+    def _retire_previous(self, epoch: int) -> None:
+        """Remove what the previous run wrote and this one (now at 0-based ``epoch``) has not."""
+        self.replacing = False
+        self.final.unlink(missing_ok=True)
+        for path in self.folder.glob("epoch-*.pt"):  # this run has written epochs 1..epoch
+            if _number(path.stem, "epoch-") > epoch:
+                path.unlink(missing_ok=True)
+        for path in self.ws.dir("labels").glob(f"{self.logic.labels_prefix}-e*.npz"):
+            if _number(path.stem, f"{self.logic.labels_prefix}-e") > epoch + 1:
+                path.unlink(missing_ok=True)
+        self.log.release()
+
+
+def _number(stem: str, prefix: str) -> int:
+    """``epoch-007`` -> 7 (a name that does not parse counts as not ours: -1)."""
+    try:
+        return int(stem[len(prefix):]) if stem.startswith(prefix) else -1
+    except ValueError:
+        return -1
+
+
+def _resume_point(ws: Workspace, recipe: Recipe, logic: StageLogic, last_path: Path) -> dict[str, Any] | None:
+    """The saved state of ``last.pt`` to resume from (checked against the recipe), or None."""
+    if not last_path.is_file():
+        log(f"no {ws.rel(last_path)} to resume: starting {logic.name} from the beginning")
+        return None
+    saved = load_checkpoint(last_path, what="resume checkpoint")
+    meta = saved["meta"]
+    if meta.get("stage_hash") != stage_hash(recipe, logic.name):
+        raise DmdlError(
+            f"{ws.rel(last_path)} was written with another recipe (hash "
+            f"{meta.get('recipe_hash')}, now {recipe.hash()}): resume with the recipe of "
+            f"that run (the workspace's recipe.yaml) or pass --force to start again")
+    log(f"resuming {logic.name} from {ws.rel(last_path)}: epoch {meta['epoch'] + 1}, "
+        f"step {meta['step']} (weights, optimiser, memories and RNG states come from it)")
+    return saved
+
+
 def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool, force: bool,
               deterministic: bool) -> Path:
     """Train one stage to its end; returns the path of ``final.pt``."""
-    stage: StageRecipe = getattr(recipe, logic.name)
-    folder, last_path, final_path = _stage_paths(ws, logic.name)
+    _, last_path, final_path = _stage_paths(ws, logic.name)
     command = "pretrain-single" if logic.name == "stage1" else "train-cross"
     runtime = select_runtime(recipe, deterministic=deterministic)
     seed_everything(recipe.train.seed)
@@ -236,7 +315,6 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
         require_tensorboard()  # refuse before anything is written
 
     with ws.locked() if runtime.is_main else _nullcontext(ws):
-        start_epoch, start_step, saved = 0, 0, None
         if final_path.is_file() and not force:
             if resume:
                 log(f"{ws.rel(final_path)} exists: {logic.name} is finished, nothing to resume")
@@ -248,122 +326,161 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
             raise DmdlError(
                 f"{ws.rel(last_path)} holds a partial {logic.name} run: pass --resume to continue "
                 f"it or --force to start again (`dmdl {command} --resume|--force`)")
-        if force:
-            for path in (last_path, final_path, folder / LOG_FILE):
-                if runtime.is_main and path.exists():
-                    path.unlink()
-            if runtime.is_main:
-                shutil.rmtree(folder / "tensorboard", ignore_errors=True)
-            if runtime.is_main:
-                for path in ws.dir("labels").glob(f"{logic.labels_prefix}-e*.npz"):
-                    path.unlink()
-        if resume and last_path.is_file():
-            saved = load_checkpoint(last_path, what="resume checkpoint")
-            meta = saved["meta"]
-            if meta.get("stage_hash") != stage_hash(recipe, logic.name):
-                raise DmdlError(
-                    f"{ws.rel(last_path)} was written with another recipe (hash "
-                    f"{meta.get('recipe_hash')}, now {recipe.hash()}): resume with the recipe of "
-                    f"that run (the workspace's recipe.yaml) or pass --force to start again")
-            start_epoch, start_step = meta["epoch"], meta["step"]
-            log(f"resuming {logic.name} from {ws.rel(last_path)}: epoch {start_epoch + 1}, "
-                f"step {start_step}")
-        elif resume:
-            log(f"no {ws.rel(last_path)} to resume: starting {logic.name} from the beginning")
-
-        index = read_index(ws.index_path)
-        train_rows = index.rows(split="train")
-        if len(train_rows) == 0:
-            raise DmdlError(f"{ws.index_path} has no train rows: nothing to train on")
-        cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
-                           recipe.data.height, recipe.data.width)
-        model, init_info = logic.initial_model(recipe, ws)
-        model.to(runtime.device)
-        if runtime.channels_last:
-            model.to(memory_format=torch.channels_last)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
-        scaler = make_grad_scaler(runtime)
-        train_model: torch.nn.Module = model
-        if runtime.distributed:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-
-        has_ids = bool((index.pids[train_rows] >= 0).any())
-        jlog = JsonLog(folder / LOG_FILE, enabled=runtime.is_main)
-        if recipe.train.tensorboard and runtime.is_main:
-            jlog = TensorBoardLog(jlog, folder / "tensorboard", stage.iters,
-                                  resume_at=(start_epoch, start_step) if saved is not None else None)
-        ctx = TrainContext(ws, recipe, stage, runtime, index, train_rows,
-                           index.modality[train_rows].astype(np.int8), cache, train_model,
-                           index.pids[train_rows] if has_ids else None, jlog)
-        epoch_state: EpochState | None = None
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-            if start_step < stage.iters:
-                epoch_state = logic.restore_epoch(ctx, saved["epoch_state"])
-            else:  # saved at an epoch end: the next epoch starts afresh
-                start_epoch, start_step = start_epoch + 1, 0
-            set_rng_state(saved["rng"])
-            jlog.truncate_after(meta["epoch"], meta["step"])
-        else:
-            jlog({"kind": "start", "epoch": 0, "step": 0, "stage": logic.name,
-                  "recipe_hash": recipe.hash(), "init": init_info})
-
-        aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
-        dataset = TwoViewDataset(ws.cache_path(recipe.data.height, recipe.data.width),
-                                 ctx.index.modality, aug, shape=cache.shape)
-
+        saved = _resume_point(ws, recipe, logic, last_path) if resume and not force else None
+        files = StageFiles(ws, logic, replacing=force, main=runtime.is_main)
+        logic.resuming = saved is not None
+        train = _setup(ws, recipe, logic, runtime, files, saved)
         stage_run = ws.stage_run(command, recipe, resumed=saved is not None) if runtime.is_main else _nullcontext(None)
-        with stage_run as run:
+        with stage_run as run, StopRequest() as stop:
             if run is not None:
                 for path in logic.inputs(ws):
                     run.add_input(path)
-                run.add_output(write_recipe(folder / STAGE_RECIPE, recipe))
-            for epoch in range(start_epoch, stage.epochs):
-                t_epoch = time.perf_counter()
-                if epoch_state is None:
-                    # Pseudo-labelling runs once, on rank 0; the other ranks receive its result
-                    # (and the re-estimated BatchNorm statistics with DDP's buffer broadcast).
-                    payload = None
-                    if runtime.is_main:
-                        ctx.recalibrate(epoch)
-                        payload = logic.save_epoch(logic.prepare_epoch(ctx, epoch))
-                    epoch_state = logic.restore_epoch(ctx, broadcast_object(payload, runtime))
-                    start_step = 0
-                _train_epoch(ctx, logic, epoch_state, epoch, start_step, dataset, optimizer,
-                             scaler, model, scheduler, last_path)
-                lr = optimizer.param_groups[0]["lr"]  # this epoch's rate (before the step)
-                scheduler.step()
-                if runtime.is_main:
-                    save_checkpoint(last_path, _full_state(recipe, logic, model, optimizer, scheduler,
-                                                           scaler, epoch_state, epoch, stage.iters))
-                seconds = time.perf_counter() - t_epoch
-                jlog({"kind": "epoch", "epoch": epoch, "step": stage.iters, "seconds": round(seconds, 2),
-                      "lr": lr})
-                if recipe.train.eval_every and (epoch + 1) % recipe.train.eval_every == 0 and runtime.is_main:
-                    _monitor(ctx, epoch)
-                if recipe.train.keep_epochs and runtime.is_main:
-                    save_checkpoint(folder / f"epoch-{epoch + 1:03d}.pt",
-                                    {"model": model.state_dict(),
-                                     "meta": _checkpoint_meta(recipe, logic, epoch, stage.iters, True)})
-                epoch_state = None
+                run.add_output(write_recipe(files.folder / STAGE_RECIPE, recipe))
+            _train_epochs(train, stop, command)
             if runtime.is_main:
-                ctx.recalibrate(stage.epochs)
-                save_checkpoint(final_path, {"model": model.state_dict(),
-                                             "meta": _checkpoint_meta(recipe, logic, stage.epochs - 1,
-                                                                      stage.iters, True)})
-                jlog({"kind": "end", "epoch": stage.epochs, "step": 0})
+                train.ctx.recalibrate(train.stage.epochs)
+                save_checkpoint(final_path, {"model": train.model.state_dict(),
+                                             "meta": _checkpoint_meta(recipe, logic, train.stage.epochs - 1,
+                                                                      train.stage.iters, True)})
+                train.ctx.log({"kind": "end", "epoch": train.stage.epochs, "step": 0})
                 run.add_output(final_path)
                 log(f"wrote {final_path} (the last epoch: no checkpoint is selected on "
                     "the test set)")
         if runtime.distributed:
             dist.barrier()
     return final_path
+
+
+@dataclass
+class _Training:
+    """Everything the epoch loop works with (built by :func:`_setup`)."""
+
+    ctx: TrainContext
+    logic: StageLogic
+    stage: StageRecipe
+    files: StageFiles
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    dataset: TwoViewDataset
+    start_epoch: int
+    start_step: int
+    epoch_state: EpochState | None
+
+
+def _setup(ws: Workspace, recipe: Recipe, logic: StageLogic, runtime: Runtime, files: StageFiles,
+           saved: dict[str, Any] | None) -> _Training:
+    """Data, model, optimiser and schedule; restored from ``saved`` when resuming."""
+    stage: StageRecipe = getattr(recipe, logic.name)
+    index = read_index(ws.index_path)
+    train_rows = index.rows(split="train")
+    if len(train_rows) == 0:
+        raise DmdlError(f"{ws.index_path} has no train rows: nothing to train on")
+    cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
+                       recipe.data.height, recipe.data.width)
+    model, init_info = logic.initial_model(recipe, ws)
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
+    scaler = make_grad_scaler(runtime)
+    train_model: torch.nn.Module = model
+    if runtime.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    has_ids = bool((index.pids[train_rows] >= 0).any())
+    ctx = TrainContext(ws, recipe, stage, runtime, index, train_rows,
+                       index.modality[train_rows].astype(np.int8), cache, train_model,
+                       index.pids[train_rows] if has_ids else None, _training_log(recipe, files, saved))
+    start_epoch, start_step, epoch_state = 0, 0, None
+    if saved is not None:
+        meta = saved["meta"]
+        start_epoch, start_step = meta["epoch"], meta["step"]
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        if start_step < stage.iters:
+            epoch_state = logic.restore_epoch(ctx, saved["epoch_state"])
+        else:  # saved at an epoch end: the next epoch starts afresh
+            start_epoch, start_step = start_epoch + 1, 0
+        set_rng_state(saved["rng"])
+        ctx.log.truncate_after(meta["epoch"], meta["step"])
+    else:
+        ctx.log({"kind": "start", "epoch": 0, "step": 0, "stage": logic.name,
+                   "recipe_hash": recipe.hash(), "init": init_info})
+
+    aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
+    dataset = TwoViewDataset(ws.cache_path(recipe.data.height, recipe.data.width),
+                             ctx.index.modality, aug, shape=cache.shape)
+    return _Training(ctx, logic, stage, files, model, optimizer, scheduler, scaler, dataset,
+                     start_epoch, start_step, epoch_state)
+
+
+def _training_log(recipe: Recipe, files: StageFiles, saved: dict[str, Any] | None):
+    """The stage's JSON-lines log, also written as TensorBoard events with
+    ``train.tensorboard`` (a forced re-run starts a new event folder: events are a log, not a
+    model, so they are not held back like ``log.jsonl``)."""
+    if not (recipe.train.tensorboard and files.main):
+        return files.log
+    folder = files.folder / "tensorboard"
+    if saved is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    resume_at = (saved["meta"]["epoch"], saved["meta"]["step"]) if saved is not None else None
+    return TensorBoardLog(files.log, folder, getattr(recipe, files.logic.name).iters, resume_at=resume_at)
+
+
+def _train_epochs(t: _Training, stop: StopRequest, command: str) -> None:
+    """Every remaining epoch: label, train, checkpoint; stop cleanly when a signal asks."""
+    ctx, logic, stage, runtime, recipe = t.ctx, t.logic, t.stage, t.ctx.runtime, t.ctx.recipe
+    epoch_state, start_step = t.epoch_state, t.start_step
+    for epoch in range(t.start_epoch, stage.epochs):
+        t_epoch = time.perf_counter()
+        if epoch_state is None:
+            # Pseudo-labelling runs once, on rank 0; the other ranks receive its result
+            # (and the re-estimated BatchNorm statistics with DDP's buffer broadcast).
+            payload = None
+            if runtime.is_main:
+                ctx.recalibrate(epoch)
+                payload = logic.save_epoch(logic.prepare_epoch(ctx, epoch))
+            epoch_state = logic.restore_epoch(ctx, broadcast_object(payload, runtime))
+            start_step = 0
+            _stop_if_asked(t, stop, epoch_state, epoch, 0, command)
+        _train_epoch(t, stop, epoch_state, epoch, start_step, command)
+        lr = t.optimizer.param_groups[0]["lr"]  # this epoch's rate (before the step)
+        t.scheduler.step()
+        t.files.save_last(_full_state(t, epoch_state, epoch, stage.iters), epoch)
+        seconds = time.perf_counter() - t_epoch
+        ctx.log({"kind": "epoch", "epoch": epoch, "step": stage.iters, "seconds": round(seconds, 2),
+                 "lr": lr})
+        _stop_if_asked(t, stop, None, epoch, stage.iters, command)
+        if recipe.train.eval_every and (epoch + 1) % recipe.train.eval_every == 0 and runtime.is_main:
+            _monitor(ctx, epoch)
+        if recipe.train.keep_epochs and runtime.is_main:
+            save_checkpoint(t.files.folder / f"epoch-{epoch + 1:03d}.pt",
+                            {"model": t.model.state_dict(),
+                             "meta": _checkpoint_meta(recipe, logic, epoch, stage.iters, True)})
+        epoch_state = None
+
+
+def _stop_if_asked(t: _Training, stop: StopRequest, state: EpochState | None, epoch: int,
+                   step: int, command: str) -> None:
+    """When a stop signal arrived: write ``last.pt`` at (epoch, step) (unless ``state`` is None:
+    it was just written) and raise :class:`Interrupted`."""
+    signum = stop.requested(t.ctx.runtime)
+    if not signum:
+        return
+    if state is not None:
+        t.files.save_last(_full_state(t, state, epoch, step), epoch)
+    ws = t.ctx.ws
+    raise Interrupted(
+        f"{t.logic.name} stopped by {signal_name(signum)} at epoch {epoch + 1} step {step}: "
+        f"{ws.rel(t.files.last)} holds that step; continue with `dmdl {command} --workspace "
+        f"{ws.root} --resume`", signum)
 
 
 class _nullcontext:
@@ -377,16 +494,15 @@ class _nullcontext:
         return None
 
 
-def _full_state(recipe: Recipe, logic: StageLogic, model, optimizer, scheduler, scaler,
-                epoch_state: EpochState, epoch: int, step: int) -> dict[str, Any]:
+def _full_state(t: _Training, epoch_state: EpochState, epoch: int, step: int) -> dict[str, Any]:
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch_state": logic.save_epoch(epoch_state),
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "epoch_state": t.logic.save_epoch(epoch_state),
         "rng": rng_state(),
-        "meta": _checkpoint_meta(recipe, logic, epoch, step, False),
+        "meta": _checkpoint_meta(t.ctx.recipe, t.logic, epoch, step, False),
     }
 
 
@@ -400,12 +516,12 @@ def _to_batch(raw: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch
     }
 
 
-def _train_epoch(ctx: TrainContext, logic: StageLogic, state: EpochState, epoch: int,
-                 start_step: int, dataset: TwoViewDataset, optimizer, scaler, model,
-                 scheduler, last_path: Path) -> None:
+def _train_epoch(t: _Training, stop: StopRequest, state: EpochState, epoch: int, start_step: int,
+                 command: str) -> None:
+    ctx, logic, optimizer, scaler = t.ctx, t.logic, t.optimizer, t.scaler
     runtime, recipe, stage = ctx.runtime, ctx.recipe, ctx.stage
     batches = [_rank_slice(b, runtime.rank, runtime.world_size) for b in state.batches]
-    loader = _make_loader(ctx, batches, start_step, dataset)
+    loader = _make_loader(ctx, batches, start_step, t.dataset)
     ctx.model.train()
     images_per_step = 2 * sum(len(b) for b in state.batches[:1])
     wait = compute = 0.0
@@ -438,9 +554,11 @@ def _train_epoch(ctx: TrainContext, logic: StageLogic, state: EpochState, epoch:
             if done % 10 == 0 or done == stage.iters:
                 ctx.log(record)
             progress.update(task, advance=1, info=f"loss {shown:.3f}")
-            if done % recipe.train.checkpoint_every == 0 and done < stage.iters and runtime.is_main:
-                save_checkpoint(last_path, _full_state(recipe, logic, model, optimizer, scheduler,
-                                                       scaler, state, epoch, done))
+            if done < stage.iters:  # at the epoch's end the caller writes last.pt
+                written = done % recipe.train.checkpoint_every == 0
+                if written:
+                    t.files.save_last(_full_state(t, state, epoch, done), epoch)
+                _stop_if_asked(t, stop, None if written else state, epoch, done, command)
     total = max(wait + compute, 1e-9)
     steps = stage.iters - start_step
     ctx.log({"kind": "speed", "epoch": epoch, "step": stage.iters,

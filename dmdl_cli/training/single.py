@@ -141,7 +141,8 @@ class SingleModalityStage(StageLogic):
 
     def initial_model(self, recipe: Recipe, ws: Workspace):
         model = initial_model(recipe)
-        log(f"stage 1 starts from the untrained {recipe.model.arch}: {model.init_description}")
+        if not self.resuming:  # when resuming, the weights come from last.pt
+            log(f"stage 1 starts from the untrained {recipe.model.arch}: {model.init_description}")
         return model, model.init_description
 
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:

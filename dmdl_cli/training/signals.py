@@ -1,0 +1,62 @@
+"""Stop training cleanly on SIGTERM, SIGINT (Ctrl-C) or SIGUSR1.
+
+Cluster schedulers send SIGTERM before they kill a job (SLURM can send SIGUSR1 ahead of the time
+limit with ``--signal=USR1@120``), and people press Ctrl-C. While a stage trains, the first of
+these signals only sets a flag; the loop finishes the step it is in, writes ``last.pt`` at that
+step, marks the run ``interrupted`` in the ledger and exits with 128 + the signal number (143
+for SIGTERM, 130 for SIGINT). ``--resume`` then continues as if never stopped. A second signal
+acts at once as it would without dmdl (the handlers are put back after the first one).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    """A context manager that turns the stop signals into a flag the training loop polls."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        self._restore()  # a second signal is not deferred
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def requested(self, runtime: Any) -> int:
+        """The signal that asked to stop, 0 if none. Under DDP every rank calls this at the same
+        points and they agree (a signal seen by any rank stops all of them at the same step)."""
+        if not runtime.distributed:
+            return self.signum
+        flag = torch.tensor([self.signum], device=runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -70,3 +70,21 @@ def test_tables_average_the_finished_seeds(tmp_path):
 def test_unknown_switch_is_refused():
     with pytest.raises(SystemExit):
         ab.parse_args(["--switches", "no-such-switch"])
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_tasks_run_after_their_stage1_and_failures_propagate(jobs):
+    order = []
+
+    def ok(key):
+        return lambda: order.append(key)
+
+    def boom():
+        raise RuntimeError("dmdl pretrain-single failed")
+
+    tasks = [ab.Task("s1-a", ok("s1-a")), ab.Task("a1", ok("a1"), after="s1-a"),
+             ab.Task("s1-b", boom), ab.Task("b1", ok("b1"), after="s1-b"),
+             ab.Task("a2", ok("a2"), after="s1-a")]
+    failed = ab.run_tasks(tasks, jobs)
+    assert set(failed) == {"s1-b", "b1"} and "s1-b" in failed["b1"]
+    assert sorted(order) == ["a1", "a2", "s1-a"] and order.index("s1-a") < order.index("a1")

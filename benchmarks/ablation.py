@@ -505,6 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", action="append", default=[],
                         help="source-pretraining setting (e.g. epochs=1), see benchmarks/source_pretrain.py")
     args = parser.parse_args(argv)
+    args.command = " ".join(["python benchmarks/ablation.py", *(sys.argv[1:] if argv is None else argv)])
     if args.switches == ["all"]:
         args.switches = list(SWITCHES)
     elif args.switches == ["none"]:
@@ -516,12 +517,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavailable: dict[Run, str]) -> None:
-    command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
+    command = args.command
     lines = ["## Ablation on the synthetic set", "",
              f"All-search (IR query -> visible gallery, single-shot, 10 trials); recipe `{args.recipe}` "
              "with the overlays of `recipes/ablation/`; mean ± std (population) over the seeds that "
              f"finished. {args.threads} torch thread(s) per run, {args.jobs} run(s) side by side.",
-             f"Regenerate: `{command.strip()}`", ""]
+             f"Regenerate: `{command}`", ""]
     for setting in args.settings:
         lines += variant_table(plan, setting, args.seeds, args.variants)
     if SWITCH_SETTING in args.settings and args.switches:
@@ -540,6 +541,9 @@ def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavail
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch  # this process extracts features for --cai-share and may train the source backbone
+
+    torch.set_num_threads(args.threads)
     work = (REPO / args.workdir).resolve()
     plan = Plan(work, (REPO / args.recipe).resolve(), args.sets, args.threads, work / "source" / "backbone.pth")
     runs = select_runs(args)

@@ -131,6 +131,13 @@ class Plan:
     def resolve(self, run: Run) -> Recipe:
         return load_recipe(self.recipe, overlays=[self.overlay(run)], overrides=self.overrides(run))
 
+    def recipe_hash(self, run: Run) -> str | None:
+        """The run's full recipe hash; None when this build cannot express the run."""
+        try:
+            return self.resolve(run).hash()
+        except DmdlError:
+            return None
+
 
 def dataset_name(data: str) -> str:
     """The default set is prepared as ``synthetic``; a set with other generator settings is
@@ -202,7 +209,8 @@ def write_synthetic(root: Path, overrides: dict[str, Any]) -> None:
 
 
 def source_backbone(plan: Plan, options: list[str], sets: list[str]) -> None:
-    """benchmarks/source_pretrain.py with this plan's recipe and output (a no-op when done)."""
+    """benchmarks/source_pretrain.py with this plan's recipe and output (a no-op when done);
+    points the plan at a copy named by the file's sha256."""
     spec = importlib.util.spec_from_file_location("source_pretrain", REPO / "benchmarks" / "source_pretrain.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -213,6 +221,13 @@ def source_backbone(plan: Plan, options: list[str], sets: list[str]) -> None:
         key, _, value = kv.partition("=")
         argv += [f"--{key.replace('_', '-')}", value]
     module.main(argv)
+    # the runs name the file by its content, so their recipe hash changes when it is retrained
+    from dmdl_cli.atomic import sha256_file
+
+    pinned = plan.source_weights.with_name(f"backbone-{sha256_file(plan.source_weights)[:16]}.pth")
+    if not pinned.is_file():
+        shutil.copy2(plan.source_weights, pinned)
+    plan.source_weights = pinned
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,14 +259,23 @@ def stage1_task(plan: Plan, run: Run, folder: Path) -> Callable[[], None]:
     return work
 
 
+MARKER = "ablation-recipe.json"  # the recipe hash a run folder was made for
+
+
 def stage2_task(plan: Plan, run: Run, s1_folder: Path) -> Callable[[], None]:
     def work() -> None:
         folder = plan.run_dir(run)
+        wanted = plan.recipe_hash(run)
+        marker = folder / MARKER
+        if folder.is_dir() and (not marker.is_file() or json.loads(marker.read_text()).get("recipe_hash") != wanted):
+            say(f"{folder} was made for another recipe (or not finished copying): starting it again")
+            shutil.rmtree(folder)
         if (folder / RESULT).is_file():
             return
         if not folder.is_dir():
             folder.parent.mkdir(parents=True, exist_ok=True)
             copy_workspace(s1_folder, folder)
+            marker.write_text(json.dumps({"recipe_hash": wanted, "run": dataclasses.asdict(run)}))
         start = time.perf_counter()
         dmdl(plan, folder / "ablation.log", "train-cross", "--workspace", str(folder), "--resume", *plan.args(run))
         seconds = time.perf_counter() - start
@@ -261,7 +285,7 @@ def stage2_task(plan: Plan, run: Run, s1_folder: Path) -> Callable[[], None]:
             s1_folder / "ablation-stage1.json").is_file() else {}
         (folder / "ablation-run.json").write_text(json.dumps({
             "stage1": s1_folder.name, "stage1_seconds": s1.get("seconds"), "stage2_seconds": round(seconds, 1)}))
-        say(f"{run.setting} seed {run.seed} {run.name}: {describe(read_result(folder))} ({seconds:.0f} s)")
+        say(f"{run.setting} seed {run.seed} {run.name}: {describe(read_result(plan, run))} ({seconds:.0f} s)")
     return work
 
 
@@ -274,8 +298,8 @@ def plan_tasks(plan: Plan, runs: list[Run]) -> tuple[list[Task], dict[Run, str]]
     for run in runs:
         try:
             s1_hash = stage_hash(plan.resolve(run), "stage1")
-        except DmdlError as err:
-            unavailable[run] = str(err)
+        except DmdlError as err:  # e.g. a switch key this build does not know yet
+            unavailable[run] = str(err).split("; ")[0]
             continue
         s1 = stage1_dir(plan, run, s1_hash)
         if s1.name not in seen:
@@ -327,10 +351,14 @@ def run_tasks(tasks: list[Task], jobs: int) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------
-def read_result(folder: Path) -> dict[str, float] | None:
-    path = folder / RESULT
-    if not path.is_file():
+def read_result(plan: Plan, run: Run) -> dict[str, float] | None:
+    """The run's all-search figures (%), or None when it has not finished with today's recipe."""
+    folder = plan.run_dir(run)
+    path, marker = folder / RESULT, folder / MARKER
+    if not (path.is_file() and marker.is_file()):
         return None
+    if json.loads(marker.read_text()).get("recipe_hash") != plan.recipe_hash(run):
+        return None  # made with other settings: stale, redone by the next run of the script
     mean = json.loads(path.read_text())["mean"]
     out = {"rank1": 100 * mean["cmc"][0], "mAP": 100 * mean["mAP"], "mINP": 100 * mean["mINP"]}
     info = folder / "ablation-run.json"
@@ -362,7 +390,7 @@ def variant_table(plan: Plan, setting: str, seeds: list[int], variants: list[str
              "|---|---|---|---|---|---|---|---|"]
     for variant in variants:
         _, label, cai, cbt = VARIANTS[variant]
-        rows = [r for s in seeds if (r := read_result(plan.run_dir(Run(setting, variant, s)))) is not None]
+        rows = [r for s in seeds if (r := read_result(plan, Run(setting, variant, s))) is not None]
         lines.append(f"| {label} | {'yes' if cai else 'no'} | {'yes' if cbt else 'no'} | "
                      f"{mean_std([r['rank1'] for r in rows])} | {mean_std([r['mAP'] for r in rows])} | "
                      f"{mean_std([r['mINP'] for r in rows])} | {len(rows)} | "
@@ -374,7 +402,7 @@ def switch_table(plan: Plan, seeds: list[int], switches: list[str], unavailable:
     lines = [f"### Faithful DMDL with one switch off ({SETTINGS[SWITCH_SETTING][2]})", "",
              "| run | turned off | --set | Rank-1 | mAP | Δ mAP | seeds | mAP per seed |",
              "|---|---|---|---|---|---|---|---|"]
-    base = [r for s in seeds if (r := read_result(plan.run_dir(Run(SWITCH_SETTING, SWITCH_VARIANT, s))))]
+    base = [r for s in seeds if (r := read_result(plan, Run(SWITCH_SETTING, SWITCH_VARIANT, s)))]
     base_map = float(np.mean([r["mAP"] for r in base])) if base else None
     lines.append(f"| faithful DMDL | — | — | {mean_std([r['rank1'] for r in base])} | "
                  f"{mean_std([r['mAP'] for r in base])} | 0 | {len(base)} | "
@@ -382,7 +410,7 @@ def switch_table(plan: Plan, seeds: list[int], switches: list[str], unavailable:
     for name in switches:
         what, sets = SWITCHES[name]
         runs = [Run(SWITCH_SETTING, SWITCH_VARIANT, s, name) for s in seeds]
-        rows = [r for run in runs if (r := read_result(plan.run_dir(run))) is not None]
+        rows = [r for run in runs if (r := read_result(plan, run)) is not None]
         missing = next((unavailable[run] for run in runs if run in unavailable), None)
         delta = (f"{np.mean([r['mAP'] for r in rows]) - base_map:+.1f}" if rows and base_map is not None else "—")
         note = f" (not run here: {missing})" if missing and not rows else ""
@@ -397,7 +425,7 @@ def per_seed_table(plan: Plan, runs: list[Run]) -> list[str]:
              "| setting | run | seed | Rank-1 | mAP | mINP | stage 1 (shared) | stage-1 s | stage-2 s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        r = read_result(plan.run_dir(run))
+        r = read_result(plan, run)
         if r is None:
             continue
         lines.append(f"| {run.setting} | {run.name} | {run.seed} | {r['rank1']:.1f} | {r['mAP']:.1f} | "
@@ -424,11 +452,11 @@ def cai_share_of_run(plan: Plan, run: Run) -> dict | None:
 
     folder = plan.run_dir(run)
     cached = folder / "cai-share.json"
+    label_files = sorted((folder / "labels").glob("cross-e*.npz"))
+    if read_result(plan, run) is None or not label_files:
+        return None
     if cached.is_file():
         return json.loads(cached.read_text())
-    label_files = sorted((folder / "labels").glob("cross-e*.npz"))
-    if not (folder / RESULT).is_file() or not label_files:
-        return None
     recipe, ws = plan.resolve(run), Workspace(folder)
     index = read_index(ws.index_path)
     cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
@@ -458,8 +486,8 @@ def cai_share_table(plan: Plan, runs: list[Run]) -> list[str]:
     lines = ["### CAI: own-modality share of P(y|do(x)) at the target id", "",
              "Final model's train features and final pseudo labels; memories = per-modality "
              "centroids of those features; 1 = the other modality adds nothing to the target.", "",
-             "| setting | run | seed | share | visible | infrared | P(y|do(x)) | own row |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| setting | run | seed | share | visible | infrared | P(y\\|do(x)) at the target |",
+             "|---|---|---|---|---|---|---|"]
     for run in runs:
         if not VARIANTS[run.variant][2]:
             continue
@@ -468,7 +496,7 @@ def cai_share_table(plan: Plan, runs: list[Run]) -> list[str]:
             continue
         vis, ir = s["share_per_modality"]
         lines.append(f"| {run.setting} | {run.name} | {run.seed} | {s['share']:.3f} | {vis:.3f} | "
-                     f"{ir:.3f} | {s['target_prob']:.3f} | {s['own_row']:.2f} |")
+                     f"{ir:.3f} | {s['target_prob']:.3f} |")
     return lines + [""]
 
 
@@ -518,8 +546,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavailable: dict[Run, str]) -> None:
     command = args.command
+    trials = plan.resolve(Run(args.settings[0], args.variants[0], args.seeds[0])).eval.trials
     lines = ["## Ablation on the synthetic set", "",
-             f"All-search (IR query -> visible gallery, single-shot, 10 trials); recipe `{args.recipe}` "
+             f"All-search (IR query -> visible gallery, single-shot, {trials} trials); recipe `{args.recipe}` "
              "with the overlays of `recipes/ablation/`; mean ± std (population) over the seeds that "
              f"finished. {args.threads} torch thread(s) per run, {args.jobs} run(s) side by side.",
              f"Regenerate: `{command}`", ""]
@@ -533,7 +562,7 @@ def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavail
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    records = [{**dataclasses.asdict(run), "result": read_result(plan.run_dir(run)),
+    records = [{**dataclasses.asdict(run), "result": read_result(plan, run),
                 "unavailable": unavailable.get(run)} for run in runs]
     (REPO / args.json).write_text(json.dumps({"command": command, "runs": records}, indent=1) + "\n")
     print("\n".join(lines))

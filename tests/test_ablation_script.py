@@ -59,12 +59,16 @@ def test_tables_average_the_finished_seeds(tmp_path):
         folder = plan.run_dir(run)
         (folder / "eval").mkdir(parents=True)
         (folder / ab.RESULT).write_text(json.dumps({"mean": {"cmc": [r1], "mAP": m, "mINP": m / 2}}))
+        (folder / ab.MARKER).write_text(json.dumps({"recipe_hash": plan.recipe_hash(run)}))
     ab.write_results(plan, args, runs, {})
     text = (tmp_path / "a.md").read_text()
     assert "| baseline | no | no | 20.0 ± 10.0 | 25.0 ± 5.0 | 12.5 ± 2.5 | 2 | 20.0, 30.0 |" in text
     assert "| DMDL (CAI + CBT) | yes | yes | 50.0 | 40.0 | 20.0 | 1 | 40.0 |" in text
     records = json.loads((tmp_path / "a.json").read_text())["runs"]
     assert [r["result"] is None for r in records] == [False, False, False, True]
+    # a result made with other settings is stale: not reported
+    plan.sets = ["stage1.epochs=3"]
+    assert ab.read_result(plan, runs[0]) is None
 
 
 def test_unknown_switch_is_refused():

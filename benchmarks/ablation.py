@@ -574,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     work = (REPO / args.workdir).resolve()
-    plan = Plan(work, (REPO / args.recipe).resolve(), args.sets, args.threads, work / "source" / "backbone.pth")
+    plan = Plan(work, (REPO / args.recipe).resolve(), args.sets, args.threads,
+                work / "source-backbone" / "backbone.pth")
     runs = select_runs(args)
     for data in sorted({run.data for run in runs} | ({"default"} if any(
             SETTINGS[s][1] == "source" for s in args.settings) else set())):

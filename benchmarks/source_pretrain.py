@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -48,7 +49,7 @@ from dmdl_cli.data.augment import AugmentConfig, standard_view  # noqa: E402
 from dmdl_cli.data.cache import build_cache, open_cache, read_rows  # noqa: E402
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, read_index  # noqa: E402
 from dmdl_cli.data.sources import read_sysu  # noqa: E402
-from dmdl_cli.data.synthetic import generate  # noqa: E402
+from dmdl_cli.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from dmdl_cli.evaluation.evaluate import run_protocol  # noqa: E402
 from dmdl_cli.evaluation.features import extract_features  # noqa: E402
 from dmdl_cli.evaluation.metrics import rank_metrics  # noqa: E402
@@ -101,6 +102,11 @@ def settings_from(recipe: Recipe, overrides: dict[str, Any]) -> SourceSettings:
     )
 
 
+def generator_config() -> dict[str, Any]:
+    """The synthetic generator's settings (its defaults): part of what the weights depend on."""
+    return dataclasses.asdict(SyntheticConfig())
+
+
 def stamp_path(out: Path) -> Path:
     return out.with_suffix(".json")
 
@@ -114,7 +120,8 @@ def is_up_to_date(out: Path, settings: SourceSettings) -> bool:
         saved = json.loads(stamp.read_text())
     except ValueError:
         return False
-    return saved.get("settings") == dataclasses.asdict(settings) and saved.get("sha256") == sha256_file(out)
+    return (saved.get("settings") == dataclasses.asdict(settings) and saved.get("generator") == generator_config()
+            and saved.get("sha256") == sha256_file(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +139,8 @@ class SourceData:
 
 def source_data(folder: Path, s: SourceSettings) -> SourceData:
     """Generate the source set once (kept under ``folder``), index its visible images, cache them."""
-    key = f"seed{s.data_seed}-pid{s.first_pid}-{s.train_ids}+{s.heldout_ids}x{s.images_per_cam}"
+    config = hashlib.sha256(json.dumps(generator_config(), sort_keys=True).encode()).hexdigest()[:8]
+    key = f"seed{s.data_seed}-pid{s.first_pid}-{s.train_ids}+{s.heldout_ids}x{s.images_per_cam}-g{config}"
     root = folder / f"synthetic-{key}"
     if not (root / "synthetic.json").is_file():
         summary = generate(root, ids=(s.train_ids, 0, s.heldout_ids), seed=s.data_seed,
@@ -288,7 +296,7 @@ def pretrain(recipe: Recipe, out: Path, s: SourceSettings, *, force: bool = Fals
     with atomic_output(out) as tmp:
         torch.save({k: v.cpu() for k, v in model.backbone.state_dict().items()}, tmp)
     check_loadable(out, model, s)
-    report = {"settings": dataclasses.asdict(s), "sha256": sha256_file(out),
+    report = {"settings": dataclasses.asdict(s), "generator": generator_config(), "sha256": sha256_file(out),
               "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), **summary,
               "heldout_visible_before": before, "heldout_visible_after": after}
     if target is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import sys
 import time
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmdl_cli.atomic import atomic_output, atomic_write_json, sha256_file  # noqa: E402
+from dmdl_cli.atomic import atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
 from dmdl_cli.console import log, make_progress  # noqa: E402
 from dmdl_cli.data.augment import AugmentConfig, standard_view  # noqa: E402
 from dmdl_cli.data.cache import build_cache, open_cache, read_rows  # noqa: E402
@@ -293,8 +294,9 @@ def pretrain(recipe: Recipe, out: Path, s: SourceSettings, *, force: bool = Fals
     seconds = time.perf_counter() - start
     after = heldout_retrieval(model, data, runtime)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out) as tmp:
-        torch.save({k: v.cpu() for k, v in model.backbone.state_dict().items()}, tmp)
+    buffer = io.BytesIO()  # saved through a buffer: the bytes (and sha256) depend on the weights only
+    torch.save({k: v.cpu() for k, v in model.backbone.state_dict().items()}, buffer)
+    atomic_write_bytes(out, buffer.getvalue())
     check_loadable(out, model, s)
     report = {"settings": dataclasses.asdict(s), "generator": generator_config(), "sha256": sha256_file(out),
               "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), **summary,

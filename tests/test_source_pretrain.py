@@ -64,6 +64,9 @@ def test_saved_trunk_loads_through_model_pretrained_and_reruns_are_skipped(tmp_p
     sp.pretrain(recipe, out, settings)
     assert out.stat().st_mtime_ns == mtime
     assert not sp.is_up_to_date(out, sp.settings_from(recipe, {**TINY, "iters": 2}))
+    # seeded: the same settings give the same bytes, wherever the file is written
+    again = sp.pretrain(recipe, tmp_path / "again" / "other-name.pth", settings)
+    assert again.read_bytes() == out.read_bytes()
     # a damaged file is not "up to date" even with a matching stamp
     out.write_bytes(out.read_bytes()[:-1] + b"x")
     assert not sp.is_up_to_date(out, settings)

@@ -16,22 +16,46 @@ writes into a workspace must copy it first (``copy_workspace(tiny_workspace, tmp
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner, Result
 
 from dmdl_cli.cli import app
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_SIZE = ("--set", "data.height=64", "--set", "data.width=32", "--set", "data.workers=1")
 RAW_IDS = (3, 1, 2)  # train / val / test identities of the raw trees
 RAW_IMAGES_PER_CAM = 2
 RAW_SEED = 3
 TINY_WORKSPACE_IDS = 9
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as module ``name`` (registered in ``sys.modules``: its
+    dataclasses look themselves up there)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): the 2-core
+    test machines are shared, and one thread keeps float reductions in one order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def invoke(args: Sequence[str]) -> Result:

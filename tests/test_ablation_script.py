@@ -1,29 +1,23 @@
 """benchmarks/ablation.py: which runs share a stage 1, and the tables it writes (no training)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-ab = _load("ablation")
+ab = load_benchmark("ablation")
 
 
 def _plan(tmp_path):
-    return ab.Plan(tmp_path, REPO / "recipes" / "demo.yaml", ["stage1.epochs=2"], 1,
+    return ab.Plan(tmp_path, REPO / "recipes" / "demo.yaml", ["stage1.iters=2"], 1,
                    tmp_path / "source" / "backbone.pth")
 
 
@@ -67,7 +61,7 @@ def test_tables_average_the_finished_seeds(tmp_path):
     records = json.loads((tmp_path / "a.json").read_text())["runs"]
     assert [r["result"] is None for r in records] == [False, False, False, True]
     # a result made with other settings is stale: not reported
-    plan.sets = ["stage1.epochs=3"]
+    plan.sets = ["stage1.iters=3"]
     assert ab.read_result(plan, runs[0]) is None
 
 

@@ -26,7 +26,8 @@ from dmdl_cli.runtime import Runtime
 from dmdl_cli.workspace import Workspace, save_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 HEIGHT, WIDTH = 64, 32
 CPU = Runtime(torch.device("cpu"), None, False)
@@ -45,13 +46,6 @@ def _perturbed_resnet18(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch / onnxruntime thread: the 2-core test machines are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ failing GPU index falls back to the CPU with one line, and ``benchmarks/gpu_chec
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -32,6 +31,8 @@ from dmdl_cli.runtime import CPU_AMP_ENV, Runtime, make_grad_scaler, select_runt
 from dmdl_cli.training.cross import FUSED, CrossModalityStage
 from dmdl_cli.training.loop import TrainContext, _to_batch
 from dmdl_cli.training.single import SingleModalityStage
+
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -282,16 +283,8 @@ def test_required_gpu_search_failure_is_not_hidden(fresh_guard, monkeypatch):
 # --- benchmarks/gpu_check.py -----------------------------------------------------------------
 
 
-def _gpu_check_module(monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", module)  # its dataclasses look themselves up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_check_reports_a_failing_step_as_a_row(monkeypatch):
-    check = _gpu_check_module(monkeypatch).Check()
+    check = load_benchmark("gpu_check").Check()
     check.run("(x) fine", "s", lambda: ("done", {"v": 1}))
     row = check.run("(y) broken", "s", lambda: 1 / 0)
     assert row.status == "FAILED" and row.result == "ZeroDivisionError: division by zero"

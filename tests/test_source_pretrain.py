@@ -2,8 +2,6 @@
 images of other people only, and it is idempotent."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,14 @@ from dmdl_cli.data.index import VISIBLE
 from dmdl_cli.model.backbone import build_model
 from dmdl_cli.recipe import load_recipe
 
+from conftest import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-sp = _load("source_pretrain")
+sp = load_benchmark("source_pretrain")
 TINY = dict(train_ids=4, heldout_ids=2, images_per_cam=2, epochs=1, iters=1, ids_per_batch=2,
             instances=2)
 

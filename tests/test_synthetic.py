@@ -1,7 +1,6 @@
 """The synthetic data set: determinism, layouts, splits, and the modality bias it must carry."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,19 +21,12 @@ from dmdl_cli.data.synthetic import (
 )
 from dmdl_cli.errors import DmdlError
 
+from conftest import load_benchmark
+
 TINY = (3, 1, 2)  # train / val / test identities
 
 
-def _load_bias_benchmark():
-    """benchmarks/synthetic_bias.py: its hand-made descriptors are tested here, not copied."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic_bias.py"
-    spec = importlib.util.spec_from_file_location("synthetic_bias", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bias = _load_bias_benchmark()
+bias = load_benchmark("synthetic_bias")  # its hand-made descriptors are tested here, not copied
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

@@ -26,13 +26,7 @@ from dmdl_cli.training.signals import StopRequest
 from dmdl_cli.workspace import load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the 2-core test machines are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Payload:

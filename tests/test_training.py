@@ -30,14 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 # memory updates, per-modality triplets, camera-aware sampling, cross-modality memory update,
 # sums over modalities) are the recipe defaults.
 TINY = [
-    "data.height=32", "data.width=16", "data.workers=0",
+    "data.height=32", "data.width=16", "run.workers=0",
     "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
     "cluster.k1_adopting=6",
     "stage1.epochs=2", "stage1.iters=3", "stage1.clusters_per_batch=3", "stage1.instances=2",
     "stage1.refine_from=1", "stage1.triplet_ramp=[[0, 1.0]]",
     "stage2.epochs=3", "stage2.iters=2", "stage2.clusters_per_batch=3", "stage2.instances=2",
     "stage2.onehot_epochs=1", "stage2.cross_sampler_from=2", "stage2.triplet_ramp=[[0, 1.0]]",
-    "train.checkpoint_every=2", "train.feature_batch=64", "train.bn_recalibration=40",
+    "run.checkpoint_every=2", "run.feature_batch=64", "train.bn_recalibration=40",
     "eval.trials=2",
 ]
 # One-epoch variants: the epoch switches of TINY would never be reached (validation refuses
@@ -148,7 +148,7 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
     torch.set_num_threads(1)
     try:
         recalibrate_batchnorm(model, cache, rows, select_runtime(recipe, deterministic=True),
-                              batch_size=recipe.train.feature_batch)
+                              batch_size=recipe.train.bn_recalibration_batch)
     finally:
         torch.set_num_threads(threads)
     for key, value in model.state_dict().items():
@@ -231,7 +231,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(prepared: Path, stag
     no computation) tells the test when the epoch's first step is done."""
     ws = tmp_path / "ws"
     shutil.copytree(prepared, ws)
-    every_step = ["--set", "train.checkpoint_every=1"]
+    every_step = ["--set", "run.checkpoint_every=1"]
     env = {**os.environ, **ENV}
     proc = subprocess.Popen([sys.executable, "-m", "dmdl_cli", "pretrain-single", "--workspace", str(ws),
                              "--deterministic", *every_step], stdout=subprocess.PIPE,

@@ -53,7 +53,7 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
     loaded.model.to(runtime.device)
     log(f"clustering with {escape(loaded.description)}")
     feats = cached_features(ws, loaded.model, loaded.sha256, "train", cache, train_rows, runtime,
-                            batch_size=recipe.train.feature_batch)
+                            batch_size=recipe.run.feature_batch)
     mod = index.modality[train_rows].astype(np.int8)
     keep = np.isin(mod, wanted)
     has_ids = bool((index.pids[train_rows] >= 0).any())

@@ -160,7 +160,7 @@ def evaluate(
     log(f"evaluating {escape(loaded.description)}")
     start = time.perf_counter()
     feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows, runtime,
-                            batch_size=recipe.train.feature_batch)
+                            batch_size=recipe.run.feature_batch)
 
     summaries: dict[str, dict[str, Any]] = {}
     table_rows = []

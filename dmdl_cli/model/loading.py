@@ -86,11 +86,6 @@ class NetworkSpec:
     last_stride: int
     input_size: tuple[int, int]  # (height, width)
 
-    @classmethod
-    def of_recipe(cls, recipe: Recipe) -> "NetworkSpec":
-        return cls(recipe.model.arch, float(recipe.model.gem_p), int(recipe.model.last_stride),
-                   (int(recipe.data.height), int(recipe.data.width)))
-
 
 def checkpoint_spec(meta: Mapping[str, Any], path: Path | str, recipe: Recipe | None) -> NetworkSpec:
     """The network a checkpoint holds, read from the resolved recipe it carries

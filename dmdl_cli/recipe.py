@@ -74,7 +74,7 @@ class ModelRecipe:
     """The shared two-modality backbone (docs/method.md section 5)."""
 
     arch: str = _choice("resnet50_agw", ARCHS)
-    pretrained: str | None = "imagenet"  # "imagenet" (torch hub cache), a .pth path, or null
+    pretrained: str | None = "imagenet"  # "imagenet" (V1 file), "imagenet-v2", a .pth path, or null
     gem_p: float = _ranged(3.0, 1.0)
     last_stride: int = _choice(1, (1, 2))
 

@@ -185,3 +185,77 @@ def test_mismatching_state_dict_reports_keys(tmp_path):
 def test_unknown_arch():
     with pytest.raises(DmdlError, match="resnet50_agw"):
         build_model("vit")
+
+
+# --- which ImageNet file is loaded (V1 by default, V2 only by name, never downloaded) --------
+def _touch(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")  # resolution looks at existence only
+    return folder
+
+
+def test_imagenet_means_v1_and_v2_only_when_named(tmp_path, monkeypatch):
+    from dmdl_cli.model.backbone import _resolve_pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("DMDL_WEIGHTS_DIR", raising=False)
+    ckpt = _touch(tmp_path / "th" / "hub" / "checkpoints", "resnet50-11ad3fa6.pth")
+    # only V2 present: 'imagenet' refuses (no silent V2), naming the V1 file and where it goes
+    with pytest.raises(DmdlError) as err:
+        _resolve_pretrained("resnet50_agw", "imagenet")
+    assert str(ckpt / "resnet50-0676ba61.pth") in str(err.value) and "V1" in str(err.value)
+    assert _resolve_pretrained("resnet50_agw", "imagenet-v2") == ckpt / "resnet50-11ad3fa6.pth"
+    _touch(ckpt, "resnet50-0676ba61.pth")
+    assert _resolve_pretrained("resnet50", "imagenet") == ckpt / "resnet50-0676ba61.pth"
+    assert _resolve_pretrained("resnet50", "ImageNet-V1") == ckpt / "resnet50-0676ba61.pth"
+    # the legacy V1 file name is V1 too, the current name preferred
+    (ckpt / "resnet50-0676ba61.pth").unlink()
+    _touch(ckpt, "resnet50-19c8e357.pth")
+    assert _resolve_pretrained("resnet50", "imagenet") == ckpt / "resnet50-19c8e357.pth"
+
+
+def test_weights_dir_env_is_searched_before_the_hub_cache(tmp_path, monkeypatch):
+    from dmdl_cli.model.backbone import _resolve_pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    _touch(tmp_path / "th" / "hub" / "checkpoints", "resnet18-f37072fd.pth")
+    own = _touch(tmp_path / "mine", "resnet18-f37072fd.pth")
+    monkeypatch.setenv("DMDL_WEIGHTS_DIR", str(own))
+    assert _resolve_pretrained("resnet18", "imagenet") == own / "resnet18-f37072fd.pth"
+    monkeypatch.setenv("DMDL_WEIGHTS_DIR", str(tmp_path / "empty"))
+    assert (_resolve_pretrained("resnet18", "imagenet")
+            == tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+
+
+def test_resnet18_has_no_v2(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    with pytest.raises(DmdlError) as err:
+        build_model("resnet18", pretrained="imagenet-v2")
+    assert "no ImageNet V2 weights for resnet18" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resnet18_v1_from_torch_home_loads_and_says_which_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("DMDL_WEIGHTS_DIR", raising=False)
+    torch.manual_seed(5)
+    tv = torchvision.models.resnet18(weights=None)
+    path = _touch(tmp_path / "th" / "hub" / "checkpoints") / "resnet18-f37072fd.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model("resnet18", pretrained="imagenet")
+    assert model.init_description.startswith(f"ImageNet V1 weights from {path}")
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, tv.layer4[1].bn2.running_var,
+                               rtol=0, atol=0)
+
+
+class _NotAWeight:
+    """A pickled object of this class cannot be read with weights_only=True."""
+
+
+def test_weights_are_read_with_weights_only(tmp_path):
+    path = tmp_path / "pickle.pth"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({**state, "evil": _NotAWeight()}, path)
+    with pytest.raises(DmdlError) as err:
+        build_model("resnet18", pretrained=path)
+    assert f"cannot read pretrained weights {path}" in str(err.value)

@@ -27,7 +27,7 @@ from dmdl_cli.atomic import sha256_file
 from dmdl_cli.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ("prepare-data", "pretrain-single", "cluster", "train-cross", "evaluate", "export")
+COMMANDS = ("prepare-data", "pretrain-single", "cluster", "train-cross", "evaluate", "export", "report")
 SYSU_MODALITY = {1: "visible", 2: "visible", 3: "infrared", 4: "visible", 5: "visible", 6: "infrared"}
 HEIGHT, WIDTH = 64, 32
 
@@ -173,7 +173,7 @@ def copy_tree(src: Path, tmp_path: Path, name: str = "raw") -> Path:
 # the command line itself
 # --------------------------------------------------------------------------------------------
 
-def test_help_lists_the_six_commands_and_version():
+def test_help_lists_the_stage_commands_the_report_and_version():
     result = invoke(["--help"])
     assert result.exit_code == 0
     listed = re.findall(r"^\s{2}([a-z-]+)\s", result.output.split("Commands:")[1], re.M)

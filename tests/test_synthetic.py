@@ -171,3 +171,24 @@ def test_material_coupling_sign_sets_how_visible_brightness_follows_infrared(tmp
     ir_lum = np.array([lum[(pids == p) & (mods == INFRARED)].mean(0) for p in ids]).ravel()
     r = np.corrcoef(vis_lum, ir_lum)[0, 1]  # over 24 ids x 2 garments
     assert r > 0.5 if coupling > 0 else r < -0.5
+
+
+def test_first_pid_gives_a_disjoint_identity_range(tmp_path):
+    default = split_ids(TINY, 3)
+    shifted = split_ids(TINY, 3, first_pid=101)
+    # the same shuffle, moved by 100: no identity in common with the default range
+    for name in ("train", "val", "test"):
+        assert shifted[name] == [p + 100 for p in default[name]]
+    a = generate(tmp_path / "a", ids=TINY, images_per_cam=1, seed=3)
+    b = generate(tmp_path / "b", ids=TINY, images_per_cam=1, seed=4, first_pid=101)
+    assert b["first_pid"] == 101
+    pids = {name: {int(p.name) for p in (tmp_path / name / "cam1").iterdir()} for name in "ab"}
+    assert pids["a"] == set(range(1, 7)) and pids["b"] == set(range(101, 107))
+    # the person is drawn from (seed, pid): another pid is another person under the same seed
+    cfg = SyntheticConfig()
+    same = make_identity(5, 3, cfg), make_identity(5, 3, cfg)
+    other = make_identity(105, 3, cfg)
+    np.testing.assert_array_equal(same[0].upper_rgb, same[1].upper_rgb)
+    assert not np.allclose(same[0].upper_rgb, other.upper_rgb)
+    with pytest.raises(DmdlError, match="first_pid"):
+        generate(tmp_path / "c", ids=TINY, first_pid=9998)

@@ -562,11 +562,12 @@ def _normalise_ids(ids: int | tuple[int, int, int]) -> tuple[int, int, int]:
     return train, val, test
 
 
-def split_ids(ids: int | tuple[int, int, int], seed: int) -> dict[str, list[int]]:
-    """Person ids ``1..N`` shuffled by ``seed`` into sorted ``train`` / ``val`` / ``test`` lists."""
+def split_ids(ids: int | tuple[int, int, int], seed: int, first_pid: int = 1) -> dict[str, list[int]]:
+    """Person ids ``first_pid..first_pid + N - 1`` shuffled by ``seed`` into sorted ``train`` /
+    ``val`` / ``test`` lists."""
     n_train, n_val, n_test = _normalise_ids(ids)
     n = n_train + n_val + n_test
-    perm = np.random.default_rng([seed, _TAG_SPLIT]).permutation(n) + 1
+    perm = np.random.default_rng([seed, _TAG_SPLIT]).permutation(n) + first_pid
     return {
         "train": sorted(perm[:n_train].tolist()),
         "val": sorted(perm[n_train:n_train + n_val].tolist()),
@@ -649,11 +650,16 @@ def generate(
     config: SyntheticConfig | None = None,
     overwrite: bool = False,
     workers: int | None = None,
+    first_pid: int = 1,
 ) -> dict:
     """Write the synthetic data set under ``root`` in ``layout`` and return a summary.
 
     ``ids``: ``(train, val, test)`` identity counts, or a total ``N`` (test = N/3, val = N/9,
-    rounded, train = the rest). Person ids are ``1..N``, shuffled into the splits by ``seed``.
+    rounded, train = the rest). Person ids are ``first_pid..first_pid + N - 1``, shuffled into
+    the splits by ``seed``. An identity's looks are drawn from ``(seed, pid)``, so two sets whose
+    id ranges do not overlap hold different people whatever their seeds, and the same
+    ``(seed, pid)`` is the same person in any set (a source set for pretraining takes another
+    seed and a disjoint range: another domain and other people).
     ``images_per_cam``: images of every identity by every camera of the layout.
     ``overwrite``: replace an existing non-empty ``root`` (otherwise a :class:`DmdlError`).
     ``workers``: rendering threads (default: up to 4, bounded by the CPU count).
@@ -668,6 +674,9 @@ def generate(
         raise DmdlError(f"synthetic layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
     if images_per_cam < 1:
         raise DmdlError(f"synthetic images_per_cam = {images_per_cam}; set it >= 1")
+    if not 1 <= first_pid or first_pid + sum(_normalise_ids(ids)) - 1 > 9999:
+        raise DmdlError(f"synthetic first_pid = {first_pid}: person ids must stay in 1..9999 "
+                        "(4-digit folder names)")
     if layout == "regdb" and sum(_normalise_ids(ids)) < 2:
         raise DmdlError("synthetic RegDB layout needs >= 2 identities")
     cfg = config or SyntheticConfig()
@@ -677,7 +686,7 @@ def generate(
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise DmdlError(f"{root}: folder exists and is not empty; remove it or pass --force")
 
-    splits = split_ids(ids, seed)
+    splits = split_ids(ids, seed, first_pid)
     jobs = list(_jobs(layout, splits, images_per_cam))
     idents = {pid: make_identity(pid, seed, cfg) for pid in sorted({j.pid for j in jobs})}
     cams = {(j.cam, j.modality) for j in jobs}
@@ -715,6 +724,7 @@ def generate(
         summary = {
             "layout": layout,
             "seed": seed,
+            "first_pid": first_pid,
             "images_per_cam": images_per_cam,
             "ids": {k: len(v) for k, v in splits.items()},
             "images": len(jobs),

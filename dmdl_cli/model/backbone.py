@@ -41,6 +41,9 @@ __all__ = [
     "model_signature",
     "normalize_batch",
     "imagenet_weight_candidates",
+    "IMAGENET_FILES",
+    "IMAGENET_RELEASES",
+    "WEIGHTS_DIR_ENV",
 ]
 
 ARCHS = ("resnet50_agw", "resnet50", "resnet18")
@@ -56,13 +59,20 @@ _ARCH_SPECS: dict[str, tuple[str, int, dict[str, int]]] = {
     "resnet18": ("resnet18", 512, {}),
 }
 
-# Standard file names torchvision's hub downloader stores under <hub dir>/checkpoints/, in order
-# of preference (the first is the one named in the error message when none is present).
-_HUB_FILES: dict[str, tuple[str, ...]] = {
-    # IMAGENET1K_V1 (the weights AGW / PGM-style code was trained from), its legacy name, V2.
-    "resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth", "resnet50-11ad3fa6.pth"),
-    "resnet18": ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
+# torchvision's ImageNet weight files, by (torchvision model, release name), in order of
+# preference: the file name torchvision's hub downloader stores under <hub dir>/checkpoints/ first
+# (named in the error message when none is present), then an older name of the same weights.
+# IMAGENET1K_V1 is what AGW / PGM-style code (and the DMDL reference) initialise from; V2 (a
+# newer training recipe) is loaded only when asked for by name. resnet18 has V1 only.
+IMAGENET_FILES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("resnet50", "v1"): ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
+    ("resnet50", "v2"): ("resnet50-11ad3fa6.pth",),
+    ("resnet18", "v1"): ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
 }
+#: ``model.pretrained`` values that name an ImageNet release (anything else is a file path).
+IMAGENET_RELEASES = {"imagenet": "v1", "imagenet-v1": "v1", "imagenet-v2": "v2"}
+#: A folder searched for the files above before the torch hub cache.
+WEIGHTS_DIR_ENV = "DMDL_WEIGHTS_DIR"
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,29 +248,40 @@ def _set_last_stride(trunk: torchvision.models.ResNet, stride: int) -> None:
 # --------------------------------------------------------------------------------------------
 # pretrained weights
 # --------------------------------------------------------------------------------------------
-def imagenet_weight_candidates(arch: str) -> list[Path]:
-    """Paths in the torch hub cache where ImageNet weights for ``arch`` are looked for."""
+def imagenet_weight_candidates(arch: str, release: str = "v1") -> list[Path]:
+    """Where the ImageNet ``release`` ("v1" / "v2") weights for ``arch`` are looked for, in order:
+    ``$DMDL_WEIGHTS_DIR/<file>`` (when the variable is set), then
+    ``torch.hub.get_dir()/checkpoints/<file>`` (``$TORCH_HOME/hub/checkpoints``)."""
     base = _ARCH_SPECS[arch][0]
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    return [ckpt_dir / name for name in _HUB_FILES[base]]
+    names = IMAGENET_FILES.get((base, release))
+    if names is None:
+        raise DmdlError(f"torchvision has no ImageNet {release.upper()} weights for {base}; set "
+                        f"model.pretrained to imagenet (V1), a local .pth file or null")
+    dirs = [Path(torch.hub.get_dir()) / "checkpoints"]
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        dirs.insert(0, Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
+    return [folder / name for folder in dirs for name in names]
 
 
 def _resolve_pretrained(arch: str, pretrained: str | os.PathLike) -> Path:
-    if str(pretrained).lower() == "imagenet":
-        candidates = imagenet_weight_candidates(arch)
+    release = IMAGENET_RELEASES.get(str(pretrained).lower())
+    if release is not None:
+        candidates = imagenet_weight_candidates(arch, release)
         for path in candidates:
             if path.is_file():
                 return path
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / candidates[0].name
         raise DmdlError(
-            f"ImageNet weights for {arch} not found: put torchvision's {candidates[0].name} at "
-            f"{candidates[0]} (no download is attempted), or set model.pretrained to a local "
-            f".pth file, or to null for random initialisation"
+            f"ImageNet {release.upper()} weights for {arch} not found: put torchvision's "
+            f"{candidates[0].name} at {hub} (or in ${WEIGHTS_DIR_ENV}; no download is attempted), "
+            f"or set model.pretrained to a local .pth file, or to null for random initialisation"
         )
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise DmdlError(
             f"pretrained weights file not found: {path}; set model.pretrained to an existing "
-            f"local .pth file, 'imagenet' (torch hub cache) or null for random initialisation"
+            f"local .pth file, 'imagenet' (torchvision's V1 file), 'imagenet-v2' or null for "
+            f"random initialisation"
         )
     return path
 
@@ -328,10 +349,12 @@ def build_model(
     ``arch``: ``resnet50_agw`` (AGW: non-local 2 + 3, D = 2048), ``resnet50`` (D = 2048) or
     ``resnet18`` (D = 512); all use GeM pooling (``gem_p``), a BNNeck and ``last_stride``.
 
-    ``pretrained``: ``None`` (random initialisation), ``"imagenet"`` (torchvision's standard
-    file in ``torch.hub.get_dir()/checkpoints/``; never downloaded) or a path to a local .pth
-    state dict. Backbone keys are checked strictly (``fc.*`` ignored); a missing or mismatching
-    file raises :class:`~dmdl_cli.errors.DmdlError`. ``model.init_description`` says which.
+    ``pretrained``: ``None`` (random initialisation), ``"imagenet"`` (torchvision's
+    IMAGENET1K_V1 file, ``"imagenet-v2"`` its IMAGENET1K_V2 file: looked for in
+    ``$DMDL_WEIGHTS_DIR`` then ``torch.hub.get_dir()/checkpoints/``; never downloaded) or a path
+    to a local .pth state dict of the torchvision trunk. Loaded with ``weights_only=True``.
+    Backbone keys are checked strictly (``fc.*`` ignored); a missing or mismatching file raises
+    :class:`~dmdl_cli.errors.DmdlError`. ``model.init_description`` names the file loaded.
     """
     if arch not in _ARCH_SPECS:
         raise DmdlError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -344,8 +367,10 @@ def build_model(
     model = ReIDNet(arch, trunk, feat_dim, non_local, gem_p=gem_p, gem_learnable=gem_learnable)
     if path is not None:
         _load_backbone_weights(model, path)
+        release = IMAGENET_RELEASES.get(str(pretrained).lower())
+        what = f"ImageNet {release.upper()} weights" if release else "pretrained backbone weights"
         model.init_description = (
-            f"pretrained backbone weights from {path} (non-local blocks and head freshly initialised)"
+            f"{what} from {path} (non-local blocks and head freshly initialised)"
         )
     return model
 

@@ -446,7 +446,7 @@ def cai_share_of_run(plan: Plan, run: Run) -> dict | None:
     from dmdl_cli.evaluation.cai_share import own_modality_share
     from dmdl_cli.evaluation.features import extract_features
     from dmdl_cli.model.cai import modality_prior
-    from dmdl_cli.model.loading import load_model
+    from dmdl_cli.model.loading import resolve_model
     from dmdl_cli.runtime import select_runtime
     from dmdl_cli.workspace import Workspace, load_labels
 
@@ -462,9 +462,9 @@ def cai_share_of_run(plan: Plan, run: Run) -> dict | None:
     cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
                        recipe.data.height, recipe.data.width)
     rows = index.rows(split="train")
-    model = load_model(ws, recipe, str(folder / "stage2" / "final.pt")).model
+    model = resolve_model(ws, recipe, str(folder / "stage2" / "final.pt")).model
     feats = extract_features(model, cache, rows, select_runtime(recipe), flip=recipe.cluster.flip_average,
-                             batch_size=recipe.train.feature_batch)  # (N_train, D)
+                             batch_size=recipe.run.feature_batch)  # (N_train, D)
     labels = load_labels(label_files[-1])[0][rows]
     modality = index.modality[rows].astype(np.int64)
     memories, ids = [], []

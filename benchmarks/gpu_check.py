@@ -77,7 +77,7 @@ class Sizes:
     steps: int  # timed steps
     cache_images: int  # rows of the random image cache of (a)
     ids: int  # unified identities of (a)'s labels and memories
-    workers: int | None  # None: the recipe's data.workers
+    workers: int | None  # None: the recipe's run.workers
     knn_visible: int  # (b) feature rows
     knn_infrared: int
     knn_dim: int
@@ -160,7 +160,7 @@ def check_recipe(sizes: Sizes) -> Recipe:
         sets += [f"stage2.clusters_per_batch={sizes.clusters_per_batch}",
                  f"stage2.instances={sizes.instances}"]
     if sizes.workers is not None:
-        sets.append(f"data.workers={sizes.workers}")
+        sets.append(f"run.workers={sizes.workers}")
     return load_recipe(SYSU_RECIPE, overrides=sets)
 
 
@@ -301,7 +301,7 @@ def loader_speed(sizes: Sizes, device: torch.device, cache_path: Path):
             continue
         images += 2 * raw["view_a"].shape[0]
     rate = images / (time.perf_counter() - start)
-    return (f"{rate:,.0f} img/s, {recipe.data.workers} loader workers (first batch after {first:.1f} s)",
+    return (f"{rate:,.0f} img/s, {recipe.run.workers} loader workers (first batch after {first:.1f} s)",
             {"images_per_s": rate, "first_batch_s": first})
 
 
@@ -317,8 +317,8 @@ def feature_speed(sizes: Sizes, device: torch.device, cache_path: Path):
     n = sizes.cache_images
     cache = open_cache(cache_path, n, sizes.height, sizes.width)
     model = build_from_recipe(recipe, pretrained=False).to(device).to(memory_format=torch.channels_last)
-    kwargs = dict(batch_size=recipe.train.feature_batch, flip=recipe.cluster.flip_average)
-    extract_features(model, cache, np.arange(min(n, recipe.train.feature_batch)), runtime, **kwargs)
+    kwargs = dict(batch_size=recipe.run.feature_batch, flip=recipe.cluster.flip_average)
+    extract_features(model, cache, np.arange(min(n, recipe.run.feature_batch)), runtime, **kwargs)
     sync(device)
     start = time.perf_counter()
     feats = extract_features(model, cache, np.arange(n), runtime, **kwargs)
@@ -400,14 +400,14 @@ def e2e_sets(sizes: Sizes) -> list[str]:
     h, w = sizes.render
     sets = [f"data.height={h}", f"data.width={w}", f"model.arch={sizes.arch}",
             "model.pretrained=null", "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2",
-            "cluster.eps=0.7", "eval.trials=1", "train.feature_batch=64"]
+            "cluster.eps=0.7", "eval.trials=1", "run.feature_batch=64"]
     for stage in ("stage1", "stage2"):
         sets += [f"{stage}.epochs=1", f"{stage}.iters={sizes.e2e_iters}"]
         if sizes.clusters_per_batch:
             sets += [f"{stage}.clusters_per_batch={sizes.clusters_per_batch}",
                      f"{stage}.instances={sizes.instances}"]
     if sizes.workers is not None:
-        sets.append(f"data.workers={sizes.workers}")
+        sets.append(f"run.workers={sizes.workers}")
     if sizes.e2e_amp:
         sets.append(f"train.amp={sizes.e2e_amp}")
     return [item for s in sets for item in ("--set", s)]
@@ -546,9 +546,9 @@ def run_check(check: Check, cpu: bool, folder: Path) -> None:
     device = torch.device("cpu") if cpu else torch.device("cuda", 0)
     recipe = check_recipe(sizes)
     p, k = recipe.stage2.clusters_per_batch, recipe.stage2.instances
-    workers = recipe.data.workers
+    workers = recipe.run.workers
     setting = (f"{sizes.arch} {sizes.height}x{sizes.width}, batch 2x{p * k}x2={4 * p * k}, "
-               f"channels_last, {sizes.steps} steps, data.workers={workers}")
+               f"channels_last, {sizes.steps} steps, run.workers={workers}")
     cache_path = random_cache(folder, sizes.cache_images, sizes.height, sizes.width)
     speeds = {}
     for amp_name, amp in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
@@ -556,9 +556,9 @@ def run_check(check: Check, cpu: bool, folder: Path) -> None:
                         lambda amp=amp: train_speed(sizes, device, amp, cache_path))
         speeds[amp_name] = row.figures if row.status == "ok" else None
     check.run("(a) data loader alone", f"{sizes.height}x{sizes.width}, two views, recipe augmentation, "
-              f"data.workers={workers}", lambda: loader_speed(sizes, device, cache_path))
+              f"run.workers={workers}", lambda: loader_speed(sizes, device, cache_path))
     feat_row = check.run("(a) feature extraction", f"{sizes.arch} {sizes.height}x{sizes.width}, "
-                         f"amp {recipe.train.amp}, batch {recipe.train.feature_batch}",
+                         f"amp {recipe.train.amp}, batch {recipe.run.feature_batch}",
                          lambda: feature_speed(sizes, device, cache_path))
     ids = SYSU_TRAIN_IDS if not cpu else 20
     visible = clustered_unit_features(sizes.knn_visible, sizes.knn_dim, ids, seed=1)

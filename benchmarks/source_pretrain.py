@@ -260,7 +260,7 @@ def target_stage0(weights: Path, target: Path, runtime: Runtime) -> dict:
         recipe.model.pretrained = pretrained
         model = initial_model(recipe).to(runtime.device)
         feats = extract_features(model, cache, test_rows, runtime, flip=False,
-                                 batch_size=recipe.train.feature_batch, description=name)
+                                 batch_size=recipe.run.feature_batch, description=name)
         mean, _, _ = run_protocol(recipe.data.dataset, "all-search", feats, test,
                                   recipe, trials=recipe.eval.trials, shots=recipe.eval.shots)
         out[name] = {"all_search": {"rank1": 100 * float(mean["cmc"][0]), "mAP": 100 * float(mean["mAP"])}}

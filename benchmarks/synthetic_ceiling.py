@@ -38,7 +38,7 @@ from dmdl_cli.workspace import Workspace  # noqa: E402
 
 def all_search(model, cache, index, test_rows, runtime, recipe) -> dict:
     feats = extract_features(model, cache, test_rows, runtime, flip=False,
-                             batch_size=recipe.train.feature_batch)  # (N_test, D)
+                             batch_size=recipe.run.feature_batch)  # (N_test, D)
     mean, _, _ = run_protocol(recipe.data.dataset, "all-search", feats, index.select(test_rows),
                               recipe, trials=recipe.eval.trials, shots=recipe.eval.shots)
     return mean

@@ -52,7 +52,7 @@ from dmdl_cli.data.cache import open_cache, read_rows
 from dmdl_cli.data.index import read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import IMAGENET_MEAN, IMAGENET_STD, GeM, ReIDNet, normalize_batch
-from dmdl_cli.model.loading import LoadedModel, default_checkpoint, load_model
+from dmdl_cli.model.loading import LoadedModel, default_checkpoint, resolve_model
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.workspace import Workspace
 
@@ -414,7 +414,7 @@ def _export_locked(ws: Workspace, recipe: Recipe, *, checkpoint: str | None, for
                    ) -> dict[str, Any]:
     """:func:`export_model` once the workspace lock is held."""
     index = read_index(ws.index_path)
-    loaded = load_model(ws, recipe, checkpoint)
+    loaded = resolve_model(ws, recipe, checkpoint)
     height, width = _input_size(loaded, recipe)
     cache = open_cache(ws.cache_path(height, width), len(index), height, width)
     rows, source = parity_rows(index.split, parity_images)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.model.backbone import ReIDNet, build_model, normalize_batch
+from dmdl_cli.model.backbone import ReIDNet, normalize_batch
+from dmdl_cli.model.loading import load_model
 from dmdl_cli.recipe import Recipe, load_recipe
-from dmdl_cli.workspace import load_checkpoint
 
 __all__ = ["embed", "load_embedder"]
 
@@ -37,29 +37,10 @@ ImageLike = Union[str, os.PathLike, Image.Image]
 _LOADED: dict[tuple, tuple[ReIDNet, tuple[int, int]]] = {}
 
 
-def _model_settings(meta: dict[str, Any], recipe: Recipe | str | os.PathLike | None,
-                    path: Path) -> tuple[str, tuple[int, int], float, int]:
-    """(arch, (H, W), gem_p, last_stride) of a checkpoint: its meta first, then the recipe."""
-    if recipe is not None and not isinstance(recipe, Recipe):
-        recipe = load_recipe(str(recipe))
-    arch = meta.get("arch") or (recipe.model.arch if recipe else None)
-    if arch is None:
-        raise DmdlError(f"checkpoint {path} does not say its backbone (meta.arch): pass recipe=")
-    if recipe is not None and recipe.model.arch != arch:
-        raise DmdlError(f"checkpoint {path} holds a {arch} backbone but the recipe asks for "
-                        f"{recipe.model.arch}: pass the checkpoint's recipe")
-    size = meta.get("input_size") or ([recipe.data.height, recipe.data.width] if recipe else None)
-    if not size:
-        raise DmdlError(f"checkpoint {path} does not say its input size (meta.input_size): "
-                        "pass recipe=")
-    gem_p = float(meta.get("gem_p", recipe.model.gem_p if recipe else 3.0))
-    last_stride = int(meta.get("last_stride", recipe.model.last_stride if recipe else 1))
-    return arch, (int(size[0]), int(size[1])), gem_p, last_stride
-
-
 def load_embedder(checkpoint: str | os.PathLike, *, recipe: Recipe | str | os.PathLike | None = None,
                   device: str | torch.device | None = None) -> tuple[ReIDNet, tuple[int, int]]:
-    """``(eval-mode network on device, (height, width))`` of a dmdl checkpoint file.
+    """``(eval-mode network on device, (height, width))`` of a dmdl checkpoint file, built by
+    :func:`~dmdl_cli.model.loading.load_model` from the checkpoint's own recipe.
 
     The network is kept in memory, so repeated :func:`embed` calls do not reload it (a changed
     file is reloaded).
@@ -75,19 +56,13 @@ def load_embedder(checkpoint: str | os.PathLike, *, recipe: Recipe | str | os.Pa
            recipe.hash() if isinstance(recipe, Recipe) else str(recipe))
     if key in _LOADED:
         return _LOADED[key]
-    state = load_checkpoint(path)
-    arch, size, gem_p, last_stride = _model_settings(state["meta"], recipe, path)
-    model = build_model(arch, pretrained=None, gem_p=gem_p, last_stride=last_stride,
-                        gem_learnable="pool.p" in state["model"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise DmdlError(f"checkpoint {path} does not fit the {arch} network: "
-                        f"{str(err).splitlines()[0]}") from None
+    if recipe is not None and not isinstance(recipe, Recipe):
+        recipe = load_recipe(str(recipe))
+    model, spec = load_model(path, recipe, check=recipe is not None)
     model.to(dev).eval()
     _LOADED.clear()
-    _LOADED[key] = (model, size)
-    return model, size
+    _LOADED[key] = (model, spec.input_size)
+    return model, spec.input_size
 
 
 def _to_array(image: ImageLike, height: int, width: int) -> np.ndarray:
@@ -119,10 +94,11 @@ def embed(
     """L2-normalised embeddings ``(N, D)`` float32 of ``images`` for a dmdl checkpoint.
 
     ``images``: PIL images and/or image paths (one image alone is accepted too).
-    ``checkpoint``: path of a dmdl checkpoint (``WS/stage2/final.pt``); its meta gives the
-    backbone and the input size. ``recipe`` (a Recipe or a YAML path) is needed only for a
-    checkpoint whose meta lacks them; it also supplies ``gem_p`` / ``last_stride`` (defaults
-    3.0 / 1, the values of every shipped recipe). ``device``: default CUDA when present, else
+    ``checkpoint``: path of a dmdl checkpoint (``WS/stage2/final.pt``); the recipe it carries
+    gives the network (backbone, ``gem_p``, ``last_stride``) and the input size. ``recipe`` (a
+    Recipe or a YAML path) is needed only for a checkpoint of an older dmdl that does not carry
+    its recipe (without it, ``gem_p`` and ``last_stride`` are the recipe defaults, with a note);
+    when given, it must describe the same network. ``device``: default CUDA when present, else
     CPU; fp32 either way. ``flip``: average with the horizontally mirrored image (as
     ``dmdl evaluate`` does). Rows of the result are unit vectors, so ``a @ b.T`` is the cosine
     similarity.

@@ -17,7 +17,9 @@ it inside its JSON), and the manifest ledger records the ``--recipe``, ``--overl
 So ``pretrain-single --set stage1.epochs=1`` then a plain ``train-cross`` continues from that
 stage-1 model. Only an explicit ``--recipe``, ``--overlay`` or ``--set`` can then make an
 upstream key differ from what the result was made with: that is a real conflict, refused with
-the differing keys as ``stage1.epochs: 1 -> 50`` (made with -> asked for).
+the differing keys as ``stage1.epochs: 1 -> 50`` (made with -> asked for). The ``run:`` section
+(workers, checkpoint interval, feature batch, ...) is in no stage's sections: it is never
+inherited nor compared, so each command takes it from its own recipe and may change it freely.
 """
 from __future__ import annotations
 

@@ -61,12 +61,11 @@ def _between(default: Any, lo: float, hi: float) -> Any:
 
 @dataclass
 class DataRecipe:
-    """Input images: size of the cache and of the network input, loader workers."""
+    """Input images: the data set and the size of the cache and of the network input."""
 
     dataset: str = _choice("synthetic", DATASETS)
     height: int = _ranged(288, 16)
     width: int = _ranged(144, 8)
-    workers: int = _ranged(4, 0)
     trial: int = _ranged(1, 1, 10)  # RegDB split trial
 
 
@@ -151,20 +150,44 @@ class Stage2Recipe(StageRecipe):
 
 @dataclass
 class TrainRecipe:
-    """Run-level settings shared by both stages."""
+    """Settings shared by both stages that change the trained numbers."""
 
     seed: int = _ranged(1, 0)
-    checkpoint_every: int = _ranged(50, 1)  # steps between resume points (and at each epoch end)
-    eval_every: int = _ranged(0, 0)  # epochs between test-set monitoring (0 = off); logged only
     amp: str = _choice("fp16", AMP_MODES)  # GPU only; CPU runs in fp32
     channels_last: bool = True
-    feature_batch: int = _ranged(256, 1)  # batch size of feature extraction
-    keep_epochs: bool = False  # also keep epoch-NNN.pt per epoch
     # Clean train images over which BatchNorm running statistics are re-estimated before each
     # epoch's clustering features and before final.pt (0 = off: the reference behaviour).
     bn_recalibration: int = _ranged(0, 0)
+    # Images per batch of that re-estimation: the statistics are a mean over batches, so the
+    # batch size is part of the result (unlike run.feature_batch).
+    bn_recalibration_batch: int = _ranged(256, 2)
+
+
+@dataclass
+class RunRecipe:
+    """How a run executes, never what it computes: no compatibility hash covers this section,
+    so changing a key here keeps checkpoints resumable and stage-1 results usable by stage 2."""
+
+    workers: int = _ranged(4, 0)  # training DataLoader processes; decoding threads in prepare-data
+    checkpoint_every: int = _ranged(50, 1)  # steps between resume points (and at each epoch end)
+    eval_every: int = _ranged(0, 0)  # epochs between test-set monitoring (0 = off); logged only
+    # Images per batch of feature extraction (eval mode: each image's embedding is computed on
+    # its own, so the batch size changes nothing beyond floating-point rounding)
+    feature_batch: int = _ranged(256, 1)
+    keep_epochs: bool = False  # also keep epoch-NNN.pt per epoch
     # Also write TensorBoard event files to WS/<stage>/tensorboard (needs the `tensorboard` extra).
     tensorboard: bool = False
+
+
+# Keys that moved to the `run:` section: an old recipe naming one is refused with its new name.
+MOVED_KEYS = {
+    "data.workers": "run.workers",
+    "train.checkpoint_every": "run.checkpoint_every",
+    "train.eval_every": "run.eval_every",
+    "train.feature_batch": "run.feature_batch",
+    "train.keep_epochs": "run.keep_epochs",
+    "train.tensorboard": "run.tensorboard",
+}
 
 
 @dataclass
@@ -237,6 +260,7 @@ class Recipe:
     stage1: StageRecipe = field(default_factory=StageRecipe)
     stage2: Stage2Recipe = field(default_factory=_stage2_defaults)
     train: TrainRecipe = field(default_factory=TrainRecipe)
+    run: RunRecipe = field(default_factory=RunRecipe)
     augment: AugmentRecipe = field(default_factory=AugmentRecipe)
     cbt: CBTRecipe = field(default_factory=CBTRecipe)
     cai: CAIRecipe = field(default_factory=CAIRecipe)
@@ -250,18 +274,19 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self, sections: Iterable[str] | None = None) -> str:
-        """sha256 (16 hex digits) of the canonical JSON of the named sections (all by default)."""
+        """sha256 (16 hex digits) of the canonical JSON of the named sections (by default all
+        but the unhashed ones)."""
         full = self.to_dict()
-        for section, key in UNHASHED_KEYS:
-            full[section].pop(key, None)
-        chosen = full if sections is None else {name: full[name] for name in sections}
+        if sections is None:
+            sections = [name for name in full if name not in UNHASHED_SECTIONS]
+        chosen = {name: full[name] for name in sections}
         blob = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Keys that change only what is logged, never a result: left out of every hash, so switching
-# them for a resumed run keeps its checkpoints valid.
-UNHASHED_KEYS = (("train", "tensorboard"),)
+# Sections that change how a run executes, never a result: left out of every hash, so changing
+# them for a resumed run (or between stage 1 and stage 2) keeps the checkpoints valid.
+UNHASHED_SECTIONS = ("run",)
 
 # Sections whose values determine each stage's result: a checkpoint is compatible with a recipe
 # when these hashes agree (an overlay that only touches stage 2 keeps stage 1 valid).
@@ -327,6 +352,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
+    moved = [key for key in (f"{prefix}.{name}" for name in unknown) if key in MOVED_KEYS]
+    if moved:
+        raise DmdlError(f"recipe key '{moved[0]}' ({source}) moved to {MOVED_KEYS[moved[0]]}: "
+                        f"use {MOVED_KEYS[moved[0]]} instead (the `run:` section holds the "
+                        f"settings that change no result)")
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise DmdlError(

@@ -31,7 +31,7 @@ from typer.testing import CliRunner, Result
 from dmdl_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SIZE = ("--set", "data.height=64", "--set", "data.width=32", "--set", "data.workers=1")
+TINY_SIZE = ("--set", "data.height=64", "--set", "data.width=32", "--set", "run.workers=1")
 RAW_IDS = (3, 1, 2)  # train / val / test identities of the raw trees
 RAW_IMAGES_PER_CAM = 2
 RAW_SEED = 3

@@ -22,7 +22,7 @@ from dmdl_cli.data.index import INFRARED, VISIBLE, read_index
 from dmdl_cli.evaluation.features import extract_features
 from dmdl_cli.evaluation.metrics import rank_metrics
 from dmdl_cli.evaluation.protocols import build_trials
-from dmdl_cli.model.loading import initial_model, load_model, state_sha256
+from dmdl_cli.model.loading import initial_model, resolve_model, state_sha256
 from dmdl_cli.recipe import load_recipe
 from dmdl_cli.runtime import Runtime
 from dmdl_cli.workspace import Workspace, load_labels, save_checkpoint
@@ -167,7 +167,7 @@ def test_a_checkpoint_file_is_loaded_with_its_name_and_sha256(evaluated, tmp_pat
     path = tmp_path / "mine.pt"
     save_checkpoint(path, {"model": model.state_dict(),
                            "meta": {"arch": "resnet18", "input_size": [64, 32], "stage": "test"}})
-    loaded = load_model(Workspace.open(ws), recipe, str(path))
+    loaded = resolve_model(Workspace.open(ws), recipe, str(path))
     assert loaded.name == "mine" and loaded.sha256 == sha256_file(path)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
@@ -184,6 +184,11 @@ def test_evaluate_bad_inputs_are_one_line_and_change_nothing(evaluated, tmp_path
     other_size = tmp_path / "big.pt"
     save_checkpoint(other_size, {"model": state, "meta": {"arch": "resnet18",
                                                           "input_size": [288, 144]}})
+    made = recipe.to_dict()
+    made["model"]["gem_p"] = 4.0
+    other_gem = tmp_path / "gem4.pt"  # the network comes from the recipe the checkpoint carries
+    save_checkpoint(other_gem, {"model": state, "meta": {"arch": "resnet18", "input_size": [64, 32],
+                                                         "recipe": made}})
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     missing = tmp_path / "missing.pt"
@@ -199,6 +204,8 @@ def test_evaluate_bad_inputs_are_one_line_and_change_nothing(evaluated, tmp_path
         (["--mode", "all-search", "--checkpoint", r18, "--set", "model.arch=resnet50"],
          [str(r18), "holds a resnet18 backbone", "asks for resnet50"]),
         (["--mode", "all-search", "--checkpoint", other_size], ["288x144", "64x32"]),
+        (["--mode", "all-search", "--checkpoint", other_gem],
+         [str(other_gem), "model.gem_p 4.0", "asks for 3.0", "--set model.gem_p=4.0"]),
         (["--mode", "all-search", "--trials", "0"], ["--trials 0"]),
         (["--mode", "all-search", "--shots", "3"], ["--shots 3", "1", "10"]),
         (["--mode", "all-search", "--visualize", "-1"], ["--visualize -1"]),

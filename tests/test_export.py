@@ -21,7 +21,7 @@ from dmdl_cli.data.index import read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import extract_features
 from dmdl_cli.model.backbone import build_model
-from dmdl_cli.model.loading import load_model
+from dmdl_cli.model.loading import resolve_model
 from dmdl_cli.runtime import Runtime
 from dmdl_cli.workspace import Workspace, save_checkpoint
 
@@ -109,7 +109,7 @@ def test_export_both_formats_parity_on_cache_images(tiny_workspace, tmp_path, ru
     recipe = wsobj.resolve_recipe(None)
     index, cache = _cache(ws)
     rows = index.rows(split="test")[::9][:6]
-    model = load_model(wsobj, recipe, "imagenet").model
+    model = resolve_model(wsobj, recipe, "imagenet").model
     want = extract_features(model, cache, rows, CPU, batch_size=4)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     x = _preprocess(np.asarray(cache[rows]), spec["preprocess"])

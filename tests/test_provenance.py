@@ -16,7 +16,7 @@ from dmdl_cli.recipe import load_recipe
 # One epoch per stage: the epoch switches a one-epoch schedule never reaches are switched off
 # (recipe validation refuses them otherwise).
 STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
-               "stage1.instances=2", "cluster.min_samples=2", "train.feature_batch=128",
+               "stage1.instances=2", "cluster.min_samples=2", "run.feature_batch=128",
                "stage1.refine_from=never", "stage1.triplet_ramp=[]"]
 STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3",
                "stage2.instances=2", "stage2.onehot_epochs=0", "stage2.cross_sampler_from=never",
@@ -98,3 +98,32 @@ def test_plain_resume_continues_with_the_partial_runs_own_recipe(stage1_with_set
     assert run["recipe_origin"]["overrides"] == []
     assert [i["from"] for i in run["recipe_origin"]["inherited"]] == ["stage1/recipe.yaml"]
     assert load_recipe(ws / "stage1" / "recipe.yaml").stage1.epochs == 1
+
+
+def test_resume_accepts_changed_run_keys(stage1_with_sets, tmp_path):
+    """`run:` keys change how a run executes, never a result: a partial run resumes with other
+    values (a `train:` key that changes a result is still refused)."""
+    ws = copy_workspace(stage1_with_sets, tmp_path)
+    (ws / "stage1" / "final.pt").unlink()  # as if killed after the last epoch's last.pt
+    refused = invoke(["pretrain-single", "-w", ws, "--resume", "--set", "train.seed=9"])
+    assert_refused(refused, "stage1/last.pt", "train.seed: 1 -> 9")
+    result = invoke(["pretrain-single", "-w", ws, "--resume", "--set", "run.checkpoint_every=7",
+                     "--set", "run.workers=0", "--set", "run.feature_batch=32"])
+    assert result.exit_code == 0, result.output
+    assert "resuming stage1" in result.output
+    assert (ws / "stage1" / "final.pt").is_file()
+    saved = load_recipe(ws / "stage1" / "recipe.yaml")
+    assert (saved.run.checkpoint_every, saved.run.workers, saved.run.feature_batch) == (7, 0, 32)
+    assert saved.stage1.epochs == 1  # the stage's own keys still come from its recipe
+
+
+def test_train_cross_accepts_a_stage1_made_with_other_run_keys(stage1_with_sets, tmp_path):
+    ws = copy_workspace(stage1_with_sets, tmp_path)
+    made = load_recipe(ws / "stage1" / "recipe.yaml").run
+    assert (made.workers, made.feature_batch) == (1, 128)
+    result = invoke(["train-cross", "-w", ws, *_sets(STAGE2_SETS), "--set", "run.workers=0",
+                     "--set", "run.feature_batch=64", "--set", "run.checkpoint_every=1"])
+    assert result.exit_code == 0, result.output
+    stage2 = load_recipe(ws / "stage2" / "recipe.yaml")
+    assert (stage2.run.workers, stage2.run.feature_batch) == (0, 64)
+    assert stage2.stage1.epochs == 1  # stage 1's result-deciding keys were inherited

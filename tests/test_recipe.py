@@ -9,6 +9,7 @@ import yaml
 
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import (
+    MOVED_KEYS,
     STAGE_SECTIONS,
     Recipe,
     load_recipe,
@@ -205,6 +206,7 @@ _CHANGES = {
     "cai": ("cai.weight=0.1", {"stage2"}),
     "association": ("association.method=hungarian", {"stage2"}),
     "eval": ("eval.trials=2", set()),
+    "run": ("run.workers=2", set()),
 }
 
 
@@ -217,13 +219,39 @@ def test_stage_hash_changes_only_with_its_sections(section):
     override, changed = _CHANGES[section]
     base = load_recipe(RECIPES / "sysu.yaml")
     other = load_recipe(RECIPES / "sysu.yaml", overrides=[override])
-    assert other.hash() != base.hash()
+    assert (other.hash() != base.hash()) == (section != "run")
     for stage, sections in STAGE_SECTIONS.items():
         differs = stage_hash(other, stage) != stage_hash(base, stage)
         assert differs == (stage in changed), (section, stage)
         assert differs == (section in sections)
     # the section hash is the hash of exactly those sections
     assert stage_hash(base, "stage1") == base.hash(STAGE_SECTIONS["stage1"])
+
+
+@pytest.mark.parametrize("key, value", [("workers", 0), ("checkpoint_every", 1), ("eval_every", 3),
+                                        ("feature_batch", 7), ("keep_epochs", True),
+                                        ("tensorboard", True)])
+def test_run_keys_change_no_hash(key, value):
+    """The `run:` section changes how a run executes, never a result: no hash covers it."""
+    base = load_recipe(RECIPES / "sysu.yaml")
+    other = load_recipe(RECIPES / "sysu.yaml", overrides=[f"run.{key}={value}"])
+    assert getattr(other.run, key) == value != getattr(base.run, key)
+    assert other.hash() == base.hash()
+    for stage in STAGE_SECTIONS:
+        assert stage_hash(other, stage) == stage_hash(base, stage)
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED_KEYS.items()))
+def test_a_moved_key_is_refused_naming_its_new_place(tmp_path, old, new):
+    section, name = old.split(".")
+    value = "true" if isinstance(getattr(Recipe().run, new.split(".")[1]), bool) else "1"
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(DmdlError, match=rf"'{old}' \(.*old.yaml\) moved to {new}: use {new} instead"):
+        load_recipe(old_file)
+    with pytest.raises(DmdlError, match=rf"'{old}' \(--set {old}={value}\) moved to {new}"):
+        load_recipe(RECIPES / "demo.yaml", overrides=[f"{old}={value}"])
+    assert load_recipe(RECIPES / "demo.yaml", overrides=[f"{new}={value}"])  # the new key is taken
 
 
 def test_triplet_ramp_holds_strictly_after_the_epoch_named():

@@ -30,14 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 # memory updates, per-modality triplets, camera-aware sampling, cross-modality memory update,
 # sums over modalities) are the recipe defaults.
 TINY = [
-    "data.height=32", "data.width=16", "data.workers=0",
+    "data.height=32", "data.width=16", "run.workers=0",
     "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
     "cluster.k1_adopting=6",
     "stage1.epochs=2", "stage1.iters=3", "stage1.clusters_per_batch=3", "stage1.instances=2",
     "stage1.refine_from=1", "stage1.triplet_ramp=[[0, 1.0]]",
     "stage2.epochs=3", "stage2.iters=2", "stage2.clusters_per_batch=3", "stage2.instances=2",
     "stage2.onehot_epochs=1", "stage2.cross_sampler_from=2", "stage2.triplet_ramp=[[0, 1.0]]",
-    "train.checkpoint_every=2", "train.feature_batch=64", "train.bn_recalibration=40",
+    "run.checkpoint_every=2", "run.feature_batch=64", "train.bn_recalibration=40",
     "eval.trials=2",
 ]
 # One-epoch variants: the epoch switches of TINY would never be reached (validation refuses
@@ -122,7 +122,7 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
     from dmdl_cli.data.cache import open_cache
     from dmdl_cli.data.index import read_index
     from dmdl_cli.model.batchnorm import batchnorm_layers, recalibrate_batchnorm, recalibration_rows
-    from dmdl_cli.model.loading import load_model
+    from dmdl_cli.model.loading import resolve_model
     from dmdl_cli.recipe import load_recipe
     from dmdl_cli.runtime import select_runtime
     from dmdl_cli.workspace import Workspace
@@ -130,7 +130,7 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
     ws = stage1_done
     recipe = load_recipe(ws / "recipe.yaml")
     assert recipe.train.bn_recalibration == 40
-    model = load_model(Workspace(ws), recipe, str(ws / "stage1" / "final.pt")).model
+    model = resolve_model(Workspace(ws), recipe, str(ws / "stage1" / "final.pt")).model
     saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     index = read_index(ws / "data" / "index.csv")
     cache = open_cache(ws / "data" / "cache-32x16.u8", len(index), 32, 16)
@@ -148,7 +148,7 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
     torch.set_num_threads(1)
     try:
         recalibrate_batchnorm(model, cache, rows, select_runtime(recipe, deterministic=True),
-                              batch_size=recipe.train.feature_batch)
+                              batch_size=recipe.train.bn_recalibration_batch)
     finally:
         torch.set_num_threads(threads)
     for key, value in model.state_dict().items():
@@ -227,11 +227,12 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(prepared: Path, stag
                                                             tmp_path: Path) -> None:
     """A scheduler's SIGTERM: the step in progress finishes, last.pt is written at that step,
     the ledger says interrupted, the exit code is 143; --resume ends bitwise identical to the
-    uninterrupted run (the module's stage1_done). A checkpoint after every step (which changes
-    no computation) tells the test when the epoch's first step is done."""
+    uninterrupted run (the module's stage1_done), even with another ``run.checkpoint_every``.
+    A checkpoint after every step (which changes no computation) tells the test when the
+    epoch's first step is done."""
     ws = tmp_path / "ws"
     shutil.copytree(prepared, ws)
-    every_step = ["--set", "train.checkpoint_every=1"]
+    every_step = ["--set", "run.checkpoint_every=1"]
     env = {**os.environ, **ENV}
     proc = subprocess.Popen([sys.executable, "-m", "dmdl_cli", "pretrain-single", "--workspace", str(ws),
                              "--deterministic", *every_step], stdout=subprocess.PIPE,
@@ -252,7 +253,9 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(prepared: Path, stag
     assert meta["epoch"] == 0 and 1 <= meta["step"] < 3, meta  # mid-epoch: iters is 3
     run = _last_run(ws, "pretrain-single")
     assert run["status"] == "interrupted" and "SIGTERM" in run["error"]
-    out = dmdl("pretrain-single", "--workspace", str(ws), "--deterministic", "--resume", *every_step)
+    # resumed with another run.checkpoint_every: a run: key changes no result, so it is accepted
+    out = dmdl("pretrain-single", "--workspace", str(ws), "--deterministic", "--resume",
+               "--set", "run.checkpoint_every=3")
     assert f"epoch 1, step {meta['step']}" in out.stdout
     assert "starts from the untrained" not in out.stdout  # the weights come from last.pt
     assert_same_weights(ws / "stage1" / "final.pt", stage1_done / "stage1" / "final.pt")
@@ -368,6 +371,44 @@ def test_train_cross_end_to_end_and_evaluate(stage1_done: Path, tmp_path: Path) 
     assert "stage2-final" in out.stdout and "mAP" in out.stdout
     result = json.loads((ws / "eval" / "all-search-stage2-final.json").read_text())
     assert 0.0 <= result["mean"]["mAP"] <= 1.0 and len(result["per_trial"]) == 2
+
+
+def test_a_gem_p_4_model_embeds_alike_through_embed_and_evaluate(prepared: Path, tmp_path: Path) -> None:
+    """The network is built from the checkpoint's own model section: a model trained with
+    model.gem_p=4 gives the same embeddings through dmdl_cli.embed() (no recipe given) as
+    through evaluate's feature extraction. A checkpoint without its recipe (an older dmdl)
+    falls back to the recipe defaults (p = 3) and embeds otherwise, unless given the recipe."""
+    import dmdl_cli
+    from dmdl_cli.data.index import read_index
+    from dmdl_cli.model.loading import load_model
+    from dmdl_cli.recipe import load_recipe
+    from dmdl_cli.workspace import save_checkpoint
+
+    ws = tmp_path / "ws"
+    shutil.copytree(prepared, ws)
+    dmdl("pretrain-single", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE1,
+         "--set", "stage1.iters=1", "--set", "train.bn_recalibration=0", "--set", "model.gem_p=4")
+    final = ws / "stage1" / "final.pt"
+    model, spec = load_model(final)
+    assert spec.gem_p == 4.0 and float(model.pool.p) == 4.0
+    dmdl("evaluate", "--workspace", str(ws), "--checkpoint", str(final), "--mode", "all-search")
+    [cached] = (ws / "features").glob("*-test-32x16.npz")
+    with np.load(cached) as data:
+        evaluated, rows = data["features"], data["rows"]  # (N_test, D) from the image cache
+    some = np.arange(0, len(rows), max(1, len(rows) // 8))
+    paths = [read_index(ws / "data" / "index.csv").paths[r] for r in rows[some]]
+    embedded = dmdl_cli.embed(paths, final, device="cpu")
+    np.testing.assert_allclose(embedded, evaluated[some], atol=1e-5)
+
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    older = tmp_path / "older.pt"  # as an older dmdl wrote it: no recipe in the meta
+    save_checkpoint(older, {"model": state["model"],
+                            "meta": {"arch": state["meta"]["arch"],
+                                     "input_size": state["meta"]["input_size"]}})
+    assert np.abs(dmdl_cli.embed(paths, older, device="cpu") - embedded).max() > 1e-3
+    recipe = load_recipe(ws / "stage1" / "recipe.yaml")
+    np.testing.assert_allclose(dmdl_cli.embed(paths, older, recipe=recipe, device="cpu"),
+                               embedded, atol=1e-6)
 
 
 def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Path, stage1_done: Path,

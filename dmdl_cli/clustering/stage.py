@@ -17,7 +17,7 @@ from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE, read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import cached_features
-from dmdl_cli.model.loading import default_checkpoint, load_model
+from dmdl_cli.model.loading import default_checkpoint, resolve_model
 from dmdl_cli.provenance import sidecar_recipe_path, write_recipe
 from dmdl_cli.recipe import CLUSTER_MODALITIES, Recipe
 from dmdl_cli.runtime import select_runtime
@@ -49,11 +49,11 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
     runtime = select_runtime(recipe)
     if checkpoint is None and default_checkpoint(ws) is None:
         checkpoint = "imagenet"  # nothing trained yet: cluster with the untrained backbone
-    loaded = load_model(ws, recipe, checkpoint)
+    loaded = resolve_model(ws, recipe, checkpoint)
     loaded.model.to(runtime.device)
     log(f"clustering with {escape(loaded.description)}")
     feats = cached_features(ws, loaded.model, loaded.sha256, "train", cache, train_rows, runtime,
-                            batch_size=recipe.train.feature_batch)
+                            batch_size=recipe.run.feature_batch)
     mod = index.modality[train_rows].astype(np.int8)
     keep = np.isin(mod, wanted)
     has_ids = bool((index.pids[train_rows] >= 0).any())

@@ -203,7 +203,7 @@ def _prepare_data(
 
         skipped: list[tuple[str, str]] = []
         start = time.perf_counter()
-        bad = find_bad_images(table.paths, workers=max(1, recipe.data.workers))
+        bad = find_bad_images(table.paths, workers=max(1, recipe.run.workers))
         log(f"checked {len(table)} images ({time.perf_counter() - start:.1f} s): {len(bad)} unreadable")
         if bad:
             listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
@@ -222,7 +222,7 @@ def _prepare_data(
         with ws.stage_run("prepare-data", recipe, dataset=dataset, root=str(root)) as run:
             # build first: the old stage outputs are retired only once the new index and cache exist
             start = time.perf_counter()
-            build_cache(table.paths, cache_path, height, width, workers=max(1, recipe.data.workers))
+            build_cache(table.paths, cache_path, height, width, workers=max(1, recipe.run.workers))
             cache_seconds = time.perf_counter() - start
             write_index(table, ws.index_path)
             ws.save_recipe(recipe)

@@ -24,7 +24,7 @@ from dmdl_cli.errors import DmdlError
 from dmdl_cli.evaluation.features import cached_features
 from dmdl_cli.evaluation.metrics import mean_std, rank_metrics
 from dmdl_cli.evaluation.protocols import build_trials, protocol_modes
-from dmdl_cli.model.loading import LoadedModel, load_model
+from dmdl_cli.model.loading import LoadedModel, resolve_model
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import select_runtime
 from dmdl_cli.workspace import Workspace
@@ -155,12 +155,12 @@ def evaluate(
     cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
                        recipe.data.height, recipe.data.width)
     runtime = select_runtime(recipe)
-    loaded = load_model(ws, recipe, checkpoint)
+    loaded = resolve_model(ws, recipe, checkpoint)
     loaded.model.to(runtime.device)
     log(f"evaluating {escape(loaded.description)}")
     start = time.perf_counter()
     feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows, runtime,
-                            batch_size=recipe.train.feature_batch)
+                            batch_size=recipe.run.feature_batch)
 
     summaries: dict[str, dict[str, Any]] = {}
     table_rows = []

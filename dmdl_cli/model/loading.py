@@ -1,7 +1,13 @@
-"""Which network a command evaluates, clusters with or exports: resolve ``--checkpoint``.
+"""Turning checkpoints into networks: :func:`load_model` is the only loader (evaluate, cluster,
+export, ``dmdl_cli.embed`` and stage 2's start all use it), and :func:`resolve_model` resolves
+the ``--checkpoint`` of evaluate, cluster and export.
 
-``None`` takes the newest stage result (stage 2 before stage 1, final before last);
-``imagenet`` builds the untrained backbone of the recipe (ImageNet weights when the recipe asks
+A checkpoint carries the resolved recipe it was trained with (``meta["recipe"]``): its network
+is built from that model section (arch, gem_p, last_stride) and input size, never from the
+recipe of the command that loads it, which must agree (``check=True``).
+
+``--checkpoint``: ``None`` takes the newest stage result (stage 2 before stage 1, final before
+last); ``imagenet`` builds the untrained backbone of the recipe (ImageNet weights when the recipe asks
 for them, otherwise a seeded random initialisation, labelled so); anything else is a path.
 A checkpoint of another backbone is refused naming both.
 """
@@ -9,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from dmdl_cli.console import log
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, build_model
 from dmdl_cli.recipe import Recipe
@@ -69,22 +77,87 @@ def checkpoint_name(ws: Workspace, path: Path) -> str:
     return path.stem
 
 
-def check_compatible(meta: dict[str, Any], recipe: Recipe, path: Path) -> None:
-    arch = meta.get("arch")
-    if arch != recipe.model.arch:
-        raise DmdlError(
-            f"checkpoint {path} holds a {arch} backbone but the recipe asks for "
-            f"{recipe.model.arch}: pass --set model.arch={arch} or another checkpoint"
-        )
-    size = meta.get("input_size")
-    if size and list(size) != [recipe.data.height, recipe.data.width]:
-        raise DmdlError(
-            f"checkpoint {path} was trained at {size[0]}x{size[1]} but the recipe uses "
-            f"{recipe.data.height}x{recipe.data.width}: use the checkpoint's recipe"
-        )
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What builds a checkpoint's network: its model section and the input size it was trained at."""
+
+    arch: str
+    gem_p: float
+    last_stride: int
+    input_size: tuple[int, int]  # (height, width)
 
 
-def load_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> LoadedModel:
+def checkpoint_spec(meta: Mapping[str, Any], path: Path | str, recipe: Recipe | None) -> NetworkSpec:
+    """The network a checkpoint holds, read from the resolved recipe it carries
+    (``meta["recipe"]``). A checkpoint of an older dmdl carries only ``arch`` and
+    ``input_size``: the rest comes from ``recipe`` (the defaults without one), with a note."""
+    saved = meta.get("recipe")
+    if isinstance(saved, Mapping) and isinstance(saved.get("model"), Mapping) \
+            and isinstance(saved.get("data"), Mapping):
+        model, data = saved["model"], saved["data"]
+        return NetworkSpec(str(model["arch"]), float(model["gem_p"]), int(model["last_stride"]),
+                           (int(data["height"]), int(data["width"])))
+    arch = meta.get("arch") or (recipe.model.arch if recipe is not None else None)
+    size = meta.get("input_size") or (
+        [recipe.data.height, recipe.data.width] if recipe is not None else None)
+    if arch is None or not size:
+        raise DmdlError(f"checkpoint {path} does not say its backbone and input size "
+                        "(meta.arch, meta.input_size): pass the recipe it was trained with")
+    fallback = recipe if recipe is not None else Recipe()
+    where = "the recipe" if recipe is not None else "the recipe defaults"
+    log(f"note: checkpoint {path} does not carry its recipe (an older dmdl): gem_p "
+        f"{fallback.model.gem_p} and last_stride {fallback.model.last_stride} come from {where}")
+    return NetworkSpec(str(arch), float(fallback.model.gem_p), int(fallback.model.last_stride),
+                       (int(size[0]), int(size[1])))
+
+
+def check_compatible(spec: NetworkSpec, recipe: Recipe, path: Path | str) -> None:
+    """Refuse a recipe that describes another network than the checkpoint holds."""
+    if spec.arch != recipe.model.arch:
+        raise DmdlError(
+            f"checkpoint {path} holds a {spec.arch} backbone but the recipe asks for "
+            f"{recipe.model.arch}: pass --set model.arch={spec.arch} or another checkpoint"
+        )
+    if list(spec.input_size) != [recipe.data.height, recipe.data.width]:
+        raise DmdlError(
+            f"checkpoint {path} was trained at {spec.input_size[0]}x{spec.input_size[1]} but the "
+            f"recipe uses {recipe.data.height}x{recipe.data.width}: use the checkpoint's recipe"
+        )
+    for key in ("gem_p", "last_stride"):
+        made, asked = getattr(spec, key), getattr(recipe.model, key)
+        if made != asked:
+            raise DmdlError(f"checkpoint {path} was trained with model.{key} {made} but the recipe "
+                            f"asks for {asked}: pass --set model.{key}={made} or another checkpoint")
+
+
+def load_model(source: str | os.PathLike | Mapping[str, Any], recipe: Recipe | None = None, *,
+               path: Path | str | None = None, check: bool = False,
+               what: str = "checkpoint") -> tuple[ReIDNet, NetworkSpec]:
+    """The network of a dmdl checkpoint (a file, or its already loaded ``{"model", "meta"}``),
+    built from the checkpoint's own model section (:func:`checkpoint_spec`); the only way dmdl
+    turns a checkpoint into a network. ``recipe``: the fallback for older checkpoints; with
+    ``check`` it must also describe the same network (:func:`check_compatible`). ``path``
+    names an already loaded state in messages."""
+    if isinstance(source, Mapping):
+        state, path = source, path if path is not None else "(in memory)"
+    else:
+        path = Path(source)
+        state = load_checkpoint(path, what=what)
+    spec = checkpoint_spec(state["meta"], path, recipe)
+    if check and recipe is not None:
+        check_compatible(spec, recipe, path)
+    model = build_model(spec.arch, pretrained=None, gem_p=spec.gem_p, last_stride=spec.last_stride,
+                        gem_learnable="pool.p" in state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise DmdlError(f"{what} {path} does not fit the {spec.arch} network: "
+                        f"{str(err).splitlines()[0]}") from None
+    return model, spec
+
+
+def resolve_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> LoadedModel:
+    """The network ``--checkpoint`` names for evaluate, cluster and export (module docstring)."""
     if checkpoint == "imagenet":
         model = initial_model(recipe)
         random_init = recipe.model.pretrained is None
@@ -107,14 +180,8 @@ def load_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> LoadedM
     sha256 = hashlib.sha256(data).hexdigest()
     state = load_checkpoint(path, data=data)
     del data
+    model, _ = load_model(state, recipe, path=path, check=True)
     meta = state["meta"]
-    check_compatible(meta, recipe, path)
-    model = build_from_recipe(recipe, pretrained=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise DmdlError(f"checkpoint {path} does not fit the {recipe.model.arch} network: "
-                        f"{str(err).splitlines()[0]}") from None
     return LoadedModel(model, checkpoint_name(ws, path), sha256, describe_checkpoint(path, meta), meta)
 
 

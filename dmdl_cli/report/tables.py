@@ -12,11 +12,17 @@ import numpy as np
 from rich import box
 from rich.table import Table
 
+from dmdl_cli.recipe import UNHASHED_SECTIONS
 from dmdl_cli.report.logs import Evaluation, WorkspaceRecord
 
 RANKS = (1, 5, 10, 20)
-# Keys that tell runs of one recipe apart without making them another variant.
+# Keys that tell runs of one recipe apart without making them another variant (as do the keys
+# of the sections that change no result: run.workers, ...).
 RUN_KEYS = ("train.seed", "data.trial")
+
+
+def _variant_key(name: str) -> bool:
+    return name not in RUN_KEYS and name.split(".")[0] not in UNHASHED_SECTIONS
 
 
 def _num(digits: int) -> Callable[[Any], str]:
@@ -163,12 +169,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def group_variants(records: list[WorkspaceRecord]) -> list[tuple[str, list[WorkspaceRecord]]]:
-    """Workspaces whose recipes differ only in seed or RegDB trial form one variant, named by the
+    """Workspaces whose recipes differ only in seed, RegDB trial or `run:` keys form one variant, named by the
     recipe keys on which the variants differ (``all runs`` when there is one variant)."""
     groups: dict[str, list[WorkspaceRecord]] = {}
     settings: dict[str, dict[str, Any]] = {}
     for rec in records:
-        flat = {k: v for k, v in flatten(rec.recipe).items() if k not in RUN_KEYS}
+        flat = {k: v for k, v in flatten(rec.recipe).items() if _variant_key(k)}
         key = repr(sorted((k, repr(v)) for k, v in flat.items()))
         groups.setdefault(key, []).append(rec)
         settings[key] = flat

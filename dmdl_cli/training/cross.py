@@ -50,7 +50,7 @@ from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.cai import cai_log_prob, modality_prior
-from dmdl_cli.model.loading import build_from_recipe
+from dmdl_cli.model.loading import load_model
 from dmdl_cli.recipe import Recipe, reached, stage_hash, triplet_weight
 from dmdl_cli.training.labelling import (
     MODALITIES,
@@ -131,8 +131,7 @@ class CrossModalityStage(StageLogic):
                 f"{path} was trained with another stage-1 recipe (recipe hash "
                 f"{state['meta'].get('recipe_hash')}): re-run `dmdl pretrain-single --force` with "
                 "this recipe, or use the recipe that produced it")
-        model = build_from_recipe(recipe, pretrained=False)
-        model.load_state_dict(state["model"])
+        model, _ = load_model(state, recipe, path=path, check=True, what="stage-1 checkpoint")
         if not self.resuming:  # when resuming, the weights come from last.pt
             log(f"stage 2 starts from {ws.rel(path)}")
         return model, str(path)

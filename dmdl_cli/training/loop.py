@@ -7,7 +7,7 @@ optimiser and its step schedule, AMP and channels_last on GPU, DDP under ``torch
 progress bar, the JSON-lines log, test-set monitoring (logged, never used to pick a
 checkpoint), and resumable checkpoints.
 
-Resume contract: ``WS/<stage>/last.pt`` is written every ``train.checkpoint_every`` steps and at
+Resume contract: ``WS/<stage>/last.pt`` is written every ``run.checkpoint_every`` steps and at
 each epoch end. It holds the model, optimiser, scheduler, AMP scaler, the epoch's pseudo labels,
 confidences and memories, the epoch and the next step, and every RNG state. Batches are a
 deterministic function of (seed, epoch, labels) and each image's augmentation of its own seed,
@@ -91,14 +91,14 @@ class TrainContext:
             return
         rows = recalibration_rows(self.train_rows, count, self.recipe.train.seed, epoch)
         layers = recalibrate_batchnorm(self.bare_model, self.cache, rows, self.runtime,
-                                       batch_size=self.recipe.train.feature_batch)
+                                       batch_size=self.recipe.train.bn_recalibration_batch)
         log(f"re-estimated {layers} BatchNorm layers on {len(rows)} clean train images")
 
     def train_features(self) -> np.ndarray:
         """(N, D) L2-normalised features of every train image (flip-averaged when the recipe
         says so)."""
         return extract_features(self.bare_model, self.cache, self.train_rows, self.runtime,
-                                batch_size=self.recipe.train.feature_batch,
+                                batch_size=self.recipe.run.feature_batch,
                                 flip=self.recipe.cluster.flip_average, description="train features")
 
 
@@ -201,7 +201,7 @@ def _json_default(value: Any) -> Any:
 
 def _make_loader(ctx: TrainContext, batches: list, start: int, dataset: TwoViewDataset):
     sampler = ResumableBatchSampler(batches, start=start)
-    workers = ctx.recipe.data.workers
+    workers = ctx.recipe.run.workers
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -311,7 +311,7 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
     command = "pretrain-single" if logic.name == "stage1" else "train-cross"
     runtime = select_runtime(recipe, deterministic=deterministic)
     seed_everything(recipe.train.seed)
-    if recipe.train.tensorboard:
+    if recipe.run.tensorboard:
         require_tensorboard()  # refuse before anything is written
 
     with ws.locked() if runtime.is_main else _nullcontext(ws):
@@ -423,9 +423,9 @@ def _setup(ws: Workspace, recipe: Recipe, logic: StageLogic, runtime: Runtime, f
 
 def _training_log(recipe: Recipe, files: StageFiles, saved: dict[str, Any] | None):
     """The stage's JSON-lines log, also written as TensorBoard events with
-    ``train.tensorboard`` (a forced re-run starts a new event folder: events are a log, not a
+    ``run.tensorboard`` (a forced re-run starts a new event folder: events are a log, not a
     model, so they are not held back like ``log.jsonl``)."""
-    if not (recipe.train.tensorboard and files.main):
+    if not (recipe.run.tensorboard and files.main):
         return files.log
     folder = files.folder / "tensorboard"
     if saved is None:
@@ -458,9 +458,9 @@ def _train_epochs(t: _Training, stop: StopRequest, command: str) -> None:
         ctx.log({"kind": "epoch", "epoch": epoch, "step": stage.iters, "seconds": round(seconds, 2),
                  "lr": lr})
         _stop_if_asked(t, stop, None, epoch, stage.iters, command)
-        if recipe.train.eval_every and (epoch + 1) % recipe.train.eval_every == 0 and runtime.is_main:
+        if recipe.run.eval_every and (epoch + 1) % recipe.run.eval_every == 0 and runtime.is_main:
             _monitor(ctx, epoch)
-        if recipe.train.keep_epochs and runtime.is_main:
+        if recipe.run.keep_epochs and runtime.is_main:
             save_checkpoint(t.files.folder / f"epoch-{epoch + 1:03d}.pt",
                             {"model": t.model.state_dict(),
                              "meta": _checkpoint_meta(recipe, logic, epoch, stage.iters, True)})
@@ -555,7 +555,7 @@ def _train_epoch(t: _Training, stop: StopRequest, state: EpochState, epoch: int,
                 ctx.log(record)
             progress.update(task, advance=1, info=f"loss {shown:.3f}")
             if done < stage.iters:  # at the epoch's end the caller writes last.pt
-                written = done % recipe.train.checkpoint_every == 0
+                written = done % recipe.run.checkpoint_every == 0
                 if written:
                     t.files.save_last(_full_state(t, state, epoch, done), epoch)
                 _stop_if_asked(t, stop, None if written else state, epoch, done, command)
@@ -575,7 +575,7 @@ def _monitor(ctx: TrainContext, epoch: int) -> None:
     if len(test_rows) == 0:
         return
     feats = extract_features(ctx.bare_model, ctx.cache, test_rows, ctx.runtime,
-                             batch_size=ctx.recipe.train.feature_batch, description="test features")
+                             batch_size=ctx.recipe.run.feature_batch, description="test features")
     test = ctx.index.select(test_rows)
     dataset = ctx.ws.dataset["name"]
     mode = protocol_modes(dataset)[0]

@@ -1,4 +1,4 @@
-"""Optional TensorBoard event files beside a stage's ``log.jsonl`` (``train.tensorboard: true``).
+"""Optional TensorBoard event files beside a stage's ``log.jsonl`` (``run.tensorboard: true``).
 
 :class:`TensorBoardLog` wraps the JSON-lines log: every record still goes to ``log.jsonl`` and
 its numbers also become TensorBoard scalars under ``WS/<stage>/tensorboard``, on the step axis
@@ -22,8 +22,8 @@ def require_tensorboard() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise DmdlError("train.tensorboard is true but the tensorboard package is not installed: "
-                        "pip install -e '.[tensorboard]', or --set train.tensorboard=false") from None
+        raise DmdlError("run.tensorboard is true but the tensorboard package is not installed: "
+                        "pip install -e '.[tensorboard]', or --set run.tensorboard=false") from None
     return SummaryWriter
 
 

@@ -173,7 +173,10 @@ def make_runtime(device: torch.device, amp: torch.dtype | None):
 
 
 def random_cache(folder: Path, n: int, height: int, width: int) -> Path:
-    """(n, H, W, 3) uint8 random images in the workspace cache format."""
+    """(n, H, W, 3) uint8 random images in the workspace cache format, with its integrity
+    record (``open_cache`` refuses a cache without one)."""
+    from dmdl_cli.data.cache import cache_record, write_record
+
     path = folder / f"cache-{height}x{width}.u8"
     cache = np.memmap(path, dtype=np.uint8, mode="w+", shape=(n, height, width, 3))
     rng = np.random.default_rng(0)
@@ -182,6 +185,7 @@ def random_cache(folder: Path, n: int, height: int, width: int) -> Path:
         cache[start:stop] = rng.integers(0, 256, size=(stop - start, height, width, 3), dtype=np.uint8)
     cache.flush()
     del cache
+    write_record(path, cache_record(path, n, height, width))
     return path
 
 

@@ -182,7 +182,9 @@ def test_help_lists_the_stage_commands_the_report_and_version():
     assert result.exit_code == 0 and result.output.strip() == f"dmdl {__version__}"
     for command in COMMANDS:
         result = invoke([command, "--help"])
-        assert result.exit_code == 0 and "--workspace" in result.output
+        # the six stages take one workspace; report takes several as arguments
+        wanted = "workspaces" if command == "report" else "--workspace"
+        assert result.exit_code == 0 and wanted in result.output.lower(), (command, result.output)
 
 
 def test_console_script_and_module_run_without_tracebacks(tmp_path):
@@ -561,6 +563,7 @@ def test_unreadable_format_version_is_refused_by_every_command(tmp_path, sysu_wo
         ["train-cross", "--workspace", ws],
         ["evaluate", "--workspace", ws, "--checkpoint", "imagenet"],
         ["export", "--workspace", ws],
+        ["report", ws],
     ]
     assert {c[0] for c in commands} == set(COMMANDS)
     for args in commands:

@@ -18,6 +18,7 @@ from dmdl_cli.console import console, log
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.report import figures
 from dmdl_cli.report.logs import WorkspaceRecord, read_workspace
+from dmdl_cli.workspace import MANIFEST, Workspace
 from dmdl_cli.report.tables import TableData, comparison_table, epoch_table, evaluation_table
 
 
@@ -66,6 +67,9 @@ def report(workspaces: list[Path], out: Path | None = None) -> list[Path]:
     if not workspaces:
         raise DmdlError("give at least one workspace: `dmdl report WS [WS ...]`")
     paths = [Path(w) for w in workspaces]
+    for path in paths:  # a manifest of another format version: one line, as in every command
+        if (path / MANIFEST).is_file():
+            Workspace.open(path)
     records = [read_workspace(p, label) for p, label in zip(paths, labels_for(paths))]
     out = (out or default_out(paths)).resolve()
     if len(records) == 1:

@@ -405,8 +405,12 @@ def e2e_sets(sizes: Sizes) -> list[str]:
     sets = [f"data.height={h}", f"data.width={w}", f"model.arch={sizes.arch}",
             "model.pretrained=null", "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2",
             "cluster.eps=0.7", "eval.trials=1", "run.feature_batch=64"]
+    # one epoch: the switches a one-epoch schedule never reaches are turned on from epoch 0 where
+    # they can be (refinement, the cross-modality sampler) and off where they cannot (ramps)
+    sets += ["cluster.k1_adopting=4", "stage1.refine_from=0", "stage2.onehot_epochs=0",
+             "stage2.cross_sampler_from=0"]
     for stage in ("stage1", "stage2"):
-        sets += [f"{stage}.epochs=1", f"{stage}.iters={sizes.e2e_iters}"]
+        sets += [f"{stage}.epochs=1", f"{stage}.iters={sizes.e2e_iters}", f"{stage}.triplet_ramp=[]"]
         if sizes.clusters_per_batch:
             sets += [f"{stage}.clusters_per_batch={sizes.clusters_per_batch}",
                      f"{stage}.instances={sizes.instances}"]

@@ -206,6 +206,9 @@ def test_a_stop_signal_is_deferred_to_the_loop_and_a_second_one_acts_at_once():
     class _Single:
         distributed = False
 
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
+    # jobs with SIGINT ignored, and an ignored signal stays ignored (tested below)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
         assert stop.requested(_Single()) == 0
@@ -214,6 +217,13 @@ def test_a_stop_signal_is_deferred_to_the_loop_and_a_second_one_acts_at_once():
         with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C is not deferred
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored before: still ignored, no stop asked
+            assert stop.requested(_Single()) == 0
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's early warning
         assert stop.requested(_Single()) == signal.SIGUSR1

@@ -5,7 +5,8 @@ limit with ``--signal=USR1@120``), and people press Ctrl-C. While a stage trains
 these signals only sets a flag; the loop finishes the step it is in, writes ``last.pt`` at that
 step, marks the run ``interrupted`` in the ledger and exits with 128 + the signal number (143
 for SIGTERM, 130 for SIGINT). ``--resume`` then continues as if never stopped. A second signal
-acts at once as it would without dmdl (the handlers are put back after the first one).
+acts at once as it would without dmdl (the handlers are put back after the first one). A
+signal the process was started with ignored (SIGINT in a shell's background job) stays ignored.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # handlers live there only
             for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # ignored by whoever started us (a background job's SIGINT): keep it so
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

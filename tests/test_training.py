@@ -191,15 +191,7 @@ def test_training_never_reads_true_train_identities(prepared: Path, stage1_done:
 def test_sigkill_then_resume_is_bitwise_identical(prepared: Path, stage1_done: Path, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     shutil.copytree(prepared, ws)
-    env = {**os.environ, **ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "dmdl_cli", "pretrain-single", "--workspace", str(ws),
-                             "--deterministic"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, cwd=REPO)
-    last = ws / "stage1" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    proc, last = _start_until_first_checkpoint(ws, [], subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (ws / "stage1" / "final.pt").exists()
@@ -212,6 +204,21 @@ def test_sigkill_then_resume_is_bitwise_identical(prepared: Path, stage1_done: P
     records = [json.loads(x) for x in (ws / "stage1" / "log.jsonl").read_text().splitlines()]
     positions = [(r["epoch"], r["step"]) for r in records if r["kind"] == "step"]
     assert len(positions) == len(set(positions))
+
+
+def _start_until_first_checkpoint(ws: Path, extra: list[str], output) -> tuple[subprocess.Popen, Path]:
+    """Start ``pretrain-single --deterministic`` in a subprocess and return once it has written
+    its first ``last.pt`` (still running: the test then kills or stops it)."""
+    env = {**os.environ, **ENV}
+    proc = subprocess.Popen([sys.executable, "-m", "dmdl_cli", "pretrain-single", "--workspace", str(ws),
+                             "--deterministic", *extra], stdout=output, stderr=output, text=True,
+                            env=env, cwd=REPO)
+    last = ws / "stage1" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    return proc, last
 
 
 def _last_run(ws: Path, stage: str) -> dict:
@@ -233,15 +240,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(prepared: Path, stag
     ws = tmp_path / "ws"
     shutil.copytree(prepared, ws)
     every_step = ["--set", "run.checkpoint_every=1"]
-    env = {**os.environ, **ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "dmdl_cli", "pretrain-single", "--workspace", str(ws),
-                             "--deterministic", *every_step], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    last = ws / "stage1" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc, last = _start_until_first_checkpoint(ws, every_step, subprocess.PIPE)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, out + err

@@ -69,9 +69,10 @@ def invoke(args: Sequence[str]) -> Result:
     return result
 
 
-def error_lines(result: Result) -> list[str]:
-    """The lines of ``result.output`` that are dmdl error lines."""
-    return [line for line in result.output.splitlines() if line.startswith("error:")]
+def error_lines(output: Result | str) -> list[str]:
+    """The dmdl error lines of a CliRunner result's output or of a subprocess's text."""
+    text = output if isinstance(output, str) else output.output
+    return [line for line in text.splitlines() if line.startswith("error:")]
 
 
 def tree_snapshot(folder: Path) -> dict[str, str]:

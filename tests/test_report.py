@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import assert_refused, copy_workspace, invoke, tree_snapshot
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.report.logs import epoch_rows, read_workspace
-from dmdl_cli.report.tables import comparison_table, epoch_table, group_variants
+from dmdl_cli.report.tables import comparison_table, group_variants
 from dmdl_cli.training.tensorboard import scalars
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

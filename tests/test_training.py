@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dmdl_cli.cli import app
+from conftest import error_lines
 
 REPO = Path(__file__).resolve().parents[1]
 # A schedule small enough for seconds on a CPU, large enough to cross every epoch switch
@@ -226,10 +225,6 @@ def _last_run(ws: Path, stage: str) -> dict:
     return [r for r in manifest["runs"] if r["stage"] == stage][-1]
 
 
-def _error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("error:")]
-
-
 def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(prepared: Path, stage1_done: Path,
                                                             tmp_path: Path) -> None:
     """A scheduler's SIGTERM: the step in progress finishes, last.pt is written at that step,
@@ -245,7 +240,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(prepared: Path, stag
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, out + err
     assert "Traceback" not in out + err
-    lines = _error_lines(out)
+    lines = error_lines(out)
     assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "--resume" in lines[0], out
     assert not (ws / "stage1" / "final.pt").exists()
     meta = load_checkpoint_meta(last)
@@ -280,14 +275,14 @@ def test_failed_force_runs_keep_the_previous_models(stage1_done: Path, tmp_path:
                        (["--set", "data.height=48"], ["cache-48x16.u8", "prepare-data"])):
         proc = dmdl("pretrain-single", "--workspace", str(ws), "--force", *bad, check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
-        lines = _error_lines(proc.stdout)
+        lines = error_lines(proc.stdout)
         assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stdout
         assert snapshot(ws / "stage1") == before
     # a disk that fills up when the new run writes its first checkpoint (ulimit -f: EFBIG)
     limit_kib = (ws / "stage1" / "last.pt").stat().st_size // 1024 // 2
     proc = _limited(limit_kib, "pretrain-single", "--workspace", str(ws), "--deterministic", "--force")
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    lines = _error_lines(proc.stdout)
+    lines = error_lines(proc.stdout)
     assert len(lines) == 1 and f"cannot write {ws / 'stage1' / 'last.pt'}" in lines[0], proc.stdout
     assert "File too large" in lines[0]
     assert snapshot(ws / "stage1") == before  # final.pt, last.pt and the log as they were
@@ -309,7 +304,7 @@ def test_prepare_data_force_that_fails_keeps_the_stage_outputs(stage1_done: Path
     proc = _limited(limit_kib, "prepare-data", "--dataset", "synthetic", "--workspace", str(ws),
                     "--ids", "15", "--seed", "3", "--force", *_sets())
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    lines = _error_lines(proc.stdout)
+    lines = error_lines(proc.stdout)
     assert len(lines) == 1 and f"cannot write {cache}" in lines[0], proc.stdout
     after = snapshot(ws)
     assert {k: v for k, v in after.items() if k != "manifest.json"} == \

@@ -223,7 +223,7 @@ class CrossModalityStage(StageLogic):
         b = rows.shape[0]
         labels = x["labels_t"][rows]  # (B,) unified ids
         conf = x["conf_t"][rows]
-        refine = recipe.cbt.refine and not epoch < stage.onehot_epochs
+        refine = recipe.cbt.refine and epoch >= stage.onehot_epochs
         with runtime.autocast():
             _, bn = ctx.model(batch["images"])  # (2B, D) BN-neck features
         feat = F.normalize(bn.float(), dim=1)

@@ -26,13 +26,7 @@ def contrastive_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     ``(B,)`` int cluster labels (one-hot ``t``) or ``(B, C)`` soft targets whose rows sum to 1
     (no gradient flows into them).
     """
-    with _no_autocast(logits):
-        log_p = torch.log_softmax(logits.float(), dim=1)  # (B, C)
-        if target.dim() == 1:
-            return -log_p.gather(1, target.long().unsqueeze(1)).mean()
-        if target.shape != logits.shape:
-            raise ValueError(f"target {tuple(target.shape)} vs logits {tuple(logits.shape)}")
-        return -(target.detach().float() * log_p).sum(dim=1).mean()
+    return sample_cross_entropy(logits, target).mean()
 
 
 def sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

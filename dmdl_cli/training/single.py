@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from dmdl_cli.console import log
-from dmdl_cli.data.index import MODALITY_NAMES
+from dmdl_cli.data.index import MODALITY_NAMES, VISIBLE
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.model.loading import initial_model
-from dmdl_cli.data.index import VISIBLE
 from dmdl_cli.recipe import Recipe, StageRecipe, reached, triplet_weight
 from dmdl_cli.training.labelling import (
     MODALITIES,
@@ -204,7 +203,7 @@ class SingleModalityStage(StageLogic):
         conf = state.extra["conf_t"][rows]  # (B,)
         refine = recipe.cbt.refine and reached(stage.refine_from, epoch)
         with runtime.autocast():
-            pool, bn = ctx.model(batch["images"])  # (2B, D) each
+            _, bn = ctx.model(batch["images"])  # (2B, D) BN-neck features
         feat = F.normalize(bn.float(), dim=1)
         fa, fb = feat[:b], feat[b:]
         offsets = state.extra["offsets"]

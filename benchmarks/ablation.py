@@ -444,7 +444,7 @@ def cai_share_of_run(plan: Plan, run: Run) -> dict | None:
     from dmdl_cli.data.cache import open_cache
     from dmdl_cli.data.index import read_index
     from dmdl_cli.evaluation.cai_share import own_modality_share
-    from dmdl_cli.evaluation.features import extract_features
+    from dmdl_cli.features.extract import extract_features
     from dmdl_cli.model.cai import modality_prior
     from dmdl_cli.model.loading import resolve_model
     from dmdl_cli.runtime import select_runtime

@@ -312,7 +312,7 @@ def loader_speed(sizes: Sizes, device: torch.device, cache_path: Path):
 def feature_speed(sizes: Sizes, device: torch.device, cache_path: Path):
     """Flip-averaged feature extraction (the per-epoch clustering input) in the recipe's AMP."""
     from dmdl_cli.data.cache import open_cache
-    from dmdl_cli.evaluation.features import extract_features
+    from dmdl_cli.features.extract import extract_features
     from dmdl_cli.model.loading import build_from_recipe
     from dmdl_cli.runtime import _AMP_DTYPES
 

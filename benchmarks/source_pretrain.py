@@ -52,7 +52,7 @@ from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, read_index  # noq
 from dmdl_cli.data.sources import read_sysu  # noqa: E402
 from dmdl_cli.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from dmdl_cli.evaluation.evaluate import run_protocol  # noqa: E402
-from dmdl_cli.evaluation.features import extract_features  # noqa: E402
+from dmdl_cli.features.extract import extract_features  # noqa: E402
 from dmdl_cli.evaluation.metrics import rank_metrics  # noqa: E402
 from dmdl_cli.model.backbone import build_model, normalize_batch  # noqa: E402
 from dmdl_cli.model.loading import initial_model  # noqa: E402

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dmdl_cli.data.cache import open_cache, read_rows  # noqa: E402
 from dmdl_cli.data.index import INFRARED, VISIBLE, read_index  # noqa: E402
 from dmdl_cli.evaluation.evaluate import run_protocol  # noqa: E402
-from dmdl_cli.evaluation.features import extract_features  # noqa: E402
+from dmdl_cli.features.extract import extract_features  # noqa: E402
 from dmdl_cli.model.backbone import normalize_batch  # noqa: E402
 from dmdl_cli.model.loading import initial_model  # noqa: E402
 from dmdl_cli.recipe import load_recipe  # noqa: E402

@@ -7,7 +7,7 @@ it inside its JSON), and the manifest ledger records the ``--recipe``, ``--overl
 
 1. the base: ``--recipe FILE``, else the workspace's ``WS/recipe.yaml`` (from prepare-data);
 2. without ``--recipe``: the keys an upstream result was made with, read from its recipe file
-   (:func:`upstreams`): ``train-cross`` takes the stage-1 sections (``STAGE_SECTIONS["stage1"]``)
+   (:func:`upstreams`): ``train-cross`` takes the stage-1 sections (its ``sections`` in ``dmdl_cli/stages.py``)
    from ``stage1/recipe.yaml``; ``--resume`` of a partial run takes the stage's own sections
    from its own ``recipe.yaml``; ``evaluate``, ``cluster`` and ``export`` take ``data.height``,
    ``data.width`` and ``model`` from the ``recipe.yaml`` beside the checkpoint they load;
@@ -30,12 +30,11 @@ from typing import Any, Iterable, Mapping
 
 from dmdl_cli.atomic import atomic_write_text
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.recipe import STAGE_SECTIONS, Recipe, load_recipe
+from dmdl_cli.recipe import Recipe, load_recipe
+from dmdl_cli.stages import STAGE_RECIPE, StageSpec, stage, stage_results
 
-STAGE_RECIPE = "recipe.yaml"
 # What a checkpoint fixes for the commands that only run it (evaluate, cluster, export).
 CHECKPOINT_KEYS = ("data.height", "data.width", "model")
-STAGE_COMMANDS = {"stage1": "pretrain-single", "stage2": "train-cross"}
 
 
 @dataclass(frozen=True)
@@ -59,18 +58,16 @@ def sidecar_recipe_path(output: Path) -> Path:
     return output.with_name(output.stem + ".recipe.yaml")
 
 
-def _stage_upstream(ws, stage: str, result: str, keys: tuple[str, ...]) -> Upstream:
-    return Upstream(f"{stage}/{result}", ws.root / stage / STAGE_RECIPE, keys,
-                    f"re-run `dmdl {STAGE_COMMANDS[stage]} --force` with them")
+def _stage_upstream(ws, spec: StageSpec, result: Path) -> Upstream:
+    return Upstream(ws.rel(result), spec.recipe_file(ws), spec.sections,
+                    f"re-run `dmdl {spec.command} --force` with them")
 
 
 def _checkpoint_path(ws, checkpoint: str | None) -> Path | None:
     if checkpoint == "imagenet":
         return None
-    if checkpoint is None:
-        from dmdl_cli.model.loading import default_checkpoint
-
-        return default_checkpoint(ws)
+    if checkpoint is None:  # the default checkpoint: the newest stage result
+        return next((path for path in stage_results(ws) if path.is_file()), None)
     return Path(checkpoint).expanduser().resolve()
 
 
@@ -78,11 +75,12 @@ def upstreams(ws, command: str, *, resume: bool = False, checkpoint: str | None 
               ) -> list[Upstream]:
     """The results ``command`` builds on whose recipe file exists, upstream first."""
     found: list[Upstream] = []
-    if command == "train-cross":
-        found.append(_stage_upstream(ws, "stage1", "final.pt", STAGE_SECTIONS["stage1"]))
-    for stage, name in STAGE_COMMANDS.items():
-        if command == name and resume and (ws.root / stage / "last.pt").is_file():
-            found.append(_stage_upstream(ws, stage, "last.pt", STAGE_SECTIONS[stage]))
+    spec = stage(command)
+    if spec.upstream is not None:
+        up = stage(spec.upstream)
+        found.append(_stage_upstream(ws, up, up.final(ws)))
+    if spec.trains and resume and spec.last(ws).is_file():
+        found.append(_stage_upstream(ws, spec, spec.last(ws)))
     if command in ("evaluate", "cluster", "export"):
         path = _checkpoint_path(ws, checkpoint)
         if path is not None and path.is_file():

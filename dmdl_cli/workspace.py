@@ -25,12 +25,14 @@ from dmdl_cli import __version__
 from dmdl_cli.atomic import atomic_output, atomic_write_json, atomic_write_text, sha256_file
 from dmdl_cli.errors import DmdlError, Interrupted
 from dmdl_cli.recipe import Recipe, load_recipe
+from dmdl_cli.stages import STAGES
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 LOCK_FILE = ".lock"
-STAGE_DIRS = ("data", "stage1", "stage2", "labels", "features", "eval", "export")
+# every folder a stage owns (dmdl_cli/stages.py), and the feature cache evaluation and clustering share
+STAGE_DIRS = tuple(dict.fromkeys([*(spec.folder for spec in STAGES.values()), "features"]))
 
 
 def _now() -> str:

@@ -1,4 +1,4 @@
-"""BatchNorm re-estimation on clean images (dmdl_cli.model.batchnorm)."""
+"""BatchNorm re-estimation on clean images (dmdl_cli.features.batchnorm)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from dmdl_cli.model.backbone import build_model, normalize_batch
-from dmdl_cli.model.batchnorm import batchnorm_layers, recalibrate_batchnorm, recalibration_rows
+from dmdl_cli.features.batchnorm import batchnorm_layers, recalibrate_batchnorm, recalibration_rows
 from dmdl_cli.recipe import load_recipe
 from dmdl_cli.runtime import select_runtime
 

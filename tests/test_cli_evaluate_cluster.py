@@ -19,7 +19,7 @@ from dmdl_cli.atomic import sha256_file
 from dmdl_cli.clustering.pseudo_labels import cluster_features
 from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import INFRARED, VISIBLE, read_index
-from dmdl_cli.evaluation.features import extract_features
+from dmdl_cli.features.extract import extract_features
 from dmdl_cli.evaluation.metrics import rank_metrics
 from dmdl_cli.evaluation.protocols import build_trials
 from dmdl_cli.model.loading import initial_model, resolve_model, state_sha256

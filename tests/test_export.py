@@ -19,7 +19,7 @@ from dmdl_cli.atomic import sha256_file
 from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import read_index
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.evaluation.features import extract_features
+from dmdl_cli.features.extract import extract_features
 from dmdl_cli.model.backbone import build_model
 from dmdl_cli.model.loading import resolve_model
 from dmdl_cli.runtime import Runtime

@@ -12,7 +12,7 @@ from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import Runtime
 from dmdl_cli.training.cross import FUSED, CrossModalityStage, adopting_modality
 from dmdl_cli.training.labelling import make_memory
-from dmdl_cli.training.single import gathered_batch, sample_order
+from dmdl_cli.training.objectives import gathered_batch, sample_order
 
 
 def _moved_rows(epoch: int, cross: bool) -> dict[str, set[int]]:
@@ -92,7 +92,7 @@ def test_k1_alternation_clusters_the_adopting_modality_with_k1_adopting(monkeypa
     import numpy as np
 
     from dmdl_cli.recipe import load_recipe
-    from dmdl_cli.training import labelling
+    from dmdl_cli.clustering import modalities
     from dmdl_cli.training.cross import clustering_k1
 
     recipe = load_recipe("recipes/sysu.yaml")
@@ -104,11 +104,10 @@ def test_k1_alternation_clusters_the_adopting_modality_with_k1_adopting(monkeypa
         seen.append(k1)
         return np.zeros(len(feats), np.int64), {}
 
-    monkeypatch.setattr(labelling, "cluster_features", fake_cluster)
-    ctx = SimpleNamespace(recipe=recipe, modality=np.array([0, 0, 1, 1]), true_ids=None,
-                          train_rows=np.arange(4))
+    monkeypatch.setattr(modalities, "cluster_features", fake_cluster)
     feats = np.eye(4, dtype=np.float32)
-    labelling.cluster_modalities(ctx, feats, clustering_k1(recipe, 1))
+    modalities.cluster_modalities(recipe.cluster, feats, np.arange(4), np.array([0, 0, 1, 1]),
+                                  k1=clustering_k1(recipe, 1))
     assert seen == [30, 15]  # visible k1 = 30, infrared (adopting on odd epochs) 15
 
 

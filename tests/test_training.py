@@ -120,7 +120,7 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
     recipe's clean train images for its weights, not the training batches' moving average."""
     from dmdl_cli.data.cache import open_cache
     from dmdl_cli.data.index import read_index
-    from dmdl_cli.model.batchnorm import batchnorm_layers, recalibrate_batchnorm, recalibration_rows
+    from dmdl_cli.features.batchnorm import batchnorm_layers, recalibrate_batchnorm, recalibration_rows
     from dmdl_cli.model.loading import resolve_model
     from dmdl_cli.recipe import load_recipe
     from dmdl_cli.runtime import select_runtime

@@ -12,26 +12,19 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from dmdl_cli.clustering.modalities import cluster_modalities
 from dmdl_cli.console import console, log
 from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE, read_index
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.evaluation.features import cached_features
+from dmdl_cli.features.extract import cached_features
 from dmdl_cli.model.loading import default_checkpoint, resolve_model
 from dmdl_cli.provenance import sidecar_recipe_path, write_recipe
 from dmdl_cli.recipe import CLUSTER_MODALITIES, Recipe
 from dmdl_cli.runtime import select_runtime
-from dmdl_cli.training.labelling import cluster_modalities
 from dmdl_cli.workspace import Workspace, save_labels
 
 MODALITY_CHOICES = dict(zip(CLUSTER_MODALITIES, ((VISIBLE,), (INFRARED,), (VISIBLE, INFRARED))))
-
-
-class _Ctx:
-    """The slice of a training context that ``cluster_modalities`` reads."""
-
-    def __init__(self, recipe, train_rows, modality, true_ids):
-        self.recipe, self.train_rows, self.modality, self.true_ids = recipe, train_rows, modality, true_ids
 
 
 def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = None,
@@ -57,8 +50,8 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
     mod = index.modality[train_rows].astype(np.int8)
     keep = np.isin(mod, wanted)
     has_ids = bool((index.pids[train_rows] >= 0).any())
-    ctx = _Ctx(recipe, train_rows[keep], mod[keep], index.pids[train_rows][keep] if has_ids else None)
-    clusters = cluster_modalities(ctx, feats[keep])
+    clusters = cluster_modalities(recipe.cluster, feats[keep], train_rows[keep], mod[keep],
+                                  index.pids[train_rows][keep] if has_ids else None)
 
     labels = np.full(len(index), -1, dtype=np.int64)
     offset = 0

@@ -21,7 +21,7 @@ from dmdl_cli.console import console, log
 from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import IndexTable, read_index
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.evaluation.features import cached_features
+from dmdl_cli.features.extract import cached_features
 from dmdl_cli.evaluation.metrics import mean_std, rank_metrics
 from dmdl_cli.evaluation.protocols import build_trials, protocol_modes
 from dmdl_cli.model.loading import LoadedModel, resolve_model

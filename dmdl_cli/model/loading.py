@@ -26,9 +26,9 @@ from dmdl_cli.console import log
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, build_model
 from dmdl_cli.recipe import Recipe
+from dmdl_cli.stages import result_stage, stage_results
 from dmdl_cli.workspace import Workspace, load_checkpoint, read_checkpoint_bytes
 
-STAGE_RESULTS = ("stage2/final.pt", "stage2/last.pt", "stage1/final.pt", "stage1/last.pt")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class LoadedModel:
     sha256: str  # of the checkpoint file (or of the initial weights)
     description: str  # one line for logs and tables
     meta: dict[str, Any]
+    path: Path | None = None  # the checkpoint file (None for an untrained network)
 
 
 def build_from_recipe(recipe: Recipe, *, pretrained: bool = True) -> ReIDNet:
@@ -64,17 +65,12 @@ def state_sha256(model: torch.nn.Module) -> str:
 
 
 def default_checkpoint(ws: Workspace) -> Path | None:
-    for rel in STAGE_RESULTS:
-        if (ws.root / rel).is_file():
-            return ws.root / rel
-    return None
+    return next((path for path in stage_results(ws) if path.is_file()), None)
 
 
 def checkpoint_name(ws: Workspace, path: Path) -> str:
-    path = Path(path).resolve()
-    if path.parent.parent == ws.root and path.parent.name in ("stage1", "stage2"):
-        return f"{path.parent.name}-{path.stem}"
-    return path.stem
+    spec = result_stage(ws, path)
+    return f"{spec.folder}-{Path(path).stem}" if spec is not None else Path(path).stem
 
 
 @dataclass(frozen=True)
@@ -182,7 +178,8 @@ def resolve_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> Load
     del data
     model, _ = load_model(state, recipe, path=path, check=True)
     meta = state["meta"]
-    return LoadedModel(model, checkpoint_name(ws, path), sha256, describe_checkpoint(path, meta), meta)
+    return LoadedModel(model, checkpoint_name(ws, path), sha256, describe_checkpoint(path, meta), meta,
+                       Path(path))
 
 
 def describe_checkpoint(path: Path, meta: dict[str, Any]) -> str:

@@ -18,8 +18,8 @@ from matplotlib.ticker import MaxNLocator
 
 from dmdl_cli.atomic import atomic_write_bytes
 from dmdl_cli.report.logs import CHECKPOINT_ORDER, StageLog, WorkspaceRecord
+from dmdl_cli.stages import STAGES
 
-STAGE_NAMES = {"stage1": "stage 1 (pretrain-single)", "stage2": "stage 2 (train-cross)"}
 MODALITY_STYLE = {"vis": ("visible", "tab:orange"), "ir": ("infrared", "tab:purple")}
 Panel = Callable[[Axes], None]
 
@@ -74,7 +74,7 @@ def _loss_panel(stage: StageLog) -> Panel:
             xs = [s["x"] for s in stage.steps if key in s]
             ax.plot(xs, [s[key] for s in stage.steps if key in s], marker=".",
                     lw=2.2 if key == "loss" else 1.2, label="total" if key == "loss" else key)
-        ax.set(title=f"losses, {STAGE_NAMES.get(stage.stage, stage.stage)}",
+        ax.set(title=f"losses, {STAGES[stage.stage].title if stage.stage in STAGES else stage.stage}",
                xlabel="epochs done", ylabel="loss (logged steps)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

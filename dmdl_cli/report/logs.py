@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.stages import STAGE_RECIPE, TRAINING_STAGES
 
-STAGES = ("stage1", "stage2")
 MODALITY_PREFIX = {"visible": "vis", "infrared": "ir"}
 CHECKPOINT_ORDER = ("imagenet", "random-init", "stage1-final", "stage2-final")
 
@@ -146,7 +146,8 @@ def _checkpoint_rank(name: str) -> tuple[int, str]:
 def _recipe_of(ws: Path) -> dict[str, Any]:
     """The recipe the newest stage ran with (its own ``recipe.yaml`` when the stage wrote one),
     else the workspace's; {} when there is none."""
-    for path in (ws / "stage2" / "recipe.yaml", ws / "stage1" / "recipe.yaml", ws / "recipe.yaml"):
+    newest_first = [ws / spec.folder / STAGE_RECIPE for spec in reversed(TRAINING_STAGES)]
+    for path in (*newest_first, ws / "recipe.yaml"):
         if path.is_file():
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -162,7 +163,7 @@ def read_workspace(ws: Path, label: str | None = None) -> WorkspaceRecord:
     if not ws.is_dir():
         raise DmdlError(f"workspace {ws} does not exist: give a folder made by `dmdl prepare-data`")
     recipe = _recipe_of(ws)
-    stages = [s for s in (read_stage(ws, name, recipe or {}) for name in STAGES) if s is not None]
+    stages = [s for s in (read_stage(ws, name, recipe or {}) for name in (spec.name for spec in TRAINING_STAGES)) if s is not None]
     evals = [read_evaluation(p) for p in sorted((ws / "eval").glob("*.json"))]
     evals.sort(key=lambda e: (e.mode, e.variant, _checkpoint_rank(e.checkpoint)))
     if not stages and not evals:

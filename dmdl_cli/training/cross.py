@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from dmdl_cli.clustering.association import associate, association_accuracy
+from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
 from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
 from dmdl_cli.console import log
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
@@ -51,16 +52,9 @@ from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.cai import cai_log_prob, modality_prior
 from dmdl_cli.model.loading import load_model
-from dmdl_cli.recipe import Recipe, reached, stage_hash, triplet_weight
-from dmdl_cli.training.labelling import (
-    MODALITIES,
-    cluster_modalities,
-    confidences,
-    describe,
-    make_memory,
-    restore_memory,
-    write_labels_file,
-)
+from dmdl_cli.recipe import Recipe, reached, triplet_weight
+from dmdl_cli.stages import stage
+from dmdl_cli.training.labelling import confidences, make_memory, restore_memory, write_labels_file
 from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, run_stage
 from dmdl_cli.training.losses import (
     batch_hard_triplet,
@@ -69,7 +63,7 @@ from dmdl_cli.training.losses import (
     sample_cross_entropy,
 )
 from dmdl_cli.training.memory import confidence_momentum
-from dmdl_cli.training.single import (
+from dmdl_cli.training.objectives import (
     alignment,
     gathered_batch,
     memory_contrast,
@@ -117,32 +111,33 @@ def unified_memory_ids(labels: np.ndarray, modality: np.ndarray, m: int) -> np.n
 
 
 class CrossModalityStage(StageLogic):
-    name = "stage2"
-    labels_prefix = "cross"
+    spec = stage("stage2")
 
     def initial_model(self, recipe: Recipe, ws: Workspace):
-        path = ws.root / "stage1" / "final.pt"
+        upstream = stage(self.spec.upstream)
+        path = upstream.final(ws)
         if not path.is_file():
-            raise DmdlError(f"{path} is missing: run `dmdl pretrain-single --workspace {ws.root}` "
+            raise DmdlError(f"{path} is missing: run `dmdl {upstream.command} --workspace {ws.root}` "
                             "first (stage 2 starts from the stage-1 model)")
         state = load_checkpoint(path, what="stage-1 checkpoint")
-        if state["meta"].get("stage1_hash") != stage_hash(recipe, "stage1"):
+        if state["meta"].get("stage_hash") != upstream.hash(recipe):
             raise DmdlError(
                 f"{path} was trained with another stage-1 recipe (recipe hash "
-                f"{state['meta'].get('recipe_hash')}): re-run `dmdl pretrain-single --force` with "
-                "this recipe, or use the recipe that produced it")
+                f"{state['meta'].get('recipe_hash')}): re-run `dmdl {upstream.command} --force` "
+                "with this recipe, or use the recipe that produced it")
         model, _ = load_model(state, recipe, path=path, check=True, what="stage-1 checkpoint")
         if not self.resuming:  # when resuming, the weights come from last.pt
             log(f"stage 2 starts from {ws.rel(path)}")
         return model, str(path)
 
     def inputs(self, ws: Workspace) -> list:
-        return [ws.index_path, ws.root / "stage1" / "final.pt"]
+        return [ws.index_path, stage(self.spec.upstream).final(ws)]
 
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
         recipe, stage = ctx.recipe, ctx.stage
         feats = ctx.train_features()  # (N_train, D)
-        clusters = cluster_modalities(ctx, feats, clustering_k1(recipe, epoch))
+        clusters = cluster_modalities(recipe.cluster, feats, ctx.train_rows, ctx.modality, ctx.true_ids,
+                                      clustering_k1(recipe, epoch))
         for m in MODALITIES:
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
         assoc = associate(clusters[VISIBLE].centroids, clusters[INFRARED].centroids,
@@ -181,7 +176,7 @@ class CrossModalityStage(StageLogic):
             + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic)"
                if "association_accuracy" in record else ""))
         ctx.log(record)
-        write_labels_file(ctx, self.labels_prefix, epoch, labels, confidence=conf)
+        write_labels_file(ctx, self.spec, epoch, labels, confidence=conf)
         memories = {m: make_memory(per_modality[m], stage) for m in MODALITIES}
         memories[FUSED] = make_memory(fused, stage)
         return EpochState(labels=labels, memories=memories,

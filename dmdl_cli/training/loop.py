@@ -42,13 +42,15 @@ from dmdl_cli.data.index import IndexTable, read_index
 from dmdl_cli.data.sampling import ResumableBatchSampler
 from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
 from dmdl_cli.errors import DmdlError, Interrupted
-from dmdl_cli.evaluation.features import extract_features
+from dmdl_cli.features.extract import extract_features
 from dmdl_cli.model.backbone import normalize_batch
-from dmdl_cli.model.batchnorm import recalibrate_batchnorm, recalibration_rows
-from dmdl_cli.provenance import STAGE_RECIPE, write_recipe
-from dmdl_cli.recipe import Recipe, StageRecipe, stage_hash
+from dmdl_cli.features.batchnorm import recalibrate_batchnorm, recalibration_rows
+from dmdl_cli.provenance import write_recipe
+from dmdl_cli.recipe import Recipe, StageRecipe
+from dmdl_cli.stages import StageSpec
 from dmdl_cli.runtime import (Runtime, make_grad_scaler, rng_state, seed_everything, select_runtime,
                               set_rng_state)
+from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks, rank_slice
 from dmdl_cli.training.signals import StopRequest, signal_name
 from dmdl_cli.training.tensorboard import TensorBoardLog, require_tensorboard
 from dmdl_cli.workspace import Workspace, load_checkpoint, save_checkpoint
@@ -115,8 +117,7 @@ class EpochState:
 class StageLogic:
     """The stage-specific part of training (see the module docstring)."""
 
-    name = "stage"
-    labels_prefix = "stage"
+    spec: StageSpec  # the stage's record in dmdl_cli/stages.py
     resuming = False  # set by the loop: the weights will come from last.pt, not initial_model
 
     def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:  # pragma: no cover
@@ -213,33 +214,16 @@ def _make_loader(ctx: TrainContext, batches: list, start: int, dataset: TwoViewD
     )
 
 
-def _rank_slice(batch: list, rank: int, world: int) -> list:
-    """This rank's share of a global batch (every rank draws the same global batches)."""
-    return batch[rank::world]
-
-
-def batch_slots(n: int, runtime: Runtime) -> torch.Tensor:
-    """``(n,)`` position in the global batch of each of this rank's ``n`` samples (the inverse
-    of :func:`_rank_slice`), so that gathered samples can be put back in batch order."""
-    return torch.arange(n, device=runtime.device) * runtime.world_size + runtime.rank
-
-
-def _stage_paths(ws: Workspace, name: str) -> tuple[Path, Path, Path]:
-    folder = ws.root / name
-    return folder, folder / "last.pt", folder / "final.pt"
-
-
 def _checkpoint_meta(recipe: Recipe, logic: StageLogic, epoch: int, step: int, complete: bool) -> dict[str, Any]:
     return {
-        "stage": logic.name,
+        "stage": logic.spec.name,
         "epoch": epoch,
         "step": step,
         "complete": complete,
         "arch": recipe.model.arch,
         "input_size": [recipe.data.height, recipe.data.width],
         "recipe_hash": recipe.hash(),
-        "stage_hash": stage_hash(recipe, logic.name),
-        "stage1_hash": stage_hash(recipe, "stage1"),
+        "stage_hash": logic.spec.hash(recipe),
         "dmdl_version": __version__,
         "recipe": recipe.to_dict(),  # the values themselves, so a checkpoint explains itself
     }
@@ -255,7 +239,7 @@ class StageFiles:
 
     def __init__(self, ws: Workspace, logic: StageLogic, *, replacing: bool, main: bool):
         self.ws, self.logic, self.main = ws, logic, main
-        self.folder, self.last, self.final = _stage_paths(ws, logic.name)
+        self.folder, self.last, self.final = ws.root / logic.spec.folder, logic.spec.last(ws), logic.spec.final(ws)
         self.replacing = replacing and main
         self.log = JsonLog(self.folder / LOG_FILE, enabled=main, held=self.replacing)
 
@@ -273,8 +257,8 @@ class StageFiles:
         for path in self.folder.glob("epoch-*.pt"):  # this run has written epochs 1..epoch
             if _number(path.stem, "epoch-") > epoch:
                 path.unlink(missing_ok=True)
-        for path in self.ws.dir("labels").glob(f"{self.logic.labels_prefix}-e*.npz"):
-            if _number(path.stem, f"{self.logic.labels_prefix}-e") > epoch + 1:
+        for path in self.ws.dir("labels").glob(f"{self.logic.spec.labels_prefix}-e*.npz"):
+            if _number(path.stem, f"{self.logic.spec.labels_prefix}-e") > epoch + 1:
                 path.unlink(missing_ok=True)
         self.log.release()
 
@@ -290,16 +274,16 @@ def _number(stem: str, prefix: str) -> int:
 def _resume_point(ws: Workspace, recipe: Recipe, logic: StageLogic, last_path: Path) -> dict[str, Any] | None:
     """The saved state of ``last.pt`` to resume from (checked against the recipe), or None."""
     if not last_path.is_file():
-        log(f"no {ws.rel(last_path)} to resume: starting {logic.name} from the beginning")
+        log(f"no {ws.rel(last_path)} to resume: starting {logic.spec.name} from the beginning")
         return None
     saved = load_checkpoint(last_path, what="resume checkpoint")
     meta = saved["meta"]
-    if meta.get("stage_hash") != stage_hash(recipe, logic.name):
+    if meta.get("stage_hash") != logic.spec.hash(recipe):
         raise DmdlError(
             f"{ws.rel(last_path)} was written with another recipe (hash "
             f"{meta.get('recipe_hash')}, now {recipe.hash()}): resume with the recipe of "
             f"that run (the workspace's recipe.yaml) or pass --force to start again")
-    log(f"resuming {logic.name} from {ws.rel(last_path)}: epoch {meta['epoch'] + 1}, "
+    log(f"resuming {logic.spec.name} from {ws.rel(last_path)}: epoch {meta['epoch'] + 1}, "
         f"step {meta['step']} (weights, optimiser, memories and RNG states come from it)")
     return saved
 
@@ -307,8 +291,8 @@ def _resume_point(ws: Workspace, recipe: Recipe, logic: StageLogic, last_path: P
 def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool, force: bool,
               deterministic: bool) -> Path:
     """Train one stage to its end; returns the path of ``final.pt``."""
-    _, last_path, final_path = _stage_paths(ws, logic.name)
-    command = "pretrain-single" if logic.name == "stage1" else "train-cross"
+    last_path, final_path = logic.spec.last(ws), logic.spec.final(ws)
+    command = logic.spec.command
     runtime = select_runtime(recipe, deterministic=deterministic)
     seed_everything(recipe.train.seed)
     if recipe.run.tensorboard:
@@ -317,14 +301,14 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
     with ws.locked() if runtime.is_main else _nullcontext(ws):
         if final_path.is_file() and not force:
             if resume:
-                log(f"{ws.rel(final_path)} exists: {logic.name} is finished, nothing to resume")
+                log(f"{ws.rel(final_path)} exists: {logic.spec.name} is finished, nothing to resume")
                 return final_path
             raise DmdlError(
-                f"{ws.rel(final_path)} exists: {logic.name} already finished; pass --force to "
+                f"{ws.rel(final_path)} exists: {logic.spec.name} already finished; pass --force to "
                 f"train it again from scratch (`dmdl {command} --force`)")
         if last_path.is_file() and not force and not resume:
             raise DmdlError(
-                f"{ws.rel(last_path)} holds a partial {logic.name} run: pass --resume to continue "
+                f"{ws.rel(last_path)} holds a partial {logic.spec.name} run: pass --resume to continue "
                 f"it or --force to start again (`dmdl {command} --resume|--force`)")
         saved = _resume_point(ws, recipe, logic, last_path) if resume and not force else None
         files = StageFiles(ws, logic, replacing=force, main=runtime.is_main)
@@ -335,7 +319,7 @@ def run_stage(ws: Workspace, recipe: Recipe, logic: StageLogic, *, resume: bool,
             if run is not None:
                 for path in logic.inputs(ws):
                     run.add_input(path)
-                run.add_output(write_recipe(files.folder / STAGE_RECIPE, recipe))
+                run.add_output(write_recipe(logic.spec.recipe_file(ws), recipe))
             _train_epochs(train, stop, command)
             if runtime.is_main:
                 train.ctx.recalibrate(train.stage.epochs)
@@ -372,7 +356,7 @@ class _Training:
 def _setup(ws: Workspace, recipe: Recipe, logic: StageLogic, runtime: Runtime, files: StageFiles,
            saved: dict[str, Any] | None) -> _Training:
     """Data, model, optimiser and schedule; restored from ``saved`` when resuming."""
-    stage: StageRecipe = getattr(recipe, logic.name)
+    stage: StageRecipe = getattr(recipe, logic.spec.name)
     index = read_index(ws.index_path)
     train_rows = index.rows(split="train")
     if len(train_rows) == 0:
@@ -411,7 +395,7 @@ def _setup(ws: Workspace, recipe: Recipe, logic: StageLogic, runtime: Runtime, f
         set_rng_state(saved["rng"])
         ctx.log.truncate_after(meta["epoch"], meta["step"])
     else:
-        ctx.log({"kind": "start", "epoch": 0, "step": 0, "stage": logic.name,
+        ctx.log({"kind": "start", "epoch": 0, "step": 0, "stage": logic.spec.name,
                    "recipe_hash": recipe.hash(), "init": init_info})
 
     aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
@@ -431,7 +415,7 @@ def _training_log(recipe: Recipe, files: StageFiles, saved: dict[str, Any] | Non
     if saved is None:
         shutil.rmtree(folder, ignore_errors=True)
     resume_at = (saved["meta"]["epoch"], saved["meta"]["step"]) if saved is not None else None
-    return TensorBoardLog(files.log, folder, getattr(recipe, files.logic.name).iters, resume_at=resume_at)
+    return TensorBoardLog(files.log, folder, getattr(recipe, files.logic.spec.name).iters, resume_at=resume_at)
 
 
 def _train_epochs(t: _Training, stop: StopRequest, command: str) -> None:
@@ -478,7 +462,7 @@ def _stop_if_asked(t: _Training, stop: StopRequest, state: EpochState | None, ep
         t.files.save_last(_full_state(t, state, epoch, step), epoch)
     ws = t.ctx.ws
     raise Interrupted(
-        f"{t.logic.name} stopped by {signal_name(signum)} at epoch {epoch + 1} step {step}: "
+        f"{t.logic.spec.name} stopped by {signal_name(signum)} at epoch {epoch + 1} step {step}: "
         f"{ws.rel(t.files.last)} holds that step; continue with `dmdl {command} --workspace "
         f"{ws.root} --resume`", signum)
 
@@ -520,13 +504,13 @@ def _train_epoch(t: _Training, stop: StopRequest, state: EpochState, epoch: int,
                  command: str) -> None:
     ctx, logic, optimizer, scaler = t.ctx, t.logic, t.optimizer, t.scaler
     runtime, recipe, stage = ctx.runtime, ctx.recipe, ctx.stage
-    batches = [_rank_slice(b, runtime.rank, runtime.world_size) for b in state.batches]
+    batches = [rank_slice(b, runtime.rank, runtime.world_size) for b in state.batches]
     loader = _make_loader(ctx, batches, start_step, t.dataset)
     ctx.model.train()
     images_per_step = 2 * sum(len(b) for b in state.batches[:1])
     wait = compute = 0.0
     with make_progress("img") as progress:
-        task = progress.add_task(f"{logic.name} epoch {epoch + 1}/{stage.epochs}",
+        task = progress.add_task(f"{logic.spec.name} epoch {epoch + 1}/{stage.epochs}",
                                  total=stage.iters, completed=start_step, per_step=images_per_step,
                                  info="")
         t0 = time.perf_counter()
@@ -538,7 +522,7 @@ def _train_epoch(t: _Training, stop: StopRequest, state: EpochState, epoch: int,
             loss, parts, update = logic.batch_loss(ctx, state, epoch, batch)
             if not torch.isfinite(loss):
                 raise DmdlError(
-                    f"{logic.name} loss became {loss.item()} at epoch {epoch + 1} step {step}: "
+                    f"{logic.spec.name} loss became {loss.item()} at epoch {epoch + 1} step {step}: "
                     "lower the learning rate or disable AMP (--set train.amp=off), then --resume")
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -587,30 +571,4 @@ def _monitor(ctx: TrainContext, epoch: int) -> None:
     log(f"  monitor (test set, not used for selection): {mode} Rank-1 "
         f"{100 * summary['cmc'][0]:.1f} mAP {100 * summary['mAP']:.1f}")
 
-
-def broadcast_object(obj: Any, runtime: Runtime) -> Any:
-    """Rank 0's ``obj`` on every rank (pseudo labels are computed once, on rank 0)."""
-    if not runtime.distributed:
-        return obj
-    holder = [obj if runtime.is_main else None]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def gather_cat(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """Concatenate a per-rank tensor over ranks (memory updates see the whole global batch)."""
-    if not runtime.distributed:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(runtime.world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-def mean_over_ranks(value: torch.Tensor, runtime: Runtime) -> float:
-    """A scalar averaged over ranks (under DDP each rank sees its share of the global batch)."""
-    if runtime.distributed:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= runtime.world_size
-    return float(value.item())
 

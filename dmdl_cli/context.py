@@ -1,0 +1,72 @@
+"""What every stage reads, built once per command by the command runner (``dmdl_cli/runner.py``).
+
+A stage is a function of a :class:`StageContext` (and its own options): the workspace, the
+resolved recipe, the stage's record in the table of stages, the runtime, the ledger entry of
+this command, and, opened on first use, the index, the image cache and the model a
+``--checkpoint`` names. Nothing here decides policy (locks, ledger, force or resume): the
+runner does that before it hands the context over.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from dmdl_cli.data.cache import open_cache
+from dmdl_cli.data.index import IndexTable, read_index
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.model.loading import LoadedModel, resolve_model
+from dmdl_cli.recipe import Recipe
+from dmdl_cli.runtime import Runtime
+from dmdl_cli.stages import StageSpec
+from dmdl_cli.workspace import StageRun, Workspace
+
+
+@dataclass
+class StageContext:
+    ws: Workspace
+    recipe: Recipe
+    spec: StageSpec
+    runtime: Runtime
+    run: StageRun | None = None  # this command's ledger entry (None on DDP ranks other than 0)
+
+    @functools.cached_property
+    def index(self) -> IndexTable:
+        """The workspace's image index (every split)."""
+        return read_index(self.ws.index_path)
+
+    @functools.cached_property
+    def cache(self) -> np.memmap:
+        """``(N_all, H, W, 3)`` uint8 images at the recipe's size, row i = index row i."""
+        height, width = self.recipe.data.height, self.recipe.data.width
+        return open_cache(self.ws.cache_path(height, width), len(self.index), height, width)
+
+    @functools.cached_property
+    def train_rows(self) -> np.ndarray:
+        """``(N,)`` index rows of the training split; refuses an index without any."""
+        rows = self.index.rows(split="train")
+        if len(rows) == 0:
+            raise DmdlError(f"{self.ws.index_path} has no train rows: nothing to train on")
+        return rows
+
+    def model(self, checkpoint: str | None) -> LoadedModel:
+        """The network ``--checkpoint`` names (``dmdl_cli.model.loading.resolve_model``), on the
+        runtime's device, recorded as an input of this command in the ledger."""
+        loaded = resolve_model(self.ws, self.recipe, checkpoint)
+        loaded.model.to(self.runtime.device)
+        if self.run is not None and loaded.path is not None:
+            self.run.add_input(loaded.path, loaded.sha256)
+        return loaded
+
+    def record_input(self, *paths) -> None:
+        """Record workspace files this command read (with their sha256) in the ledger."""
+        if self.run is not None:
+            for path in paths:
+                self.run.add_input(path)
+
+    def record_output(self, *paths) -> None:
+        """Record files this command wrote (with their sha256) in the ledger."""
+        if self.run is not None:
+            for path in paths:
+                self.run.add_output(path)

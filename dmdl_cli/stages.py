@@ -1,0 +1,118 @@
+"""The table of stages: one record per command, and the only place stage names, commands,
+workspace folders, label prefixes, inputs, outputs and compatibility sections are written.
+
+Everything that needs a stage's path or name reads it here: the training loop (where ``last.pt``
+and ``final.pt`` go), the model loader (the newest result), provenance (which recipe file an
+upstream result was made with), the command runner (what to lock, what to record in the
+ledger) and the report. Adding a stage starts with adding a record below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dmdl_cli.recipe import STAGE_SECTIONS, Recipe
+
+if TYPE_CHECKING:  # type hints only: the workspace layer sits beside this one
+    from dmdl_cli.workspace import Workspace
+
+LAST, FINAL = "last.pt", "final.pt"
+STAGE_RECIPE = "recipe.yaml"  # the resolved recipe a stage's results were made with
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline.
+
+    ``folder``: the workspace folder the stage owns (also the name of its lock). ``inputs`` and
+    ``outputs``: workspace-relative files it reads and writes (outputs may be patterns).
+    ``sections``: the recipe sections its result depends on (a checkpoint is compatible with a
+    recipe when their hash agrees); ``()`` for commands that make no model. ``upstream``: the
+    stage whose ``final.pt`` it starts from. ``trains``: it writes ``last.pt``/``final.pt``
+    and can be resumed. ``exclusive``: it rewrites what every other stage reads (the data), so
+    it runs alone in the workspace.
+    """
+
+    name: str
+    command: str
+    title: str  # for people: "stage 1 (pretrain-single)"
+    folder: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    labels_prefix: str | None = None
+    sections: tuple[str, ...] = ()
+    upstream: str | None = None
+    trains: bool = False
+    exclusive: bool = False
+
+    def path(self, ws: "Workspace", name: str) -> Path:
+        """``WS/<folder>/<name>``."""
+        return ws.root / self.folder / name
+
+    def last(self, ws: "Workspace") -> Path:
+        return self.path(ws, LAST)
+
+    def final(self, ws: "Workspace") -> Path:
+        return self.path(ws, FINAL)
+
+    def recipe_file(self, ws: "Workspace") -> Path:
+        return self.path(ws, STAGE_RECIPE)
+
+    def labels_file(self, ws: "Workspace", epoch: int) -> Path:
+        """``WS/labels/<prefix>-eNNN.npz`` of the 0-based ``epoch`` (files count from 1)."""
+        return ws.root / "labels" / f"{self.labels_prefix}-e{epoch + 1:03d}.npz"
+
+    def hash(self, recipe: Recipe) -> str:
+        """The hash of the recipe sections this stage's result depends on."""
+        return recipe.hash(self.sections)
+
+
+_INDEX = "data/index.csv"
+_CACHE = "data/cache-HxW.u8"
+
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
+    StageSpec("prepare", "prepare-data", "prepare-data", "data",
+              outputs=(_INDEX, _CACHE, "recipe.yaml"), exclusive=True),
+    StageSpec("stage1", "pretrain-single", "stage 1 (pretrain-single)", "stage1",
+              inputs=(_INDEX, _CACHE), outputs=("stage1/last.pt", "stage1/final.pt", "stage1/log.jsonl",
+                                                "stage1/recipe.yaml", "labels/stage1-eNNN.npz"),
+              labels_prefix="stage1", sections=STAGE_SECTIONS["stage1"], trains=True),
+    StageSpec("stage2", "train-cross", "stage 2 (train-cross)", "stage2",
+              inputs=(_INDEX, _CACHE, "stage1/final.pt"),
+              outputs=("stage2/last.pt", "stage2/final.pt", "stage2/log.jsonl", "stage2/recipe.yaml",
+                       "labels/cross-eNNN.npz"),
+              labels_prefix="cross", sections=STAGE_SECTIONS["stage2"], upstream="stage1", trains=True),
+    StageSpec("cluster", "cluster", "cluster", "labels", inputs=(_INDEX, _CACHE, "a checkpoint"),
+              outputs=("labels/cluster-<checkpoint>.npz", "labels/cluster-<checkpoint>.recipe.yaml")),
+    StageSpec("evaluate", "evaluate", "evaluate", "eval", inputs=(_INDEX, _CACHE, "a checkpoint"),
+              outputs=("eval/<mode>-<checkpoint>.json", "features/", "eval/ranks/")),
+    StageSpec("export", "export", "export", "export", inputs=(_INDEX, _CACHE, "a checkpoint"),
+              outputs=("export/model.onnx", "export/model.ts", "export/preprocess.json")),
+)}
+TRAINING_STAGES: tuple[StageSpec, ...] = tuple(s for s in STAGES.values() if s.trains)
+BY_COMMAND: dict[str, StageSpec] = {spec.command: spec for spec in STAGES.values()}
+
+
+def stage(name: str) -> StageSpec:
+    """The record of stage ``name`` (``stage1``) or command (``pretrain-single``)."""
+    spec = STAGES.get(name) or BY_COMMAND.get(name)
+    if spec is None:
+        raise KeyError(f"no stage or command named {name!r}")
+    return spec
+
+
+def stage_results(ws: "Workspace") -> list[Path]:
+    """The model files of the training stages, newest stage first, ``final.pt`` before
+    ``last.pt``: the default checkpoint of evaluate, cluster and export is the first that
+    exists."""
+    return [p for spec in reversed(TRAINING_STAGES) for p in (spec.final(ws), spec.last(ws))]
+
+
+def result_stage(ws: "Workspace", path: Path) -> StageSpec | None:
+    """The training stage whose folder of ``ws`` holds ``path`` (None for a file elsewhere)."""
+    path = Path(path).resolve()
+    for spec in TRAINING_STAGES:
+        if path.parent == (ws.root / spec.folder).resolve():
+            return spec
+    return None

@@ -127,6 +127,40 @@ def rank_metrics(
         ValueError: on inconsistent shapes, ``max_rank < 1``, NaN distances, or when no query
             has a valid match in its kept gallery.
     """
+    dist, q_pids, g_pids, exclude = _checked(dist, q_pids, g_pids, q_cams, g_cams, max_rank, exclude)
+    num_q, num_g = dist.shape
+    identities = _gallery_identities(g_pids) if dedup and num_g > 0 else None
+    all_ap, all_inp, all_k0 = [], [], []
+    chunk = max(1, _CHUNK_CELLS // max(num_g, 1))
+    for lo in range(0, num_q, chunk):
+        hi = min(lo + chunk, num_q)
+        part = _chunk_metrics(dist[lo:hi], q_pids[lo:hi], g_pids,
+                              exclude[lo:hi] if exclude is not None else None, identities)
+        if part is not None:
+            all_ap.append(part[0])
+            all_inp.append(part[1])
+            all_k0.append(part[2])
+    if not all_ap:
+        raise ValueError(
+            f"no valid query: none of the {num_q} queries has a matching identity in its "
+            f"(non-excluded) gallery of {num_g} entries"
+        )
+    ap = np.concatenate(all_ap)
+    inp = np.concatenate(all_inp)
+    k0 = np.concatenate(all_k0)
+    num_valid = int(ap.size)
+    hist = np.bincount(np.minimum(k0, max_rank), minlength=max_rank + 1)[:max_rank]
+    cmc = np.cumsum(hist).astype(np.float64) / num_valid
+    return {
+        "cmc": cmc,
+        "mAP": float(ap.mean()),
+        "mINP": float(inp.mean()),
+        "num_valid": num_valid,
+    }
+
+
+def _checked(dist, q_pids, g_pids, q_cams, g_cams, max_rank: int, exclude):
+    """The inputs of :func:`rank_metrics` as arrays, or ValueError naming what is wrong."""
     dist = np.asarray(dist)
     if dist.ndim != 2:
         raise ValueError(f"dist must be a 2-D (Q, G) array, got shape {dist.shape}")
@@ -148,93 +182,79 @@ def rank_metrics(
                 f"exclude must be a bool array of shape {(num_q, num_g)}, "
                 f"got {exclude.dtype} {exclude.shape}"
             )
+    return dist, q_pids, g_pids, exclude
 
-    if dedup and num_g > 0:
-        # Gallery columns grouped by identity, for a per-identity reduction.
-        _, g_label = np.unique(g_pids, return_inverse=True)
-        id_perm = np.argsort(g_label, kind="stable")                 # (G,)
-        id_starts = np.flatnonzero(np.r_[True, np.diff(g_label[id_perm]) != 0])  # (n_ids,)
-    compare_max = _COMPARE_PER_LOG2 * np.log2(max(num_g, 2))
 
-    all_ap: list[np.ndarray] = []
-    all_inp: list[np.ndarray] = []
-    all_k0: list[np.ndarray] = []
-    chunk = max(1, _CHUNK_CELLS // max(num_g, 1))
-    for lo in range(0, num_q, chunk):
-        hi = min(lo + chunk, num_q)
-        match = g_pids[None, :] == q_pids[lo:hi, None]               # (C, G) gallery order
-        if exclude is not None:
-            match &= ~exclude[lo:hi]
-        n_pos = np.count_nonzero(match, axis=1)                      # (C,) positives P
-        valid = n_pos > 0
-        if not valid.any():
-            continue
-        key = _order_keys(dist[lo:hi])                               # (C, G) uint64
-        if exclude is not None:
-            key[exclude[lo:hi]] = _KEY_MAX                           # after every kept entry
-        if not valid.all():
-            match, key, n_pos = match[valid], key[valid], n_pos[valid]
-        num_v = n_pos.size                                           # V valid rows
-        row_start = np.cumsum(n_pos) - n_pos                         # (V,) offsets into T
+def _gallery_identities(g_pids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery columns grouped by identity, for a per-identity reduction: ``(id_perm (G,),
+    id_starts (n_ids,))``."""
+    _, g_label = np.unique(g_pids, return_inverse=True)
+    id_perm = np.argsort(g_label, kind="stable")
+    id_starts = np.flatnonzero(np.r_[True, np.diff(g_label[id_perm]) != 0])
+    return id_perm, id_starts
 
-        # rows, pos: (T,) one entry per positive, rows ascending, kept positions r ascending
-        # inside each row; first_key: (V,) key of each row's first positive.
-        if n_pos.max() <= compare_max:
-            rows, cols = np.nonzero(match)                           # gallery order
-            pos_key = key[rows, cols]                                # (T,)
-            slot = np.arange(rows.size) - row_start[rows]
-            slot_key = np.zeros((num_v, int(n_pos.max())), np.uint64)  # pad 0: counts 0
-            slot_key[rows, slot] = pos_key
-            counts = np.empty(slot_key.shape, np.int64)              # (V, P_max)
-            block = max(1, _BLOCK_CELLS // num_g)                    # cache-sized row blocks
-            for a in range(0, num_v, block):
-                key_b = key[a:a + block]
-                for j in range(slot_key.shape[1]):
-                    counts[a:a + block, j] = np.count_nonzero(
-                        key_b < slot_key[a:a + block, j, None], axis=1)
-            pos = counts[rows, slot]
-            within = np.lexsort((pos, rows))
-            pos = pos[within]
-            first_key = pos_key[within][row_start]                   # (V,) key of r_1
-        else:
-            order = np.argsort(key, axis=1)                          # kept first, by rank
-            rows, pos = np.nonzero(np.take_along_axis(match, order, axis=1))
-            first_col = order[np.arange(num_v), pos[row_start]]      # (V,) gallery col of r_1
-            first_key = key[np.arange(num_v), first_col]
 
-        hit_idx = np.arange(rows.size) - row_start[rows] + 1         # i = 1..P within a row
-        ap = np.bincount(rows, weights=hit_idx / (pos + 1.0), minlength=num_v) / n_pos
-        last = row_start + n_pos - 1                                 # index of r_P in T
-        inp = n_pos / (pos[last] + 1.0)
-        if dedup:
-            # identities with a kept entry ranked before the first positive
-            before = key < first_key[:, None]                        # (V, G); excluded: never
-            seen = np.logical_or.reduceat(before[:, id_perm], id_starts, axis=1)  # (V, n_ids)
-            k0 = np.count_nonzero(seen, axis=1)
-        else:
-            k0 = pos[row_start]
+def _chunk_metrics(dist: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
+                   exclude: np.ndarray | None, identities: tuple[np.ndarray, np.ndarray] | None):
+    """AP, INP and the CMC hit rank ``k0`` ``(V,)`` of the valid queries among a chunk of
+    ``C`` rows (``dist (C, G)``); None when no query of the chunk has a positive.
+    ``identities``: :func:`_gallery_identities` for the de-duplicated CMC, None for the plain."""
+    match = g_pids[None, :] == q_pids[:, None]                       # (C, G) gallery order
+    if exclude is not None:
+        match &= ~exclude
+    n_pos = np.count_nonzero(match, axis=1)                          # (C,) positives P
+    valid = n_pos > 0
+    if not valid.any():
+        return None
+    key = _order_keys(dist)                                          # (C, G) uint64
+    if exclude is not None:
+        key[exclude] = _KEY_MAX                                      # after every kept entry
+    if not valid.all():
+        match, key, n_pos = match[valid], key[valid], n_pos[valid]
+    row_start = np.cumsum(n_pos) - n_pos                             # (V,) offsets into T
+    rows, pos, first_key = _positive_ranks(match, key, n_pos, row_start)
+    hit_idx = np.arange(rows.size) - row_start[rows] + 1             # i = 1..P within a row
+    ap = np.bincount(rows, weights=hit_idx / (pos + 1.0), minlength=n_pos.size) / n_pos
+    last = row_start + n_pos - 1                                     # index of r_P in T
+    inp = n_pos / (pos[last] + 1.0)
+    if identities is not None:
+        # identities with a kept entry ranked before the first positive
+        id_perm, id_starts = identities
+        before = key < first_key[:, None]                            # (V, G); excluded: never
+        seen = np.logical_or.reduceat(before[:, id_perm], id_starts, axis=1)  # (V, n_ids)
+        k0 = np.count_nonzero(seen, axis=1)
+    else:
+        k0 = pos[row_start]
+    return ap, inp, k0
 
-        all_ap.append(ap)
-        all_inp.append(inp)
-        all_k0.append(k0)
 
-    if not all_ap:
-        raise ValueError(
-            f"no valid query: none of the {num_q} queries has a matching identity in its "
-            f"(non-excluded) gallery of {num_g} entries"
-        )
-    ap = np.concatenate(all_ap)
-    inp = np.concatenate(all_inp)
-    k0 = np.concatenate(all_k0)
-    num_valid = int(ap.size)
-    hist = np.bincount(np.minimum(k0, max_rank), minlength=max_rank + 1)[:max_rank]
-    cmc = np.cumsum(hist).astype(np.float64) / num_valid
-    return {
-        "cmc": cmc,
-        "mAP": float(ap.mean()),
-        "mINP": float(inp.mean()),
-        "num_valid": num_valid,
-    }
+def _positive_ranks(match: np.ndarray, key: np.ndarray, n_pos: np.ndarray, row_start: np.ndarray):
+    """Where each positive lands in its row's ranking, for ``V`` rows with a positive.
+
+    Returns ``rows, pos`` ``(T,)``: one entry per positive, rows ascending and kept positions
+    ``r`` ascending inside each row; and ``first_key (V,)``: the key of each row's first
+    positive. Few positives per row: count the keys below each positive (no sort); many: sort.
+    """
+    num_v, num_g = key.shape
+    if n_pos.max() <= _COMPARE_PER_LOG2 * np.log2(max(num_g, 2)):
+        rows, cols = np.nonzero(match)                               # gallery order
+        pos_key = key[rows, cols]                                    # (T,)
+        slot = np.arange(rows.size) - row_start[rows]
+        slot_key = np.zeros((num_v, int(n_pos.max())), np.uint64)    # pad 0: counts 0
+        slot_key[rows, slot] = pos_key
+        counts = np.empty(slot_key.shape, np.int64)                  # (V, P_max)
+        block = max(1, _BLOCK_CELLS // num_g)                        # cache-sized row blocks
+        for a in range(0, num_v, block):
+            key_b = key[a:a + block]
+            for j in range(slot_key.shape[1]):
+                counts[a:a + block, j] = np.count_nonzero(key_b < slot_key[a:a + block, j, None], axis=1)
+        pos = counts[rows, slot]
+        within = np.lexsort((pos, rows))
+        return rows[within], pos[within], pos_key[within][row_start]
+    order = np.argsort(key, axis=1)                                  # kept first, by rank
+    rows, pos = np.nonzero(np.take_along_axis(match, order, axis=1))
+    first_col = order[np.arange(num_v), pos[row_start]]              # (V,) gallery col of r_1
+    return rows, pos, key[np.arange(num_v), first_col]
 
 
 def mean_std(per_trial: list[dict]) -> dict[str, Any]:

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dmdl_cli.recipe import Recipe
+from dmdl_cli.recipe import AMP_MODES, Recipe
 
-_AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# recipe.AMP_MODES, in its order: the dtype each mode autocasts to
+_AMP_DTYPES = dict(zip(AMP_MODES, (None, torch.float16, torch.bfloat16), strict=True))
 # Set to 1 to keep the recipe's AMP and channels_last on the CPU (slow: fp16 kernels on a CPU are
 # many times slower than fp32). For tests and `benchmarks/gpu_check.py --cpu`, which exercise
 # the GPU's mixed-precision branches on machines without one.

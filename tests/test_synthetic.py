@@ -48,7 +48,7 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 
 def test_ids_and_seed_default_to_the_recipe_section(tmp_path):
     a = generate(tmp_path / "a", images_per_cam=1, config=SyntheticConfig(ids=6, seed=7), workers=1)
-    b = generate(tmp_path / "b", ids=6, seed=7, images_per_cam=1, workers=1)
+    generate(tmp_path / "b", ids=6, seed=7, images_per_cam=1, workers=1)
     assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
     assert (a["seed"], a["ids"]) == (7, {"train": 3, "val": 1, "test": 2})
     assert "ids" not in a["config"] and "seed" not in a["config"]  # recorded once, above

@@ -295,11 +295,11 @@ def test_choice_lists_are_what_the_implementations_accept():
     from dmdl_cli.data.augment import _MAP_FORMULAE
     from dmdl_cli.data.sources import read_source
     from dmdl_cli.model.backbone import _ARCH_SPECS
-    from dmdl_cli.runtime import _AMP_DTYPES
+    from dmdl_cli.runtime import AMP_DTYPES
     from dmdl_cli.training.memory import UPDATE_RULES
 
     assert tuple(_ARCH_SPECS) == R.ARCHS and tuple(_MAP_FORMULAE) == R.COLOUR_MAPS
-    assert tuple(_AMP_DTYPES) == R.AMP_MODES and _AMP_DTYPES["bf16"] is torch.bfloat16
+    assert tuple(AMP_DTYPES) == R.AMP_MODES and AMP_DTYPES["bf16"] is torch.bfloat16
     assert neighbors.METHODS is R.KNN_METHODS and tuple(UPDATE_RULES) == R.MEMORY_UPDATES
     centroids = np.eye(3)
     for method in R.ASSOCIATION_METHODS:

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -41,10 +41,10 @@ sys.path.insert(0, str(REPO))
 from dmdl_cli.errors import DmdlError  # noqa: E402
 from dmdl_cli.recipe import Recipe, load_recipe, stage_hash  # noqa: E402
 
-# data set name -> SyntheticConfig overrides (generator seed 0 and the demo's identities 1..90)
-DATA_SETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "thermal": {"material_coupling": -0.8},
+# data set name -> the recipe's synthetic: keys that make it (--set; the demo's seed 0 and 90 ids)
+DATA_SETS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "thermal": ("synthetic.material_coupling=-0.8",),
 }
 # setting -> (data set, initialisation: "scratch" or "source", title)
 SETTINGS: dict[str, tuple[str, str, str]] = {
@@ -118,7 +118,7 @@ class Plan:
         init = SETTINGS[run.setting][1]
         pretrained = str(self.source_weights) if init == "source" else "null"
         switch = SWITCHES[run.switch][1] if run.switch else ()
-        return [f"data.dataset={dataset_name(run.data)}", f"train.seed={run.seed}",
+        return ["data.dataset=synthetic", *DATA_SETS[run.data], f"train.seed={run.seed}",
                 f"model.pretrained={pretrained}", *self.sets, *switch]
 
     def overlay(self, run: Run) -> Path:
@@ -137,12 +137,6 @@ class Plan:
             return self.resolve(run).hash()
         except DmdlError:
             return None
-
-
-def dataset_name(data: str) -> str:
-    """The default set is prepared as ``synthetic``; a set with other generator settings is
-    written by this script and read in its SYSU-MM01 layout (the same protocol)."""
-    return "synthetic" if not DATA_SETS[data] else "sysu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,24 +182,10 @@ def prepare_data(plan: Plan, data: str) -> None:
     if (ws / "manifest.json").is_file() and (ws / "data" / "index.csv").is_file():
         return
     root = plan.work / f"synthetic-{data}"
-    if DATA_SETS[data]:
-        write_synthetic(root, DATA_SETS[data])
-    dmdl(plan, plan.work / "logs" / f"prepare-{data}.log", "prepare-data", "--dataset",
-         dataset_name(data), "--root", str(root), "--workspace", str(ws), "--recipe", str(plan.recipe),
-         *[x for kv in plan.sets for x in ("--set", kv)])
+    dmdl(plan, plan.work / "logs" / f"prepare-{data}.log", "prepare-data", "--dataset", "synthetic",
+         "--root", str(root), "--workspace", str(ws), "--recipe", str(plan.recipe),
+         *[x for kv in (*DATA_SETS[data], *plan.sets) for x in ("--set", kv)])
     say(f"prepared {ws}")
-
-
-def write_synthetic(root: Path, overrides: dict[str, Any]) -> None:
-    """The demo set (seed 0, default identities) with other generator settings, once."""
-    from dmdl_cli.data.synthetic import SyntheticConfig, generate
-
-    config = dataclasses.asdict(SyntheticConfig(**overrides))
-    info = root / "synthetic.json"
-    if info.is_file() and json.loads(info.read_text()).get("config") == config:
-        return
-    summary = generate(root, seed=0, config=SyntheticConfig(**overrides), overwrite=True)
-    say(f"generated {root} ({summary['images']} images, {summary['seconds']:.0f} s)")
 
 
 def source_backbone(plan: Plan, options: list[str], sets: list[str]) -> None:

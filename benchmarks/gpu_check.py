@@ -314,10 +314,10 @@ def feature_speed(sizes: Sizes, device: torch.device, cache_path: Path):
     from dmdl_cli.data.cache import open_cache
     from dmdl_cli.features.extract import extract_features
     from dmdl_cli.model.loading import build_from_recipe
-    from dmdl_cli.runtime import _AMP_DTYPES
+    from dmdl_cli.runtime import AMP_DTYPES
 
     recipe = check_recipe(sizes)
-    runtime = make_runtime(device, _AMP_DTYPES[recipe.train.amp])
+    runtime = make_runtime(device, AMP_DTYPES[recipe.train.amp])
     n = sizes.cache_images
     cache = open_cache(cache_path, n, sizes.height, sizes.width)
     model = build_from_recipe(recipe, pretrained=False).to(device).to(memory_format=torch.channels_last)

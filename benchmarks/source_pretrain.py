@@ -103,16 +103,17 @@ def settings_from(recipe: Recipe, overrides: dict[str, Any]) -> SourceSettings:
     )
 
 
-def generator_config() -> dict[str, Any]:
-    """The synthetic generator's settings (its defaults): part of what the weights depend on."""
-    return dataclasses.asdict(SyntheticConfig())
+def generator_config(synthetic: SyntheticConfig | None = None) -> dict[str, Any]:
+    """The synthetic generator's settings (the recipe's ``synthetic:`` section without its ids
+    and seed, which the source set takes from SourceSettings): part of what the weights depend on."""
+    return (synthetic or SyntheticConfig()).generator_settings()
 
 
 def stamp_path(out: Path) -> Path:
     return out.with_suffix(".json")
 
 
-def is_up_to_date(out: Path, settings: SourceSettings) -> bool:
+def is_up_to_date(out: Path, settings: SourceSettings, synthetic: SyntheticConfig | None = None) -> bool:
     """True when ``out`` exists, its stamp holds these settings and the file's sha256."""
     stamp = stamp_path(out)
     if not (out.is_file() and stamp.is_file()):
@@ -121,7 +122,7 @@ def is_up_to_date(out: Path, settings: SourceSettings) -> bool:
         saved = json.loads(stamp.read_text())
     except ValueError:
         return False
-    return (saved.get("settings") == dataclasses.asdict(settings) and saved.get("generator") == generator_config()
+    return (saved.get("settings") == dataclasses.asdict(settings) and saved.get("generator") == generator_config(synthetic)
             and saved.get("sha256") == sha256_file(out))
 
 
@@ -138,14 +139,16 @@ class SourceData:
     num_classes: int
 
 
-def source_data(folder: Path, s: SourceSettings) -> SourceData:
-    """Generate the source set once (kept under ``folder``), index its visible images, cache them."""
-    config = hashlib.sha256(json.dumps(generator_config(), sort_keys=True).encode()).hexdigest()[:8]
+def source_data(folder: Path, s: SourceSettings, synthetic: SyntheticConfig | None = None) -> SourceData:
+    """Generate the source set once (kept under ``folder``) with the generator settings of
+    ``synthetic`` (the recipe's section), index its visible images, cache them."""
+    config = hashlib.sha256(json.dumps(generator_config(synthetic), sort_keys=True).encode()).hexdigest()[:8]
     key = f"seed{s.data_seed}-pid{s.first_pid}-{s.train_ids}+{s.heldout_ids}x{s.images_per_cam}-g{config}"
     root = folder / f"synthetic-{key}"
     if not (root / "synthetic.json").is_file():
         summary = generate(root, ids=(s.train_ids, 0, s.heldout_ids), seed=s.data_seed,
-                           images_per_cam=s.images_per_cam, first_pid=s.first_pid, overwrite=True)
+                           images_per_cam=s.images_per_cam, first_pid=s.first_pid, overwrite=True,
+                           config=synthetic)
         log(f"generated the source set {root} ({summary['images']} images, {summary['seconds']:.1f} s; "
             f"only its visible images are read)")
     full = read_sysu(root)
@@ -276,11 +279,11 @@ def target_stage0(weights: Path, target: Path, runtime: Runtime) -> dict:
 def pretrain(recipe: Recipe, out: Path, s: SourceSettings, *, force: bool = False,
              target: Path | None = None) -> Path:
     """Train and save unless ``out`` is up to date; returns ``out``."""
-    if not force and is_up_to_date(out, s):
+    if not force and is_up_to_date(out, s, recipe.synthetic):
         log(f"{out} is up to date (settings in {stamp_path(out)}); nothing to do")
         return out
     runtime = select_runtime(recipe)
-    data = source_data(out.parent, s)
+    data = source_data(out.parent, s, recipe.synthetic)
     log(f"source set: {data.num_classes} training identities, {len(data.train_rows)} visible "
         f"training images, {len(data.heldout_rows)} held-out images; {s.arch} {s.height}x{s.width}, "
         f"{s.epochs} epochs x {s.iters} steps of {min(s.ids_per_batch, data.num_classes)} x {s.instances} images, "
@@ -298,7 +301,7 @@ def pretrain(recipe: Recipe, out: Path, s: SourceSettings, *, force: bool = Fals
     torch.save({k: v.cpu() for k, v in model.backbone.state_dict().items()}, buffer)
     atomic_write_bytes(out, buffer.getvalue())
     check_loadable(out, model, s)
-    report = {"settings": dataclasses.asdict(s), "generator": generator_config(), "sha256": sha256_file(out),
+    report = {"settings": dataclasses.asdict(s), "generator": generator_config(recipe.synthetic), "sha256": sha256_file(out),
               "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), **summary,
               "heldout_visible_before": before, "heldout_visible_after": after}
     if target is not None:

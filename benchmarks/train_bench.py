@@ -26,12 +26,14 @@ from dmdl_cli.data.sampling import ResumableBatchSampler, epoch_batches  # noqa:
 from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views  # noqa: E402
 from dmdl_cli.model.backbone import build_model, normalize_batch  # noqa: E402
 from dmdl_cli.training.losses import contrastive_loss, mmd_multi_kernel  # noqa: E402
+from dmdl_cli.recipe import AMP_MODES  # noqa: E402
+from dmdl_cli.runtime import AMP_DTYPES  # noqa: E402
 from dmdl_cli.training.memory import ClusterMemory  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp] if device.type == "cuda" else None
+    amp = AMP_DTYPES[args.amp] if device.type == "cuda" else None
     n, h, w = args.images, args.height, args.width
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +97,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--amp", default="fp16", choices=("off", "fp16", "bf16"))
+    parser.add_argument("--amp", default="fp16", choices=AMP_MODES)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--clusters-per-batch", type=int, default=8)
     parser.add_argument("--instances", type=int, default=4, help="K per cluster and modality")

@@ -113,8 +113,8 @@ def prepare_data(
     workspace: Path = WorkspaceOpt,
     root: Optional[Path] = typer.Option(None, "--root", help="Raw data set folder (synthetic: where to write it, default WS/synthetic)."),
     trial: int = typer.Option(1, "--trial", help="RegDB split trial 1..10."),
-    ids: Optional[int] = typer.Option(None, "--ids", help="Synthetic set: number of identities."),
-    seed: int = typer.Option(0, "--seed", help="Synthetic set: generator seed."),
+    ids: Optional[int] = typer.Option(None, "--ids", help="Synthetic set: number of identities (sets synthetic.ids)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Synthetic set: generator seed (sets synthetic.seed)."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -128,7 +128,10 @@ def prepare_data(
     dataset = dataset.value
     ws = Workspace.create(workspace)
     overlays = [str(o) for o in overlay or []]
-    overrides = [f"data.dataset={dataset}", f"data.trial={trial}", *(set_ or [])]
+    # --ids / --seed are short for --set synthetic.ids= / synthetic.seed= (an explicit --set wins)
+    shorthands = [f"synthetic.{key}={value}" for key, value in (("ids", ids), ("seed", seed))
+                  if value is not None]
+    overrides = [f"data.dataset={dataset}", f"data.trial={trial}", *shorthands, *(set_ or [])]
     if recipe is None and ws.recipe_path.is_file() and not force:
         base = ws.recipe_path
     else:
@@ -139,8 +142,8 @@ def prepare_data(
     ws.recipe_origin = {"recipe": str(Path(base).resolve()), "overlays": overlays,
                         "overrides": overrides, "inherited": []}
     run = _stage("dmdl_cli.data.prepare", "prepare_data")
-    run(ws, recipe_obj, dataset=dataset, root=root, trial=trial, ids=ids, seed=seed,
-        force=force, skip_bad_images=skip_bad_images)
+    run(ws, recipe_obj, dataset=dataset, root=root, trial=trial, force=force,
+        skip_bad_images=skip_bad_images)
     _results(f"workspace {ws.root} (its recipe: {ws.recipe_path})")
 
 

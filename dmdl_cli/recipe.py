@@ -38,6 +38,14 @@ TRIPLET_MODES = ("per-modality", "joint")
 LOSS_REDUCTIONS = ("sum-modalities", "mean")
 MEMORY_UPDATES = ("per-sample", "batch-mean")
 INTRA_TARGETS = ("hard", "refined")
+# Random erasing fills: per-pixel uniform noise, the ImageNet mean colour, black.
+ERASING_FILLS = ("random", "mean", "zero")
+# The most boxes one random erasing tries (the augmentation draws a fixed block of random
+# numbers per view, sized by this bound).
+ERASING_ATTEMPTS_MAX = 10
+# Colour maps of the infrared pseudo-colour view (formulae in dmdl_cli/data/augment.py).
+COLOUR_MAPS = ("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot", "cool", "spring", "summer",
+               "winter", "autumn")
 NEVER = "never"  # an epoch threshold that is never reached
 
 
@@ -51,12 +59,28 @@ def _ranged(default: Any, lo: float | None = None, hi: float | None = None) -> A
 
 def _threshold(default: int | str) -> Any:
     """An epoch threshold (0-based epoch number) or ``never``; validated against ``epochs``."""
-    return field(default=default, metadata={"min": 0, "threshold": True})
+    return field(default=default, metadata={"min": 0, "threshold": True, "schedule": True})
 
 
 def _between(default: Any, lo: float, hi: float) -> Any:
     """A value in the open interval (lo, hi): both ends excluded."""
     return field(default=default, metadata={"above": lo, "below": hi})
+
+
+def _epoch_count(default: int) -> Any:
+    """A number of first epochs (>= 0); validated against ``epochs`` like a threshold."""
+    return field(default=default, metadata={"min": 0, "schedule": True})
+
+
+def _pair(default: tuple[float, float], above: float, hi: float | None = None) -> Any:
+    """A range ``[lo, hi]`` written as a two-number list with ``above < lo <= hi (<= hi_max)``."""
+    return field(default_factory=lambda: list(default), metadata={"pair": (above, hi)})
+
+
+def _names(default: Iterable[str], choices: Iterable[str]) -> Any:
+    """A non-empty list of names, each one of ``choices``."""
+    default = list(default)
+    return field(default_factory=lambda: list(default), metadata={"items": tuple(choices)})
 
 
 @dataclass
@@ -96,13 +120,12 @@ class ClusterRecipe:
 
 @dataclass
 class StageRecipe:
-    """One training stage: schedule, optimiser, batch, losses and their ramps.
+    """What both training stages read: schedule, optimiser, batch, losses and their ramps.
 
-    Epochs are counted from 0. Thresholds ``refine_from``, ``onehot_epochs`` and
-    ``cross_sampler_from`` hold from the epoch named on (``epoch >= value``); ``never`` turns them
-    off. Triplet ramp entries ``[e, w]`` hold strictly after the epoch named (``epoch > e``), as
-    in the reference implementation. Validation refuses thresholds that the schedule never
-    reaches.
+    Epochs are counted from 0. Thresholds (``stage1.refine_from``, ``stage2.cross_sampler_from``)
+    hold from the epoch named on (``epoch >= value``); ``never`` turns them off. Triplet ramp
+    entries ``[e, w]`` hold strictly after the epoch named (``epoch > e``), as in the reference
+    implementation. Validation refuses thresholds that the schedule never reaches.
     """
 
     epochs: int = _ranged(50, 1)
@@ -130,16 +153,23 @@ class StageRecipe:
     loss_reduction: str = _choice("sum-modalities", LOSS_REDUCTIONS)
     # draw a cluster's other instances from cameras other than the anchor's where possible
     camera_aware_sampling: bool = True
+    refine_topk: int = _ranged(3, 1)  # k of the refined targets' top-k softmax
+
+
+@dataclass
+class Stage1Recipe(StageRecipe):
+    """Stage 1 (per-modality clusters) refines its labels from an epoch on."""
+
     refine_from: int | str = _threshold(30)  # first epoch with label refinement (before: c = 1)
-    refine_topk: int = _ranged(3, 1)
-    onehot_epochs: int = _ranged(0, 0)  # first epochs with one-hot targets
-    cross_sampler_from: int | str = _threshold(NEVER)  # epoch from which batches are cross-modality
 
 
 @dataclass
 class Stage2Recipe(StageRecipe):
-    """Stage 2 adds the switches that only exist with a unified identity space."""
+    """Stage 2 adds what only exists with a unified identity space. It refines from its first
+    epoch on, after ``onehot_epochs`` epochs of one-hot targets."""
 
+    onehot_epochs: int = _epoch_count(5)  # first epochs with one-hot targets
+    cross_sampler_from: int | str = _threshold(40)  # epoch from which batches are cross-modality
     # the modality that adopted the other's ids this epoch also moves the other's memory rows
     cross_memory_update: bool = True
     # add a batch-hard triplet over all images on unified ids while the cross sampler is on
@@ -179,6 +209,15 @@ class RunRecipe:
     tensorboard: bool = False
 
 
+# Keys a stage used to carry but never read: an old recipe naming one is refused with the reason.
+REMOVED_KEYS = {
+    "stage1.cross_sampler_from": "stage 1 has no unified identities to sample across modalities "
+                                 "(stage2.cross_sampler_from sets stage 2's)",
+    "stage1.onehot_epochs": "stage 1 trains on hard labels until stage1.refine_from",
+    "stage2.refine_from": "stage 2 refines from its first epoch on, after stage2.onehot_epochs "
+                          "epochs of one-hot targets",
+}
+
 # Keys that moved to the `run:` section: an old recipe naming one is refused with its new name.
 MOVED_KEYS = {
     "data.workers": "run.workers",
@@ -192,19 +231,91 @@ MOVED_KEYS = {
 
 @dataclass
 class AugmentRecipe:
-    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4)."""
+    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4).
 
-    pad: int = _ranged(10, 0)
-    flip_p: float = _ranged(0.5, 0.0, 1.0)
+    Values are the paper's and, where it is silent, its reference implementation's. Whether the
+    views are modality-specific comes from ``cbt.augment``; the image size from ``data``.
+    """
+
+    pad: int = _ranged(10, 0)  # zero padding before the random crop back to the input size
+    flip_p: float = _ranged(0.5, 0.0, 1.0)  # horizontal flip
+    # random erasing of one box: probability, area fraction range, aspect ratio range (drawn
+    # log-uniformly), boxes tried until one fits, fill (one of ERASING_FILLS)
     erasing_p: float = _ranged(0.5, 0.0, 1.0)
+    erasing_scale: list = _pair((0.02, 0.5), 0.0, 1.0)
+    erasing_ratio: list = _pair((0.3, 1 / 0.3), 0.0)
+    erasing_attempts: int = _ranged(10, 1, ERASING_ATTEMPTS_MAX)
+    erasing_fill: str = _choice("random", ERASING_FILLS)
+    # colour jitter of visible view B: factors in [max(0, 1 - s), 1 + s], hue shift in [-h, h]
     jitter_brightness: float = _ranged(0.5, 0.0)
     jitter_contrast: float = _ranged(0.5, 0.0)
     jitter_saturation: float = _ranged(0.5, 0.0)
     jitter_hue: float = _ranged(0.5, 0.0, 0.5)
     jitter_p: float = _ranged(1.0, 0.0, 1.0)
-    channel_exchange_p: float = _ranged(1.0, 0.0, 1.0)
-    ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)
-    ir_pseudo_colour_p: float = _ranged(1.0, 0.0, 1.0)
+    channel_exchange_p: float = _ranged(1.0, 0.0, 1.0)  # visible view B: one channel in all three
+    ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)  # IR view A: R, G, B or gray in all three
+    ir_pseudo_colour_p: float = _ranged(1.0, 0.0, 1.0)  # IR view B: false colours
+    # candidate colour maps (COLOUR_MAPS); three distinct ones per image when there are >= 3
+    ir_pseudo_colour_maps: list = _names(("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot"),
+                                         COLOUR_MAPS)
+
+    def __post_init__(self) -> None:  # sections built in code are checked as a file would be
+        check_section(self, AugmentRecipe, "augment", type(self).__name__)
+
+
+@dataclass
+class SyntheticRecipe:
+    """The embedded synthetic data set (``data.dataset: synthetic``): what ``prepare-data``
+    generates, and the strengths of its generative model (docs/synthetic.md).
+
+    Cue strengths are spreads *between identities*; nuisance strengths are per-image
+    variations. Colour and intensity values live in [0, 1]; lengths are fractions of the figure
+    height unless said otherwise.
+    """
+
+    # identities: test = ids/3, val = ids/9 (rounded), train = the rest (90: 50 / 10 / 30)
+    ids: int = _ranged(90, 3)
+    seed: int = _ranged(0, 0)  # every draw of the generator derives from it
+    height: int = _ranged(96, 32)  # generated image size in pixels (the cache resizes it)
+    width: int = _ranged(48, 16)
+    jpeg_quality: int = _ranged(90, 1, 100)
+
+    # --- visible-only cues (strong) ---
+    colour_spread: float = _ranged(1.0, 0.0)  # garment RGB: uniform in a cube of this side around mid-grey
+    colour_noise: float = _ranged(0.03, 0.0)  # per-image sd of the garment colour (RGB units)
+    cast_strength: float = _ranged(0.2, 0.0)  # visible camera colour cast: per-channel gain in 1 +- this
+
+    # --- cross-modal cues (weak) ---
+    shape_spread: float = _ranged(0.2, 0.0)  # relative sd of height, shoulder/hip width, head, legs
+    # share of identities whose upper garment has a pattern (stripes or checks); the lower
+    # garment gets one with half this probability
+    texture_prob: float = _ranged(0.7, 0.0, 1.0)
+    texture_contrast: float = _ranged(0.6, 0.0)  # pattern amplitude, relative intensity (both modalities)
+    material_spread: float = _ranged(0.6, 0.0)  # spread of the garments' thermal brightness (IR units)
+    # how far the visible luminance of a garment follows its IR brightness: 0 = independent;
+    # > 0 near-infrared cameras (SYSU-MM01, LLCM), which see reflected light; < 0 thermal cameras
+    # (RegDB), where high-emissivity fabrics (bright in IR) are darker in visible light
+    material_coupling: float = _ranged(0.8, -1.0, 1.0)
+    object_prob: float = _ranged(0.6, 0.0, 1.0)  # share carrying a bag (left, right) or a backpack
+
+    # --- per-image nuisance ---
+    scale_jitter: float = _ranged(0.08, 0.0)  # figure size varies by +- this fraction
+    shift_jitter: float = _ranged(0.08, 0.0)  # figure position: +- this fraction of the width
+    shear_jitter: float = _ranged(0.06, 0.0)  # lean: horizontal shear (figure units per height)
+    limb_jitter: float = _ranged(0.035, 0.0)  # arm swing and stride offsets
+    flip_prob: float = _ranged(0.5, 0.0, 1.0)
+    illum_jitter: float = _ranged(0.12, 0.0)  # global brightness gain varies by +- this
+    pixel_noise: float = _ranged(0.02, 0.0)  # sd of the visible per-pixel noise
+    ir_noise: float = _ranged(0.04, 0.0)  # sd of the infrared per-pixel noise
+    ir_blur: float = _ranged(0.6, 0.0)  # sd (pixels) of the gaussian blur of infrared images
+    occlusion_prob: float = _ranged(0.15, 0.0, 1.0)  # an obstacle covering the bottom or a side
+
+    def __post_init__(self) -> None:  # sections built in code are checked as a file would be
+        check_section(self, SyntheticRecipe, "synthetic", type(self).__name__)
+
+    def generator_settings(self) -> dict[str, Any]:
+        """Everything but ``ids`` and ``seed``: how each image looks."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("ids", "seed")}
 
 
 @dataclass
@@ -243,21 +354,16 @@ class EvalRecipe:
 
 
 def _stage2_defaults() -> Stage2Recipe:
-    return Stage2Recipe(
-        triplet_ramp=[[10, 0.5], [20, 1.0]],
-        refine_from=0,
-        refine_topk=10,
-        onehot_epochs=5,
-        cross_sampler_from=40,
-    )
+    return Stage2Recipe(triplet_ramp=[[10, 0.5], [20, 1.0]], refine_topk=10)
 
 
 @dataclass
 class Recipe:
     data: DataRecipe = field(default_factory=DataRecipe)
+    synthetic: SyntheticRecipe = field(default_factory=SyntheticRecipe)
     model: ModelRecipe = field(default_factory=ModelRecipe)
     cluster: ClusterRecipe = field(default_factory=ClusterRecipe)
-    stage1: StageRecipe = field(default_factory=StageRecipe)
+    stage1: Stage1Recipe = field(default_factory=Stage1Recipe)
     stage2: Stage2Recipe = field(default_factory=_stage2_defaults)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     run: RunRecipe = field(default_factory=RunRecipe)
@@ -290,11 +396,12 @@ UNHASHED_SECTIONS = ("run",)
 
 # Sections whose values determine each stage's result: a checkpoint is compatible with a recipe
 # when these hashes agree (an overlay that only touches stage 2 keeps stage 1 valid).
+# `synthetic` goes with `data`: it changes the images of the synthetic set.
 STAGE_SECTIONS = {
-    "model": ("data", "model"),
-    "stage1": ("data", "model", "cluster", "stage1", "train", "augment", "cbt"),
-    "stage2": ("data", "model", "cluster", "stage1", "stage2", "train", "augment", "cbt", "cai",
-               "association"),
+    "model": ("data", "synthetic", "model"),
+    "stage1": ("data", "synthetic", "model", "cluster", "stage1", "train", "augment", "cbt"),
+    "stage2": ("data", "synthetic", "model", "cluster", "stage1", "stage2", "train", "augment",
+               "cbt", "cai", "association"),
 }
 
 
@@ -337,8 +444,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, str):
             return value
     elif tp is list or origin is list:
-        if isinstance(value, list):
-            return copy.deepcopy(value)
+        if isinstance(value, (list, tuple)):  # a tuple: a section built in code
+            return copy.deepcopy(list(value))
     else:  # pragma: no cover - a programming error in this file
         raise TypeError(f"unsupported recipe field type {tp!r}")
     raise DmdlError(
@@ -351,17 +458,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
         raise DmdlError(f"recipe key '{prefix}' ({source}): expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    moved = [key for key in (f"{prefix}.{name}" for name in unknown) if key in MOVED_KEYS]
-    if moved:
-        raise DmdlError(f"recipe key '{moved[0]}' ({source}) moved to {MOVED_KEYS[moved[0]]}: "
-                        f"use {MOVED_KEYS[moved[0]]} instead (the `run:` section holds the "
-                        f"settings that change no result)")
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise DmdlError(
-            f"unknown recipe key '{where}' ({source}); known keys here: {', '.join(known)}"
-        )
+    _refuse_unknown(sorted(set(data) - set(known)), known, prefix, source)
     default = cls()
     values: dict[str, Any] = {}
     for name, fld in known.items():
@@ -372,35 +469,89 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
             base = dataclasses.asdict(getattr(default, name))
             merged = _deep_merge(base, sub if isinstance(sub, Mapping) else _raise_mapping(key, sub, source))
             values[name] = _build(tp, merged, key, source)
-            continue
-        if name not in data:
+        elif name not in data:
             values[name] = getattr(default, name)
-            continue
-        meta = fld.metadata
-        if meta.get("threshold") and data[name] == NEVER:
-            values[name] = NEVER
-            continue
-        if meta.get("threshold") and not (isinstance(data[name], int) and not isinstance(data[name], bool)):
-            raise DmdlError(f"recipe key '{key}' ({source}): expected an epoch number or "
-                            f"'{NEVER}', got {data[name]!r}")
-        value = _coerce(data[name], tp, key, source)
-        if value is None:
-            values[name] = value
-            continue
-        if "choices" in meta and value not in meta["choices"]:
-            allowed = ", ".join(str(c) for c in meta["choices"])
-            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is not one of {allowed}")
-        lo, hi = meta.get("min"), meta.get("max")
-        if lo is not None and value < lo:
-            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is below the minimum {lo}")
-        if hi is not None and value > hi:
-            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {hi}")
-        above, below = meta.get("above"), meta.get("below")
-        if above is not None and not above < value < below:
-            raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is outside the open interval "
-                            f"({above}, {below}); both ends are excluded")
-        values[name] = value
+        else:
+            values[name] = _validated(fld, tp, data[name], key, source)
     return cls(**values)
+
+
+def _refuse_unknown(unknown: list[str], known: Mapping[str, Any], prefix: str, source: str) -> None:
+    """Name the first unknown key; a moved or removed one with its new place or the reason."""
+    keys = [f"{prefix}.{name}" if prefix else name for name in unknown]
+    for key in keys:
+        if key in MOVED_KEYS:
+            raise DmdlError(f"recipe key '{key}' ({source}) moved to {MOVED_KEYS[key]}: "
+                            f"use {MOVED_KEYS[key]} instead (the `run:` section holds the "
+                            f"settings that change no result)")
+        if key in REMOVED_KEYS:
+            section, name = key.split(".", 1)
+            raise DmdlError(f"recipe key '{key}' ({source}): {section} has no {name}: "
+                            f"{REMOVED_KEYS[key]}; remove the key")
+    if keys:
+        raise DmdlError(f"unknown recipe key '{keys[0]}' ({source}); known keys here: "
+                        f"{', '.join(known)}")
+
+
+def _validated(fld: dataclasses.Field, tp: Any, raw: Any, key: str, source: str) -> Any:
+    """The value of one recipe key: its type coerced, its range, choices, pair or names checked."""
+    meta = fld.metadata
+    if meta.get("threshold") and raw == NEVER:
+        return NEVER
+    if meta.get("threshold") and not (isinstance(raw, int) and not isinstance(raw, bool)):
+        raise DmdlError(f"recipe key '{key}' ({source}): expected an epoch number or "
+                        f"'{NEVER}', got {raw!r}")
+    value = _coerce(raw, tp, key, source)
+    if value is None:
+        return value
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(str(c) for c in meta["choices"])
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is not one of {allowed}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {hi}")
+    above, below = meta.get("above"), meta.get("below")
+    if above is not None and not above < value < below:
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is outside the open interval "
+                        f"({above}, {below}); both ends are excluded")
+    if "pair" in meta:
+        return _checked_pair(value, *meta["pair"], key, source)
+    if "items" in meta:
+        return _checked_names(value, meta["items"], key, source)
+    return value
+
+
+def _checked_pair(value: list, above: float, hi: float | None, key: str, source: str) -> list:
+    numbers = [_coerce(x, float, key, source) if not isinstance(x, bool) else x for x in value]
+    ok = (len(numbers) == 2 and all(isinstance(x, float) for x in numbers)
+          and above < numbers[0] <= numbers[1] and (hi is None or numbers[1] <= hi))
+    if not ok:
+        bound = f" <= {hi}" if hi is not None else ""
+        raise DmdlError(f"recipe key '{key}' ({source}): expected [lo, hi] with "
+                        f"{above} < lo <= hi{bound}, got {value!r}")
+    return numbers
+
+
+def _checked_names(value: list, choices: tuple[str, ...], key: str, source: str) -> list:
+    if not value:
+        raise DmdlError(f"recipe key '{key}' ({source}): name at least one of {', '.join(choices)}")
+    for name in value:
+        if name not in choices:
+            raise DmdlError(f"recipe key '{key}' ({source}): {name!r} is not one of "
+                            f"{', '.join(choices)}")
+    return list(value)
+
+
+def check_section(section: Any, cls: type, prefix: str, source: str) -> None:
+    """Check a section built in code (not read from a file) by the rules of a recipe file:
+    every field of ``cls`` is validated, and lists given as tuples are stored as lists."""
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        value = _validated(fld, hints[fld.name], getattr(section, fld.name),
+                           f"{prefix}.{fld.name}", source)
+        object.__setattr__(section, fld.name, value)
 
 
 def _raise_mapping(key: str, value: Any, source: str) -> Mapping[str, Any]:
@@ -467,16 +618,13 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe", *,
         return recipe
     for name in ("stage1", "stage2"):
         _check_schedule(getattr(recipe, name), name, source)
-    if recipe.stage1.cross_sampler_from != NEVER:
-        raise DmdlError(f"recipe key 'stage1.cross_sampler_from' ({source}): stage 1 has no "
-                        f"unified identities to sample across modalities; set it to '{NEVER}'")
     return recipe
 
 
 def _check_schedule(stage: StageRecipe, name: str, source: str) -> None:
     """Refuse epoch thresholds that the stage's ``epochs`` never reach (naming the key)."""
     last = stage.epochs - 1  # epochs are counted from 0
-    for key in ("refine_from", "onehot_epochs", "cross_sampler_from"):
+    for key in (f.name for f in dataclasses.fields(stage) if f.metadata.get("schedule")):
         value = getattr(stage, key)
         if value != NEVER and value > last:
             hint = (f"set it to '{NEVER}' to switch it off" if key != "onehot_epochs"

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dmdl_cli.recipe import Recipe
+from dmdl_cli.recipe import AMP_MODES, Recipe
 
-_AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# recipe.AMP_MODES, in its order: the dtype each mode autocasts to
+AMP_DTYPES = dict(zip(AMP_MODES, (None, torch.float16, torch.bfloat16), strict=True))
 # Set to 1 to keep the recipe's AMP and channels_last on the CPU (slow: fp16 kernels on a CPU are
 # many times slower than fp32). For tests and `benchmarks/gpu_check.py --cpu`, which exercise
 # the GPU's mixed-precision branches on machines without one.
@@ -63,13 +64,13 @@ def select_runtime(recipe: Recipe, *, deterministic: bool = False) -> Runtime:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not deterministic
-        amp = _AMP_DTYPES[recipe.train.amp]
+        amp = AMP_DTYPES[recipe.train.amp]
         channels_last = recipe.train.channels_last
     else:
         device = torch.device("cpu")
         amp, channels_last = None, False
         if os.environ.get(CPU_AMP_ENV) == "1":
-            amp, channels_last = _AMP_DTYPES[recipe.train.amp], recipe.train.channels_last
+            amp, channels_last = AMP_DTYPES[recipe.train.amp], recipe.train.channels_last
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if deterministic:

@@ -9,6 +9,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from dmdl_cli.data import augment as A
+from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import AugmentRecipe, load_recipe
 from dmdl_cli.data.augment import (
     COLOUR_MAPS,
     AugmentConfig,
@@ -86,10 +88,15 @@ def test_bad_inputs_raise(visible_image):
         make_views(visible_image.float(), VIS, AugmentConfig(), gen(0))
     with pytest.raises(ValueError):
         make_views(visible_image, 2, AugmentConfig(), gen(0))
-    with pytest.raises(ValueError):
-        AugmentConfig(flip_p=1.5)
-    with pytest.raises(ValueError):
-        AugmentConfig(ir_pseudo_colour_maps=("jet", "viridis-from-matplotlib"))
+    # a configuration built in code is checked by the recipe's rules, naming the recipe key
+    for bad, key in ((dict(flip_p=1.5), "augment.flip_p"),
+                     (dict(ir_pseudo_colour_maps=("jet", "viridis-from-matplotlib")),
+                      "augment.ir_pseudo_colour_maps"),
+                     (dict(erasing_scale=(0.5, 0.2)), "augment.erasing_scale"),
+                     (dict(erasing_attempts=11), "augment.erasing_attempts"),
+                     (dict(erasing_fill="blue"), "augment.erasing_fill")):
+        with pytest.raises(DmdlError, match=key):
+            AugmentConfig(**bad)
 
 
 def test_pseudo_colour_view_is_not_gray(ir_image):
@@ -217,14 +224,33 @@ def test_jitter_matches_torchvision_chain():
     assert torch.equal(jitter_colour(img, 1.0, 1.0, 1.0, 0.0), img)
 
 
-def test_from_recipe_maps_fields():
-    @dataclasses.dataclass
-    class FakeRecipe:
-        pad: int = 4
-        flip_p: float = 0.25
-        channel_exchange_p: float = 0.5
-        not_a_field: int = 3
-
-    cfg = AugmentConfig.from_recipe(FakeRecipe(), modality_specific=False, size=(64, 32))
-    assert (cfg.pad, cfg.flip_p, cfg.channel_exchange_p) == (4, 0.25, 0.5)
+def test_from_recipe_carries_every_augment_key():
+    recipe = load_recipe(overrides=[
+        "augment.pad=4", "augment.flip_p=0.25", "augment.erasing_scale=[0.1, 0.2]",
+        "augment.erasing_ratio=[0.5, 2]", "augment.erasing_attempts=3", "augment.erasing_fill=mean",
+        "augment.ir_pseudo_colour_maps=[cool, spring, summer]"])
+    cfg = AugmentConfig.from_recipe(recipe.augment, modality_specific=False, size=(64, 32))
+    for fld in dataclasses.fields(AugmentRecipe):
+        assert getattr(cfg, fld.name) == getattr(recipe.augment, fld.name), fld.name
+    assert (cfg.erasing_scale, cfg.erasing_ratio, cfg.erasing_fill) == ([0.1, 0.2], [0.5, 2.0], "mean")
+    assert cfg.ir_pseudo_colour_maps == ["cool", "spring", "summer"]
     assert cfg.modality_specific is False and cfg.size == (64, 32)
+    # the augmentation declares no field of its own beyond the two the run derives
+    derived = {f.name for f in dataclasses.fields(AugmentConfig)} - {f.name for f in dataclasses.fields(AugmentRecipe)}
+    assert derived == {"modality_specific", "size"}
+
+
+def test_recipe_colour_maps_are_the_formulae_here():
+    assert tuple(A._MAP_FORMULAE) == COLOUR_MAPS
+
+
+def test_recipe_erasing_keys_change_the_view(visible_image):
+    base = dict(modality_specific=False, pad=0, flip_p=0.0, erasing_p=1.0)
+    zero = standard_view(visible_image, AugmentConfig(**base, erasing_fill="zero"), gen(4))
+    mean = standard_view(visible_image, AugmentConfig(**base, erasing_fill="mean"), gen(4))
+    erased = (zero == 0).all(dim=0) & (visible_image != 0).any(dim=0)
+    assert erased.any()
+    assert (mean[:, erased] == torch.tensor(A._IMAGENET_MEAN_U8, dtype=torch.uint8).view(3, 1)).all()
+    small = standard_view(visible_image, AugmentConfig(**base, erasing_fill="zero",
+                                                       erasing_scale=(0.02, 0.03)), gen(4))
+    assert 0 < int(((small == 0).all(dim=0) & (visible_image != 0).any(dim=0)).sum()) < int(erased.sum())

@@ -263,8 +263,10 @@ def test_prepare_synthetic_demo_path(tiny_workspace, tmp_path):
     root = Path(manifest["dataset"]["root"])
     rows = expected_sysu(root)
     assert len(rows) == 9 * 6 * 5
+    # --ids / --seed are recorded in the recipe as synthetic.ids / synthetic.seed
     check_workspace(tiny_workspace, rows, "synthetic", "demo.yaml",
-                    ["data.dataset=synthetic", "data.trial=1", *TINY_SIZE[1::2]])
+                    ["data.dataset=synthetic", "data.trial=1", "synthetic.ids=9", "synthetic.seed=0",
+                     *TINY_SIZE[1::2]])
     # re-running the same request reuses the generated set and changes nothing
     ws = copy_workspace(tiny_workspace, tmp_path)
     before, raw_before = tree_snapshot(ws), tree_snapshot(root)
@@ -287,6 +289,39 @@ def test_prepare_synthetic_demo_path(tiny_workspace, tmp_path):
     result = invoke(args[:8] + [old, "--workspace", tmp_path / "ws-old"])
     assert_refused(result, str(old), "generator settings", "--force")
     assert not (tmp_path / "ws-old" / "manifest.json").exists()
+
+
+def _raw_images(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
+
+
+def test_synthetic_settings_come_from_the_recipe(tmp_path):
+    """`--set synthetic.KEY=VALUE` reaches the generator and is recorded; --ids is synthetic.ids."""
+    small = ["--ids", "3", "--set", "synthetic.height=32", "--set", "synthetic.width=16", *TINY_SIZE]
+    sets = {}
+    for name, extra in (("default", []), ("thermal", ["--set", "synthetic.material_coupling=-0.8"])):
+        result = invoke(["prepare-data", "--dataset", "synthetic", "--workspace", tmp_path / name,
+                         *small, *extra])
+        assert result.exit_code == 0, result.output
+        root = tmp_path / name / "synthetic"
+        sets[name] = _raw_images(root)
+        recorded = json.loads((root / "synthetic.json").read_text())
+        assert recorded["ids"] == {"train": 1, "val": 1, "test": 1}
+        coupling = -0.8 if name == "thermal" else 0.8
+        assert recorded["config"]["material_coupling"] == coupling
+        assert (recorded["config"]["height"], recorded["config"]["width"]) == (32, 16)
+        stamp = json.loads((root / "dmdl-synthetic.json").read_text())["request"]
+        assert (stamp["ids"], stamp["config"]["material_coupling"]) == (3, coupling)
+        saved = load_recipe(tmp_path / name / "recipe.yaml")
+        assert (saved.synthetic.ids, saved.synthetic.material_coupling) == (3, coupling)
+    assert sets["default"].keys() == sets["thermal"].keys() and len(sets["default"]) == 3 * 6 * 5
+    changed = [path for path in sets["default"] if sets["default"][path] != sets["thermal"][path]]
+    # the coupling moves the visible garment colours; the infrared cameras (3, 6) see no change
+    assert changed and all(path.split("/")[0] in ("cam1", "cam2", "cam4", "cam5") for path in changed)
+    # the same settings again: the set is reused, not regenerated
+    result = invoke(["prepare-data", "--dataset", "synthetic", "--workspace", tmp_path / "thermal",
+                     *small, "--set", "synthetic.material_coupling=-0.8"])
+    assert result.exit_code == 0 and "generated" not in result.output, result.output
 
 
 def test_rerun_on_unchanged_source_is_a_noop(sysu_workspace, tmp_path, synthetic_root):

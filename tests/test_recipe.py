@@ -10,8 +10,12 @@ import yaml
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import (
     MOVED_KEYS,
+    REMOVED_KEYS,
     STAGE_SECTIONS,
     Recipe,
+    Stage1Recipe,
+    Stage2Recipe,
+    StageRecipe,
     load_recipe,
     parse_override,
     recipe_from_dict,
@@ -196,6 +200,7 @@ def test_hash_is_stable_and_canonical():
 # which stage hashes must change when one value of a section changes
 _CHANGES = {
     "data": ("data.height=64", {"model", "stage1", "stage2"}),
+    "synthetic": ("synthetic.material_coupling=-0.8", {"model", "stage1", "stage2"}),
     "model": ("model.gem_p=4.0", {"model", "stage1", "stage2"}),
     "cluster": ("cluster.k1=10", {"stage1", "stage2"}),
     "stage1": ("stage1.lr=0.001", {"stage1", "stage2"}),
@@ -254,6 +259,56 @@ def test_a_moved_key_is_refused_naming_its_new_place(tmp_path, old, new):
     assert load_recipe(RECIPES / "demo.yaml", overrides=[f"{new}={value}"])  # the new key is taken
 
 
+@pytest.mark.parametrize("key", sorted(REMOVED_KEYS))
+def test_a_key_a_stage_never_read_is_refused_naming_the_stage(tmp_path, key):
+    section, name = key.split(".")
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text(f"{section}:\n  {name}: never\n")
+    with pytest.raises(DmdlError, match=rf"'{key}' \(.*old.yaml\): {section} has no {name}: "):
+        load_recipe(old_file)
+    with pytest.raises(DmdlError, match=rf"{section} has no {name}: .*remove the key"):
+        load_recipe(RECIPES / "demo.yaml", overrides=[f"{key}=0"])
+
+
+def test_each_stage_type_holds_only_the_keys_its_stage_reads():
+    shared = {f.name for f in dataclasses.fields(StageRecipe)}
+    assert {f.name for f in dataclasses.fields(Stage1Recipe)} - shared == {"refine_from"}
+    assert {f.name for f in dataclasses.fields(Stage2Recipe)} - shared == {
+        "onehot_epochs", "cross_sampler_from", "cross_memory_update", "triplet_all_modalities",
+        "intra_targets"}
+    assert not shared & {key.split(".")[1] for key in REMOVED_KEYS}
+    r = Recipe()
+    assert isinstance(r.stage1, Stage1Recipe) and isinstance(r.stage2, Stage2Recipe)
+    # the stage-2 defaults are the paper's
+    assert (r.stage2.onehot_epochs, r.stage2.cross_sampler_from, r.stage2.refine_topk,
+            r.stage2.triplet_ramp) == (5, 40, 10, [[10, 0.5], [20, 1.0]])
+    assert (r.stage1.refine_from, r.stage1.refine_topk) == (30, 3)
+
+
+def test_choice_lists_are_what_the_implementations_accept():
+    import numpy as np
+    import torch
+
+    from dmdl_cli import recipe as R
+    from dmdl_cli.clustering import neighbors
+    from dmdl_cli.clustering.association import associate
+    from dmdl_cli.data.augment import _MAP_FORMULAE
+    from dmdl_cli.data.sources import read_source
+    from dmdl_cli.model.backbone import _ARCH_SPECS
+    from dmdl_cli.runtime import AMP_DTYPES
+    from dmdl_cli.training.memory import UPDATE_RULES
+
+    assert tuple(_ARCH_SPECS) == R.ARCHS and tuple(_MAP_FORMULAE) == R.COLOUR_MAPS
+    assert tuple(AMP_DTYPES) == R.AMP_MODES and AMP_DTYPES["bf16"] is torch.bfloat16
+    assert neighbors.METHODS is R.KNN_METHODS and tuple(UPDATE_RULES) == R.MEMORY_UPDATES
+    centroids = np.eye(3)
+    for method in R.ASSOCIATION_METHODS:
+        assert associate(centroids, centroids, method=method, epoch=0).num_ids == 3
+    for dataset in R.DATASETS:  # every name reaches a reader: the missing root is what is refused
+        with pytest.raises(DmdlError, match="does not exist"):
+            read_source(dataset, "/nonexistent-dmdl-root")
+
+
 def test_triplet_ramp_holds_strictly_after_the_epoch_named():
     # the reference writes its ramps as `if epoch > 15: sigma = 0.25` (0-based epochs)
     ramp = [[15, 0.25], [25, 0.5], [35, 1.0]]
@@ -292,7 +347,7 @@ def test_the_last_epoch_is_a_valid_threshold_and_never_switches_off():
     with pytest.raises(DmdlError, match="stage2.cross_sampler_from"):
         load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.epochs=30"])
     for bad in ("stage2.cross_sampler_from=soon", "stage2.cross_sampler_from=-1",
-                "stage1.cross_sampler_from=3", "stage2.triplet_ramp=[[1]]"):
+                "stage1.refine_from=-1", "stage2.onehot_epochs=-1", "stage2.triplet_ramp=[[1]]"):
         with pytest.raises(DmdlError, match=bad.split("=")[0]):
             load_recipe(RECIPES / "sysu.yaml", overrides=[bad])
 

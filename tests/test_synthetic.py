@@ -46,6 +46,14 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     assert c["ids"] == {"train": 3, "val": 1, "test": 2}
 
 
+def test_ids_and_seed_default_to_the_recipe_section(tmp_path):
+    a = generate(tmp_path / "a", images_per_cam=1, config=SyntheticConfig(ids=6, seed=7), workers=1)
+    generate(tmp_path / "b", ids=6, seed=7, images_per_cam=1, workers=1)
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+    assert (a["seed"], a["ids"]) == (7, {"train": 3, "val": 1, "test": 2})
+    assert "ids" not in a["config"] and "seed" not in a["config"]  # recorded once, above
+
+
 def test_sysu_layout_files_and_summary(tmp_path):
     root = tmp_path / "syn"
     summary = generate(root, ids=TINY, images_per_cam=3, seed=1)
@@ -83,10 +91,15 @@ def test_bad_arguments(tmp_path):
         generate(tmp_path / "x", ids=TINY, images_per_cam=0)
     with pytest.raises(DmdlError, match="ids"):
         generate(tmp_path / "x", ids=(0, 0, 1))
-    with pytest.raises(DmdlError, match="negative"):
+    # settings built in code are checked by the recipe's rules, naming the recipe key
+    with pytest.raises(DmdlError, match="synthetic.ir_noise.*minimum"):
         SyntheticConfig(ir_noise=-1.0)
-    with pytest.raises(DmdlError, match="material_coupling"):
+    with pytest.raises(DmdlError, match="synthetic.material_coupling"):
         SyntheticConfig(material_coupling=-1.5)
+    with pytest.raises(DmdlError, match="synthetic.occlusion_prob.*maximum"):
+        SyntheticConfig(occlusion_prob=1.5)
+    with pytest.raises(DmdlError, match="synthetic.height"):
+        SyntheticConfig(height=16)
     SyntheticConfig(material_coupling=-1.0)  # negative is allowed: thermal cameras
     assert split_ids(90, 0)["test"].__len__() == 30
 

@@ -23,6 +23,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from dmdl_cli.data.index import INFRARED, VISIBLE
+from dmdl_cli.recipe import ASSOCIATION_METHODS
 
 __all__ = [
     "ASSOCIATION_METHODS",
@@ -33,8 +34,6 @@ __all__ = [
     "unify_rows",
     "association_accuracy",
 ]
-
-ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Literal
 
 import numpy as np
 
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import KNN_METHODS as METHODS
 
-KnnMethod = Literal["exact", "ivf", "hnsw"]
-METHODS: tuple[str, ...] = ("exact", "ivf", "hnsw")
+KnnMethod = str  # one of METHODS (declared once, in dmdl_cli/recipe.py)
 
 _GPU_RESOURCES = None  # one faiss.StandardGpuResources per process (it owns scratch memory)
 _GPU_FAILURE: str | None = None  # why a GPU search failed in this process (then: CPU from now on)

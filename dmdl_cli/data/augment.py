@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from dmdl_cli.data.index import INFRARED, VISIBLE
+from dmdl_cli.recipe import COLOUR_MAPS, ERASING_ATTEMPTS_MAX, AugmentRecipe
 
 __all__ = [
     "AugmentConfig",
@@ -53,8 +54,6 @@ __all__ = [
     "jitter_colour",
 ]
 
-ERASING_FILLS = ("random", "mean", "zero")
-_MAX_ERASING_ATTEMPTS = 10
 # ImageNet channel means as uint8: the "mean" erasing fill.
 _IMAGENET_MEAN_U8 = (124, 116, 104)
 
@@ -131,7 +130,7 @@ _MAP_FORMULAE = {
     "winter": _map_winter,
     "autumn": _map_autumn,
 }
-COLOUR_MAPS: tuple[str, ...] = tuple(_MAP_FORMULAE)
+# one formula per name the recipe accepts (recipe.COLOUR_MAPS; a test checks they agree)
 
 
 def colour_map_lut(name: str) -> np.ndarray:
@@ -161,105 +160,37 @@ def _lut_bank(names: tuple[str, ...]) -> np.ndarray:
 # Configuration
 # --------------------------------------------------------------------------------------------
 @dataclass
-class AugmentConfig:
-    """Every probability and strength of the two-view augmentation.
+class AugmentConfig(AugmentRecipe):
+    """The recipe's ``augment`` section plus what the run derives: every probability and
+    strength is a field of :class:`~dmdl_cli.recipe.AugmentRecipe` (declared, defaulted and
+    validated there), so the YAML sets each one.
 
-    Defaults are the paper's (docs/method.md section 4) and, where the paper is silent, its reference
-    implementation's. Field names match ``recipe.AugmentRecipe`` (see :meth:`from_recipe`).
-
-    * ``modality_specific``: True = DMDL views; False = baseline, both views standard.
+    * ``modality_specific`` (from ``cbt.augment``): True = DMDL views; False = the baseline, both
+      views standard.
     * ``size``: ``(H, W)`` to resize to (bicubic, antialiased) before augmenting, or None when
       the cache already holds images at network input size.
-    * ``pad``: zero padding before the random crop back to ``(H, W)``.
-    * ``flip_p``: probability of a horizontal flip.
-    * ``erasing_p``, ``erasing_scale`` (area fraction range), ``erasing_ratio`` (aspect range,
-      sampled log-uniformly), ``erasing_attempts``, ``erasing_fill``: random erasing of one box;
-      the fill is ``"random"`` (per-pixel uniform noise, like the reference's pixel mode),
-      ``"mean"`` (ImageNet mean colour) or ``"zero"``.
-    * ``jitter_*``: colour jitter strengths of visible view B (brightness, contrast and
-      saturation factors in ``[max(0, 1 - s), 1 + s]``, hue shift in ``[-h, h]``, applied in a
-      random order), applied with probability ``jitter_p``.
-    * ``channel_exchange_p``: probability that visible view B has all channels replaced by one
-      random channel (the reference applies it always).
-    * ``ir_channel_copy_p``: probability that IR view A is replaced by one of: its R, G or B
-      channel copied to all three, or its grayscale (uniform over the four).
-    * ``ir_pseudo_colour_p``: probability of the pseudo-colour mapping of IR view B;
-      ``ir_pseudo_colour_maps``: the candidate colour maps (:data:`COLOUR_MAPS`); output channel
-      c takes channel c of its own map, three distinct maps drawn per image when there are at
-      least three candidates.
+
+    Erasing fills (``erasing_fill``): ``"random"`` per-pixel uniform noise (the reference's pixel
+    mode), ``"mean"`` the ImageNet mean colour, ``"zero"`` black. Jitter factors are drawn in
+    ``[max(0, 1 - s), 1 + s]``, the hue shift in ``[-h, h]``, applied in a random order. IR
+    view A's channel copy is one of R, G, B or the grayscale (uniform over the four). The
+    pseudo-colour view's output channel c takes channel c of its own map, three distinct maps
+    drawn per image when there are at least three candidates.
     """
 
     modality_specific: bool = True
     size: tuple[int, int] | None = None
-    pad: int = 10
-    flip_p: float = 0.5
-    erasing_p: float = 0.5
-    erasing_scale: tuple[float, float] = (0.02, 0.5)
-    erasing_ratio: tuple[float, float] = (0.3, 1 / 0.3)
-    erasing_attempts: int = 10
-    erasing_fill: str = "random"
-    jitter_brightness: float = 0.5
-    jitter_contrast: float = 0.5
-    jitter_saturation: float = 0.5
-    jitter_hue: float = 0.5
-    jitter_p: float = 1.0
-    channel_exchange_p: float = 1.0
-    ir_channel_copy_p: float = 0.5
-    ir_pseudo_colour_p: float = 1.0
-    ir_pseudo_colour_maps: tuple[str, ...] = ("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot")
 
     def __post_init__(self) -> None:
-        for name in ("flip_p", "erasing_p", "jitter_p", "channel_exchange_p",
-                     "ir_channel_copy_p", "ir_pseudo_colour_p"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"AugmentConfig.{name} must lie in [0, 1], got {p}")
-        if self.pad < 0:
-            raise ValueError(f"AugmentConfig.pad must be >= 0, got {self.pad}")
-        if not 0.0 <= self.jitter_hue <= 0.5:
-            raise ValueError(f"AugmentConfig.jitter_hue must lie in [0, 0.5], "
-                             f"got {self.jitter_hue}")
-        for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"AugmentConfig.{name} must be >= 0")
-        lo, hi = self.erasing_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError("AugmentConfig.erasing_scale must satisfy 0 < lo <= hi <= 1, "
-                             f"got {self.erasing_scale}")
-        rlo, rhi = self.erasing_ratio
-        if not 0.0 < rlo <= rhi:
-            raise ValueError("AugmentConfig.erasing_ratio must satisfy 0 < lo <= hi, "
-                             f"got {self.erasing_ratio}")
-        if not 1 <= self.erasing_attempts <= _MAX_ERASING_ATTEMPTS:
-            raise ValueError("AugmentConfig.erasing_attempts must lie in "
-                             f"[1, {_MAX_ERASING_ATTEMPTS}]")
-        if self.erasing_fill not in ERASING_FILLS:
-            raise ValueError(f"AugmentConfig.erasing_fill must be one of {ERASING_FILLS}")
-        self.ir_pseudo_colour_maps = tuple(self.ir_pseudo_colour_maps)
-        if not self.ir_pseudo_colour_maps:
-            raise ValueError("AugmentConfig.ir_pseudo_colour_maps must name at least one map")
-        for name in self.ir_pseudo_colour_maps:
-            if name not in _MAP_FORMULAE:
-                raise ValueError(f"unknown colour map {name!r}; known: {', '.join(COLOUR_MAPS)}")
+        super().__post_init__()
         if self.size is not None:
             self.size = (int(self.size[0]), int(self.size[1]))
 
     @classmethod
-    def from_recipe(cls, augment: Any, *, modality_specific: bool, **extra: Any) -> "AugmentConfig":
-        """Build from a recipe section (a dataclass or mapping with field names of this class).
-
-        Keys that are not fields of :class:`AugmentConfig` are ignored; ``extra`` wins.
-        """
-        values: Mapping[str, Any]
-        if dataclasses.is_dataclass(augment):
-            values = dataclasses.asdict(augment)
-        else:
-            values = dict(augment)
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in names}
-        kwargs["modality_specific"] = modality_specific
-        kwargs.update(extra)
-        return cls(**kwargs)
+    def from_recipe(cls, augment: AugmentRecipe, *, modality_specific: bool,
+                    size: tuple[int, int] | None = None) -> "AugmentConfig":
+        """The augmentation of a recipe's ``augment`` section."""
+        return cls(**dataclasses.asdict(augment), modality_specific=modality_specific, size=size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +202,7 @@ _U_CROP_Y, _U_CROP_X = 1, 2
 _U_ERASE = 3
 _U_ERASE_POS_Y, _U_ERASE_POS_X = 4, 5
 _U_ERASE_ATTEMPTS = 6  # 2 per attempt: area fraction, log aspect ratio
-_U_JITTER = _U_ERASE_ATTEMPTS + 2 * _MAX_ERASING_ATTEMPTS  # 26
+_U_JITTER = _U_ERASE_ATTEMPTS + 2 * ERASING_ATTEMPTS_MAX  # 26
 _U_JITTER_FACTORS = _U_JITTER + 1  # 4: brightness, contrast, saturation, hue
 _U_JITTER_ORDER = _U_JITTER_FACTORS + 4  # 4: argsort = order of the four jitter ops
 _U_CHANNEL = _U_JITTER_ORDER + 4  # apply the channel op (exchange / copy / pseudo-colour)

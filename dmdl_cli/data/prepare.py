@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from dmdl_cli.data.cache import build_cache, cache_record, read_record, verify_c
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, write_index
 from dmdl_cli.data.sources import find_bad_images, read_source
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.recipe import Recipe
+from dmdl_cli.recipe import Recipe, SyntheticRecipe
 from dmdl_cli.workspace import LOCK_FILE, STAGE_DIRS, Workspace
 
 SYNTHETIC_STAMP = "dmdl-synthetic.json"
@@ -43,33 +42,32 @@ def source_fingerprint(table: IndexTable) -> str:
     return digest.hexdigest()
 
 
-def _synthetic_root(ws: Workspace, root: Path | None, ids: int | None, seed: int, force: bool) -> Path:
-    """Generate the synthetic set once (into a temp folder, then renamed) and reuse it."""
-    from dmdl_cli.data.synthetic import SyntheticConfig, generate
+def _synthetic_root(ws: Workspace, root: Path | None, settings: SyntheticRecipe, force: bool) -> Path:
+    """Generate the synthetic set of the recipe's ``synthetic:`` section once (into a temp
+    folder, then renamed) and reuse it while the section is unchanged."""
+    from dmdl_cli.data.synthetic import generate
 
     target = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
-    # the generator's settings are part of the request: a set written by an older generator
-    # with other defaults is not silently reused
-    wanted = {"ids": ids, "seed": seed, "config": asdict(SyntheticConfig())}
+    # the generator's settings are part of the request: a set written with other settings (or
+    # by an older generator with other defaults) is not silently reused
+    wanted = {"ids": settings.ids, "seed": settings.seed, "config": settings.generator_settings()}
     stamp = target / SYNTHETIC_STAMP
     if stamp.is_file():
-        if json.loads(stamp.read_text()).get("request") == wanted:
+        if _stamped_request(stamp) == wanted:
             return target
         if not force:
             raise DmdlError(
-                f"{target} holds a synthetic set made with other --ids/--seed or generator settings "
-                f"({stamp.read_text().strip()}): pass --force to regenerate it or another --root"
+                f"{target} holds a synthetic set made with other --ids/--seed (synthetic.ids, "
+                f"synthetic.seed) or generator settings ({stamp.read_text().strip()}): pass "
+                f"--force to regenerate it or another --root"
             )
     elif target.exists() and any(target.iterdir()):
         raise DmdlError(f"{target} exists and is not a dmdl synthetic set: choose another --root")
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    kwargs: dict[str, Any] = {"seed": seed}
-    if ids is not None:
-        kwargs["ids"] = ids
     try:
-        summary = generate(tmp, **kwargs)
+        summary = generate(tmp, config=settings)
         (tmp / SYNTHETIC_STAMP).write_text(json.dumps({"request": wanted, "summary": summary}, default=str))
         if target.exists():
             shutil.rmtree(target)
@@ -78,6 +76,15 @@ def _synthetic_root(ws: Workspace, root: Path | None, ids: int | None, seed: int
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"generated the synthetic set in {escape(str(target))} ({time.perf_counter() - start:.1f} s)")
     return target
+
+
+def _stamped_request(stamp: Path) -> dict[str, Any] | None:
+    """The request a synthetic set was generated for; a set stamped before ids were a recipe
+    key recorded ``ids: null`` for the default count."""
+    request = json.loads(stamp.read_text()).get("request")
+    if isinstance(request, dict) and request.get("ids") is None:
+        request = {**request, "ids": SyntheticRecipe().ids}
+    return request
 
 
 def summary_table(table: IndexTable, title: str) -> Table:
@@ -131,57 +138,30 @@ def prepare_data(
     dataset: str,
     root: Path | None,
     trial: int = 1,
-    ids: int | None = None,
-    seed: int = 0,
     force: bool = False,
     skip_bad_images: bool = False,
 ) -> None:
+    """Index ``dataset`` at ``root`` and build the cache; the synthetic set is generated from
+    the recipe's ``synthetic:`` section."""
     created = _missing_folders(ws.root)
     lock_existed = (ws.root / LOCK_FILE).exists()
     try:
-        _prepare_data(ws, recipe, dataset=dataset, root=root, trial=trial, ids=ids, seed=seed,
-                      force=force, skip_bad_images=skip_bad_images)
+        _prepare_data(ws, recipe, dataset=dataset, root=root, trial=trial, force=force,
+                      skip_bad_images=skip_bad_images)
     except BaseException:
         _undo_fresh(ws, lock_existed, created)
         raise
 
 
-def _prepare_data(
-    ws: Workspace,
-    recipe: Recipe,
-    *,
-    dataset: str,
-    root: Path | None,
-    trial: int,
-    ids: int | None,
-    seed: int,
-    force: bool,
-    skip_bad_images: bool,
-) -> None:
+def _prepare_data(ws: Workspace, recipe: Recipe, *, dataset: str, root: Path | None, trial: int,
+                  force: bool, skip_bad_images: bool) -> None:
     with ws.locked():
         previous = ws.dataset
         if dataset != "synthetic" and root is None:
             raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
         root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
         identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
-
-        def check_identity() -> None:
-            if previous and not force and any(previous.get(k) != v for k, v in identity.items()):
-                raise DmdlError(
-                    f"workspace {ws.root} was prepared from {previous['name']} at {previous['root']}"
-                    f"{' trial ' + str(previous['trial']) if previous.get('trial') else ''}: "
-                    "use a new workspace, or --force to replace it (its stage outputs are removed)"
-                )
-
-        start = time.perf_counter()
-        if dataset == "synthetic":
-            check_identity()  # before generating anything into the workspace
-            root = _synthetic_root(ws, root, ids, seed, force)
-            table = read_source(dataset, root, trial=trial)
-        else:
-            table = read_source(dataset, root, trial=trial)  # a bad root is named first
-            check_identity()
-        log(f"read {len(table)} images of {dataset} from {escape(str(root))} ({time.perf_counter() - start:.1f} s)")
+        root, table = _read_dataset(ws, recipe, identity, previous, force)
         fingerprint = source_fingerprint(table)
         height, width = recipe.data.height, recipe.data.width
         cache_path = ws.cache_path(height, width)
@@ -200,48 +180,87 @@ def _prepare_data(
                 "removed or modified): pass --force to re-index it (its stage outputs are "
                 "removed), or use a new workspace"
             )
+        table, skipped = _without_bad_images(table, root, recipe.run.workers, skip_bad_images)
 
-        skipped: list[tuple[str, str]] = []
-        start = time.perf_counter()
-        bad = find_bad_images(table.paths, workers=max(1, recipe.run.workers))
-        log(f"checked {len(table)} images ({time.perf_counter() - start:.1f} s): {len(bad)} unreadable")
-        if bad:
-            listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
-            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-            if not skip_bad_images:
-                raise DmdlError(
-                    f"{len(bad)} unreadable images in {root}: {listed}{more}; "
-                    "repair them or pass --skip-bad-images to exclude them"
-                )
-            bad_set = {p for p, _ in bad}
-            keep = np.array([p not in bad_set for p in table.paths], dtype=bool)
-            table = table.select(keep)
-            skipped = bad
-            log(f"[yellow]excluding {len(bad)} unreadable images[/] (recorded in the manifest)")
-
+        entry = {**identity, "fingerprint": fingerprint, "skipped_bad_images": skipped}
         with ws.stage_run("prepare-data", recipe, dataset=dataset, root=str(root)) as run:
-            # build first: the old stage outputs are retired only once the new index and cache exist
-            start = time.perf_counter()
-            build_cache(table.paths, cache_path, height, width, workers=max(1, recipe.run.workers))
-            cache_seconds = time.perf_counter() - start
-            write_index(table, ws.index_path)
-            ws.save_recipe(recipe)
-            retired = _retire_stage_outputs(ws) if previous and force else []
-            ws.manifest["dataset"] = {
-                **identity,
-                "fingerprint": fingerprint,
-                "index_sha256": sha256_file(ws.index_path),
-                "num_images": len(table),
-                "skipped_bad_images": [{"path": p, "reason": why} for p, why in skipped],
-            }
-            run.add_output(ws.index_path)
-            run.add_output(cache_path, (read_record(cache_path) or {}).get("sha256"))
-            run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
-            for folder in retired:  # the manifest no longer needs them: now they go
-                shutil.rmtree(folder, ignore_errors=True)
+            cache_seconds = _write_outputs(ws, recipe, run, table, cache_path, entry,
+                                           retire=bool(previous and force))
         log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
             f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
         console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
+
+
+def _check_identity(ws: Workspace, previous: dict | None, identity: dict, force: bool) -> None:
+    """Refuse a workspace prepared from another data set, root or trial (unless ``force``)."""
+    if previous and not force and any(previous.get(k) != v for k, v in identity.items()):
+        raise DmdlError(
+            f"workspace {ws.root} was prepared from {previous['name']} at {previous['root']}"
+            f"{' trial ' + str(previous['trial']) if previous.get('trial') else ''}: "
+            "use a new workspace, or --force to replace it (its stage outputs are removed)"
+        )
+
+
+def _read_dataset(ws: Workspace, recipe: Recipe, identity: dict, previous: dict | None,
+                  force: bool) -> tuple[Path, IndexTable]:
+    """The data root (the synthetic set generated first) and its index."""
+    dataset, root, trial = identity["name"], Path(identity["root"]), identity["trial"] or 1
+    start = time.perf_counter()
+    if dataset == "synthetic":
+        _check_identity(ws, previous, identity, force)  # before generating anything into the workspace
+        root = _synthetic_root(ws, root, recipe.synthetic, force)
+        table = read_source(dataset, root, trial=trial)
+    else:
+        table = read_source(dataset, root, trial=trial)  # a bad root is named first
+        _check_identity(ws, previous, identity, force)
+    log(f"read {len(table)} images of {dataset} from {escape(str(root))} ({time.perf_counter() - start:.1f} s)")
+    return root, table
+
+
+def _without_bad_images(table: IndexTable, root: Path, workers: int, skip: bool
+                        ) -> tuple[IndexTable, list[tuple[str, str]]]:
+    """Scan every image; refuse unreadable ones, or leave them out when ``skip`` (returned)."""
+    start = time.perf_counter()
+    bad = find_bad_images(table.paths, workers=max(1, workers))
+    log(f"checked {len(table)} images ({time.perf_counter() - start:.1f} s): {len(bad)} unreadable")
+    if not bad:
+        return table, []
+    listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
+    more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    if not skip:
+        raise DmdlError(
+            f"{len(bad)} unreadable images in {root}: {listed}{more}; "
+            "repair them or pass --skip-bad-images to exclude them"
+        )
+    bad_set = {p for p, _ in bad}
+    keep = np.array([p not in bad_set for p in table.paths], dtype=bool)
+    log(f"[yellow]excluding {len(bad)} unreadable images[/] (recorded in the manifest)")
+    return table.select(keep), bad
+
+
+def _write_outputs(ws: Workspace, recipe: Recipe, run: Any, table: IndexTable, cache_path: Path,
+                   entry: dict[str, Any], *, retire: bool) -> float:
+    """Cache, index, recipe and the manifest's ``dataset`` entry (built first: the old stage
+    outputs are retired only once the new index and cache exist); returns the cache's seconds."""
+    start = time.perf_counter()
+    build_cache(table.paths, cache_path, recipe.data.height, recipe.data.width,
+                workers=max(1, recipe.run.workers))
+    cache_seconds = time.perf_counter() - start
+    write_index(table, ws.index_path)
+    ws.save_recipe(recipe)
+    retired = _retire_stage_outputs(ws) if retire else []
+    ws.manifest["dataset"] = {
+        **{k: v for k, v in entry.items() if k != "skipped_bad_images"},
+        "index_sha256": sha256_file(ws.index_path),
+        "num_images": len(table),
+        "skipped_bad_images": [{"path": p, "reason": why} for p, why in entry["skipped_bad_images"]],
+    }
+    run.add_output(ws.index_path)
+    run.add_output(cache_path, (read_record(cache_path) or {}).get("sha256"))
+    run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
+    for folder in retired:  # the manifest no longer needs them: now they go
+        shutil.rmtree(folder, ignore_errors=True)
+    return cache_seconds
 
 
 def _retire_stage_outputs(ws: Workspace) -> list[Path]:

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import DATASETS
 
 __all__ = [
     "DATASETS",
@@ -42,7 +43,6 @@ __all__ = [
     "find_bad_images",
 ]
 
-DATASETS = ("sysu", "regdb", "llcm", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 SYSU_MODALITY: dict[int, int] = {1: VISIBLE, 2: VISIBLE, 3: INFRARED, 4: VISIBLE, 5: VISIBLE, 6: INFRARED}
 REGDB_TRIALS = range(1, 11)

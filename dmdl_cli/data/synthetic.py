@@ -11,7 +11,8 @@ The set carries the difficulty DMDL exists for. The cues that survive the change
 compared with the per-image nuisance (pose, scale, noise), while the visible-only cues (garment
 colour, the colour cast of each visible camera) are strong. A model trained within the visible
 modality therefore learns colour, which is of no use on infrared images; the cross-modal cues are
-learnable but must be sought. Every strength is a field of :class:`SyntheticConfig`.
+learnable but must be sought. Every strength is a key of the recipe's ``synthetic:`` section
+(:class:`~dmdl_cli.recipe.SyntheticRecipe`, also named :data:`SyntheticConfig` here).
 
 Rendering is analytic: each body part is a signed-distance shape in figure coordinates (unit =
 figure height), turned into an anti-aliased coverage mask and composited back to front. See
@@ -41,7 +42,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +53,7 @@ from PIL import Image
 from dmdl_cli.atomic import dir_mode
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import SyntheticRecipe
 
 __all__ = [
     "SyntheticConfig",
@@ -62,7 +64,6 @@ __all__ = [
     "REGDB_CAMERAS",
     "LLCM_VIS_CAMS",
     "LLCM_NIR_CAMS",
-    "DEFAULT_IDS",
     "DEFAULT_IMAGES_PER_CAM",
     "REGDB_TRIALS",
     "make_identity",
@@ -79,91 +80,15 @@ REGDB_CAMERAS: dict[int, int] = {1: VISIBLE, 2: INFRARED}
 LLCM_VIS_CAMS = (1, 2, 3, 4)
 LLCM_NIR_CAMS = (1, 2, 4)
 REGDB_TRIALS = 10
-DEFAULT_IDS = (50, 10, 30)  # identities in train_id / val_id / test_id
 DEFAULT_IMAGES_PER_CAM = 5
 
 # stream tags: separate random streams for identities, cameras, images and splits
 _TAG_ID, _TAG_CAM, _TAG_SCENE, _TAG_IMG, _TAG_SPLIT, _TAG_TRIAL = 101, 202, 303, 404, 505, 606
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Strengths of the generative model. Defaults are the demo data set's.
-
-    Cue strengths are spreads *between identities*; nuisance strengths are per-image
-    variations. Colour and intensity values live in [0, 1]; lengths are fractions of the figure
-    height unless said otherwise.
-    """
-
-    height: int = 96
-    """image height in pixels"""
-    width: int = 48
-    """image width in pixels"""
-    jpeg_quality: int = 90
-
-    # --- visible-only cues (strong) -------------------------------------------------------
-    colour_spread: float = 1.0
-    """garment RGB colours are drawn uniformly in a cube of this side around mid-grey"""
-    colour_noise: float = 0.03
-    """per-image sd of the garment colour (RGB units)"""
-    cast_strength: float = 0.2
-    """visible camera colour cast: per-channel gain drawn in 1 +- cast_strength"""
-
-    # --- cross-modal cues (weak) ----------------------------------------------------------
-    shape_spread: float = 0.2
-    """relative sd between identities of height, shoulder / hip width, head size, leg length"""
-    texture_prob: float = 0.7
-    """share of identities whose upper garment has a pattern (stripes or checks); the lower
-    garment gets one with half this probability"""
-    texture_contrast: float = 0.6
-    """amplitude of the pattern as a relative intensity modulation (both modalities)"""
-    material_spread: float = 0.6
-    """spread of the garments' thermal brightness between identities (IR intensity units)"""
-    material_coupling: float = 0.8
-    """how far the visible luminance of a garment follows its IR brightness, in [-1, 1]:
-    0 = independent; > 0 near-infrared cameras (SYSU-MM01, LLCM), which see reflected light, so a
-    fabric bright in visible light tends to be bright in IR; < 0 thermal cameras (RegDB), where
-    high-emissivity fabrics (bright in IR) are darker in visible light"""
-    object_prob: float = 0.6
-    """share of identities carrying an object (bag left, bag right or backpack)"""
-
-    # --- per-image nuisance ---------------------------------------------------------------
-    scale_jitter: float = 0.08
-    """figure size varies by +- this fraction between images"""
-    shift_jitter: float = 0.08
-    """figure position varies by +- this fraction of the image width"""
-    shear_jitter: float = 0.06
-    """lean: horizontal shear of +- this (figure units per figure height)"""
-    limb_jitter: float = 0.035
-    """arm swing and stride offsets of +- this"""
-    flip_prob: float = 0.5
-    illum_jitter: float = 0.12
-    """global brightness gain varies by +- this"""
-    pixel_noise: float = 0.02
-    """sd of the visible per-pixel noise"""
-    ir_noise: float = 0.04
-    """sd of the infrared per-pixel noise"""
-    ir_blur: float = 0.6
-    """sd (pixels) of the gaussian blur of infrared images"""
-    occlusion_prob: float = 0.15
-    """probability of a partial occlusion (an obstacle covering the bottom or a side)"""
-
-    def __post_init__(self) -> None:
-        if self.height < 32 or self.width < 16:
-            raise DmdlError(f"synthetic image size {self.height}x{self.width} is below 32x16; "
-                            "raise synthetic height/width in the recipe")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
-                    and f.name != "material_coupling"):
-                raise DmdlError(f"synthetic {f.name} = {value} is negative; set it >= 0 in the recipe")
-        for name in ("texture_prob", "object_prob", "flip_prob", "occlusion_prob"):
-            if getattr(self, name) > 1:
-                raise DmdlError(f"synthetic {name} = {getattr(self, name)} exceeds 1; set it in [0, 1]")
-        if not -1 <= self.material_coupling <= 1:
-            raise DmdlError(f"synthetic material_coupling = {self.material_coupling}; set it in [-1, 1]")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise DmdlError(f"synthetic jpeg_quality = {self.jpeg_quality}; set it in 1..100")
+# The generator's settings are the recipe's `synthetic:` section (declared, defaulted and
+# validated in dmdl_cli/recipe.py); this name is kept for code that builds them directly.
+SyntheticConfig = SyntheticRecipe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,136 +316,192 @@ def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return ys, xs
 
 
-def render_image(ident: Identity, camera: Camera, rng: np.random.Generator,
-                 cfg: SyntheticConfig) -> np.ndarray:
-    """Render one image of ``ident`` by ``camera``; returns (H, W, 3) uint8.
+@dataclass(frozen=True)
+class _ImageDraws:
+    """Every per-image random draw, in the order drawn (the same whatever the modality)."""
 
-    ``rng`` supplies every per-image draw (pose, flip, light, noise, occlusion).
-    """
-    H, W = cfg.height, cfg.width
-    ir = camera.modality == INFRARED
-    ys, xs = _pixel_grid(H, W)
+    pose: np.ndarray    # (10,) in [-1, 1]: scale, feet height, centre, shear, limbs (4), stride
+    flip: bool
+    phases: np.ndarray  # (2,) pattern phases of the upper and lower garment
+    light: float        # global brightness gain
+    tint: np.ndarray    # (3, 3) colour noise of the upper garment, lower garment, object
+    occl: np.ndarray    # (4,) occlusion: whether, which kind, its size, its side and shade
 
-    # --- per-image draws (always the same sequence, whatever the modality) ---
+
+def _draw_image(rng: np.random.Generator, cfg: SyntheticConfig) -> _ImageDraws:
     pose = rng.uniform(-1, 1, size=10)
     flip = rng.uniform() < cfg.flip_prob
     phases = rng.uniform(0, 2 * np.pi, size=2)
     light = 1.0 + cfg.illum_jitter * rng.uniform(-1, 1)
     tint = cfg.colour_noise * rng.standard_normal(size=(3, 3))  # upper, lower, object
     occl = rng.uniform(size=4)
+    return _ImageDraws(pose, flip, phases, light, tint, occl)
 
-    fig_h = H * camera.figure_scale * ident.height * (1.0 + cfg.scale_jitter * pose[0])
-    feet_y = H * 0.5 + fig_h * 0.5 + cfg.shift_jitter * W * 0.5 * pose[1]
-    top_y = feet_y - fig_h
-    cx = W * 0.5 + cfg.shift_jitter * W * pose[2]
-    shear = cfg.shear_jitter * pose[3]
-    px = 1.0 / fig_h
-    v = (ys - top_y) / fig_h
-    u = (xs - cx) / fig_h + shear * (v - 0.5)
 
-    out = camera.background.copy()  # (H, W, 3) visible, (H, W) infrared
+@dataclass
+class _Canvas:
+    """An image being painted: its pixels and the figure coordinates of each pixel.
 
-    def window(u0: float, u1: float, v0: float, v1: float) -> tuple[slice, slice]:
+    ``u`` (horizontal, sheared) and ``v`` (0 at the top of the head, 1 at the feet) are (H, W)
+    in figure units; shapes are composited back to front with anti-aliased coverage.
+    """
+
+    out: np.ndarray  # (H, W, 3) visible, (H, W) infrared, values in [0, 1]
+    u: np.ndarray    # (H, W)
+    v: np.ndarray    # (H, W)
+    top_y: float     # pixel row of v = 0
+    fig_h: float     # figure height in pixels
+    cx: float        # pixel column of u = 0
+    shear: float
+    ir: bool
+    heat: float      # the identity's body heat offset (infrared)
+
+    def window(self, u0: float, u1: float, v0: float, v1: float) -> tuple[slice, slice]:
         """Pixel window holding the figure-coordinate box [u0, u1] x [v0, v1] (+1 px)."""
+        H, W = self.u.shape
+        top_y, fig_h, cx, shear = self.top_y, self.fig_h, self.cx, self.shear
         ya, yb = top_y + v0 * fig_h, top_y + v1 * fig_h
         xs_ = [cx + (uu - shear * (vv - 0.5)) * fig_h for uu in (u0, u1) for vv in (v0, v1)]
         r0, r1 = max(0, int(ya) - 1), min(H, int(np.ceil(yb)) + 2)
         c0, c1 = max(0, int(min(xs_)) - 1), min(W, int(np.ceil(max(xs_))) + 2)
         return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
 
-    def paint(box: tuple[float, float, float, float], sdf, value) -> None:
+    def paint(self, box: tuple[float, float, float, float], sdf, value) -> None:
         """Composite ``value`` over the shape ``sdf(u, v)`` inside the figure box ``box``."""
-        win = window(*box)
-        cov = _coverage(sdf(u[win], v[win]), px)
+        win = self.window(*box)
+        cov = _coverage(sdf(self.u[win], self.v[win]), 1.0 / self.fig_h)
         val = value[win] if isinstance(value, np.ndarray) and value.ndim >= 2 else value
-        if ir:
-            out[win] = out[win] * (1 - cov) + val * cov
+        if self.ir:
+            self.out[win] = self.out[win] * (1 - cov) + val * cov
         else:
-            out[win] = out[win] * (1 - cov)[..., None] + val * cov[..., None]
+            self.out[win] = self.out[win] * (1 - cov)[..., None] + val * cov[..., None]
 
-    def garment(rgb, material, modulation):
-        if ir:
-            return (material + ident.heat) * modulation
+    def garment(self, rgb, material, modulation):
+        """A garment's value: its thermal brightness (infrared) or colour, times ``modulation``."""
+        if self.ir:
+            return (material + self.heat) * modulation
         return np.clip(rgb, 0, 1)[None, None, :] * np.asarray(modulation)[..., None]
 
-    skin = (0.88 + ident.heat) if ir else ident.skin_rgb
-    hair = (0.62 + ident.heat) if ir else ident.hair_rgb
+    def skin(self, ident: Identity):
+        return (0.88 + self.heat) if self.ir else ident.skin_rgb
 
-    head_r, sh, hp, leg = ident.head, ident.shoulder, ident.hip, ident.leg
-    shoulder_v = 2 * head_r + 0.03
-    hip_v = 1.0 - leg
-    swing = cfg.limb_jitter * pose[4:8]
-    stride = cfg.limb_jitter * pose[8]
 
-    def capsule_box(a, b, r):
-        return (min(a[0], b[0]) - r, max(a[0], b[0]) + r, min(a[1], b[1]) - r, max(a[1], b[1]) + r)
+def _capsule_box(a, b, r):
+    return (min(a[0], b[0]) - r, max(a[0], b[0]) + r, min(a[1], b[1]) - r, max(a[1], b[1]) + r)
 
-    # --- legs (lower garment) ---
-    lower_mod = 1.0 + cfg.texture_contrast * _pattern(ident.lower_pattern, u, v, phases[1])
-    lower_val = garment(ident.lower_rgb + tint[1], ident.lower_material, lower_mod)
+
+def _shoulder_v(ident: Identity) -> float:
+    return 2 * ident.head + 0.03
+
+
+def _hip_v(ident: Identity) -> float:
+    return 1.0 - ident.leg
+
+
+def _canvas(ident: Identity, camera: Camera, d: _ImageDraws, cfg: SyntheticConfig) -> _Canvas:
+    """Place the figure: its size, position and lean in this image, on the camera's background."""
+    H, W = cfg.height, cfg.width
+    ys, xs = _pixel_grid(H, W)
+    pose = d.pose
+    fig_h = H * camera.figure_scale * ident.height * (1.0 + cfg.scale_jitter * pose[0])
+    feet_y = H * 0.5 + fig_h * 0.5 + cfg.shift_jitter * W * 0.5 * pose[1]
+    top_y = feet_y - fig_h
+    cx = W * 0.5 + cfg.shift_jitter * W * pose[2]
+    shear = cfg.shear_jitter * pose[3]
+    v = (ys - top_y) / fig_h
+    u = (xs - cx) / fig_h + shear * (v - 0.5)
+    return _Canvas(out=camera.background.copy(), u=u, v=v, top_y=top_y, fig_h=fig_h, cx=cx,
+                   shear=shear, ir=camera.modality == INFRARED, heat=ident.heat)
+
+
+def _paint_legs(c: _Canvas, ident: Identity, d: _ImageDraws, cfg: SyntheticConfig) -> None:
+    """Legs in the lower garment, and shoes."""
+    hp, hip_v = ident.hip, _hip_v(ident)
+    stride = cfg.limb_jitter * d.pose[8]
+    lower_mod = 1.0 + cfg.texture_contrast * _pattern(ident.lower_pattern, c.u, c.v, d.phases[1])
+    lower_val = c.garment(ident.lower_rgb + d.tint[1], ident.lower_material, lower_mod)
     leg_r = 0.045 * hp / 0.095
     for side in (-1, 1):
         hip_pt = (side * hp * 0.5, hip_v)
         foot = (side * (hp * 0.5 + 0.01) + side * stride, 0.975)
-        paint(capsule_box(hip_pt, foot, leg_r),
-              lambda uu, vv: _capsule(uu, vv, hip_pt, foot, leg_r), lower_val)
+        c.paint(_capsule_box(hip_pt, foot, leg_r),
+                lambda uu, vv: _capsule(uu, vv, hip_pt, foot, leg_r), lower_val)
         fu = foot[0] + 0.012 * side
-        paint((fu - 0.04, fu + 0.04, 0.967, 1.003),
-              lambda uu, vv: _ellipse(uu, vv, fu, 0.985, 0.04, 0.018),
-              0.35 if ir else np.array([0.12, 0.1, 0.1]))
+        c.paint((fu - 0.04, fu + 0.04, 0.967, 1.003),
+                lambda uu, vv: _ellipse(uu, vv, fu, 0.985, 0.04, 0.018),
+                0.35 if c.ir else np.array([0.12, 0.1, 0.1]))
 
-    # --- torso (upper garment) ---
-    shade = 1.0 - 0.25 * np.clip(np.abs(u) / (sh + 1e-6), 0, 1) ** 2
-    upper_mod = shade * (1.0 + cfg.texture_contrast * _pattern(ident.upper_pattern, u, v, phases[0]))
-    upper_val = garment(ident.upper_rgb + tint[0], ident.upper_material, upper_mod)
-    paint((-sh, sh, shoulder_v - 0.01, hip_v + 0.04),
-          lambda uu, vv: np.minimum(_trapezoid(uu, vv, 0.0, shoulder_v, hip_v + 0.04, sh, hp),
-                                    _ellipse(uu, vv, 0.0, shoulder_v + 0.02, sh, 0.03)),
-          upper_val)
 
-    # --- neck and head ---
+def _paint_torso(c: _Canvas, ident: Identity, d: _ImageDraws, cfg: SyntheticConfig):
+    """The upper garment's torso; returns its value (the sleeves wear it too)."""
+    sh, hp, shoulder_v, hip_v = ident.shoulder, ident.hip, _shoulder_v(ident), _hip_v(ident)
+    shade = 1.0 - 0.25 * np.clip(np.abs(c.u) / (sh + 1e-6), 0, 1) ** 2
+    upper_mod = shade * (1.0 + cfg.texture_contrast * _pattern(ident.upper_pattern, c.u, c.v, d.phases[0]))
+    upper_val = c.garment(ident.upper_rgb + d.tint[0], ident.upper_material, upper_mod)
+    c.paint((-sh, sh, shoulder_v - 0.01, hip_v + 0.04),
+            lambda uu, vv: np.minimum(_trapezoid(uu, vv, 0.0, shoulder_v, hip_v + 0.04, sh, hp),
+                                      _ellipse(uu, vv, 0.0, shoulder_v + 0.02, sh, 0.03)),
+            upper_val)
+    return upper_val
+
+
+def _paint_head(c: _Canvas, ident: Identity) -> None:
+    """Neck, head and hair."""
+    head_r, shoulder_v = ident.head, _shoulder_v(ident)
+    skin = c.skin(ident)
+    hair = (0.62 + ident.heat) if c.ir else ident.hair_rgb
     neck_a, neck_b = (0.0, 1.6 * head_r), (0.0, shoulder_v)
-    paint(capsule_box(neck_a, neck_b, 0.025),
-          lambda uu, vv: _capsule(uu, vv, neck_a, neck_b, 0.025), skin)
+    c.paint(_capsule_box(neck_a, neck_b, 0.025),
+            lambda uu, vv: _capsule(uu, vv, neck_a, neck_b, 0.025), skin)
     head_box = (-head_r, head_r, -0.01, 2 * head_r + 0.01)
-    paint(head_box, lambda uu, vv: _ellipse(uu, vv, 0.0, head_r, 0.8 * head_r, head_r), skin)
-    paint(head_box,
-          lambda uu, vv: np.maximum(_ellipse(uu, vv, 0.0, 0.9 * head_r, 0.85 * head_r, 0.95 * head_r),
-                                    vv - 0.9 * head_r),
-          hair)
+    c.paint(head_box, lambda uu, vv: _ellipse(uu, vv, 0.0, head_r, 0.8 * head_r, head_r), skin)
+    c.paint(head_box,
+            lambda uu, vv: np.maximum(_ellipse(uu, vv, 0.0, 0.9 * head_r, 0.85 * head_r, 0.95 * head_r),
+                                      vv - 0.9 * head_r),
+            hair)
 
-    # --- carried object ---
-    obj_val = (ident.obj_material if ir else np.clip(ident.obj_rgb + tint[2], 0, 1))
+
+def _paint_object(c: _Canvas, ident: Identity, d: _ImageDraws, swing: np.ndarray) -> None:
+    """The carried object: a backpack with straps, or a bag on a shoulder strap."""
+    sh, shoulder_v, hip_v = ident.shoulder, _shoulder_v(ident), _hip_v(ident)
+    obj_val = (ident.obj_material if c.ir else np.clip(ident.obj_rgb + d.tint[2], 0, 1))
     ow, oh = ident.obj_size
     if ident.obj == "backpack":
         p0, p1 = shoulder_v + 0.02, shoulder_v + 0.02 + 2 * oh + 0.05
-        paint((-ow - 0.04, ow + 0.04, p0, p1),
-              lambda uu, vv: _trapezoid(uu, vv, 0.0, p0, p1, ow + 0.03, ow + 0.04), obj_val)
+        c.paint((-ow - 0.04, ow + 0.04, p0, p1),
+                lambda uu, vv: _trapezoid(uu, vv, 0.0, p0, p1, ow + 0.03, ow + 0.04), obj_val)
         for side in (-1, 1):  # straps
             sa, sb = (side * (ow + 0.03), shoulder_v + 0.02), (side * sh * 0.9, shoulder_v + 0.01)
-            paint(capsule_box(sa, sb, 0.008), lambda uu, vv: _capsule(uu, vv, sa, sb, 0.008), obj_val)
+            c.paint(_capsule_box(sa, sb, 0.008), lambda uu, vv: _capsule(uu, vv, sa, sb, 0.008), obj_val)
     elif ident.obj in ("bag_left", "bag_right"):
         side = -1 if ident.obj == "bag_left" else 1
         bag_u = side * (sh + ow + 0.01)
         bag_v = hip_v + 0.02 + 0.3 * abs(swing[0])
         sa, sb = (-side * sh * 0.7, shoulder_v), (bag_u, bag_v - oh)
-        paint(capsule_box(sa, sb, 0.007), lambda uu, vv: _capsule(uu, vv, sa, sb, 0.007), obj_val)
-        paint((bag_u - ow, bag_u + ow, bag_v - oh, bag_v + oh),
-              lambda uu, vv: _trapezoid(uu, vv, bag_u, bag_v - oh, bag_v + oh, ow, ow), obj_val)
+        c.paint(_capsule_box(sa, sb, 0.007), lambda uu, vv: _capsule(uu, vv, sa, sb, 0.007), obj_val)
+        c.paint((bag_u - ow, bag_u + ow, bag_v - oh, bag_v + oh),
+                lambda uu, vv: _trapezoid(uu, vv, bag_u, bag_v - oh, bag_v + oh, ow, ow), obj_val)
 
-    # --- arms (sleeves) and hands, in front ---
+
+def _paint_arms(c: _Canvas, ident: Identity, upper_val, swing: np.ndarray) -> None:
+    """Sleeves (in the upper garment) and hands, in front of everything else."""
+    sh, shoulder_v, hip_v = ident.shoulder, _shoulder_v(ident), _hip_v(ident)
+    skin = c.skin(ident)
     arm_r = 0.03 * sh / 0.125
     for i, side in enumerate((-1, 1)):
         shoulder_pt = (side * (sh - arm_r), shoulder_v + 0.025)
         hand = (side * (sh + 0.02) + swing[2 * i], hip_v + 0.03 + 0.5 * swing[2 * i + 1])
-        paint(capsule_box(shoulder_pt, hand, arm_r),
-              lambda uu, vv: _capsule(uu, vv, shoulder_pt, hand, arm_r), upper_val)
+        c.paint(_capsule_box(shoulder_pt, hand, arm_r),
+                lambda uu, vv: _capsule(uu, vv, shoulder_pt, hand, arm_r), upper_val)
         hu, hv = hand[0], hand[1] + 0.03
-        paint((hu - 0.024, hu + 0.024, hv - 0.028, hv + 0.028),
-              lambda uu, vv: _ellipse(uu, vv, hu, hv, 0.024, 0.028), skin)
+        c.paint((hu - 0.024, hu + 0.024, hv - 0.028, hv + 0.028),
+                lambda uu, vv: _ellipse(uu, vv, hu, hv, 0.024, 0.028), skin)
 
-    # --- occlusion ---
+
+def _occlude(out: np.ndarray, occl: np.ndarray, ir: bool, cfg: SyntheticConfig) -> None:
+    """A partial occlusion, with probability ``occlusion_prob``: an obstacle or a post."""
     if occl[0] < cfg.occlusion_prob:
+        H, W = out.shape[:2]
         if occl[1] < 0.6:  # an obstacle at the bottom
             win = (slice(int(H * (1.0 - (0.15 + 0.2 * occl[2]))), H), slice(0, W))
         else:  # a post at one side
@@ -528,17 +509,38 @@ def render_image(ident: Identity, camera: Camera, rng: np.random.Generator,
             win = (slice(0, H), slice(0, edge) if occl[3] < 0.5 else slice(W - edge, W))
         out[win] = (0.2 + 0.2 * occl[3]) if ir else np.array([0.3, 0.28, 0.25]) * (0.6 + occl[3])
 
-    # --- camera response ---
-    if ir:
-        out = _blur(out, cfg.ir_blur) * camera.brightness * light
+
+def _camera_response(out: np.ndarray, camera: Camera, d: _ImageDraws, rng: np.random.Generator,
+                     cfg: SyntheticConfig) -> np.ndarray:
+    """Blur (infrared), gains, light, sensor noise and the flip; (H, W, 3) uint8."""
+    if camera.modality == INFRARED:
+        out = _blur(out, cfg.ir_blur) * camera.brightness * d.light
         out = out + camera.noise * rng.standard_normal(size=out.shape)
         out = np.repeat(out[..., None], 3, axis=2)
     else:
-        out = out * (camera.gain * camera.brightness * light)[None, None, :]
+        out = out * (camera.gain * camera.brightness * d.light)[None, None, :]
         out = out + camera.noise * rng.standard_normal(size=out.shape)
-    if flip:
+    if d.flip:
         out = out[:, ::-1]
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def render_image(ident: Identity, camera: Camera, rng: np.random.Generator,
+                 cfg: SyntheticConfig) -> np.ndarray:
+    """Render one image of ``ident`` by ``camera``; returns (H, W, 3) uint8.
+
+    ``rng`` supplies every per-image draw (pose, flip, light, noise, occlusion).
+    """
+    d = _draw_image(rng, cfg)
+    c = _canvas(ident, camera, d, cfg)
+    swing = cfg.limb_jitter * d.pose[4:8]
+    _paint_legs(c, ident, d, cfg)
+    upper_val = _paint_torso(c, ident, d, cfg)
+    _paint_head(c, ident)
+    _paint_object(c, ident, d, swing)
+    _paint_arms(c, ident, upper_val, swing)
+    _occlude(c.out, d.occl, c.ir, cfg)
+    return _camera_response(c.out, camera, d, rng, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,8 +645,8 @@ def _encode_jpeg(img: np.ndarray, quality: int) -> bytes:
 def generate(
     root: str | os.PathLike[str],
     *,
-    ids: int | tuple[int, int, int] = DEFAULT_IDS,
-    seed: int = 0,
+    ids: int | tuple[int, int, int] | None = None,
+    seed: int | None = None,
     images_per_cam: int = DEFAULT_IMAGES_PER_CAM,
     layout: str = "sysu",
     config: SyntheticConfig | None = None,
@@ -654,6 +656,8 @@ def generate(
 ) -> dict:
     """Write the synthetic data set under ``root`` in ``layout`` and return a summary.
 
+    ``config``: the recipe's ``synthetic:`` section (default: its defaults). ``ids`` and
+    ``seed`` default to ``config.ids`` and ``config.seed``.
     ``ids``: ``(train, val, test)`` identity counts, or a total ``N`` (test = N/3, val = N/9,
     rounded, train = the rest). Person ids are ``first_pid..first_pid + N - 1``, shuffled into
     the splits by ``seed``. An identity's looks are drawn from ``(seed, pid)``, so two sets whose
@@ -665,11 +669,40 @@ def generate(
     ``workers``: rendering threads (default: up to 4, bounded by the CPU count).
 
     The summary holds the layout, seed, identity and image counts per split and modality, the
-    cameras and the configuration (all also in ``root/synthetic.json``), plus ``root`` and the
-    ``seconds`` taken.
+    cameras and the generator settings (all also in ``root/synthetic.json``), plus ``root`` and
+    the ``seconds`` taken.
     Same arguments, same bytes.
     """
     start = time.perf_counter()
+    cfg = config or SyntheticConfig()
+    ids = cfg.ids if ids is None else ids
+    seed = cfg.seed if seed is None else seed
+    _check_request(layout, images_per_cam, ids, first_pid)
+    root = _empty_root(root, overwrite)
+    splits = split_ids(ids, seed, first_pid)
+    jobs = list(_jobs(layout, splits, images_per_cam))
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700; the set is renamed into place as it is
+    try:
+        _render_all(tmp, jobs, seed, cfg, workers)
+        for rel, text in _index_files(layout, splits, jobs, seed).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text, encoding="utf-8")
+        summary = _summary(layout, seed, first_pid, images_per_cam, splits, jobs, cfg)
+        (tmp / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        _publish(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["root"] = str(root)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def _check_request(layout: str, images_per_cam: int, ids: int | tuple[int, int, int],
+                   first_pid: int) -> None:
     if layout not in LAYOUTS:
         raise DmdlError(f"synthetic layout {layout!r} is unknown; use one of {', '.join(LAYOUTS)}")
     if images_per_cam < 1:
@@ -679,70 +712,66 @@ def generate(
                         "(4-digit folder names)")
     if layout == "regdb" and sum(_normalise_ids(ids)) < 2:
         raise DmdlError("synthetic RegDB layout needs >= 2 identities")
-    cfg = config or SyntheticConfig()
+
+
+def _empty_root(root: str | os.PathLike[str], overwrite: bool) -> Path:
+    """``root`` as an absolute path, refused when it holds something and ``overwrite`` is off."""
     root = Path(root).absolute()
     if root.exists() and not root.is_dir():
         raise DmdlError(f"{root}: exists and is not a folder; choose another data root")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise DmdlError(f"{root}: folder exists and is not empty; remove it or pass --force")
+    return root
 
-    splits = split_ids(ids, seed, first_pid)
-    jobs = list(_jobs(layout, splits, images_per_cam))
+
+def _render_all(tmp: Path, jobs: list[_Job], seed: int, cfg: SyntheticConfig,
+                workers: int | None) -> None:
+    """Render and write every image of ``jobs`` under ``tmp`` (threads: the order of writing
+    changes no byte, each image has its own random stream)."""
     idents = {pid: make_identity(pid, seed, cfg) for pid in sorted({j.pid for j in jobs})}
     cams = {(j.cam, j.modality) for j in jobs}
     cameras = {key: make_camera(key[0], key[1], seed, cfg) for key in sorted(cams)}
+    for folder in sorted({str(Path(j.relpath).parent) for j in jobs}):
+        (tmp / folder).mkdir(parents=True, exist_ok=True)
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    os.chmod(tmp, dir_mode())  # mkdtemp makes it 0700; the set is renamed into place as it is
-    try:
-        for folder in sorted({str(Path(j.relpath).parent) for j in jobs}):
-            (tmp / folder).mkdir(parents=True, exist_ok=True)
+    def work(job: _Job) -> None:
+        rng = np.random.default_rng([seed, job.pid, job.cam, job.modality, job.n, _TAG_IMG])
+        img = render_image(idents[job.pid], cameras[(job.cam, job.modality)], rng, cfg)
+        (tmp / job.relpath).write_bytes(_encode_jpeg(img, cfg.jpeg_quality))
 
-        def work(job: _Job) -> None:
-            rng = np.random.default_rng([seed, job.pid, job.cam, job.modality, job.n, _TAG_IMG])
-            img = render_image(idents[job.pid], cameras[(job.cam, job.modality)], rng, cfg)
-            (tmp / job.relpath).write_bytes(_encode_jpeg(img, cfg.jpeg_quality))
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    if n_workers <= 1:
+        for job in jobs:
+            work(job)
+    else:
+        with ThreadPoolExecutor(n_workers) as pool:
+            for _ in pool.map(work, jobs):
+                pass
 
-        n_workers = workers or min(4, os.cpu_count() or 1)
-        if n_workers <= 1:
-            for job in jobs:
-                work(job)
-        else:
-            with ThreadPoolExecutor(n_workers) as pool:
-                for _ in pool.map(work, jobs):
-                    pass
-        for rel, text in _index_files(layout, splits, jobs, seed).items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_text(text, encoding="utf-8")
 
-        test_ids = set(splits["test"])
-        counts = {s: {"visible": 0, "infrared": 0} for s in ("train", "test")}
-        for j in jobs:
-            counts["test" if j.pid in test_ids else "train"][
-                "visible" if j.modality == VISIBLE else "infrared"] += 1
-        summary = {
-            "layout": layout,
-            "seed": seed,
-            "first_pid": first_pid,
-            "images_per_cam": images_per_cam,
-            "ids": {k: len(v) for k, v in splits.items()},
-            "images": len(jobs),
-            "counts": counts,  # train = train + val identities (test split for RegDB varies by trial)
-            "cameras": {
-                "visible": sorted(c for c, m in cams if m == VISIBLE),
-                "infrared": sorted(c for c, m in cams if m == INFRARED),
-            },
-            "config": asdict(cfg),
-        }
-        (tmp / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        _publish(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    summary["root"] = str(root)
-    summary["seconds"] = round(time.perf_counter() - start, 3)
-    return summary
+def _summary(layout: str, seed: int, first_pid: int, images_per_cam: int,
+             splits: dict[str, list[int]], jobs: list[_Job], cfg: SyntheticConfig) -> dict:
+    """What ``synthetic.json`` records: the request, the counts and the generator settings."""
+    test_ids = set(splits["test"])
+    counts = {s: {"visible": 0, "infrared": 0} for s in ("train", "test")}
+    for j in jobs:
+        counts["test" if j.pid in test_ids else "train"][
+            "visible" if j.modality == VISIBLE else "infrared"] += 1
+    cams = {(j.cam, j.modality) for j in jobs}
+    return {
+        "layout": layout,
+        "seed": seed,
+        "first_pid": first_pid,
+        "images_per_cam": images_per_cam,
+        "ids": {k: len(v) for k, v in splits.items()},
+        "images": len(jobs),
+        "counts": counts,  # train = train + val identities (test split for RegDB varies by trial)
+        "cameras": {
+            "visible": sorted(c for c, m in cams if m == VISIBLE),
+            "infrared": sorted(c for c, m in cams if m == INFRARED),
+        },
+        "config": cfg.generator_settings(),
+    }
 
 
 def _publish(tmp: Path, root: Path) -> None:

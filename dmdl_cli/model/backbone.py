@@ -29,6 +29,7 @@ import torchvision
 from torch import nn
 
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import ARCHS
 
 __all__ = [
     "ARCHS",
@@ -45,8 +46,6 @@ __all__ = [
     "IMAGENET_RELEASES",
     "WEIGHTS_DIR_ENV",
 ]
-
-ARCHS = ("resnet50_agw", "resnet50", "resnet18")
 
 #: Per-channel RGB statistics of ImageNet, the ones torchvision's weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -12,7 +12,7 @@ Variants: the data set recipe (``recipes/demo.yaml``) with one overlay of ``reci
 (baseline, +CAI, +CBT, DMDL). On the ``source`` setting, faithful DMDL is also run with each
 switch of :data:`SWITCHES` turned off in turn (``--set`` overrides; edit the table to change them).
 
-Runs whose stage-1 recipe sections hash equal (:func:`dmdl_cli.recipe.stage_hash`) share one
+Runs whose stage-1 recipe sections hash equal (:func:`dmdl_cli.stages.stage_hash`) share one
 stage-1 run, copied into each stage-2 workspace. Every step is skipped when its result exists
 and resumed when it was killed, so re-running the command continues where it stopped. Results:
 ``--out`` (markdown: mean ± std over seeds of all-search Rank-1 / mAP / mINP, and per-seed
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dmdl_cli.errors import DmdlError  # noqa: E402
-from dmdl_cli.recipe import Recipe, load_recipe, stage_hash  # noqa: E402
+from dmdl_cli.recipe import Recipe, load_recipe  # noqa: E402
+from dmdl_cli.stages import stage_hash  # noqa: E402
 
 # data set name -> the recipe's synthetic: keys that make it (--set; the demo's seed 0 and 90 ids)
 DATA_SETS: dict[str, tuple[str, ...]] = {

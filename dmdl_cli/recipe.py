@@ -394,19 +394,6 @@ class Recipe:
 # them for a resumed run (or between stage 1 and stage 2) keeps the checkpoints valid.
 UNHASHED_SECTIONS = ("run",)
 
-# Sections whose values determine each stage's result: a checkpoint is compatible with a recipe
-# when these hashes agree (an overlay that only touches stage 2 keeps stage 1 valid).
-# `synthetic` goes with `data`: it changes the images of the synthetic set.
-STAGE_SECTIONS = {
-    "model": ("data", "synthetic", "model"),
-    "stage1": ("data", "synthetic", "model", "cluster", "stage1", "train", "augment", "cbt"),
-    "stage2": ("data", "synthetic", "model", "cluster", "stage1", "stage2", "train", "augment",
-               "cbt", "cai", "association"),
-}
-
-
-def stage_hash(recipe: Recipe, stage: str) -> str:
-    return recipe.hash(STAGE_SECTIONS[stage])
 
 
 # ---------------------------------------------------------------------------------------------

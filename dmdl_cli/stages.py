@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dmdl_cli.recipe import STAGE_SECTIONS, Recipe
+from dmdl_cli.recipe import Recipe
 
 if TYPE_CHECKING:  # type hints only: the workspace layer sits beside this one
     from dmdl_cli.workspace import Workspace
@@ -68,6 +68,13 @@ class StageSpec:
         return recipe.hash(self.sections)
 
 
+# The recipe sections whose values determine each training stage's result: a checkpoint is
+# compatible with a recipe when these hash equal (an overlay that only touches stage 2 keeps
+# stage 1 valid). `synthetic` goes with `data`: it changes the images of the synthetic set. No
+# hash covers `run` (how a run executes) nor `eval` (how a result is measured).
+STAGE1_SECTIONS = ("data", "synthetic", "model", "cluster", "stage1", "train", "augment", "cbt")
+STAGE2_SECTIONS = (*STAGE1_SECTIONS, "stage2", "cai", "association")
+
 _INDEX = "data/index.csv"
 _CACHE = "data/cache-HxW.u8"
 
@@ -77,12 +84,12 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("stage1", "pretrain-single", "stage 1 (pretrain-single)", "stage1",
               inputs=(_INDEX, _CACHE), outputs=("stage1/last.pt", "stage1/final.pt", "stage1/log.jsonl",
                                                 "stage1/recipe.yaml", "labels/stage1-eNNN.npz"),
-              labels_prefix="stage1", sections=STAGE_SECTIONS["stage1"], trains=True),
+              labels_prefix="stage1", sections=STAGE1_SECTIONS, trains=True),
     StageSpec("stage2", "train-cross", "stage 2 (train-cross)", "stage2",
               inputs=(_INDEX, _CACHE, "stage1/final.pt"),
               outputs=("stage2/last.pt", "stage2/final.pt", "stage2/log.jsonl", "stage2/recipe.yaml",
                        "labels/cross-eNNN.npz"),
-              labels_prefix="cross", sections=STAGE_SECTIONS["stage2"], upstream="stage1", trains=True),
+              labels_prefix="cross", sections=STAGE2_SECTIONS, upstream="stage1", trains=True),
     StageSpec("cluster", "cluster", "cluster", "labels", inputs=(_INDEX, _CACHE, "a checkpoint"),
               outputs=("labels/cluster-<checkpoint>.npz", "labels/cluster-<checkpoint>.recipe.yaml")),
     StageSpec("evaluate", "evaluate", "evaluate", "eval", inputs=(_INDEX, _CACHE, "a checkpoint"),
@@ -100,6 +107,11 @@ def stage(name: str) -> StageSpec:
     if spec is None:
         raise KeyError(f"no stage or command named {name!r}")
     return spec
+
+
+def stage_hash(recipe: Recipe, name: str) -> str:
+    """The hash of the recipe sections stage ``name``'s result depends on."""
+    return stage(name).hash(recipe)
 
 
 def stage_results(ws: "Workspace") -> list[Path]:

@@ -11,7 +11,6 @@ from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import (
     MOVED_KEYS,
     REMOVED_KEYS,
-    STAGE_SECTIONS,
     Recipe,
     Stage1Recipe,
     Stage2Recipe,
@@ -19,9 +18,9 @@ from dmdl_cli.recipe import (
     load_recipe,
     parse_override,
     recipe_from_dict,
-    stage_hash,
     triplet_weight,
 )
+from dmdl_cli.stages import STAGE1_SECTIONS, TRAINING_STAGES, stage_hash
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DATASET_RECIPES = sorted(RECIPES.glob("*.yaml"))
@@ -199,9 +198,9 @@ def test_hash_is_stable_and_canonical():
 
 # which stage hashes must change when one value of a section changes
 _CHANGES = {
-    "data": ("data.height=64", {"model", "stage1", "stage2"}),
-    "synthetic": ("synthetic.material_coupling=-0.8", {"model", "stage1", "stage2"}),
-    "model": ("model.gem_p=4.0", {"model", "stage1", "stage2"}),
+    "data": ("data.height=64", {"stage1", "stage2"}),
+    "synthetic": ("synthetic.material_coupling=-0.8", {"stage1", "stage2"}),
+    "model": ("model.gem_p=4.0", {"stage1", "stage2"}),
     "cluster": ("cluster.k1=10", {"stage1", "stage2"}),
     "stage1": ("stage1.lr=0.001", {"stage1", "stage2"}),
     "train": ("train.seed=7", {"stage1", "stage2"}),
@@ -225,12 +224,12 @@ def test_stage_hash_changes_only_with_its_sections(section):
     base = load_recipe(RECIPES / "sysu.yaml")
     other = load_recipe(RECIPES / "sysu.yaml", overrides=[override])
     assert (other.hash() != base.hash()) == (section != "run")
-    for stage, sections in STAGE_SECTIONS.items():
-        differs = stage_hash(other, stage) != stage_hash(base, stage)
-        assert differs == (stage in changed), (section, stage)
-        assert differs == (section in sections)
+    for spec in TRAINING_STAGES:
+        differs = stage_hash(other, spec.name) != stage_hash(base, spec.name)
+        assert differs == (spec.name in changed), (section, spec.name)
+        assert differs == (section in spec.sections)
     # the section hash is the hash of exactly those sections
-    assert stage_hash(base, "stage1") == base.hash(STAGE_SECTIONS["stage1"])
+    assert stage_hash(base, "stage1") == base.hash(STAGE1_SECTIONS)
 
 
 @pytest.mark.parametrize("key, value", [("workers", 0), ("checkpoint_every", 1), ("eval_every", 3),
@@ -242,8 +241,8 @@ def test_run_keys_change_no_hash(key, value):
     other = load_recipe(RECIPES / "sysu.yaml", overrides=[f"run.{key}={value}"])
     assert getattr(other.run, key) == value != getattr(base.run, key)
     assert other.hash() == base.hash()
-    for stage in STAGE_SECTIONS:
-        assert stage_hash(other, stage) == stage_hash(base, stage)
+    for spec in TRAINING_STAGES:
+        assert stage_hash(other, spec.name) == stage_hash(base, spec.name)
 
 
 @pytest.mark.parametrize("old, new", sorted(MOVED_KEYS.items()))

@@ -28,7 +28,7 @@ from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, wri
 from dmdl_cli.data.sources import find_bad_images, read_source
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.workspace import LOCK_FILE, STAGE_DIRS, Workspace
+from dmdl_cli.workspace import STAGE_DIRS, StageRun, Workspace
 
 SYNTHETIC_STAMP = "dmdl-synthetic.json"
 MAX_LISTED = 10
@@ -98,35 +98,10 @@ def summary_table(table: IndexTable, title: str) -> Table:
     return out
 
 
-def _missing_folders(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, innermost first."""
-    out = []
-    while not path.exists() and path.parent != path:
-        out.append(path)
-        path = path.parent
-    return out
-
-
-def _undo_fresh(ws: Workspace, lock_existed: bool, created: list[Path]) -> None:
-    """After a failed first run: remove the lock file and the folders this run created, when
-    nothing else was written (a bad input leaves the file system as it was)."""
-    lock = ws.root / LOCK_FILE
-    try:
-        if ws.manifest_path.exists() or any(p.name != LOCK_FILE for p in ws.root.iterdir()):
-            return
-        if lock.is_file() and lock.read_text().strip():
-            return  # another process holds the lock (its pid is in the file): not ours to remove
-        if not lock_existed:
-            lock.unlink(missing_ok=True)
-        for folder in created:
-            folder.rmdir()
-    except OSError:
-        pass
-
-
 def prepare_data(
     ws: Workspace,
     recipe: Recipe,
+    run: StageRun,
     *,
     dataset: str,
     root: Path | None,
@@ -136,19 +111,16 @@ def prepare_data(
     force: bool = False,
     skip_bad_images: bool = False,
 ) -> None:
-    created = _missing_folders(ws.root)
-    lock_existed = (ws.root / LOCK_FILE).exists()
-    try:
-        _prepare_data(ws, recipe, dataset=dataset, root=root, trial=trial, ids=ids, seed=seed,
-                      force=force, skip_bad_images=skip_bad_images)
-    except BaseException:
-        _undo_fresh(ws, lock_existed, created)
-        raise
+    """Index, check and cache the data set; the command runner holds the workspace alone and
+    ``run`` is the command's ledger entry."""
+    _prepare_data(ws, recipe, run, dataset=dataset, root=root, trial=trial, ids=ids, seed=seed,
+                  force=force, skip_bad_images=skip_bad_images)
 
 
 def _prepare_data(
     ws: Workspace,
     recipe: Recipe,
+    run: StageRun,
     *,
     dataset: str,
     root: Path | None,
@@ -158,90 +130,89 @@ def _prepare_data(
     force: bool,
     skip_bad_images: bool,
 ) -> None:
-    with ws.locked():
-        previous = ws.dataset
-        if dataset != "synthetic" and root is None:
-            raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
-        root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
-        identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
+    previous = ws.dataset
+    if dataset != "synthetic" and root is None:
+        raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
+    root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
+    identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
 
-        def check_identity() -> None:
-            if previous and not force and any(previous.get(k) != v for k, v in identity.items()):
-                raise DmdlError(
-                    f"workspace {ws.root} was prepared from {previous['name']} at {previous['root']}"
-                    f"{' trial ' + str(previous['trial']) if previous.get('trial') else ''}: "
-                    "use a new workspace, or --force to replace it (its stage outputs are removed)"
-                )
-
-        start = time.perf_counter()
-        if dataset == "synthetic":
-            check_identity()  # before generating anything into the workspace
-            root = _synthetic_root(ws, root, ids, seed, force)
-            table = read_source(dataset, root, trial=trial)
-        else:
-            table = read_source(dataset, root, trial=trial)  # a bad root is named first
-            check_identity()
-        log(f"read {len(table)} images of {dataset} from {escape(str(root))} ({time.perf_counter() - start:.1f} s)")
-        fingerprint = source_fingerprint(table)
-        height, width = recipe.data.height, recipe.data.width
-        cache_path = ws.cache_path(height, width)
-
-        if (previous and not force and previous.get("fingerprint") == fingerprint
-                and ws.index_path.is_file() and previous.get("index_sha256") == sha256_file(ws.index_path)
-                and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
-            log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
-                f"{escape(ws.rel(cache_path))}; nothing to do")
-            console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
-            return
-
-        if previous and not force and previous.get("fingerprint") != fingerprint:
+    def check_identity() -> None:
+        if previous and not force and any(previous.get(k) != v for k, v in identity.items()):
             raise DmdlError(
-                f"{root} changed since workspace {ws.root} was prepared from it (images added, "
-                "removed or modified): pass --force to re-index it (its stage outputs are "
-                "removed), or use a new workspace"
+                f"workspace {ws.root} was prepared from {previous['name']} at {previous['root']}"
+                f"{' trial ' + str(previous['trial']) if previous.get('trial') else ''}: "
+                "use a new workspace, or --force to replace it (its stage outputs are removed)"
             )
 
-        skipped: list[tuple[str, str]] = []
-        start = time.perf_counter()
-        bad = find_bad_images(table.paths, workers=max(1, recipe.run.workers))
-        log(f"checked {len(table)} images ({time.perf_counter() - start:.1f} s): {len(bad)} unreadable")
-        if bad:
-            listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
-            more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-            if not skip_bad_images:
-                raise DmdlError(
-                    f"{len(bad)} unreadable images in {root}: {listed}{more}; "
-                    "repair them or pass --skip-bad-images to exclude them"
-                )
-            bad_set = {p for p, _ in bad}
-            keep = np.array([p not in bad_set for p in table.paths], dtype=bool)
-            table = table.select(keep)
-            skipped = bad
-            log(f"[yellow]excluding {len(bad)} unreadable images[/] (recorded in the manifest)")
+    start = time.perf_counter()
+    if dataset == "synthetic":
+        check_identity()  # before generating anything into the workspace
+        root = _synthetic_root(ws, root, ids, seed, force)
+        table = read_source(dataset, root, trial=trial)
+    else:
+        table = read_source(dataset, root, trial=trial)  # a bad root is named first
+        check_identity()
+    log(f"read {len(table)} images of {dataset} from {escape(str(root))} ({time.perf_counter() - start:.1f} s)")
+    fingerprint = source_fingerprint(table)
+    height, width = recipe.data.height, recipe.data.width
+    cache_path = ws.cache_path(height, width)
 
-        with ws.stage_run("prepare-data", recipe, dataset=dataset, root=str(root)) as run:
-            # build first: the old stage outputs are retired only once the new index and cache exist
-            start = time.perf_counter()
-            build_cache(table.paths, cache_path, height, width, workers=max(1, recipe.run.workers))
-            cache_seconds = time.perf_counter() - start
-            write_index(table, ws.index_path)
-            ws.save_recipe(recipe)
-            retired = _retire_stage_outputs(ws) if previous and force else []
-            ws.manifest["dataset"] = {
-                **identity,
-                "fingerprint": fingerprint,
-                "index_sha256": sha256_file(ws.index_path),
-                "num_images": len(table),
-                "skipped_bad_images": [{"path": p, "reason": why} for p, why in skipped],
-            }
-            run.add_output(ws.index_path)
-            run.add_output(cache_path, (read_record(cache_path) or {}).get("sha256"))
-            run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
-            for folder in retired:  # the manifest no longer needs them: now they go
-                shutil.rmtree(folder, ignore_errors=True)
-        log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
-            f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
-        console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
+    if (previous and not force and previous.get("fingerprint") == fingerprint
+            and ws.index_path.is_file() and previous.get("index_sha256") == sha256_file(ws.index_path)
+            and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
+        log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
+            f"{escape(ws.rel(cache_path))}; nothing to do")
+        console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
+        return
+
+    if previous and not force and previous.get("fingerprint") != fingerprint:
+        raise DmdlError(
+            f"{root} changed since workspace {ws.root} was prepared from it (images added, "
+            "removed or modified): pass --force to re-index it (its stage outputs are "
+            "removed), or use a new workspace"
+        )
+
+    skipped: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    bad = find_bad_images(table.paths, workers=max(1, recipe.run.workers))
+    log(f"checked {len(table)} images ({time.perf_counter() - start:.1f} s): {len(bad)} unreadable")
+    if bad:
+        listed = "; ".join(f"{p} ({why})" for p, why in bad[:MAX_LISTED])
+        more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        if not skip_bad_images:
+            raise DmdlError(
+                f"{len(bad)} unreadable images in {root}: {listed}{more}; "
+                "repair them or pass --skip-bad-images to exclude them"
+            )
+        bad_set = {p for p, _ in bad}
+        keep = np.array([p not in bad_set for p in table.paths], dtype=bool)
+        table = table.select(keep)
+        skipped = bad
+        log(f"[yellow]excluding {len(bad)} unreadable images[/] (recorded in the manifest)")
+
+    run.set(root=str(root))
+    # build first: the old stage outputs are retired only once the new index and cache exist
+    start = time.perf_counter()
+    build_cache(table.paths, cache_path, height, width, workers=max(1, recipe.run.workers))
+    cache_seconds = time.perf_counter() - start
+    write_index(table, ws.index_path)
+    ws.save_recipe(recipe)
+    retired = _retire_stage_outputs(ws) if previous and force else []
+    ws.manifest["dataset"] = {
+        **identity,
+        "fingerprint": fingerprint,
+        "index_sha256": sha256_file(ws.index_path),
+        "num_images": len(table),
+        "skipped_bad_images": [{"path": p, "reason": why} for p, why in skipped],
+    }
+    run.add_output(ws.index_path)
+    run.add_output(cache_path, (read_record(cache_path) or {}).get("sha256"))
+    run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
+    for folder in retired:  # the manifest no longer needs them: now they go
+        shutil.rmtree(folder, ignore_errors=True)
+    log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
+        f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
+    console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
 
 
 def _retire_stage_outputs(ws: Workspace) -> list[Path]:

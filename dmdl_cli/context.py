@@ -59,7 +59,8 @@ class StageContext:
 
     def model(self, checkpoint: str | None) -> LoadedModel:
         """The network ``--checkpoint`` names (``dmdl_cli.model.loading.resolve_model``), on the
-        runtime's device, recorded as an input of this command in the ledger."""
+        runtime's device, recorded as an input of this command in the ledger (the command's
+        entry is written from here on)."""
         loaded = resolve_model(self.ws, self.recipe, checkpoint)
         loaded.model.to(self.runtime.device)
         if self.run is not None:
@@ -69,8 +70,10 @@ class StageContext:
         return loaded
 
     def _record_input(self, path, sha256: str | None) -> None:
+        """Index and cache are opened before a stage's checks are done: their records reach
+        the ledger with the next write (the model, an output), so a refusal leaves none."""
         if self.run is not None:
-            self.run.add_input(path, sha256)
+            self.run.add_input(path, sha256, write=False)
 
     def record_input(self, *paths) -> None:
         """Record workspace files this command read (with their sha256) in the ledger."""

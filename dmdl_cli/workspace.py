@@ -200,7 +200,7 @@ class WorkspaceLock:
 class StageRun:
     """One entry of the manifest ledger, filled in while a stage runs.
 
-    The entry reaches ``manifest.json`` with the first input, output or info it records (a
+    The entry reaches ``manifest.json`` with the first input, output or info it writes (a
     command refused before that leaves the ledger as it was), then after every change.
     """
 
@@ -208,16 +208,19 @@ class StageRun:
     entry: dict[str, Any]
     recorded: bool = False  # the entry is in manifest.json
 
-    def add_input(self, path: Path, sha256: str | None = None) -> None:
-        self._add("inputs", self.workspace.file_record(path, sha256))
+    def add_input(self, path: Path, sha256: str | None = None, *, write: bool = True) -> None:
+        """Record a file the command read; ``write=False`` keeps it in memory until the next
+        write (an input opened before the command's checks are done)."""
+        self._add("inputs", self.workspace.file_record(path, sha256), write)
 
     def add_output(self, path: Path, sha256: str | None = None) -> None:
-        self._add("outputs", self.workspace.file_record(path, sha256))
+        self._add("outputs", self.workspace.file_record(path, sha256), True)
 
-    def _add(self, side: str, record: dict[str, Any]) -> None:
+    def _add(self, side: str, record: dict[str, Any], write: bool) -> None:
         """Record a file once per side (a second record of the same path replaces the first)."""
         self.entry[side] = [r for r in self.entry[side] if r["path"] != record["path"]] + [record]
-        self._write()
+        if write:
+            self._write()
 
     def set(self, **info: Any) -> None:
         self.entry.setdefault("info", {}).update(info)

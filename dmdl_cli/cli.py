@@ -1,7 +1,8 @@
 """The ``dmdl`` command line: one thin Typer command per stage.
 
-Each command parses its options, opens the workspace, resolves the recipe and calls the stage
-function; no training logic lives here. A :class:`~dmdl_cli.errors.DmdlError` raised anywhere is
+Each command parses its options and hands the stage function to the command runner
+(``dmdl_cli/runner.py``), which opens the workspace, resolves the recipe, takes the stage's lock,
+records the command in the ledger and builds the stage's context; no stage logic lives here. A :class:`~dmdl_cli.errors.DmdlError` raised anywhere is
 printed as one line and turned into a non-zero exit code.
 """
 from __future__ import annotations
@@ -122,29 +123,18 @@ def prepare_data(
     force: bool = ForceOpt,
 ) -> None:
     """Index a raw data set and build the image cache."""
-    from dmdl_cli.recipe import load_recipe
-    from dmdl_cli.workspace import Workspace
-
     dataset = dataset.value
-    ws = Workspace.create(workspace)
-    overlays = [str(o) for o in overlay or []]
+    prepare = _stage("dmdl_cli.data.prepare", "prepare_data")
     # --ids / --seed are short for --set synthetic.ids= / synthetic.seed= (an explicit --set wins)
     shorthands = [f"synthetic.{key}={value}" for key, value in (("ids", ids), ("seed", seed))
                   if value is not None]
-    overrides = [f"data.dataset={dataset}", f"data.trial={trial}", *shorthands, *(set_ or [])]
-    if recipe is None and ws.recipe_path.is_file() and not force:
-        base = ws.recipe_path
-    else:
-        base = recipe or REPO_RECIPES / DEFAULT_RECIPE[dataset]
-        if not Path(base).is_file():
-            raise DmdlError(f"no recipe given and the default {base} is missing: pass --recipe FILE")
-    recipe_obj = load_recipe(base, overlays=overlays, overrides=overrides)
-    ws.recipe_origin = {"recipe": str(Path(base).resolve()), "overlays": overlays,
-                        "overrides": overrides, "inherited": []}
-    run = _stage("dmdl_cli.data.prepare", "prepare_data")
-    run(ws, recipe_obj, dataset=dataset, root=root, trial=trial, force=force,
-        skip_bad_images=skip_bad_images)
-    _results(f"workspace {ws.root} (its recipe: {ws.recipe_path})")
+    _run("prepare-data", workspace, recipe, overlay,
+         [f"data.dataset={dataset}", f"data.trial={trial}", *shorthands, *(set_ or [])],
+         default_recipe=REPO_RECIPES / DEFAULT_RECIPE[dataset], force=force, dataset=dataset,
+         body=lambda ctx: prepare(ctx.ws, ctx.recipe, ctx.run, dataset=dataset, root=root,
+                                  trial=trial, force=force, skip_bad_images=skip_bad_images))
+    where = _folder(workspace)
+    _results(f"workspace {where} (its recipe: {where / 'recipe.yaml'})")
 
 
 @command("cluster")
@@ -157,10 +147,10 @@ def cluster(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Pseudo-label train images per modality."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "cluster", checkpoint=checkpoint)
-    _stage("dmdl_cli.clustering.stage", "cluster_stage")(
-        ws, recipe_obj, checkpoint=checkpoint, modality=modality.value)
-    _results(f"{ws.dir('labels')} (pseudo labels and the recipe beside them)")
+    stage = _stage("dmdl_cli.clustering.stage", "cluster_stage")
+    _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality.value,
+         body=lambda ctx: stage(ctx, checkpoint=checkpoint, modality=modality.value))
+    _results(f"{_folder(workspace) / 'labels'} (pseudo labels and the recipe beside them)")
 
 
 @command("pretrain-single")
@@ -174,9 +164,12 @@ def pretrain_single(
     deterministic: bool = DeterministicOpt,
 ) -> None:
     """Stage 1: single-modality contrastive learning."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "pretrain-single", resume=resume)
-    final = _stage("dmdl_cli.training.single", "pretrain_single")(
-        ws, recipe_obj, resume=resume, force=force, deterministic=deterministic)
+    stage = _stage("dmdl_cli.training.single", "pretrain_single")
+    final = _run("pretrain-single", workspace, recipe, overlay, set_, resume=resume,
+                 deterministic=deterministic, force=force,
+                 locks_itself=True,  # TODO(merge): drop; the stage then takes the runner's lock and ledger entry
+                 body=lambda ctx: stage(ctx.ws, ctx.recipe, resume=resume, force=force,  # TODO(merge): pass ctx
+                                        deterministic=deterministic))
     _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
@@ -191,9 +184,12 @@ def train_cross(
     deterministic: bool = DeterministicOpt,
 ) -> None:
     """Stage 2: cross-modality learning with CAI and CBT."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "train-cross", resume=resume)
-    final = _stage("dmdl_cli.training.cross", "train_cross")(
-        ws, recipe_obj, resume=resume, force=force, deterministic=deterministic)
+    stage = _stage("dmdl_cli.training.cross", "train_cross")
+    final = _run("train-cross", workspace, recipe, overlay, set_, resume=resume,
+                 deterministic=deterministic, force=force,
+                 locks_itself=True,  # TODO(merge): drop; the stage then takes the runner's lock and ledger entry
+                 body=lambda ctx: stage(ctx.ws, ctx.recipe, resume=resume, force=force,  # TODO(merge): pass ctx
+                                        deterministic=deterministic))
     _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
@@ -212,12 +208,14 @@ def evaluate(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Rank-k, mAP and mINP on cross-modality protocols."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "evaluate", checkpoint=checkpoint)
-    _stage("dmdl_cli.evaluation.evaluate", "evaluate")(
-        ws, recipe_obj, mode=mode.value, checkpoint=checkpoint, trials=trials, shots=shots,
-        rerank=rerank, visualize=visualize, visualize_worst=visualize_worst)
+    stage = _stage("dmdl_cli.evaluation.evaluate", "evaluate")
+    _run("evaluate", workspace, recipe, overlay, set_, checkpoint=checkpoint, mode=mode.value,
+         rerank=rerank,
+         body=lambda ctx: stage(ctx, mode=mode.value, checkpoint=checkpoint, trials=trials,
+                                shots=shots, rerank=rerank, visualize=visualize,
+                                visualize_worst=visualize_worst))
     pictures = "; ranked lists in ranks/" if visualize or visualize_worst else ""
-    _results(f"{ws.dir('eval')} (one JSON per protocol{pictures})")
+    _results(f"{_folder(workspace) / 'eval'} (one JSON per protocol{pictures})")
 
 
 @command("export")
@@ -232,10 +230,17 @@ def export(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Export to ONNX / TorchScript with a parity check."""
-    ws, recipe_obj = _open(workspace, recipe, overlay, set_, "export", checkpoint=checkpoint)
-    _stage("dmdl_cli.export", "export_model")(
-        ws, recipe_obj, checkpoint=checkpoint, fmt=fmt.value, opset=opset, dynamic_batch=dynamic_batch)
-    _results(f"{ws.dir('export')}")
+    stage = _stage("dmdl_cli.export", "export_model")
+    _run("export", workspace, recipe, overlay, set_, checkpoint=checkpoint, format=fmt.value,
+         opset=opset, dynamic_batch=dynamic_batch,
+         body=lambda ctx: stage(ctx, checkpoint=checkpoint, fmt=fmt.value, opset=opset,
+                                dynamic_batch=dynamic_batch))
+    _results(f"{_folder(workspace) / 'export'}")
+
+
+def _folder(workspace: Path) -> Path:
+    """The workspace folder as the runner opened it (absolute, for the results line)."""
+    return Path(workspace).expanduser().resolve()
 
 
 def _results(where: str) -> None:
@@ -252,18 +257,13 @@ def report(
     _stage("dmdl_cli.report.build", "report")(workspaces, out)
 
 
-def _open(workspace: Path, recipe: Optional[Path], overlay, set_, command: str, *,
-          resume: bool = False, checkpoint: Optional[str] = None):
-    """Open the workspace and resolve the command's recipe (dmdl_cli/provenance.py)."""
-    from dmdl_cli.provenance import resolve_recipe
-    from dmdl_cli.workspace import Workspace
+def _run(command: str, workspace: Path, recipe: Optional[Path], overlay, set_, **options):
+    """Run a stage command through the command runner (dmdl_cli/runner.py): ``recipe``,
+    ``overlay`` and ``set_`` as parsed, everything else passed on."""
+    from dmdl_cli.runner import run_command
 
-    ws = Workspace.open(workspace)
-    ws.require_dataset()
-    recipe_obj = resolve_recipe(ws, command, str(recipe) if recipe else None,
-                                [str(o) for o in overlay or []], list(set_ or []),
-                                resume=resume, checkpoint=checkpoint)
-    return ws, recipe_obj
+    return run_command(command, workspace, recipe=recipe, overlays=overlay or (),
+                       overrides=set_ or (), **options)
 
 
 def main() -> None:

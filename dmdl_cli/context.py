@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dmdl_cli.data.cache import open_cache
+from dmdl_cli.data.cache import open_cache, read_record
 from dmdl_cli.data.index import IndexTable, read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.loading import LoadedModel, resolve_model
@@ -33,14 +33,21 @@ class StageContext:
 
     @functools.cached_property
     def index(self) -> IndexTable:
-        """The workspace's image index (every split)."""
-        return read_index(self.ws.index_path)
+        """The workspace's image index (every split), recorded as an input in the ledger."""
+        index = read_index(self.ws.index_path)
+        # the sha256 the manifest holds: the runner checked the file against it
+        self._record_input(self.ws.index_path, (self.ws.dataset or {}).get("index_sha256"))
+        return index
 
     @functools.cached_property
     def cache(self) -> np.memmap:
-        """``(N_all, H, W, 3)`` uint8 images at the recipe's size, row i = index row i."""
+        """``(N_all, H, W, 3)`` uint8 images at the recipe's size, row i = index row i,
+        recorded as an input in the ledger (with the sha256 of its integrity record)."""
         height, width = self.recipe.data.height, self.recipe.data.width
-        return open_cache(self.ws.cache_path(height, width), len(self.index), height, width)
+        path = self.ws.cache_path(height, width)
+        cache = open_cache(path, len(self.index), height, width)
+        self._record_input(path, (read_record(path) or {}).get("sha256"))
+        return cache
 
     @functools.cached_property
     def train_rows(self) -> np.ndarray:
@@ -52,12 +59,21 @@ class StageContext:
 
     def model(self, checkpoint: str | None) -> LoadedModel:
         """The network ``--checkpoint`` names (``dmdl_cli.model.loading.resolve_model``), on the
-        runtime's device, recorded as an input of this command in the ledger."""
+        runtime's device, recorded as an input of this command in the ledger (the command's
+        entry is written from here on)."""
         loaded = resolve_model(self.ws, self.recipe, checkpoint)
         loaded.model.to(self.runtime.device)
-        if self.run is not None and loaded.path is not None:
-            self.run.add_input(loaded.path, loaded.sha256)
+        if self.run is not None:
+            if loaded.path is not None:
+                self.run.add_input(loaded.path, loaded.sha256)  # the bytes that were loaded
+            self.run.set(checkpoint=loaded.name)
         return loaded
+
+    def _record_input(self, path, sha256: str | None) -> None:
+        """Index and cache are opened before a stage's checks are done: their records reach
+        the ledger with the next write (the model, an output), so a refusal leaves none."""
+        if self.run is not None:
+            self.run.add_input(path, sha256, write=False)
 
     def record_input(self, *paths) -> None:
         """Record workspace files this command read (with their sha256) in the ledger."""

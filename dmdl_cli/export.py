@@ -36,6 +36,7 @@ import io
 import json
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -48,13 +49,12 @@ from torch import nn
 from dmdl_cli import __version__
 from dmdl_cli.atomic import atomic_output, sha256_file
 from dmdl_cli.console import console, log
-from dmdl_cli.data.cache import open_cache, read_rows
-from dmdl_cli.data.index import read_index
+from dmdl_cli.context import StageContext
+from dmdl_cli.data.cache import read_rows
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import IMAGENET_MEAN, IMAGENET_STD, GeM, ReIDNet, normalize_batch
-from dmdl_cli.model.loading import LoadedModel, default_checkpoint, resolve_model
+from dmdl_cli.model.loading import LoadedModel
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.workspace import Workspace
 
 __all__ = [
     "FORMATS",
@@ -307,13 +307,6 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _input_size(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int]:
-    size = loaded.meta.get("input_size")
-    if size:
-        return int(size[0]), int(size[1])
-    return recipe.data.height, recipe.data.width
-
-
 def _describe(loaded: LoadedModel, recipe: Recipe, height: int, width: int, dynamic_batch: bool,
               checkpoint_path: Path | None) -> dict[str, Any]:
     batch: Any = "batch" if dynamic_batch else 1
@@ -379,8 +372,7 @@ def _describe(loaded: LoadedModel, recipe: Recipe, height: int, width: int, dyna
 
 
 def export_model(
-    ws: Workspace,
-    recipe: Recipe,
+    ctx: StageContext,
     *,
     checkpoint: str | None = None,
     fmt: str = "both",
@@ -395,114 +387,125 @@ def export_model(
     ``fmt``: ``onnx``, ``torchscript`` or ``both``. ``tolerance``: largest allowed absolute
     difference of an embedding value between an exported file and PyTorch (fp32) on
     ``parity_images`` cache images. Raises :class:`DmdlError` when a check fails; nothing is
-    renamed into ``WS/export`` then.
+    renamed into ``WS/export`` then. The runner holds the export lock before the checkpoint is
+    read.
     """
     formats = _formats(fmt)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise DmdlError(f"--opset {opset}: choose {MIN_OPSET}..{MAX_OPSET} (default 17)")
     if "onnx" in formats:
         require_onnx(opset)  # fail before any work when the extra is missing
-    # the lock comes before the checkpoint is read: no stage can replace it while it is exported
-    with ws.locked():
-        return _export_locked(ws, recipe, checkpoint=checkpoint, formats=formats, opset=opset,
-                              dynamic_batch=dynamic_batch, tolerance=tolerance,
-                              parity_images=parity_images)
-
-
-def _export_locked(ws: Workspace, recipe: Recipe, *, checkpoint: str | None, formats: tuple,
-                   opset: int, dynamic_batch: bool, tolerance: float, parity_images: int
-                   ) -> dict[str, Any]:
-    """:func:`export_model` once the workspace lock is held."""
-    index = read_index(ws.index_path)
-    loaded = resolve_model(ws, recipe, checkpoint)
-    height, width = _input_size(loaded, recipe)
-    cache = open_cache(ws.cache_path(height, width), len(index), height, width)
-    rows, source = parity_rows(index.split, parity_images)
-    images = normalize_batch(torch.from_numpy(read_rows(cache, rows)).permute(0, 3, 1, 2))
-    images_np = images.numpy()  # (N, 3, H, W) float32, normalised
-    reference = torch_runner(loaded.model)
-    net = exportable_model(loaded.model)
-    example = _example(height, width, dynamic_batch)
-    checkpoint_path = None
-    if checkpoint != "imagenet":
-        checkpoint_path = Path(checkpoint).resolve() if checkpoint else default_checkpoint(ws)
-    batches = [len(images_np), *DYNAMIC_CHECK_BATCHES] if dynamic_batch else [1]
-    wanted = {b: reference_embeddings(reference, images_np, b) for b in batches}  # b -> (N, D)
+    ws, recipe = ctx.ws, ctx.recipe
+    loaded = ctx.model(checkpoint)
+    height, width = recipe.data.height, recipe.data.width  # the checkpoint's (checked on load)
+    check = _ParityCheck.on_cache(ctx, loaded.model, parity_images, tolerance, dynamic_batch)
     out_dir = ws.dir("export")
     log(f"exporting {escape(loaded.description)} at {height}x{width} "
         f"({'dynamic batch' if dynamic_batch else 'batch 1'}) to {escape(ws.rel(out_dir))}/")
-
-    info = _describe(loaded, recipe, height, width, dynamic_batch, checkpoint_path)
-    info["parity"] = {"images": len(rows), "rows": f"{source} rows of {ws.rel(ws.cache_path(height, width))}",
-                      "tolerance": tolerance, "reference": "PyTorch eval mode, fp32, CPU",
-                      "runtime": {"onnx": "onnxruntime CPUExecutionProvider",
-                                  "torchscript": "torch.jit.load, CPU"},
-                      "checks": []}
-    with ws.stage_run("export", recipe, checkpoint=loaded.name, formats=list(formats),
-                      opset=opset, dynamic_batch=dynamic_batch) as run:
-        if checkpoint_path is not None:
-            run.add_input(checkpoint_path, loaded.sha256)  # the bytes that were loaded
-        failures: list[str] = []
-        table_rows: list[list[str]] = []
-        preprocess_path = out_dir / PREPROCESS_FILE
-        with contextlib.ExitStack() as stack:
-            # entered first, so renamed last: preprocess.json appears after the files it describes
-            preprocess_tmp = stack.enter_context(atomic_output(preprocess_path))
-            for name in formats:
-                tmp = stack.enter_context(atomic_output(out_dir / FILES[name]))
-                start = time.perf_counter()
-                if name == "onnx":
-                    exporter = export_onnx(net, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
-                else:
-                    exporter = export_torchscript(net, example, tmp)
-                seconds = time.perf_counter() - start
-                size = tmp.stat().st_size
-                info["files"][name] = {
-                    "path": FILES[name], "bytes": size, "sha256": sha256_file(tmp),
-                    "exporter": exporter, "export_seconds": round(seconds, 2),
-                    **({"opset": opset} if name == "onnx" else {}),
-                }
-                runner = _RUNNERS[name](tmp)
-                for i, batch in enumerate(batches):
-                    check = parity(runner, wanted[batch], images_np, batch)
-                    check["format"] = name
-                    check["passed"] = bool(check["max_abs_diff"] <= tolerance)
-                    info["parity"]["checks"].append(check)
-                    if not check["passed"]:
-                        failures.append(f"{name} at batch {batch}: max |diff| "
-                                        f"{check['max_abs_diff']:.2e}")
-                    first = i == 0
-                    table_rows.append([
-                        name if first else "", FILES[name] if first else "",
-                        _mib(size) if first else "", f"{seconds:.1f} s" if first else "",
-                        str(batch), f"{check['max_abs_diff']:.2e}", f"{check['min_cosine']:.7f}",
-                        "[green]ok[/]" if check["passed"] else "[bold red]FAIL[/]",
-                    ])
-            console.print(_parity_table(table_rows, len(rows), source, tolerance))
-            if failures:
-                raise DmdlError(
-                    f"export parity check failed ({'; '.join(failures)} > {tolerance:g}) on "
-                    f"{len(rows)} images of {ws.rel(ws.cache_path(height, width))}: the exported "
-                    f"graph does not match PyTorch; nothing was written to {out_dir}; try another "
-                    "--opset or --format"
-                )
-            preprocess_tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        # every file is in place: record them, drop stale exports of an earlier run
+    info = _describe(loaded, recipe, height, width, dynamic_batch,
+                     loaded.path.resolve() if loaded.path else None)
+    info["parity"] = check.describe()
+    net, example = exportable_model(loaded.model), _example(height, width, dynamic_batch)
+    with contextlib.ExitStack() as stack:
+        # entered first, so renamed last: preprocess.json appears after the files it describes
+        preprocess_tmp = stack.enter_context(atomic_output(out_dir / PREPROCESS_FILE))
         for name in formats:
-            run.add_output(out_dir / FILES[name])
-        run.add_output(preprocess_path)
-        for name in set(FORMATS) - set(formats):
-            stale = out_dir / FILES[name]
-            if stale.exists():
-                stale.unlink()
-                log(f"removed {escape(ws.rel(stale))} (an earlier export, not described by "
-                    f"{PREPROCESS_FILE})")
-        run.set(files={n: info["files"][n]["bytes"] for n in formats},
-                max_abs_diff=max(c["max_abs_diff"] for c in info["parity"]["checks"]))
-    written = ", ".join(f"{out_dir / FILES[n]} ({_mib(info['files'][n]['bytes'])})"
-                        for n in formats)
-    log(f"wrote {escape(written)} and {escape(str(preprocess_path))}")
+            tmp = stack.enter_context(atomic_output(out_dir / FILES[name]))
+            info["files"][name] = _export_one(name, net, example, tmp, opset, dynamic_batch)
+            check.run(name, tmp, info["files"][name])
+        check.report(ws.rel(out_dir))
+        preprocess_tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _record_exports(ctx, out_dir, formats, info)
     return info
+
+
+@dataclass
+class _ParityCheck:
+    """The exported files against PyTorch on real cache images (module docstring)."""
+
+    images: np.ndarray  # (N, 3, H, W) float32, normalised
+    split: str  # the rows they are: "test" ("train" when there are no test rows)
+    cache: str  # the cache file, workspace-relative
+    tolerance: float
+    wanted: dict[int, np.ndarray]  # batch size -> (N, D) reference embeddings fed in that batch
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    table_rows: list[list[str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on_cache(cls, ctx: StageContext, model: nn.Module, count: int, tolerance: float,
+                 dynamic_batch: bool) -> "_ParityCheck":
+        rows, split = parity_rows(ctx.index.split, count)
+        images = normalize_batch(torch.from_numpy(read_rows(ctx.cache, rows)).permute(0, 3, 1, 2))
+        images_np = images.numpy()
+        batches = [len(images_np), *DYNAMIC_CHECK_BATCHES] if dynamic_batch else [1]
+        reference = torch_runner(model)
+        cache = ctx.ws.rel(ctx.ws.cache_path(ctx.recipe.data.height, ctx.recipe.data.width))
+        return cls(images_np, split, cache, tolerance,
+                   {b: reference_embeddings(reference, images_np, b) for b in batches})
+
+    def describe(self) -> dict[str, Any]:
+        """The ``parity`` entry of preprocess.json; its ``checks`` fill in as files are checked."""
+        return {"images": len(self.images), "rows": f"{self.split} rows of {self.cache}",
+                "tolerance": self.tolerance,
+                "reference": "PyTorch eval mode, fp32, CPU",
+                "runtime": {"onnx": "onnxruntime CPUExecutionProvider",
+                            "torchscript": "torch.jit.load, CPU"},
+                "checks": self.checks}
+
+    def run(self, name: str, path: Path, file_info: dict[str, Any]) -> None:
+        """Run the exported file ``path`` at every batch size and compare with PyTorch."""
+        runner = _RUNNERS[name](path)
+        for i, batch in enumerate(self.wanted):
+            check = parity(runner, self.wanted[batch], self.images, batch)
+            check["format"] = name
+            check["passed"] = bool(check["max_abs_diff"] <= self.tolerance)
+            self.checks.append(check)
+            if not check["passed"]:
+                self.failures.append(f"{name} at batch {batch}: max |diff| {check['max_abs_diff']:.2e}")
+            first = [name, FILES[name], _mib(file_info["bytes"]), f"{file_info['export_seconds']:.1f} s"]
+            self.table_rows.append([*(first if i == 0 else [""] * 4), str(batch),
+                                    f"{check['max_abs_diff']:.2e}", f"{check['min_cosine']:.7f}",
+                                    "[green]ok[/]" if check["passed"] else "[bold red]FAIL[/]"])
+
+    def report(self, out_dir: str) -> None:
+        """Print the parity table; refuse (nothing renamed into place) when a check failed."""
+        console.print(_parity_table(self.table_rows, len(self.images), self.split, self.tolerance))
+        if self.failures:
+            raise DmdlError(
+                f"export parity check failed ({'; '.join(self.failures)} > {self.tolerance:g}) on "
+                f"{len(self.images)} images of {self.cache}: the exported graph does not match "
+                f"PyTorch; nothing was written to {out_dir}; try another --opset or --format")
+
+
+def _export_one(name: str, net: nn.Module, example: torch.Tensor, tmp: Path, opset: int,
+                dynamic_batch: bool) -> dict[str, Any]:
+    """Export ``net`` as format ``name`` into ``tmp``; returns its entry of ``files``."""
+    start = time.perf_counter()
+    if name == "onnx":
+        exporter = export_onnx(net, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
+    else:
+        exporter = export_torchscript(net, example, tmp)
+    return {"path": FILES[name], "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp),
+            "exporter": exporter, "export_seconds": round(time.perf_counter() - start, 2),
+            **({"opset": opset} if name == "onnx" else {})}
+
+
+def _record_exports(ctx: StageContext, out_dir: Path, formats: tuple[str, ...],
+                    info: dict[str, Any]) -> None:
+    """Every file is in place: record them, drop stale exports of an earlier run, say so."""
+    ctx.record_output(*(out_dir / FILES[name] for name in formats), out_dir / PREPROCESS_FILE)
+    for name in set(FORMATS) - set(formats):
+        stale = out_dir / FILES[name]
+        if stale.exists():
+            stale.unlink()
+            log(f"removed {escape(ctx.ws.rel(stale))} (an earlier export, not described by "
+                f"{PREPROCESS_FILE})")
+    if ctx.run is not None:
+        ctx.run.set(files={n: info["files"][n]["bytes"] for n in formats},
+                    max_abs_diff=max(c["max_abs_diff"] for c in info["parity"]["checks"]))
+    written = ", ".join(f"{out_dir / FILES[n]} ({_mib(info['files'][n]['bytes'])})" for n in formats)
+    log(f"wrote {escape(written)} and {escape(str(out_dir / PREPROCESS_FILE))}")
 
 
 def _parity_table(rows: list[list[str]], n_images: int, source: str, tolerance: float) -> Table:

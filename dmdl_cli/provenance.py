@@ -119,11 +119,35 @@ def differences(made: Mapping[str, Any], asked: Mapping[str, Any], keys: Iterabl
     return [f"{k}: {_show(a[k])} -> {_show(b[k])}" for k in a if a[k] != b[k]]
 
 
+def _origin(base: str, overlays: list[str], overrides: list[str], inherited: list) -> dict[str, Any]:
+    """How a recipe was resolved, for the ledger entry of the command."""
+    return {"recipe": str(Path(base).resolve()), "overlays": [str(Path(o).resolve()) for o in overlays],
+            "overrides": list(overrides), "inherited": inherited}
+
+
+def _prepare_recipe(ws, recipe_path: str | None, overlays: list[str], overrides: list[str], *,
+                    default: str | None, force: bool) -> Recipe:
+    """prepare-data's recipe: ``--recipe``, else the workspace's own (a re-run keeps what it was
+    prepared with; not with ``--force``), else the data set's default recipe; nothing inherited."""
+    if recipe_path is None and ws.recipe_path.is_file() and not force:
+        base = str(ws.recipe_path)
+    else:
+        base = recipe_path or default
+        if base is None or not Path(base).is_file():
+            raise DmdlError(f"no recipe given and the default {base} is missing: pass --recipe FILE")
+    recipe = load_recipe(base, overlays=overlays, overrides=overrides)
+    ws.recipe_origin = _origin(base, overlays, overrides, [])
+    return recipe
+
+
 def resolve_recipe(ws, command: str, recipe_path: str | None, overlays: list[str],
-                   overrides: list[str], *, resume: bool = False,
-                   checkpoint: str | None = None) -> Recipe:
-    """The recipe ``command`` runs with in the prepared workspace ``ws`` (module docstring);
-    records its origin on ``ws`` for the ledger."""
+                   overrides: list[str], *, resume: bool = False, checkpoint: str | None = None,
+                   default: str | None = None, force: bool = False) -> Recipe:
+    """The recipe ``command`` runs with in workspace ``ws`` (module docstring); records its
+    origin on ``ws`` for the ledger. ``default``, ``force``: prepare-data's base recipe
+    (:func:`_prepare_recipe`); every other command runs in a prepared workspace."""
+    if stage(command).exclusive:
+        return _prepare_recipe(ws, recipe_path, overlays, overrides, default=default, force=force)
     base = recipe_path or str(ws.recipe_path)
     if recipe_path is None and not ws.recipe_path.is_file():
         raise DmdlError(f"{ws.recipe_path} is missing: pass --recipe FILE or run `dmdl prepare-data`")
@@ -145,11 +169,7 @@ def resolve_recipe(ws, command: str, recipe_path: str | None, overlays: list[str
                 f"{up.result} was made with other values than this command asks for "
                 f"(made with -> asked for): {'; '.join(diff)}. Drop the --recipe/--overlay/--set "
                 f"that change them to build on it, or {up.remedy}")
-    ws.recipe_origin = {
-        "recipe": str(Path(base).resolve()),
-        "overlays": [str(Path(o).resolve()) for o in overlays],
-        "overrides": list(overrides),
-        "inherited": [{"from": source, "keys": list(up.keys)}
-                      for (source, _), up in zip(inherited, ups)],
-    }
+    ws.recipe_origin = _origin(base, overlays, overrides,
+                               [{"from": source, "keys": list(up.keys)}
+                                for (source, _), up in zip(inherited, ups)])
     return recipe

@@ -15,22 +15,27 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from dmdl_cli import __version__
 from dmdl_cli.atomic import atomic_output, atomic_write_json, atomic_write_text, sha256_file
 from dmdl_cli.errors import DmdlError, Interrupted
-from dmdl_cli.recipe import Recipe, load_recipe
+from dmdl_cli.recipe import Recipe
 from dmdl_cli.stages import STAGES
+
+if TYPE_CHECKING:
+    from dmdl_cli.stages import StageSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 LOCK_FILE = ".lock"
+MANIFEST_LOCK = ".manifest.lock"  # held while the ledger is re-read and rewritten
 # every folder a stage owns (dmdl_cli/stages.py), and the feature cache evaluation and clustering share
 STAGE_DIRS = tuple(dict.fromkeys([*(spec.folder for spec in STAGES.values()), "features"]))
 
@@ -50,6 +55,21 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def repair_hint(ws: "Workspace | None" = None) -> str:
+    """The one text that says how to rebuild a damaged or missing index or cache: a plain
+    re-run of prepare-data (no --force), with the workspace's own options when ``ws`` is known."""
+    if ws is None:
+        command, where = "dmdl prepare-data", " on this workspace"
+    else:
+        data = ws.dataset or {}
+        command = f"dmdl prepare-data --workspace {ws.root} --dataset {data.get('name') or '...'}"
+        if data.get("root") and Path(data["root"]) != ws.root / "synthetic":
+            command += f" --root {data['root']}"
+        where = ""
+    return (f"re-run `{command}`{where} with the options that prepared it (no --force needed): "
+            "it rebuilds what is damaged")
 
 
 #: Types of the manifest fields the code reads: (key, allowed types); None stands for null.
@@ -99,38 +119,78 @@ def manifest_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
+def lock_file(folder: str | None) -> str:
+    """``.lock`` (the whole workspace) or ``.lock-<folder>`` (the stage that owns ``folder``)."""
+    return LOCK_FILE if folder is None else f"{LOCK_FILE}-{folder}"
+
+
+def _alive(pid: str) -> bool:
+    """Whether ``pid`` (as written in a lock file) names a running process."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _holder(text: str) -> tuple[str, str]:
+    """(pid, what it runs) from a lock file's text ``"<pid> <command title>"``."""
+    pid, _, what = text.strip().partition(" ")
+    return pid or "unknown", what
+
+
 class WorkspaceLock:
-    """An exclusive ``flock`` on ``WS/.lock``; the holder's pid is written into the file.
+    """A ``flock`` on a lock file of the workspace: exclusive (the holder writes its pid and
+    what it runs into the file) or shared (several holders; nothing written).
 
     The kernel releases a flock when its process dies, so a killed run never leaves a stale lock.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, shared: bool = False, holder: str = ""):
         self.path = path
+        self.shared = shared
+        self.holder = holder  # what the holder runs, for the refusal of others: "stage 1 (pretrain-single)"
         self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as err:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            text = os.pread(fd, 256, 0).decode(errors="replace")
             os.close(fd)
             if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise DmdlError(
-                    f"workspace {self.path.parent} is in use by another dmdl process "
-                    f"(pid {holder}); wait for it to finish or stop it"
-                ) from None
+                raise DmdlError(self._refusal(text)) from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.holder}".strip().encode() + b"\n", 0)
         self._fd = fd
+
+    def _refusal(self, text: str) -> str:
+        """Who holds the lock, in one line. A refused exclusive lock of the whole workspace is
+        held shared by stage commands: each names itself in its own stage lock file."""
+        holders = [_holder(text)] if text.strip() else []
+        if self.path.name == LOCK_FILE and not any(_alive(pid) for pid, _ in holders):
+            # held shared by stage commands (or the text is a killed holder's): each stage
+            # command names itself in its own stage lock file
+            holders = [h for f in sorted(self.path.parent.glob(f"{LOCK_FILE}-*"))
+                       if _alive((h := _holder(f.read_text(errors="replace")))[0])]
+        named = " and ".join(f"(pid {pid})" + (f" running {what}" if what else "")
+                             for pid, what in holders) or "(pid unknown)"
+        return (f"workspace {self.path.parent} is in use by another dmdl process {named}; "
+                "wait for it to finish or stop it")
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+            if not self.shared:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -138,24 +198,36 @@ class WorkspaceLock:
 
 @dataclass
 class StageRun:
-    """One entry of the manifest ledger, filled in while a stage runs."""
+    """One entry of the manifest ledger, filled in while a stage runs.
+
+    The entry reaches ``manifest.json`` with the first input, output or info it writes (a
+    command refused before that leaves the ledger as it was), then after every change.
+    """
 
     workspace: "Workspace"
     entry: dict[str, Any]
-    outputs: list[str] = field(default_factory=list)
+    recorded: bool = False  # the entry is in manifest.json
 
-    def add_input(self, path: Path, sha256: str | None = None) -> None:
-        self.entry["inputs"].append(self.workspace.file_record(path, sha256))
-        self.workspace.write_manifest()
+    def add_input(self, path: Path, sha256: str | None = None, *, write: bool = True) -> None:
+        """Record a file the command read; ``write=False`` keeps it in memory until the next
+        write (an input opened before the command's checks are done)."""
+        self._add("inputs", self.workspace.file_record(path, sha256), write)
 
     def add_output(self, path: Path, sha256: str | None = None) -> None:
-        record = self.workspace.file_record(path, sha256)
-        self.entry["outputs"] = [o for o in self.entry["outputs"] if o["path"] != record["path"]]
-        self.entry["outputs"].append(record)
-        self.workspace.write_manifest()
+        self._add("outputs", self.workspace.file_record(path, sha256), True)
+
+    def _add(self, side: str, record: dict[str, Any], write: bool) -> None:
+        """Record a file once per side (a second record of the same path replaces the first)."""
+        self.entry[side] = [r for r in self.entry[side] if r["path"] != record["path"]] + [record]
+        if write:
+            self._write()
 
     def set(self, **info: Any) -> None:
         self.entry.setdefault("info", {}).update(info)
+        self._write()
+
+    def _write(self) -> None:
+        self.recorded = True
         self.workspace.write_manifest()
 
 
@@ -168,7 +240,8 @@ class Workspace:
         # how this command's recipe was resolved (--recipe, --overlay, --set, inherited keys);
         # set by dmdl_cli.provenance and recorded in each ledger entry
         self.recipe_origin: dict[str, Any] | None = None
-        self._lock = WorkspaceLock(self.root / LOCK_FILE)
+        self._exclusive = False  # holds the whole workspace: may change the manifest's dataset
+        self._own_runs: dict[str, dict[str, Any]] = {}  # id -> the ledger entries this object writes
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -257,8 +330,28 @@ class Workspace:
         return data
 
     def write_manifest(self) -> None:
+        """Write this object's ledger entries into ``manifest.json``.
+
+        Several commands write the ledger at once (each stage has its own lock), so each write is
+        a short critical section under ``WS/.manifest.lock``: the file is re-read, this object's
+        runs replace their entries on disk by ``id`` (or are appended), and the result is renamed
+        into place. Only the holder of the whole workspace (prepare-data) changes ``dataset``.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.manifest_path, self.manifest)
+        fd = os.open(self.root / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename: milliseconds
+            merged = self._read_manifest() if self.manifest_path.is_file() else dict(self.manifest)
+            if self._exclusive or not self.manifest_path.is_file():
+                merged["dataset"] = self.manifest.get("dataset")
+            runs = [self._own_runs.get(run.get("id"), run) for run in merged.get("runs", [])]
+            on_disk = {run.get("id") for run in runs}
+            runs += [run for key, run in self._own_runs.items() if key not in on_disk]
+            merged["runs"] = runs
+            atomic_write_json(self.manifest_path, merged)
+            self.manifest = merged
+        finally:
+            os.close(fd)  # releases the flock
 
     def file_record(self, path: Path, sha256: str | None = None) -> dict[str, Any]:
         """{path, sha256, bytes} of a file; ``sha256`` when the caller already hashed it."""
@@ -279,18 +372,9 @@ class Workspace:
         if expected and sha256_file(self.index_path) != expected:
             raise DmdlError(
                 f"{self.index_path} does not match the manifest (it was changed or half-written): "
-                f"{self.repair_hint()}"
+                f"{repair_hint(self)}"
             )
         return self.dataset
-
-    def repair_hint(self) -> str:
-        """The command that rebuilds a damaged index or cache (a plain re-run; no --force)."""
-        data = self.dataset or {}
-        args = f" --dataset {data['name']}" if data.get("name") else " --dataset ..."
-        if data.get("root") and Path(data["root"]) != self.root / "synthetic":
-            args += f" --root {data['root']}"
-        return (f"re-run `dmdl prepare-data --workspace {self.root}{args}` with the options that "
-                "prepared it (no --force needed): it rebuilds what is damaged")
 
     def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
         runs = self.manifest.get("runs", [])
@@ -298,21 +382,44 @@ class Workspace:
 
     # -- lock and stage runs ------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self) -> Iterator["Workspace"]:
+    def locked(self, spec: "StageSpec | None" = None) -> Iterator["Workspace"]:
+        """Hold the locks a command needs while it writes.
+
+        ``spec`` None or exclusive (prepare-data): ``WS/.lock`` exclusively, alone in the
+        workspace. Any other stage: ``WS/.lock`` shared (no prepare-data meanwhile) and its own
+        ``WS/.lock-<folder>`` exclusively, so ``evaluate`` runs while ``train-cross`` trains but
+        two ``train-cross`` do not. Refused at once, naming the holder, when one is taken.
+        """
+        whole = spec is None or spec.exclusive
+        locks = [WorkspaceLock(self.root / LOCK_FILE, shared=not whole,
+                               holder=spec.title if spec is not None else "")]
+        if not whole:
+            locks.append(WorkspaceLock(self.root / lock_file(spec.folder), holder=spec.title))
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
         try:
+            for lock in locks:
+                lock.acquire()
+            self._exclusive = whole
             # Another process may have changed the ledger before we took the lock.
             if self.manifest_path.is_file():
                 self.manifest = self._read_manifest()
             yield self
         finally:
-            self._lock.release()
+            self._exclusive = False
+            for lock in reversed(locks):
+                lock.release()  # a lock never acquired: nothing to do
 
     @contextlib.contextmanager
     def stage_run(self, stage: str, recipe: Recipe, **info: Any) -> Iterator[StageRun]:
-        """Record a stage run in the ledger: running -> done, or failed with the error."""
+        """Record a stage run in the ledger: running -> done, or failed with the error.
+
+        Each entry has an ``id``: concurrent commands merge their own entries into the file by
+        it (:meth:`write_manifest`). The entry is written with the first input, output or info
+        the command records (:class:`StageRun`): a command refused before, or one with nothing
+        to do, leaves the ledger (and a new workspace) as it was.
+        """
         entry: dict[str, Any] = {
+            "id": uuid.uuid4().hex[:16],
             "stage": stage,
             "status": "running",
             "recipe_hash": recipe.hash(),
@@ -327,8 +434,7 @@ class Workspace:
         }
         if self.recipe_origin is not None:
             entry["recipe_origin"] = self.recipe_origin
-        self.manifest.setdefault("runs", []).append(entry)
-        self.write_manifest()
+        self._own_runs[entry["id"]] = entry
         run = StageRun(self, entry)
         try:
             yield run
@@ -337,28 +443,22 @@ class Workspace:
             entry["status"] = "interrupted" if stopped else "failed"
             entry["error"] = str(err) or err.__class__.__name__
             entry["ended"] = _now()
-            self.write_manifest()
+            self._close(run)
             raise
         entry["status"] = "done"
         entry["ended"] = _now()
-        self.write_manifest()
+        self._close(run)
+
+    def _close(self, run: StageRun) -> None:
+        """Write the final state of an entry that is in the ledger; forget one that never was."""
+        if run.recorded:
+            self.write_manifest()
+        else:
+            del self._own_runs[run.entry["id"]]
 
     # -- recipe -------------------------------------------------------------------------------
     def save_recipe(self, recipe: Recipe) -> None:
         atomic_write_text(self.recipe_path, recipe.to_yaml())
-
-    def resolve_recipe(
-        self, path: str | None, overlays: list[str] | None = None, overrides: list[str] | None = None
-    ) -> Recipe:
-        """The recipe a command runs with: ``path`` or else the workspace's own, plus overrides."""
-        base: str | None = path
-        if base is None:
-            if not self.recipe_path.is_file():
-                raise DmdlError(
-                    f"{self.recipe_path} is missing: pass --recipe FILE or run `dmdl prepare-data`"
-                )
-            base = str(self.recipe_path)
-        return load_recipe(base, overlays=overlays or (), overrides=overrides or ())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 from typer.testing import CliRunner, Result
 
 from dmdl_cli.cli import app
+from dmdl_cli.workspace import LOCK_FILE, MANIFEST_LOCK
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SIZE = ("--set", "data.height=64", "--set", "data.width=32", "--set", "run.workers=1")
@@ -84,6 +85,8 @@ def tree_snapshot(folder: Path) -> dict[str, str]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for name in sorted(filenames):
+            if name.startswith(LOCK_FILE + "-") or name == MANIFEST_LOCK:
+                continue  # lock files: a stage's is made on its first use, and holds no data
             path = Path(dirpath) / name
             out[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
         for name in dirnames:  # empty folders count too

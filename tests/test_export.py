@@ -22,6 +22,7 @@ from dmdl_cli.errors import DmdlError
 from dmdl_cli.features.extract import extract_features
 from dmdl_cli.model.backbone import build_model
 from dmdl_cli.model.loading import resolve_model
+from dmdl_cli.recipe import load_recipe
 from dmdl_cli.runtime import Runtime
 from dmdl_cli.workspace import Workspace, save_checkpoint
 
@@ -106,7 +107,7 @@ def test_export_both_formats_parity_on_cache_images(tiny_workspace, tmp_path, ru
     # independent check: follow preprocess.json by hand on real cache images, flip-average as
     # it says, and compare with dmdl's own (PyTorch) evaluation features of the same rows
     wsobj = Workspace.open(ws)
-    recipe = wsobj.resolve_recipe(None)
+    recipe = load_recipe(ws / "recipe.yaml")
     index, cache = _cache(ws)
     rows = index.rows(split="test")[::9][:6]
     model = resolve_model(wsobj, recipe, "imagenet").model
@@ -181,7 +182,7 @@ def test_saved_checkpoint_is_exported_by_default(tiny_workspace, tmp_path, run_c
     assert spec["model"]["checkpoint"] == "stage1-final"
     assert spec["model"]["checkpoint_sha256"] == sha256_file(target)
     assert spec["model"]["stage"] == "stage1" and spec["model"]["epoch"] == 1  # meta epoch 0, shown from 1
-    assert spec["recipe_hash"] == Workspace.open(ws).resolve_recipe(None).hash()
+    assert spec["recipe_hash"] == load_recipe(ws / "recipe.yaml").hash()
     assert all(c["passed"] for c in spec["parity"]["checks"]) and len(spec["parity"]["checks"]) == 2
 
     # the exported graph computes the trained network, not the recipe's initialisation

@@ -22,6 +22,7 @@ from dmdl_cli.atomic import (
     sha256_file,
 )
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.provenance import resolve_recipe
 from dmdl_cli.recipe import Recipe, load_recipe
 from dmdl_cli.workspace import (
     FORMAT_VERSION,
@@ -198,10 +199,11 @@ def test_stage_run_records_done_failed_and_interrupted(tmp_path):
     ws = Workspace.create(tmp_path / "ws")
     out = tmp_path / "ws" / "stage1" / "last.pt"
     with ws.locked(), ws.stage_run("pretrain-single", recipe, note="x") as run:
-        on_disk = json.loads(ws.manifest_path.read_text())
-        assert on_disk["runs"][-1]["status"] == "running"  # written before the work starts
+        assert not ws.manifest_path.exists()  # nothing recorded yet: nothing written
         atomic_write_bytes(out, b"weights")
         run.add_output(out)
+        on_disk = json.loads(ws.manifest_path.read_text())
+        assert on_disk["runs"][-1]["status"] == "running"  # written with the first record
         run.add_output(out)  # recorded once
         run.add_input(out)
         run.set(epochs=2)
@@ -216,11 +218,18 @@ def test_stage_run_records_done_failed_and_interrupted(tmp_path):
     assert "git_commit" in entry
 
     with pytest.raises(ValueError, match="boom"):
-        with ws.locked(), ws.stage_run("train-cross", recipe):
+        with ws.locked(), ws.stage_run("train-cross", recipe) as run:
+            run.add_input(out)
             raise ValueError("boom")
     with pytest.raises(KeyboardInterrupt):
-        with ws.locked(), ws.stage_run("train-cross", recipe):
+        with ws.locked(), ws.stage_run("train-cross", recipe) as run:
+            run.set(epoch=1)
             raise KeyboardInterrupt
+    before = ws.manifest_path.read_bytes()
+    with pytest.raises(DmdlError, match="refused"):  # before it records anything: no entry
+        with ws.locked(), ws.stage_run("train-cross", recipe):
+            raise DmdlError("refused")
+    assert ws.manifest_path.read_bytes() == before
     runs = Workspace.open(tmp_path / "ws").runs("train-cross")
     assert [(r["status"], r.get("error")) for r in runs] == [("failed", "boom"),
                                                              ("interrupted", "KeyboardInterrupt")]
@@ -258,14 +267,19 @@ def test_open_refuses_what_is_not_a_readable_workspace(tmp_path):
 
 def test_resolve_recipe_uses_the_workspace_recipe_plus_overrides(tmp_path):
     ws = Workspace.create(tmp_path / "ws")
+    ws.manifest["dataset"] = {"name": "synthetic"}
     with pytest.raises(DmdlError, match="recipe.yaml is missing: pass --recipe FILE"):
-        ws.resolve_recipe(None)
+        resolve_recipe(ws, "evaluate", None, [], [])
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides=["data.height=64"])
     ws.save_recipe(recipe)
-    assert ws.resolve_recipe(None) == recipe
-    assert ws.resolve_recipe(None, [], ["stage1.iters=1"]).stage1.iters == 1
-    assert ws.resolve_recipe(str(REPO / "recipes" / "sysu.yaml")).data.dataset == "sysu"
-
+    assert resolve_recipe(ws, "evaluate", None, [], []) == recipe
+    assert resolve_recipe(ws, "evaluate", None, [], ["stage1.iters=1"]).stage1.iters == 1
+    with pytest.raises(DmdlError, match="for data set 'sysu' but workspace .* holds 'synthetic'"):
+        resolve_recipe(ws, "evaluate", str(REPO / "recipes" / "sysu.yaml"), [], [])
+    # prepare-data: the workspace's recipe on a re-run, the data set's default with --force
+    sysu = str(REPO / "recipes" / "sysu.yaml")
+    assert resolve_recipe(ws, "prepare-data", None, [], [], default=sysu) == recipe
+    assert resolve_recipe(ws, "prepare-data", None, [], [], default=sysu, force=True).data.dataset == "sysu"
 
 # --------------------------------------------------------------------------------------------
 # label and checkpoint files

@@ -14,39 +14,35 @@ from rich.table import Table
 
 from dmdl_cli.clustering.modalities import cluster_modalities
 from dmdl_cli.console import console, log
-from dmdl_cli.data.cache import open_cache
-from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE, read_index
+from dmdl_cli.context import StageContext
+from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.features.extract import cached_features
-from dmdl_cli.model.loading import default_checkpoint, resolve_model
+from dmdl_cli.model.loading import default_checkpoint
 from dmdl_cli.provenance import sidecar_recipe_path, write_recipe
-from dmdl_cli.recipe import CLUSTER_MODALITIES, Recipe
-from dmdl_cli.runtime import select_runtime
-from dmdl_cli.workspace import Workspace, save_labels
+from dmdl_cli.recipe import CLUSTER_MODALITIES
+from dmdl_cli.workspace import save_labels
 
 MODALITY_CHOICES = dict(zip(CLUSTER_MODALITIES, ((VISIBLE,), (INFRARED,), (VISIBLE, INFRARED))))
 
 
-def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = None,
+def cluster_stage(ctx: StageContext, *, checkpoint: str | None = None,
                   modality: str = "both") -> np.ndarray:
     if modality not in MODALITY_CHOICES:
         raise DmdlError(f"--modality {modality}: choose visible, infrared or both")
     wanted = MODALITY_CHOICES[modality]
-    index = read_index(ws.index_path)
+    ws, recipe, index = ctx.ws, ctx.recipe, ctx.index
     train_rows = index.rows(split="train")
     for m in wanted:
         if not (index.modality[train_rows] == m).any():
             raise DmdlError(f"{ws.index_path} has no {MODALITY_NAMES[m]} train images to cluster")
-    cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
-                       recipe.data.height, recipe.data.width)
-    runtime = select_runtime(recipe)
+    cache = ctx.cache  # checked before the model is built
     if checkpoint is None and default_checkpoint(ws) is None:
         checkpoint = "imagenet"  # nothing trained yet: cluster with the untrained backbone
-    loaded = resolve_model(ws, recipe, checkpoint)
-    loaded.model.to(runtime.device)
+    loaded = ctx.model(checkpoint)
     log(f"clustering with {escape(loaded.description)}")
-    feats = cached_features(ws, loaded.model, loaded.sha256, "train", cache, train_rows, runtime,
-                            batch_size=recipe.run.feature_batch)
+    feats = cached_features(ws, loaded.model, loaded.sha256, "train", cache, train_rows,
+                            ctx.runtime, batch_size=recipe.run.feature_batch)
     mod = index.modality[train_rows].astype(np.int8)
     keep = np.isin(mod, wanted)
     has_ids = bool((index.pids[train_rows] >= 0).any())
@@ -78,6 +74,7 @@ def cluster_stage(ws: Workspace, recipe: Recipe, *, checkpoint: str | None = Non
                 recipe_hash=recipe.hash(), modality=modality,
                 stats={MODALITY_NAMES[m]: clusters[m].stats for m in wanted})
     recipe_file = write_recipe(sidecar_recipe_path(out), recipe)
+    ctx.record_output(out, recipe_file)
     console.print(table)
     if has_ids:
         console.print("* diagnostics against the data set's identities; training never reads them")

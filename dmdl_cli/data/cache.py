@@ -32,6 +32,7 @@ from PIL import Image
 from dmdl_cli.atomic import atomic_output, atomic_write_json, sha256_file
 from dmdl_cli.console import make_progress
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.workspace import repair_hint
 
 __all__ = ["cache_name", "load_image", "build_cache", "open_cache", "read_rows", "record_path",
            "read_record", "write_record", "cache_record", "verify_cache"]
@@ -39,8 +40,6 @@ __all__ = ["cache_name", "load_image", "build_cache", "open_cache", "read_rows",
 _CHUNK = 64  # images per worker task
 #: Rows hashed by the quick check when a stage opens the cache (spread evenly over the file).
 SAMPLE_ROWS = 256
-_REPAIR = ("re-run `dmdl prepare-data` on this workspace with the options that prepared it (no "
-           "--force needed): it rebuilds the cache")
 
 
 def cache_name(height: int, width: int) -> str:
@@ -185,16 +184,16 @@ def open_cache(path: str | os.PathLike[str], n: int, height: int, width: int) ->
     if size != expected or expected == 0:
         raise DmdlError(
             f"{path}: image cache holds {size} bytes, expected {expected} for {n} images of "
-            f"{height}x{width}; {_REPAIR}"
+            f"{height}x{width}; {repair_hint()}"
         )
     cache = np.memmap(path, dtype=np.uint8, mode="r", shape=(int(n), int(height), int(width), 3))
     record = read_record(path)
     if record is None:
         raise DmdlError(f"{path}: image cache has no integrity record ({record_path(path).name}); "
-                        f"{_REPAIR}")
+                        f"{repair_hint()}")
     if record.get("sample_sha256") != sample_sha256(cache):
         raise DmdlError(f"{path}: image cache is damaged (its sampled rows do not match "
-                        f"{record_path(path).name}); {_REPAIR}")
+                        f"{record_path(path).name}); {repair_hint()}")
     return cache
 
 

@@ -27,7 +27,7 @@ from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, wri
 from dmdl_cli.data.sources import find_bad_images, read_source
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe, SyntheticRecipe
-from dmdl_cli.workspace import LOCK_FILE, STAGE_DIRS, Workspace
+from dmdl_cli.workspace import STAGE_DIRS, StageRun, Workspace
 
 SYNTHETIC_STAMP = "dmdl-synthetic.json"
 MAX_LISTED = 10
@@ -105,35 +105,10 @@ def summary_table(table: IndexTable, title: str) -> Table:
     return out
 
 
-def _missing_folders(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, innermost first."""
-    out = []
-    while not path.exists() and path.parent != path:
-        out.append(path)
-        path = path.parent
-    return out
-
-
-def _undo_fresh(ws: Workspace, lock_existed: bool, created: list[Path]) -> None:
-    """After a failed first run: remove the lock file and the folders this run created, when
-    nothing else was written (a bad input leaves the file system as it was)."""
-    lock = ws.root / LOCK_FILE
-    try:
-        if ws.manifest_path.exists() or any(p.name != LOCK_FILE for p in ws.root.iterdir()):
-            return
-        if lock.is_file() and lock.read_text().strip():
-            return  # another process holds the lock (its pid is in the file): not ours to remove
-        if not lock_existed:
-            lock.unlink(missing_ok=True)
-        for folder in created:
-            folder.rmdir()
-    except OSError:
-        pass
-
-
 def prepare_data(
     ws: Workspace,
     recipe: Recipe,
+    run: StageRun,
     *,
     dataset: str,
     root: Path | None,
@@ -141,54 +116,41 @@ def prepare_data(
     force: bool = False,
     skip_bad_images: bool = False,
 ) -> None:
-    """Index ``dataset`` at ``root`` and build the cache; the synthetic set is generated from
-    the recipe's ``synthetic:`` section."""
-    created = _missing_folders(ws.root)
-    lock_existed = (ws.root / LOCK_FILE).exists()
-    try:
-        _prepare_data(ws, recipe, dataset=dataset, root=root, trial=trial, force=force,
-                      skip_bad_images=skip_bad_images)
-    except BaseException:
-        _undo_fresh(ws, lock_existed, created)
-        raise
+    """Index, check and cache the data set (the synthetic set is generated from the recipe's
+    ``synthetic:`` section); the command runner holds the workspace alone and ``run`` is the
+    command's ledger entry."""
+    previous = ws.dataset
+    if dataset != "synthetic" and root is None:
+        raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
+    root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
+    identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
+    root, table = _read_dataset(ws, recipe, identity, previous, force)
+    fingerprint = source_fingerprint(table)
+    height, width = recipe.data.height, recipe.data.width
+    cache_path = ws.cache_path(height, width)
 
+    if (previous and not force and previous.get("fingerprint") == fingerprint
+            and ws.index_path.is_file() and previous.get("index_sha256") == sha256_file(ws.index_path)
+            and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
+        log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
+            f"{escape(ws.rel(cache_path))}; nothing to do")
+        console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
+        return
 
-def _prepare_data(ws: Workspace, recipe: Recipe, *, dataset: str, root: Path | None, trial: int,
-                  force: bool, skip_bad_images: bool) -> None:
-    with ws.locked():
-        previous = ws.dataset
-        if dataset != "synthetic" and root is None:
-            raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
-        root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
-        identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
-        root, table = _read_dataset(ws, recipe, identity, previous, force)
-        fingerprint = source_fingerprint(table)
-        height, width = recipe.data.height, recipe.data.width
-        cache_path = ws.cache_path(height, width)
-
-        if (previous and not force and previous.get("fingerprint") == fingerprint
-                and ws.index_path.is_file() and previous.get("index_sha256") == sha256_file(ws.index_path)
-                and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
-            log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
-                f"{escape(ws.rel(cache_path))}; nothing to do")
-            console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
-            return
-
-        if previous and not force and previous.get("fingerprint") != fingerprint:
-            raise DmdlError(
-                f"{root} changed since workspace {ws.root} was prepared from it (images added, "
-                "removed or modified): pass --force to re-index it (its stage outputs are "
-                "removed), or use a new workspace"
-            )
-        table, skipped = _without_bad_images(table, root, recipe.run.workers, skip_bad_images)
-
-        entry = {**identity, "fingerprint": fingerprint, "skipped_bad_images": skipped}
-        with ws.stage_run("prepare-data", recipe, dataset=dataset, root=str(root)) as run:
-            cache_seconds = _write_outputs(ws, recipe, run, table, cache_path, entry,
-                                           retire=bool(previous and force))
-        log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
-            f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
-        console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
+    if previous and not force and previous.get("fingerprint") != fingerprint:
+        raise DmdlError(
+            f"{root} changed since workspace {ws.root} was prepared from it (images added, "
+            "removed or modified): pass --force to re-index it (its stage outputs are "
+            "removed), or use a new workspace"
+        )
+    table, skipped = _without_bad_images(table, root, recipe.run.workers, skip_bad_images)
+    run.set(root=str(root))
+    entry = {**identity, "fingerprint": fingerprint, "skipped_bad_images": skipped}
+    cache_seconds = _write_outputs(ws, recipe, run, table, cache_path, entry,
+                                   retire=bool(previous and force))
+    log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
+        f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
+    console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
 
 
 def _check_identity(ws: Workspace, previous: dict | None, identity: dict, force: bool) -> None:

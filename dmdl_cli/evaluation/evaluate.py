@@ -18,16 +18,14 @@ from rich.table import Table
 
 from dmdl_cli.atomic import atomic_write_json
 from dmdl_cli.console import console, log
-from dmdl_cli.data.cache import open_cache
-from dmdl_cli.data.index import IndexTable, read_index
+from dmdl_cli.context import StageContext
+from dmdl_cli.data.index import IndexTable
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.features.extract import cached_features
 from dmdl_cli.evaluation.metrics import mean_std, rank_metrics
 from dmdl_cli.evaluation.protocols import build_trials, protocol_modes
-from dmdl_cli.model.loading import LoadedModel, resolve_model
+from dmdl_cli.model.loading import LoadedModel
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.runtime import select_runtime
-from dmdl_cli.workspace import Workspace
 
 RANKS = (1, 5, 10, 20)
 
@@ -118,21 +116,12 @@ def _write_result(out: Path, dataset: str, protocol: dict[str, Any], loaded: Loa
     log(f"wrote {escape(str(out))}")
 
 
-def evaluate(
-    ws: Workspace,
-    recipe: Recipe,
-    *,
-    mode: str = "all",
-    checkpoint: str | None = None,
-    trials: int | None = None,
-    shots: int | None = None,
-    rerank: bool = False,
-    visualize: int = 0,
-    visualize_worst: int = 0,
-) -> dict[str, dict[str, Any]]:
-    dataset = ws.dataset["name"]
-    modes = list(protocol_modes(dataset)) if mode == "all" else [mode]
+def _check_options(dataset: str, mode: str, recipe: Recipe, trials: int | None, shots: int | None,
+                   visualize: int, visualize_worst: int) -> tuple[list[str], int, int]:
+    """The protocols to run and the trials and shots (the recipe's unless given); refuses bad
+    values before anything is read."""
     valid = protocol_modes(dataset)
+    modes = list(valid) if mode == "all" else [mode]
     for m in modes:
         if m not in valid:
             raise DmdlError(f"mode '{m}' does not apply to {dataset}: choose one of "
@@ -146,21 +135,33 @@ def evaluate(
     for flag, value in (("--visualize", visualize), ("--visualize-worst", visualize_worst)):
         if value < 0:
             raise DmdlError(f"{flag} {value}: give the number of queries to draw (0 = none)")
+    return modes, trials, shots
 
-    index = read_index(ws.index_path)
-    test_rows = index.rows(split="test")
+
+def evaluate(
+    ctx: StageContext,
+    *,
+    mode: str = "all",
+    checkpoint: str | None = None,
+    trials: int | None = None,
+    shots: int | None = None,
+    rerank: bool = False,
+    visualize: int = 0,
+    visualize_worst: int = 0,
+) -> dict[str, dict[str, Any]]:
+    ws, recipe = ctx.ws, ctx.recipe
+    dataset = ws.dataset["name"]
+    modes, trials, shots = _check_options(dataset, mode, recipe, trials, shots, visualize,
+                                          visualize_worst)
+    test_rows = ctx.index.rows(split="test")
     if len(test_rows) == 0:
         raise DmdlError(f"{ws.index_path} has no test rows: this workspace cannot be evaluated")
-    test = index.select(test_rows)
-    cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
-                       recipe.data.height, recipe.data.width)
-    runtime = select_runtime(recipe)
-    loaded = resolve_model(ws, recipe, checkpoint)
-    loaded.model.to(runtime.device)
+    test, cache = ctx.index.select(test_rows), ctx.cache  # the cache is checked before the model is built
+    loaded = ctx.model(checkpoint)
     log(f"evaluating {escape(loaded.description)}")
     start = time.perf_counter()
-    feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows, runtime,
-                            batch_size=recipe.run.feature_batch)
+    feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows,
+                            ctx.runtime, batch_size=recipe.run.feature_batch)
 
     summaries: dict[str, dict[str, Any]] = {}
     table_rows = []
@@ -170,21 +171,28 @@ def evaluate(
         label = m + (" (re-ranked)" if rerank else "") + (f" {shots}-shot" if shots > 1 else "")
         table_rows.append((label, summary))
         summaries[m] = summary
-        suffix = ("-rerank" if rerank else "") + (f"-{shots}shot" if shots > 1 else "")
+        name = f"{m}{'-rerank' if rerank else ''}{f'-{shots}shot' if shots > 1 else ''}-{loaded.name}"
         _warn_small_gallery(m, test, trial_list)
-        _write_result(ws.dir("eval") / f"{m}{suffix}-{loaded.name}.json", dataset,
-                      {"mode": m, "trials": trials, "shots": shots, "rerank": rerank},
+        out = ws.dir("eval") / f"{name}.json"
+        _write_result(out, dataset, {"mode": m, "trials": trials, "shots": shots, "rerank": rerank},
                       loaded, recipe, summary, per_trial)
+        ctx.record_output(out)
         if visualize or visualize_worst:
-            from dmdl_cli.evaluation.visualize import write_ranked_lists
-
-            first = trial_list[0]
-            dist = trial_distance(feats[first.query], feats[first.gallery], recipe, rerank)
-            ranks_dir = ws.dir("eval") / "ranks"
-            written = write_ranked_lists(ranks_dir, cache, test, test_rows, dist, first,
-                                         f"{m}{suffix}-{loaded.name}", spread=visualize,
-                                         worst=visualize_worst)
-            log(f"wrote {len(written)} ranked lists (first trial) to {escape(str(ranks_dir))}")
+            _draw_ranked_lists(ctx, feats, test, test_rows, trial_list[0], name, rerank,
+                               visualize, visualize_worst)
     title = escape(f"{dataset}: {loaded.name} ({time.perf_counter() - start:.1f} s)")
     console.print(results_table(title, table_rows))
     return summaries
+
+
+def _draw_ranked_lists(ctx: StageContext, feats: np.ndarray, test: IndexTable, test_rows: np.ndarray,
+                       first, name: str, rerank: bool, spread: int, worst: int) -> None:
+    """Pictures of the ranked lists of the first trial, recorded as outputs."""
+    from dmdl_cli.evaluation.visualize import write_ranked_lists
+
+    dist = trial_distance(feats[first.query], feats[first.gallery], ctx.recipe, rerank)
+    ranks_dir = ctx.ws.dir("eval") / "ranks"
+    written = write_ranked_lists(ranks_dir, ctx.cache, test, test_rows, dist, first, name,
+                                 spread=spread, worst=worst)
+    ctx.record_output(*written)
+    log(f"wrote {len(written)} ranked lists (first trial) to {escape(str(ranks_dir))}")

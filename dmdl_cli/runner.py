@@ -1,0 +1,102 @@
+"""The command runner: what every stage command does before and after its stage function.
+
+:func:`run_command` opens the workspace (prepare-data creates it), resolves the recipe
+(:mod:`dmdl_cli.provenance`: inherited keys, and a refusal naming every key that differs from
+what an upstream result was made with), selects the runtime, takes the locks of the command's
+stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`StageContext` once
+and calls the stage function with it. Under ``torchrun`` only rank 0 locks and writes the
+ledger, so the runtime (which knows the rank) is selected first. ``dmdl report`` only reads and
+does not come through here.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from dmdl_cli.context import StageContext
+from dmdl_cli.provenance import resolve_recipe
+from dmdl_cli.runtime import select_runtime
+from dmdl_cli.stages import StageSpec, stage
+from dmdl_cli.workspace import LOCK_FILE, Workspace
+
+Result = TypeVar("Result")
+
+
+def run_command(
+    command: str,
+    workspace: str | Path,
+    *,
+    body: Callable[[StageContext], Result],
+    recipe: str | Path | None = None,
+    overlays: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    default_recipe: str | Path | None = None,
+    force: bool = False,
+    resume: bool = False,
+    checkpoint: str | None = None,
+    deterministic: bool = False,
+    locks_itself: bool = False,
+    **ledger_info: Any,
+) -> Result:
+    """Run ``body`` (a stage function of a :class:`StageContext`) as command ``command``.
+
+    ``recipe``, ``overlays``, ``overrides``, ``resume``, ``checkpoint``: what the recipe is
+    resolved from (``default_recipe`` and ``force``: prepare-data's base recipe).
+    ``ledger_info``: extra fields of the ledger entry's ``info``. ``locks_itself``: the body
+    takes the lock and writes the ledger itself (the training stages until they take a context).
+    """
+    spec = stage(command)
+    ws = Workspace.create(workspace) if spec.exclusive else Workspace.open(workspace)
+    if not spec.exclusive:
+        ws.require_dataset()
+    recipe_obj = resolve_recipe(
+        ws, command, str(recipe) if recipe else None, [str(o) for o in overlays], list(overrides),
+        resume=resume, checkpoint=checkpoint, force=force,
+        default=str(default_recipe) if default_recipe else None)
+    runtime = select_runtime(recipe_obj, deterministic=deterministic)
+    with contextlib.ExitStack() as stack:
+        if spec.exclusive:
+            stack.enter_context(_undone_if_refused(ws))
+        run = None
+        if runtime.is_main and not locks_itself:  # TODO(merge): drop locks_itself
+            stack.enter_context(ws.locked(spec))
+            run = stack.enter_context(
+                ws.stage_run(command, recipe_obj, **_info(spec, ledger_info, resume)))
+        return body(StageContext(ws, recipe_obj, spec, runtime, run))
+
+
+def _info(spec: StageSpec, info: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The ledger entry's ``info``: the command's own fields; whether a training stage resumes.
+    (The checkpoint a command loads is named by :meth:`StageContext.model`.)"""
+    return {**info, "resume": resume} if spec.trains else dict(info)
+
+
+@contextlib.contextmanager
+def _undone_if_refused(ws: Workspace) -> Iterator[None]:
+    """A command that fails in a workspace it would create leaves the file system as it was:
+    the folders it made and the lock file go when nothing else was written."""
+    created = _missing_folders(ws.root)
+    lock = ws.root / LOCK_FILE
+    lock_existed = lock.exists()
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            held = lock.is_file() and lock.read_text().strip()  # a pid: another process holds it
+            if not ws.manifest_path.exists() and not held \
+                    and all(p.name == LOCK_FILE for p in ws.root.iterdir()):
+                if not lock_existed:
+                    lock.unlink(missing_ok=True)
+                for folder in created:
+                    folder.rmdir()
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    out = []
+    while not path.exists() and path.parent != path:
+        out.append(path)
+        path = path.parent
+    return out

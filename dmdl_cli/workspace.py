@@ -182,9 +182,25 @@ class WorkspaceLock:
             holders = [h for f in sorted(self.path.parent.glob(f"{LOCK_FILE}-*"))
                        if _alive((h := _holder(f.read_text(errors="replace")))[0])]
         named = " and ".join(f"(pid {pid})" + (f" running {what}" if what else "")
-                             for pid, what in holders) or "(pid unknown)"
+                             for pid, what in holders)
+        if not named:  # held shared: a later stage reads this stage's result while it runs
+            named = ("that reads this stage's results (a later stage training from them: "
+                     + ", ".join(f"pid {pid} running {what}" for pid, what in self._readers()) + ")"
+                     if self._readers() else "(pid unknown)")
         return (f"workspace {self.path.parent} is in use by another dmdl process {named}; "
                 "wait for it to finish or stop it")
+
+    def _readers(self) -> list[tuple[str, str]]:
+        """Live holders of the stages that start from the stage owning this lock file (they
+        hold it shared while they run; each names itself in its own stage lock file)."""
+        readers = []
+        for spec in STAGES.values():
+            if spec.upstream and self.path.name == lock_file(STAGES[spec.upstream].folder):
+                own = self.path.parent / lock_file(spec.folder)
+                holder = _holder(own.read_text(errors="replace")) if own.is_file() else ("", "")
+                if _alive(holder[0]):
+                    readers.append(holder)
+        return readers
 
     def release(self) -> None:
         if self._fd is not None:
@@ -388,13 +404,18 @@ class Workspace:
         ``spec`` None or exclusive (prepare-data): ``WS/.lock`` exclusively, alone in the
         workspace. Any other stage: ``WS/.lock`` shared (no prepare-data meanwhile) and its own
         ``WS/.lock-<folder>`` exclusively, so ``evaluate`` runs while ``train-cross`` trains but
-        two ``train-cross`` do not. Refused at once, naming the holder, when one is taken.
+        two ``train-cross`` do not; a stage that starts from an upstream stage's result also holds
+        that stage's lock shared, so ``pretrain-single --force`` cannot replace stage 1 under a
+        running ``train-cross``. Refused at once, naming the holder, when one is taken.
         """
         whole = spec is None or spec.exclusive
         locks = [WorkspaceLock(self.root / LOCK_FILE, shared=not whole,
                                holder=spec.title if spec is not None else "")]
         if not whole:
             locks.append(WorkspaceLock(self.root / lock_file(spec.folder), holder=spec.title))
+            if spec.upstream is not None:
+                locks.append(WorkspaceLock(self.root / lock_file(STAGES[spec.upstream].folder),
+                                           shared=True, holder=spec.title))
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             for lock in locks:

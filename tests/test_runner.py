@@ -111,6 +111,23 @@ def test_evaluate_runs_while_stage2_trains_but_a_second_train_cross_does_not(pip
             lock.release()
 
 
+def test_stage1_cannot_be_replaced_under_a_running_train_cross(pipeline, tmp_path):
+    """train-cross holds stage 1's lock shared while it trains from stage1/final.pt: a
+    `pretrain-single --force` meanwhile is refused naming it, and goes through afterwards."""
+    from dmdl_cli.stages import stage
+
+    ws = copy_workspace(pipeline, tmp_path)
+    before = tree_snapshot(ws)
+    with Workspace.open(ws).locked(stage("train-cross")):
+        result = invoke(["pretrain-single", "-w", ws, "--force", *_sets(STAGE1_SETS)])
+        assert_refused(result, "in use by another dmdl process", "reads this stage's results",
+                       f"pid {os.getpid()} running stage 2 (train-cross)")
+        assert tree_snapshot(ws) == before
+        # evaluate of the stage-1 model is a reader too: it runs
+        assert invoke(["evaluate", "-w", ws, "--checkpoint", ws / "stage1" / "final.pt",
+                       "--mode", "all-search"]).exit_code == 0
+
+
 def test_prepare_data_is_refused_while_any_stage_runs(tiny_workspace, tmp_path):
     ws = copy_workspace(tiny_workspace, tmp_path)
     root = Workspace.open(ws).dataset["root"]

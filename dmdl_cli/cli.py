@@ -172,8 +172,8 @@ def pretrain_single(
 ) -> None:
     """Stage 1: single-modality contrastive learning."""
     ws, recipe_obj = _open(workspace, recipe, overlay, set_, "pretrain-single", resume=resume)
-    final = _stage("dmdl_cli.training.single", "pretrain_single")(
-        ws, recipe_obj, resume=resume, force=force, deterministic=deterministic)
+    final = _train_shim(ws, recipe_obj, "stage1", _stage("dmdl_cli.training.single", "pretrain_single"),
+                        resume=resume, force=force, deterministic=deterministic)
     _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
@@ -189,8 +189,8 @@ def train_cross(
 ) -> None:
     """Stage 2: cross-modality learning with CAI and CBT."""
     ws, recipe_obj = _open(workspace, recipe, overlay, set_, "train-cross", resume=resume)
-    final = _stage("dmdl_cli.training.cross", "train_cross")(
-        ws, recipe_obj, resume=resume, force=force, deterministic=deterministic)
+    final = _train_shim(ws, recipe_obj, "stage2", _stage("dmdl_cli.training.cross", "train_cross"),
+                        resume=resume, force=force, deterministic=deterministic)
     _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
@@ -233,6 +233,31 @@ def export(
     _stage("dmdl_cli.export", "export_model")(
         ws, recipe_obj, checkpoint=checkpoint, fmt=fmt.value, opset=opset, dynamic_batch=dynamic_batch)
     _results(f"{ws.dir('export')}")
+
+
+def _train_shim(ws, recipe_obj, name: str, train, *, resume: bool, force: bool, deterministic: bool):
+    # shim until runner.py: what the command runner will do for a training command (runtime,
+    # lock on the main rank, ledger entry, context, the monitoring hook), then the stage
+    import contextlib
+
+    from dmdl_cli.context import StageContext
+    from dmdl_cli.evaluation.monitor import MonitorHook
+    from dmdl_cli.runtime import select_runtime
+    from dmdl_cli.stages import stage
+    from dmdl_cli.training.tensorboard import require_tensorboard
+
+    spec = stage(name)
+    runtime = select_runtime(recipe_obj, deterministic=deterministic)
+    if recipe_obj.run.tensorboard:
+        require_tensorboard()  # refuse before anything is written (the ledger included)
+    with contextlib.ExitStack() as stack:
+        run = None
+        if runtime.is_main:
+            stack.enter_context(ws.locked())
+            run = stack.enter_context(ws.stage_run(spec.command, recipe_obj))
+        ctx = StageContext(ws, recipe_obj, spec, runtime, run)
+        return train(ctx, resume=resume, force=force, deterministic=deterministic,
+                     hooks=[MonitorHook()])
 
 
 def _results(where: str) -> None:

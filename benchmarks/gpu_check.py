@@ -190,14 +190,15 @@ def random_cache(folder: Path, n: int, height: int, width: int) -> Path:
 
 
 def stage2_context(recipe: Recipe, runtime, cache_path: Path, n: int, ids: int):
-    """A TrainContext and an EpochState of stage 2 at the epoch where every loss term is on:
+    """A TrainState of stage 2 at the epoch where every loss term is on, with its epoch state:
     unified labels over both modalities and memories from random unit features."""
     from dmdl_cli.data.cache import open_cache
     from dmdl_cli.data.index import IndexTable
+    from dmdl_cli.context import StageContext
     from dmdl_cli.model.cai import modality_prior
     from dmdl_cli.model.loading import build_from_recipe
     from dmdl_cli.training.cross import FUSED, CrossModalityStage
-    from dmdl_cli.training.loop import TrainContext
+    from dmdl_cli.training.state import TrainState
 
     stage = recipe.stage2
     epoch = max([stage.cross_sampler_from, stage.onehot_epochs] + [e for e, _ in stage.triplet_ramp])
@@ -218,11 +219,13 @@ def stage2_context(recipe: Recipe, runtime, cache_path: Path, n: int, ids: int):
              "ids": {0: np.arange(ids), 1: np.arange(ids)},
              "prior": modality_prior(labels, modality).numpy(), "num_ids": ids,
              "memories": {0: unit(ids), 1: unit(ids), FUSED: unit(ids)}}
-    cache = open_cache(cache_path, n, recipe.data.height, recipe.data.width)
-    ctx = TrainContext(None, recipe, stage, runtime, index, rows, modality, cache, model, None,
-                       lambda record: None)
     logic = CrossModalityStage()
-    return ctx, logic, logic.restore_epoch(ctx, saved), epoch
+    ctx = StageContext(None, recipe, logic.spec, runtime)
+    ctx.index, ctx.train_rows = index, rows
+    ctx.cache = open_cache(cache_path, n, recipe.data.height, recipe.data.width)
+    t = TrainState(ctx, logic, model, epoch=epoch)
+    t.epoch_state = logic.restore_epoch(t, saved)
+    return t
 
 
 def train_speed(sizes: Sizes, device: torch.device, amp: torch.dtype, cache_path: Path):
@@ -230,15 +233,15 @@ def train_speed(sizes: Sizes, device: torch.device, amp: torch.dtype, cache_path
     from dmdl_cli.data.augment import AugmentConfig
     from dmdl_cli.data.train_dataset import TwoViewDataset
     from dmdl_cli.runtime import make_grad_scaler
-    from dmdl_cli.training.loop import _make_loader, _to_batch
+    from dmdl_cli.training.loop import make_loader, to_batch
 
     recipe = check_recipe(sizes)
     runtime = make_runtime(device, amp)
     n = sizes.cache_images
-    ctx, logic, state, epoch = stage2_context(recipe, runtime, cache_path, n, sizes.ids)
+    t = stage2_context(recipe, runtime, cache_path, n, sizes.ids)
     aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
-    dataset = TwoViewDataset(cache_path, ctx.index.modality, aug, shape=(n, sizes.height, sizes.width, 3))
-    optimizer = torch.optim.Adam(ctx.model.parameters(), lr=recipe.stage2.lr,
+    dataset = TwoViewDataset(cache_path, t.ctx.index.modality, aug, shape=(n, sizes.height, sizes.width, 3))
+    optimizer = torch.optim.Adam(t.model.parameters(), lr=recipe.stage2.lr,
                                  weight_decay=recipe.stage2.weight_decay)
     scaler = make_grad_scaler(runtime)
     if device.type == "cuda":
@@ -246,11 +249,13 @@ def train_speed(sizes: Sizes, device: torch.device, amp: torch.dtype, cache_path
     wait = compute = 0.0
     images = skipped = 0
     t0 = time.perf_counter()
-    for step, raw in enumerate(_make_loader(ctx, state.batches, 0, dataset)):
+    loader = make_loader(dataset, t.epoch_state.batches, 0, workers=recipe.run.workers,
+                         pin_memory=device.type == "cuda")
+    for step, raw in enumerate(loader):
         t1 = time.perf_counter()
-        batch = _to_batch(raw, runtime)
+        batch = to_batch(raw, runtime)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts, update = logic.batch_loss(ctx, state, epoch, batch)
+        loss, parts, update = t.logic.batch_loss(t, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss {loss.item()} at step {step} ({parts})")
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -290,16 +295,17 @@ def loader_speed(sizes: Sizes, device: torch.device, cache_path: Path):
     prefetched during the warm-up, which can hide a slow loader; this rate cannot be hidden."""
     from dmdl_cli.data.augment import AugmentConfig
     from dmdl_cli.data.train_dataset import TwoViewDataset
-    from dmdl_cli.training.loop import _make_loader
+    from dmdl_cli.training.loop import make_loader
 
     recipe = check_recipe(sizes)
     n = sizes.cache_images
-    ctx, _, state, _ = stage2_context(recipe, make_runtime(device, None), cache_path, n, sizes.ids)
+    t = stage2_context(recipe, make_runtime(device, None), cache_path, n, sizes.ids)
     aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
-    dataset = TwoViewDataset(cache_path, ctx.index.modality, aug, shape=(n, sizes.height, sizes.width, 3))
+    dataset = TwoViewDataset(cache_path, t.ctx.index.modality, aug, shape=(n, sizes.height, sizes.width, 3))
     start = time.perf_counter()
     images, first = 0, None
-    for raw in _make_loader(ctx, state.batches, 0, dataset):
+    for raw in make_loader(dataset, t.epoch_state.batches, 0, workers=recipe.run.workers,
+                           pin_memory=device.type == "cuda"):
         if first is None:
             first, start = time.perf_counter() - start, time.perf_counter()
             continue

@@ -167,9 +167,8 @@ def pretrain_single(
     stage = _stage("dmdl_cli.training.single", "pretrain_single")
     final = _run("pretrain-single", workspace, recipe, overlay, set_, resume=resume,
                  deterministic=deterministic, force=force,
-                 locks_itself=True,  # TODO(merge): drop; the stage then takes the runner's lock and ledger entry
-                 body=lambda ctx: stage(ctx.ws, ctx.recipe, resume=resume, force=force,  # TODO(merge): pass ctx
-                                        deterministic=deterministic))
+                 body=lambda ctx: stage(ctx, resume=resume, force=force, deterministic=deterministic,
+                                        hooks=_training_hooks()))
     _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
@@ -187,9 +186,8 @@ def train_cross(
     stage = _stage("dmdl_cli.training.cross", "train_cross")
     final = _run("train-cross", workspace, recipe, overlay, set_, resume=resume,
                  deterministic=deterministic, force=force,
-                 locks_itself=True,  # TODO(merge): drop; the stage then takes the runner's lock and ledger entry
-                 body=lambda ctx: stage(ctx.ws, ctx.recipe, resume=resume, force=force,  # TODO(merge): pass ctx
-                                        deterministic=deterministic))
+                 body=lambda ctx: stage(ctx, resume=resume, force=force, deterministic=deterministic,
+                                        hooks=_training_hooks()))
     _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
 
@@ -241,6 +239,14 @@ def export(
 def _folder(workspace: Path) -> Path:
     """The workspace folder as the runner opened it (absolute, for the results line)."""
     return Path(workspace).expanduser().resolve()
+
+
+def _training_hooks() -> list:
+    """Hooks the training stages run besides their standard ones: test-set monitoring
+    (``run.eval_every``; an evaluation concern, so it comes from the layer above training)."""
+    from dmdl_cli.evaluation.monitor import MonitorHook
+
+    return [MonitorHook()]
 
 
 def _results(where: str) -> None:

@@ -36,15 +36,13 @@ def run_command(
     resume: bool = False,
     checkpoint: str | None = None,
     deterministic: bool = False,
-    locks_itself: bool = False,
     **ledger_info: Any,
 ) -> Result:
     """Run ``body`` (a stage function of a :class:`StageContext`) as command ``command``.
 
     ``recipe``, ``overlays``, ``overrides``, ``resume``, ``checkpoint``: what the recipe is
     resolved from (``default_recipe`` and ``force``: prepare-data's base recipe).
-    ``ledger_info``: extra fields of the ledger entry's ``info``. ``locks_itself``: the body
-    takes the lock and writes the ledger itself (the training stages until they take a context).
+    ``ledger_info``: extra fields of the ledger entry's ``info``.
     """
     spec = stage(command)
     ws = Workspace.create(workspace) if spec.exclusive else Workspace.open(workspace)
@@ -59,7 +57,7 @@ def run_command(
         if spec.exclusive:
             stack.enter_context(_undone_if_refused(ws))
         run = None
-        if runtime.is_main and not locks_itself:  # TODO(merge): drop locks_itself
+        if runtime.is_main:
             stack.enter_context(ws.locked(spec))
             run = stack.enter_context(
                 ws.stage_run(command, recipe_obj, **_info(spec, ledger_info, resume)))

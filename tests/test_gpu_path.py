@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dmdl_cli.clustering import neighbors
+from dmdl_cli.context import StageContext
 from dmdl_cli.data.augment import AugmentConfig
 from dmdl_cli.data.index import IndexTable
 from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
@@ -29,8 +30,9 @@ from dmdl_cli.model.cai import modality_prior
 from dmdl_cli.recipe import load_recipe
 from dmdl_cli.runtime import CPU_AMP_ENV, Runtime, make_grad_scaler, select_runtime
 from dmdl_cli.training.cross import FUSED, CrossModalityStage
-from dmdl_cli.training.loop import TrainContext, _to_batch
+from dmdl_cli.training.loop import to_batch
 from dmdl_cli.training.single import SingleModalityStage
+from dmdl_cli.training.state import TrainState
 
 from conftest import load_benchmark
 
@@ -73,18 +75,21 @@ def data():
     return labels, modality, cache
 
 
-def _context(recipe, data, stage_name: str, runtime: Runtime, model) -> TrainContext:
+def _context(recipe, data, logic, runtime: Runtime, model) -> TrainState:
+    """A training state at EPOCH on the random cache, without a workspace."""
     labels, modality, cache = data
-    index = IndexTable(paths=[""] * N, pids=np.full(N, -1), cams=np.zeros(N), modality=modality,
-                       split=np.full(N, "train"))
-    return TrainContext(None, recipe, getattr(recipe, stage_name), runtime, index, np.arange(N),
-                        modality, cache, model, None, lambda record: None)
+    ctx = StageContext(None, recipe, logic.spec, runtime)
+    ctx.index = IndexTable(paths=[""] * N, pids=np.full(N, -1), cams=np.zeros(N), modality=modality,
+                           split=np.full(N, "train"))
+    ctx.cache, ctx.train_rows = cache, np.arange(N)
+    return TrainState(ctx, logic, model, epoch=EPOCH)
 
 
-def _stage_state(logic, ctx, data):
-    """The logic's epoch state at EPOCH with memories of random unit features."""
+def _stage_state(logic, t, data):
+    """The logic's epoch state at EPOCH with memories of random unit features (also set as
+    ``t.epoch_state``)."""
     labels, modality, _ = data
-    dim = ctx.model.feat_dim
+    dim = t.model.feat_dim
     conf = np.linspace(0.4, 1.0, N).astype(np.float32)
     if isinstance(logic, SingleModalityStage):  # per-modality ids, infrared offset by IDS
         global_labels = labels + IDS * modality
@@ -95,7 +100,8 @@ def _stage_state(logic, ctx, data):
                  "ids": {0: np.arange(IDS), 1: np.arange(IDS)},
                  "prior": modality_prior(labels, modality).numpy(), "num_ids": IDS,
                  "memories": {0: _unit(IDS, dim, 1), 1: _unit(IDS, dim, 2), FUSED: _unit(IDS, dim, 3)}}
-    return logic.restore_epoch(ctx, saved)
+    t.epoch_state = logic.restore_epoch(t, saved)
+    return t.epoch_state
 
 
 def _batch(recipe, data, state, runtime: Runtime) -> dict[str, torch.Tensor]:
@@ -103,7 +109,7 @@ def _batch(recipe, data, state, runtime: Runtime) -> dict[str, torch.Tensor]:
     _, modality, cache = data
     aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
     dataset = TwoViewDataset(cache, modality, aug)
-    return _to_batch(collate_views([dataset[key] for key in state.batches[0]]), runtime)
+    return to_batch(collate_views([dataset[key] for key in state.batches[0]]), runtime)
 
 
 def _model(seed: int = 0):
@@ -114,9 +120,9 @@ def _model(seed: int = 0):
 def _loss(recipe, data, stage_name: str, amp: torch.dtype | None) -> tuple[float, dict]:
     logic = SingleModalityStage() if stage_name == "stage1" else CrossModalityStage()
     runtime = Runtime(CPU, amp, channels_last=False)
-    ctx = _context(recipe, data, stage_name, runtime, _model())
-    state = _stage_state(logic, ctx, data)
-    loss, parts, _ = logic.batch_loss(ctx, state, EPOCH, _batch(recipe, data, state, runtime))
+    t = _context(recipe, data, logic, runtime, _model())
+    state = _stage_state(logic, t, data)
+    loss, parts, _ = logic.batch_loss(t, _batch(recipe, data, state, runtime))
     return float(loss.detach()), parts
 
 
@@ -142,16 +148,16 @@ def test_fp16_grad_scaler_steps_on_the_cpu(recipe, data):
     # channels_last as on a GPU (and the CPU's fp16 convolutions are ~5x faster in it)
     runtime = Runtime(CPU, torch.float16, channels_last=True)
     logic = CrossModalityStage()
-    ctx = _context(recipe, data, "stage2", runtime, _model().to(memory_format=torch.channels_last))
-    state = _stage_state(logic, ctx, data)
+    t = _context(recipe, data, logic, runtime, _model().to(memory_format=torch.channels_last))
+    state = _stage_state(logic, t, data)
     batch = _batch(recipe, data, state, runtime)
-    optimizer = torch.optim.Adam(ctx.model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(t.model.parameters(), lr=1e-3)
     scaler = make_grad_scaler(runtime)
 
     def step() -> tuple[float, float]:
         before = scaler.get_scale() if scaler._scale is not None else scaler._init_scale
         optimizer.zero_grad(set_to_none=True)
-        loss, _, update = logic.batch_loss(ctx, state, EPOCH, batch)
+        loss, _, update = logic.batch_loss(t, batch)
         assert torch.isfinite(loss)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -160,16 +166,16 @@ def test_fp16_grad_scaler_steps_on_the_cpu(recipe, data):
             update()
         return before, scaler.get_scale()
 
-    weights = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     before, after = step()  # at the initial scale 2**16: skipped (halved) or taken (kept)
     assert after in (before, before / 2)
-    moved = any(not torch.equal(p, weights[n]) for n, p in ctx.model.named_parameters())
+    moved = any(not torch.equal(p, weights[n]) for n, p in t.model.named_parameters())
     assert moved == (after == before)
     scaler.update(new_scale=256.0)  # a scale at which fp16 gradients fit
-    weights = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     before, after = step()
     assert before == after == 256.0
-    for name, param in ctx.model.named_parameters():
+    for name, param in t.model.named_parameters():
         assert torch.isfinite(param).all(), name
         if param.grad is not None and param.grad.abs().sum() > 0:
             assert not torch.equal(param, weights[name]), name

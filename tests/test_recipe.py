@@ -295,11 +295,13 @@ def test_choice_lists_are_what_the_implementations_accept():
     from dmdl_cli.data.sources import read_source
     from dmdl_cli.model.backbone import _ARCH_SPECS
     from dmdl_cli.runtime import AMP_DTYPES
-    from dmdl_cli.training.memory import UPDATE_RULES
+    from dmdl_cli.training.memory import ClusterMemory
 
     assert tuple(_ARCH_SPECS) == R.ARCHS and tuple(_MAP_FORMULAE) == R.COLOUR_MAPS
     assert tuple(AMP_DTYPES) == R.AMP_MODES and AMP_DTYPES["bf16"] is torch.bfloat16
-    assert neighbors.METHODS is R.KNN_METHODS and tuple(UPDATE_RULES) == R.MEMORY_UPDATES
+    assert neighbors.METHODS is R.KNN_METHODS
+    for rule in R.MEMORY_UPDATES:  # every declared memory update rule is one the memory runs
+        assert ClusterMemory(4, 2, temp=0.05, momentum=0.2, rule=rule).rule == rule
     centroids = np.eye(3)
     for method in R.ASSOCIATION_METHODS:
         assert associate(centroids, centroids, method=method, epoch=0).num_ids == 3

@@ -31,15 +31,15 @@ def _moved_rows(epoch: int, cross: bool) -> dict[str, set[int]]:
                 FUSED: make_memory(F.normalize(torch.randn(3, 4, generator=g), dim=1).numpy(), stage)}
     before = {k: m.features.clone() for k, m in memories.items()}
     row_of_id = {VISIBLE: torch.tensor([0, 1, 2]), INFRARED: torch.tensor([0, 1, -1])}
-    state = SimpleNamespace(memories=memories, extra={"row_of_id": row_of_id,
-                                                      "ids_t": {VISIBLE: vis_ids, INFRARED: ir_ids}})
+    state = SimpleNamespace(memories=memories, row_of_id=row_of_id,
+                            ids_t={VISIBLE: vis_ids, INFRARED: ir_ids})
     runtime = Runtime(torch.device("cpu"), None, False)
-    ctx = SimpleNamespace(recipe=recipe, stage=stage, runtime=runtime)
+    t = SimpleNamespace(recipe=recipe, stage=stage, runtime=runtime, epoch=epoch, epoch_state=state)
     labels = torch.tensor([0, 2, 1, 1])  # (B,) per view
     modality = torch.tensor([VISIBLE, VISIBLE, INFRARED, INFRARED])
     fa = F.normalize(torch.randn(4, 4, generator=g), dim=1)
     fb = F.normalize(torch.randn(4, 4, generator=g), dim=1)
-    CrossModalityStage.update_memories(ctx, state, epoch, fa, fb, labels, modality, labels, labels)
+    CrossModalityStage.update_memories(t, fa, fb, labels, modality, labels, labels)
     return {name: {r for r in range(before[k].shape[0]) if not torch.equal(before[k][r], memories[k].features[r])}
             for name, k in (("vis", VISIBLE), ("ir", INFRARED), ("fused", FUSED))}
 

@@ -37,7 +37,8 @@ for the fused memory, which moves with CAI's confidence-weighted momentum
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from dmdl_cli.clustering.association import associate, association_accuracy
 from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
 from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
 from dmdl_cli.console import log
+from dmdl_cli.context import StageContext
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.errors import DmdlError
@@ -55,7 +57,8 @@ from dmdl_cli.model.loading import load_model
 from dmdl_cli.recipe import Recipe, reached, triplet_weight
 from dmdl_cli.stages import stage
 from dmdl_cli.training.labelling import confidences, make_memory, restore_memory, write_labels_file
-from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, run_stage
+from dmdl_cli.training.hooks import Hook
+from dmdl_cli.training.loop import run_stage
 from dmdl_cli.training.losses import (
     batch_hard_triplet,
     cross_modal_triplet,
@@ -70,6 +73,7 @@ from dmdl_cli.training.objectives import (
     stage_triplet,
     view_targets,
 )
+from dmdl_cli.training.state import EpochState, StageLogic, TrainState
 from dmdl_cli.workspace import Workspace, load_checkpoint
 
 FUSED = "fused"
@@ -110,10 +114,29 @@ def unified_memory_ids(labels: np.ndarray, modality: np.ndarray, m: int) -> np.n
     return np.unique(labels[sel]).astype(np.int64)
 
 
+@dataclass
+class Stage2Epoch(EpochState):
+    """Stage 2's epoch: unified identity labels over both modalities; memories per modality
+    (rows: the unified ids it has, ``ids[m]``) and the fused one (rows: every unified id)."""
+
+    ids: dict[int, np.ndarray] = field(default_factory=dict)  # per modality: sorted unified ids
+    prior: np.ndarray | None = None  # modality prior P(m) of CAI (model/cai.py)
+    num_ids: int = 0  # unified identities this epoch
+    # on the device, rebuilt by restore_epoch:
+    ids_t: dict[int, torch.Tensor] = field(default_factory=dict)
+    prior_t: torch.Tensor | None = None
+    row_of_id: dict[int, torch.Tensor] = field(default_factory=dict)  # (num_ids,) row of memory m, -1
+    cross_mode: bool = False  # the cross-modality sampler is on this epoch
+
+    def saved(self) -> dict[str, Any]:
+        return {**super().saved(), "ids": self.ids, "prior": self.prior, "num_ids": self.num_ids}
+
+
 class CrossModalityStage(StageLogic):
     spec = stage("stage2")
 
-    def initial_model(self, recipe: Recipe, ws: Workspace):
+    def initial_model(self, ctx: StageContext, *, resuming: bool):
+        ws, recipe = ctx.ws, ctx.recipe
         upstream = stage(self.spec.upstream)
         path = upstream.final(ws)
         if not path.is_file():
@@ -126,101 +149,100 @@ class CrossModalityStage(StageLogic):
                 f"{state['meta'].get('recipe_hash')}): re-run `dmdl {upstream.command} --force` "
                 "with this recipe, or use the recipe that produced it")
         model, _ = load_model(state, recipe, path=path, check=True, what="stage-1 checkpoint")
-        if not self.resuming:  # when resuming, the weights come from last.pt
+        if not resuming:  # when resuming, the weights come from last.pt
             log(f"stage 2 starts from {ws.rel(path)}")
         return model, str(path)
 
     def inputs(self, ws: Workspace) -> list:
         return [ws.index_path, stage(self.spec.upstream).final(ws)]
 
-    def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
-        recipe, stage = ctx.recipe, ctx.stage
-        feats = ctx.train_features()  # (N_train, D)
-        clusters = cluster_modalities(recipe.cluster, feats, ctx.train_rows, ctx.modality, ctx.true_ids,
+    def prepare_epoch(self, t: TrainState) -> Stage2Epoch:
+        recipe, stage, epoch = t.recipe, t.stage, t.epoch
+        feats = t.train_features()  # (N_train, D)
+        clusters = cluster_modalities(recipe.cluster, feats, t.ctx.train_rows, t.modality, t.true_ids,
                                       clustering_k1(recipe, epoch))
         for m in MODALITIES:
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
         assoc = associate(clusters[VISIBLE].centroids, clusters[INFRARED].centroids,
                           method=recipe.association.method, epoch=epoch)
-        n_all = len(ctx.index)
-        labels = np.full(n_all, -1, dtype=np.int64)
+        labels = np.full(len(t.ctx.index), -1, dtype=np.int64)
         for m, mapping in ((VISIBLE, assoc.vis_to_unified), (INFRARED, assoc.ir_to_unified)):
             c = clusters[m]
             labels[c.rows] = np.where(c.labels >= 0, mapping[np.maximum(c.labels, 0)], -1)
-        train_pos = ctx.train_position
-        modality = ctx.index.modality.astype(np.int64)
+        modality = t.ctx.index.modality.astype(np.int64)
+        feats_of = t.train_position  # index row -> row of feats
         labelled = np.flatnonzero(labels >= 0)
-        fused = cluster_centroids(feats[train_pos[labelled]], labels[labelled]) if len(labelled) else \
-            np.zeros((0, feats.shape[1]), np.float32)
-        conf = np.ones(n_all, dtype=np.float32)
+        fused = _centroids(feats, feats_of[labelled], labels[labelled])
+        conf = np.ones(len(labels), dtype=np.float32)
         if recipe.cbt.refine and len(labelled):
-            conf[labelled] = confidences(feats[train_pos[labelled]], fused, labels[labelled], stage.temp)
+            conf[labelled] = confidences(feats[feats_of[labelled]], fused, labels[labelled], stage.temp)
         ids = {m: unified_memory_ids(labels, modality, m) for m in MODALITIES}
-        per_modality = {}
+        memories = {}
         for m in MODALITIES:
             rows = np.flatnonzero((modality == m) & (labels >= 0))
             dense = np.searchsorted(ids[m], labels[rows])  # unified id -> row of memory m
-            per_modality[m] = cluster_centroids(feats[train_pos[rows]], dense) if len(rows) else \
-                np.zeros((0, feats.shape[1]), np.float32)
+            memories[m] = make_memory(_centroids(feats, feats_of[rows], dense), stage)
+        memories[FUSED] = make_memory(fused, stage)
         prior = modality_prior(torch.from_numpy(labels), torch.from_numpy(modality)).numpy()
+        self.log_labels(t, clusters, assoc, prior, conf[labelled])
+        write_labels_file(t.ctx, self.spec, epoch, labels, confidence=conf)
+        return Stage2Epoch(epoch, labels, conf, memories, ids=ids, prior=prior,
+                           num_ids=int(assoc.num_ids))
+
+    @staticmethod
+    def log_labels(t: TrainState, clusters, assoc, prior: np.ndarray, conf: np.ndarray) -> None:
+        """The epoch's ``labels`` record and line: clusters, unified ids, the modality prior,
+        the mean confidence of the labelled images, and the association accuracy on data sets
+        with identities (a diagnostic: training never reads true identities)."""
+        recipe, epoch = t.recipe, t.epoch
         record = {"kind": "labels", "epoch": epoch, "step": 0, "unified_ids": int(assoc.num_ids),
                   **{MODALITY_NAMES[m]: clusters[m].stats for m in MODALITIES},
-                  "prior": prior.tolist(), "mean_confidence": float(conf[labelled].mean()) if len(labelled) else 1.0}
-        if ctx.true_ids is not None:  # diagnostics only: training never reads true identities
-            truth = np.full(n_all, -1, dtype=np.int64)
-            truth[ctx.train_rows] = ctx.true_ids
+                  "prior": prior.tolist(), "mean_confidence": float(conf.mean()) if len(conf) else 1.0}
+        if t.true_ids is not None:
+            truth = np.full(len(t.ctx.index), -1, dtype=np.int64)
+            truth[t.ctx.train_rows] = t.true_ids
             vis, ir = clusters[VISIBLE], clusters[INFRARED]
             record["association_accuracy"] = association_accuracy(
                 vis.labels, ir.labels, truth[vis.rows], truth[ir.rows], assoc)
         log(f"epoch {epoch + 1}: {assoc.num_ids} unified identities ({recipe.association.method})"
             + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic)"
                if "association_accuracy" in record else ""))
-        ctx.log(record)
-        write_labels_file(ctx, self.spec, epoch, labels, confidence=conf)
-        memories = {m: make_memory(per_modality[m], stage) for m in MODALITIES}
-        memories[FUSED] = make_memory(fused, stage)
-        return EpochState(labels=labels, memories=memories,
-                          extra={"epoch": epoch, "conf": conf, "ids": ids, "prior": prior,
-                                 "num_ids": int(assoc.num_ids)})
+        t.log(record)
 
-    def save_epoch(self, state: EpochState) -> dict[str, Any]:
-        x = state.extra
-        return {"epoch": x["epoch"], "labels": state.labels, "conf": x["conf"], "ids": x["ids"],
-                "prior": x["prior"], "num_ids": x["num_ids"],
-                "memories": {k: mem.features.clone() for k, mem in state.memories.items()}}
-
-    def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:
-        stage, device = ctx.stage, ctx.runtime.device
+    def restore_epoch(self, t: TrainState, saved: dict[str, Any]) -> Stage2Epoch:
+        stage, device, index = t.stage, t.runtime.device, t.ctx.index
         memories = {k: restore_memory(f, stage).to(device) for k, f in saved["memories"].items()}
-        mode = "cross-modality" if reached(stage.cross_sampler_from, saved["epoch"]) else "per-modality"
-        batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,
+        cross_mode = reached(stage.cross_sampler_from, saved["epoch"])
+        batches = epoch_batches(saved["labels"], modality=index.modality, num_instances=stage.instances,
                                 clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
-                                seed=ctx.recipe.train.seed, epoch=saved["epoch"], mode=mode,
-                                cameras=ctx.index.cams if stage.camera_aware_sampling else None)
-        num_ids = saved["num_ids"]
+                                seed=t.recipe.train.seed, epoch=saved["epoch"],
+                                mode="cross-modality" if cross_mode else "per-modality",
+                                cameras=index.cams if stage.camera_aware_sampling else None)
+        num_ids, ids = saved["num_ids"], saved["ids"]
         row_of_id = {}
         for m in MODALITIES:
             table = torch.full((num_ids,), -1, dtype=torch.long)
-            table[torch.from_numpy(saved["ids"][m])] = torch.arange(len(saved["ids"][m]))
+            table[torch.from_numpy(ids[m])] = torch.arange(len(ids[m]))
             row_of_id[m] = table.to(device)
-        extra = dict(saved)
-        extra.update(labels_t=torch.from_numpy(saved["labels"]).to(device),
-                     conf_t=torch.from_numpy(saved["conf"]).to(device),
-                     ids_t={m: torch.from_numpy(saved["ids"][m]).to(device) for m in MODALITIES},
-                     prior_t=torch.as_tensor(saved["prior"], dtype=torch.float32, device=device),
-                     row_of_id=row_of_id, cross_mode=mode == "cross-modality")
-        return EpochState(labels=saved["labels"], batches=batches, extra=extra, memories=memories)
+        return Stage2Epoch(
+            saved["epoch"], saved["labels"], saved["conf"], memories, batches,
+            labels_t=torch.from_numpy(saved["labels"]).to(device),
+            conf_t=torch.from_numpy(saved["conf"]).to(device),
+            ids=ids, prior=saved["prior"], num_ids=num_ids,
+            ids_t={m: torch.from_numpy(ids[m]).to(device) for m in MODALITIES},
+            prior_t=torch.as_tensor(saved["prior"], dtype=torch.float32, device=device),
+            row_of_id=row_of_id, cross_mode=cross_mode)
 
-    def batch_loss(self, ctx: TrainContext, state: EpochState, epoch: int,
-                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
-        recipe, stage, runtime, x = ctx.recipe, ctx.stage, ctx.runtime, state.extra
+    def batch_loss(self, t: TrainState, batch: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
+        recipe, stage, runtime, epoch, state = t.recipe, t.stage, t.runtime, t.epoch, t.epoch_state
         rows, modality = batch["rows"], batch["modality"]
         b = rows.shape[0]
-        labels = x["labels_t"][rows]  # (B,) unified ids
-        conf = x["conf_t"][rows]
+        labels = state.labels_t[rows]  # (B,) unified ids
+        conf = state.conf_t[rows]
         refine = recipe.cbt.refine and epoch >= stage.onehot_epochs
         with runtime.autocast():
-            _, bn = ctx.model(batch["images"])  # (2B, D) BN-neck features
+            _, bn = t.ddp_model(batch["images"])  # (2B, D) BN-neck features
         feat = F.normalize(bn.float(), dim=1)
         fa, fb = feat[:b], feat[b:]
         both_labels, both_mod = torch.cat([labels, labels]), torch.cat([modality, modality])  # (2B,)
@@ -231,22 +253,22 @@ class CrossModalityStage(StageLogic):
         per_sample = torch.cat([sample_cross_entropy(za, ta), sample_cross_entropy(zb, tb)])
         loss_fused = reduce_over_modalities(per_sample, both_mod, stage.loss_reduction)
 
-        intra = memory_contrast(state.memories, lambda m, sel: x["row_of_id"][m][labels[sel]], fa, fb,
+        intra = memory_contrast(state.memories, lambda m, sel: state.row_of_id[m][labels[sel]], fa, fb,
                                 modality, conf, stage.refine_topk,
                                 refine and stage.intra_targets == "refined")
 
         cai = feat.new_zeros(())
         if recipe.cai.enabled:
             mems = [state.memories[m].features for m in MODALITIES]
-            ids = [x["ids_t"][m] for m in MODALITIES]
-            soft = torch.cat([t if t.dim() == 2 else F.one_hot(t, x["num_ids"]).float() for t in (ta, tb)])
-            log_p = cai_log_prob(feat, mems, ids, x["prior_t"], x["num_ids"], stage.temp)  # (2B, ids)
+            ids = [state.ids_t[m] for m in MODALITIES]
+            soft = torch.cat([q if q.dim() == 2 else F.one_hot(q, state.num_ids).float() for q in (ta, tb)])
+            log_p = cai_log_prob(feat, mems, ids, state.prior_t, state.num_ids, stage.temp)  # (2B, ids)
             cai = reduce_over_modalities(-(soft * log_p).sum(dim=1), both_mod, stage.loss_reduction)
 
         sigma = triplet_weight(stage.triplet_ramp, epoch)
         triplet = feat.new_zeros(())
         if sigma > 0:
-            triplet = self.triplet(stage, bn.float(), both_labels, both_mod, x["cross_mode"])
+            triplet = self.triplet(stage, bn.float(), both_labels, both_mod, state.cross_mode)
         align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
         identity = recipe.cai.weight * cai if recipe.cai.enabled else loss_fused
         loss = intra + identity + sigma * triplet + recipe.cbt.align_weight * align
@@ -254,7 +276,7 @@ class CrossModalityStage(StageLogic):
                  "triplet": triplet.item(), "align": align.item()}
 
         def update() -> None:
-            self.update_memories(ctx, state, epoch, fa, fb, labels, modality, ta, tb)
+            self.update_memories(t, fa, fb, labels, modality, ta, tb)
 
         return loss, parts, update
 
@@ -271,21 +293,21 @@ class CrossModalityStage(StageLogic):
         return term
 
     @staticmethod
-    def update_memories(ctx: TrainContext, state: EpochState, epoch: int, fa, fb, labels, modality,
-                        ta, tb) -> None:
-        """Momentum updates of the per-modality memories and the fused memory (module doc)."""
-        recipe, stage, runtime, x = ctx.recipe, ctx.stage, ctx.runtime, state.extra
+    def update_memories(t: TrainState, fa, fb, labels, modality, ta, tb) -> None:
+        """Momentum updates of the per-modality memories and the fused memory (module doc)
+        after a step on views ``fa``, ``fb`` (B, D) with targets ``ta``, ``tb``."""
+        recipe, stage, runtime, state = t.recipe, t.stage, t.runtime, t.epoch_state
         if ta.dim() == 2:
             t_own = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
                                tb.gather(1, labels[:, None]).squeeze(1)])
         else:
             t_own = torch.ones(2 * labels.shape[0], device=fa.device)
         feat, lab, mod = gathered_batch(runtime, fa, fb, labels, modality)
-        movers = memory_updates(mod, epoch, stage.cross_memory_update)
+        movers = memory_updates(mod, t.epoch, stage.cross_memory_update)
         for m in MODALITIES:
             sel = movers[m]
             if bool(sel.any()):
-                state.memories[m].update(feat[sel], x["row_of_id"][m][lab[sel]])
+                state.memories[m].update(feat[sel], state.row_of_id[m][lab[sel]])
         feat, lab, _, t_all = gathered_batch(runtime, fa, fb, labels, modality, t_own, first=INFRARED)
         momentum = None
         if recipe.cai.enabled and recipe.cai.confidence_momentum:
@@ -293,7 +315,16 @@ class CrossModalityStage(StageLogic):
         state.memories[FUSED].update(feat, lab, momentum)
 
 
-def train_cross(ws: Workspace, recipe: Recipe, *, resume: bool = False, force: bool = False,
-                deterministic: bool = False):
-    return run_stage(ws, recipe, CrossModalityStage(), resume=resume, force=force,
-                     deterministic=deterministic)
+def _centroids(feats: np.ndarray, positions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C, D) L2-normalised centroids of ``feats[positions]`` grouped by dense ``labels``
+    (``(0, D)`` without any row)."""
+    if len(positions) == 0:
+        return np.zeros((0, feats.shape[1]), np.float32)
+    return cluster_centroids(feats[positions], labels)
+
+
+def train_cross(ctx: StageContext, *, resume: bool = False, force: bool = False,
+                deterministic: bool = False, hooks: Sequence[Hook] = ()):
+    """Stage 2 in the context the command runner built (see ``run_stage``)."""
+    return run_stage(ctx, CrossModalityStage(), resume=resume, force=force,
+                     deterministic=deterministic, hooks=hooks)

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClusterMemory", "UPDATE_RULES", "confidence_momentum"]
+from dmdl_cli.recipe import MEMORY_UPDATES
 
-UPDATE_RULES = ("per-sample", "batch-mean")
+__all__ = ["ClusterMemory", "confidence_momentum"]
+
 
 
 def confidence_momentum(t_y: torch.Tensor, base: float = 0.2) -> torch.Tensor:
@@ -60,8 +61,8 @@ class ClusterMemory(nn.Module):
     def __init__(self, num_features: int, num_clusters: int, *, temp: float = 0.05,
                  momentum: float = 0.2, rule: str = "batch-mean") -> None:
         super().__init__()
-        if rule not in UPDATE_RULES:
-            raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}")
+        if rule not in MEMORY_UPDATES:
+            raise ValueError(f"rule must be one of {MEMORY_UPDATES}, got {rule!r}")
         self.num_features = int(num_features)
         self.temp = float(temp)
         self.momentum = float(momentum)

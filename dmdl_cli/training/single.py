@@ -16,7 +16,8 @@ normalisation (the reference's): within each modality, summed over the two
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,37 +25,50 @@ import torch.nn.functional as F
 
 from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
 from dmdl_cli.console import log
+from dmdl_cli.context import StageContext
 from dmdl_cli.data.index import MODALITY_NAMES
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.model.loading import initial_model
-from dmdl_cli.recipe import Recipe, reached, triplet_weight
+from dmdl_cli.recipe import reached, triplet_weight
 from dmdl_cli.stages import stage
+from dmdl_cli.training.hooks import Hook
 from dmdl_cli.training.labelling import confidences, make_memory, restore_memory, write_labels_file
-from dmdl_cli.training.loop import EpochState, StageLogic, TrainContext, run_stage
+from dmdl_cli.training.loop import run_stage
 from dmdl_cli.training.objectives import alignment, gathered_batch, memory_contrast, stage_triplet
-from dmdl_cli.workspace import Workspace
+from dmdl_cli.training.state import EpochState, StageLogic, TrainState
+
+
+@dataclass
+class Stage1Epoch(EpochState):
+    """Stage 1's epoch: the cluster ids of both modalities in one space, visible first
+    (``0..Cv-1``, infrared ``Cv..Cv+Ci-1``); one memory per modality, rows = its clusters."""
+
+    offsets: dict[int, int] = field(default_factory=dict)  # first cluster id of each modality
+    sizes: dict[int, int] = field(default_factory=dict)  # clusters of each modality
+
+    def saved(self) -> dict[str, Any]:
+        return {**super().saved(), "offsets": self.offsets, "sizes": self.sizes}
 
 
 class SingleModalityStage(StageLogic):
     spec = stage("stage1")
 
-    def initial_model(self, recipe: Recipe, ws: Workspace):
-        model = initial_model(recipe)
-        if not self.resuming:  # when resuming, the weights come from last.pt
-            log(f"stage 1 starts from the untrained {recipe.model.arch}: {model.init_description}")
+    def initial_model(self, ctx: StageContext, *, resuming: bool):
+        model = initial_model(ctx.recipe)
+        if not resuming:  # when resuming, the weights come from last.pt
+            log(f"stage 1 starts from the untrained {ctx.recipe.model.arch}: {model.init_description}")
         return model, model.init_description
 
-    def prepare_epoch(self, ctx: TrainContext, epoch: int) -> EpochState:
-        recipe, stage = ctx.recipe, ctx.stage
-        feats = ctx.train_features()  # (N_train, D)
-        clusters = cluster_modalities(recipe.cluster, feats, ctx.train_rows, ctx.modality, ctx.true_ids)
-        n_all = len(ctx.index)
-        labels = np.full(n_all, -1, dtype=np.int64)
-        conf = np.ones(n_all, dtype=np.float32)
+    def prepare_epoch(self, t: TrainState) -> Stage1Epoch:
+        recipe, stage, epoch, index = t.recipe, t.stage, t.epoch, t.ctx.index
+        feats = t.train_features()  # (N_train, D)
+        clusters = cluster_modalities(recipe.cluster, feats, t.ctx.train_rows, t.modality, t.true_ids)
+        labels = np.full(len(index), -1, dtype=np.int64)
+        conf = np.ones(len(index), dtype=np.float32)
         offsets, sizes = {}, {}
         offset = 0
         refine = recipe.cbt.refine and reached(stage.refine_from, epoch)
-        train_pos = ctx.train_position
+        train_pos = t.train_position
         for m in MODALITIES:
             c = clusters[m]
             offsets[m], sizes[m] = offset, c.centroids.shape[0]
@@ -63,50 +77,41 @@ class SingleModalityStage(StageLogic):
                 conf[c.rows] = confidences(feats[train_pos[c.rows]], c.centroids, c.labels, stage.temp)
             offset += sizes[m]
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(c.stats)}")
-        ctx.log({"kind": "labels", "epoch": epoch, "step": 0,
-                 **{MODALITY_NAMES[m]: clusters[m].stats for m in MODALITIES},
-                 "refine": refine, "mean_confidence": float(conf[labels >= 0].mean()) if (labels >= 0).any() else 1.0})
-        write_labels_file(ctx, self.spec, epoch, labels, confidence=conf)
-        return EpochState(
-            labels=labels,
-            extra={"epoch": epoch, "conf": conf, "offsets": offsets, "sizes": sizes},
-            memories={m: make_memory(clusters[m].centroids, stage) for m in MODALITIES},
-        )
+        t.log({"kind": "labels", "epoch": epoch, "step": 0,
+               **{MODALITY_NAMES[m]: clusters[m].stats for m in MODALITIES},
+               "refine": refine, "mean_confidence": float(conf[labels >= 0].mean()) if (labels >= 0).any() else 1.0})
+        write_labels_file(t.ctx, self.spec, epoch, labels, confidence=conf)
+        memories = {m: make_memory(clusters[m].centroids, stage) for m in MODALITIES}
+        return Stage1Epoch(epoch, labels, conf, memories, offsets=offsets, sizes=sizes)
 
-    def save_epoch(self, state: EpochState) -> dict[str, Any]:
-        return {"epoch": state.extra["epoch"], "labels": state.labels, "conf": state.extra["conf"],
-                "offsets": state.extra["offsets"], "sizes": state.extra["sizes"],
-                "memories": {m: mem.features.clone() for m, mem in state.memories.items()}}
-
-    def restore_epoch(self, ctx: TrainContext, saved: dict[str, Any]) -> EpochState:
-        stage = ctx.stage
+    def restore_epoch(self, t: TrainState, saved: dict[str, Any]) -> Stage1Epoch:
+        stage, device, index = t.stage, t.runtime.device, t.ctx.index
         memories = {m: restore_memory(feats, stage) for m, feats in saved["memories"].items()}
         for mem in memories.values():
-            mem.to(ctx.runtime.device)
-        batches = epoch_batches(saved["labels"], modality=ctx.index.modality, num_instances=stage.instances,
+            mem.to(device)
+        batches = epoch_batches(saved["labels"], modality=index.modality, num_instances=stage.instances,
                                 clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
-                                seed=ctx.recipe.train.seed, epoch=saved["epoch"],
+                                seed=t.recipe.train.seed, epoch=saved["epoch"],
                                 mode="per-modality",
-                                cameras=ctx.index.cams if stage.camera_aware_sampling else None)
-        return EpochState(labels=saved["labels"], batches=batches,
-                          extra={"epoch": saved["epoch"], "conf": saved["conf"], "offsets": saved["offsets"], "sizes": saved["sizes"],
-                                 "labels_t": torch.from_numpy(saved["labels"]).to(ctx.runtime.device),
-                                 "conf_t": torch.from_numpy(saved["conf"]).to(ctx.runtime.device)},
-                          memories=memories)
+                                cameras=index.cams if stage.camera_aware_sampling else None)
+        return Stage1Epoch(saved["epoch"], saved["labels"], saved["conf"], memories, batches,
+                           labels_t=torch.from_numpy(saved["labels"]).to(device),
+                           conf_t=torch.from_numpy(saved["conf"]).to(device),
+                           offsets=saved["offsets"], sizes=saved["sizes"])
 
-    def batch_loss(self, ctx: TrainContext, state: EpochState, epoch: int,
-                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
-        recipe, stage, runtime = ctx.recipe, ctx.stage, ctx.runtime
+    def batch_loss(self, t: TrainState, batch: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
+        recipe, stage, runtime, epoch, state = t.recipe, t.stage, t.runtime, t.epoch, t.epoch_state
         rows, modality = batch["rows"], batch["modality"]
         b = rows.shape[0]
-        labels = state.extra["labels_t"][rows]  # (B,) global cluster ids
-        conf = state.extra["conf_t"][rows]  # (B,)
+        labels = state.labels_t[rows]  # (B,) global cluster ids
+        conf = state.conf_t[rows]  # (B,)
         refine = recipe.cbt.refine and reached(stage.refine_from, epoch)
         with runtime.autocast():
-            _, bn = ctx.model(batch["images"])  # (2B, D) BN-neck features
+            _, bn = t.ddp_model(batch["images"])  # (2B, D) BN-neck features
         feat = F.normalize(bn.float(), dim=1)
         fa, fb = feat[:b], feat[b:]
-        offsets = state.extra["offsets"]
+        offsets = state.offsets
         contrast = memory_contrast(state.memories, lambda m, sel: labels[sel] - offsets[m], fa, fb,
                                    modality, conf, stage.refine_topk, refine)
         sigma = triplet_weight(stage.triplet_ramp, epoch)
@@ -123,12 +128,13 @@ class SingleModalityStage(StageLogic):
             for m in MODALITIES:
                 sel = all_mod == m
                 if bool(sel.any()):
-                    state.memories[m].update(all_feat[sel], all_labels[sel] - state.extra["offsets"][m])
+                    state.memories[m].update(all_feat[sel], all_labels[sel] - offsets[m])
 
         return loss, parts, update
 
 
-def pretrain_single(ws: Workspace, recipe: Recipe, *, resume: bool = False, force: bool = False,
-                    deterministic: bool = False):
-    return run_stage(ws, recipe, SingleModalityStage(), resume=resume, force=force,
-                     deterministic=deterministic)
+def pretrain_single(ctx: StageContext, *, resume: bool = False, force: bool = False,
+                    deterministic: bool = False, hooks: Sequence[Hook] = ()):
+    """Stage 1 in the context the command runner built (see ``run_stage``)."""
+    return run_stage(ctx, SingleModalityStage(), resume=resume, force=force,
+                     deterministic=deterministic, hooks=hooks)

@@ -60,6 +60,12 @@ class TensorBoardLog:
     def truncate_after(self, epoch: int, step: int) -> None:
         self.jsonl.truncate_after(epoch, step)
 
+    def release(self) -> None:
+        self.jsonl.release()
+
+    def close(self) -> None:
+        self.writer.close()
+
     def __call__(self, record: dict[str, Any]) -> None:
         self.jsonl(record)
         step = int(record.get("epoch", 0)) * self.iters + int(record.get("step", 0))

@@ -192,3 +192,18 @@ def assert_refused(result, *words: str) -> str:
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]
+
+
+# One epoch of one step per training stage, on the tiny workspace: the epoch switches a one-epoch
+# schedule never reaches are switched off (recipe validation refuses them otherwise).
+STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
+               "stage1.instances=2", "cluster.min_samples=2", "run.feature_batch=128",
+               "stage1.refine_from=never", "stage1.triplet_ramp=[]"]
+STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3",
+               "stage2.instances=2", "stage2.onehot_epochs=0", "stage2.cross_sampler_from=never",
+               "stage2.triplet_ramp=[]"]
+
+
+def set_args(items: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``."""
+    return [arg for item in items for arg in ("--set", item)]

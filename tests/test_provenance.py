@@ -8,31 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_refused, copy_workspace, invoke
+from conftest import STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace, invoke, set_args
 from dmdl_cli.provenance import differences
 from dmdl_cli.recipe import load_recipe
 
-# Stage-1 values given only to pretrain-single; train-cross must inherit them.
-# One epoch per stage: the epoch switches a one-epoch schedule never reaches are switched off
-# (recipe validation refuses them otherwise).
-STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
-               "stage1.instances=2", "cluster.min_samples=2", "run.feature_batch=128",
-               "stage1.refine_from=never", "stage1.triplet_ramp=[]"]
-STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3",
-               "stage2.instances=2", "stage2.onehot_epochs=0", "stage2.cross_sampler_from=never",
-               "stage2.triplet_ramp=[]"]
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
+# STAGE1_SETS are given only to pretrain-single; train-cross must inherit them.
 
 @pytest.fixture(scope="module")
 def stage1_with_sets(tiny_workspace, tmp_path_factory) -> Path:
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("prov"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMDL_NO_PROGRESS", "1")
-        result = invoke(["pretrain-single", "-w", ws, *_sets(STAGE1_SETS)])
+        result = invoke(["pretrain-single", "-w", ws, *set_args(STAGE1_SETS)])
     assert result.exit_code == 0, result.output
     return ws
 
@@ -52,7 +39,7 @@ def test_stage_writes_its_recipe_and_the_ledger_its_overrides(stage1_with_sets):
 
 def test_plain_train_cross_builds_on_the_stage1_recipe(stage1_with_sets, tmp_path):
     ws = copy_workspace(stage1_with_sets, tmp_path)
-    result = invoke(["train-cross", "-w", ws, *_sets(STAGE2_SETS)])
+    result = invoke(["train-cross", "-w", ws, *set_args(STAGE2_SETS)])
     assert result.exit_code == 0, result.output
     stage2 = load_recipe(ws / "stage2" / "recipe.yaml")
     assert stage2.stage1.epochs == 1 and stage2.cluster.min_samples == 2
@@ -72,7 +59,7 @@ def test_an_explicit_stage1_value_that_differs_is_refused_naming_it(stage1_with_
     ws = stage1_with_sets
     before = snapshot(ws)
     result = invoke(["train-cross", "-w", ws, "--set", "stage1.epochs=2", "--set",
-                     "cluster.min_samples=2", *_sets(STAGE2_SETS)])
+                     "cluster.min_samples=2", *set_args(STAGE2_SETS)])
     line = assert_refused(result, "stage1/final.pt", "stage1.epochs: 1 -> 2", "pretrain-single --force")
     assert "min_samples" not in line  # the same value as stage 1 is no conflict
     result = invoke(["evaluate", "-w", ws, "--set", "data.height=128"])
@@ -121,7 +108,7 @@ def test_train_cross_accepts_a_stage1_made_with_other_run_keys(stage1_with_sets,
     ws = copy_workspace(stage1_with_sets, tmp_path)
     made = load_recipe(ws / "stage1" / "recipe.yaml").run
     assert (made.workers, made.feature_batch) == (1, 128)
-    result = invoke(["train-cross", "-w", ws, *_sets(STAGE2_SETS), "--set", "run.workers=0",
+    result = invoke(["train-cross", "-w", ws, *set_args(STAGE2_SETS), "--set", "run.workers=0",
                      "--set", "run.feature_batch=64", "--set", "run.checkpoint_every=1"])
     assert result.exit_code == 0, result.output
     stage2 = load_recipe(ws / "stage2" / "recipe.yaml")

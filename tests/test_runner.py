@@ -12,22 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_refused, copy_workspace, invoke, tree_snapshot
+from conftest import (STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace, invoke, set_args,
+                      tree_snapshot)
 from dmdl_cli.atomic import atomic_write_bytes
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.workspace import Workspace, WorkspaceLock
 
 REPO = Path(__file__).resolve().parent.parent
-STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
-               "stage1.instances=2", "cluster.min_samples=2", "run.feature_batch=128",
-               "stage1.refine_from=never", "stage1.triplet_ramp=[]"]
-STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3",
-               "stage2.instances=2", "stage2.onehot_epochs=0", "stage2.cross_sampler_from=never",
-               "stage2.triplet_ramp=[]"]
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def _ok(args: list) -> None:
@@ -45,8 +36,8 @@ def pipeline(tiny_workspace, tmp_path_factory) -> Path:
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("runner"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMDL_NO_PROGRESS", "1")
-        _ok(["pretrain-single", "-w", ws, *_sets(STAGE1_SETS)])
-        _ok(["train-cross", "-w", ws, *_sets(STAGE2_SETS)])
+        _ok(["pretrain-single", "-w", ws, *set_args(STAGE1_SETS)])
+        _ok(["train-cross", "-w", ws, *set_args(STAGE2_SETS)])
         _ok(["cluster", "-w", ws, "--modality", "visible"])
         _ok(["evaluate", "-w", ws, "--checkpoint", ws / "stage1" / "final.pt", "--mode", "all-search"])
         _ok(["export", "-w", ws, "--format", "torchscript"])
@@ -102,7 +93,7 @@ def test_evaluate_runs_while_stage2_trains_but_a_second_train_cross_does_not(pip
         assert result.exit_code == 0, result.output
         assert _runs(ws)[-1]["stage"] == "evaluate" and _runs(ws)[-1]["status"] == "done"
         before = tree_snapshot(ws)
-        result = invoke(["train-cross", "-w", ws, "--force", *_sets(STAGE2_SETS)])
+        result = invoke(["train-cross", "-w", ws, "--force", *set_args(STAGE2_SETS)])
         assert_refused(result, f"workspace {ws}", "in use by another dmdl process",
                        f"(pid {os.getpid()}) running stage 2 (train-cross)")
         assert tree_snapshot(ws) == before
@@ -119,7 +110,7 @@ def test_stage1_cannot_be_replaced_under_a_running_train_cross(pipeline, tmp_pat
     ws = copy_workspace(pipeline, tmp_path)
     before = tree_snapshot(ws)
     with Workspace.open(ws).locked(stage("train-cross")):
-        result = invoke(["pretrain-single", "-w", ws, "--force", *_sets(STAGE1_SETS)])
+        result = invoke(["pretrain-single", "-w", ws, "--force", *set_args(STAGE1_SETS)])
         assert_refused(result, "in use by another dmdl process", "reads this stage's results",
                        f"pid {os.getpid()} running stage 2 (train-cross)")
         assert tree_snapshot(ws) == before

@@ -77,33 +77,30 @@ class Hooks(Hook):
     def __init__(self, hooks: Iterable[Hook]):
         self.hooks = list(hooks)
 
-    def on_run_start(self, t: TrainState) -> None:
+    def _each(self, event: str, t: TrainState) -> None:
         for hook in self.hooks:
-            hook.on_run_start(t)
+            getattr(hook, event)(t)
+
+    def on_run_start(self, t: TrainState) -> None:
+        self._each("on_run_start", t)
 
     def on_epoch_start(self, t: TrainState) -> None:
-        for hook in self.hooks:
-            hook.on_epoch_start(t)
+        self._each("on_epoch_start", t)
 
     def on_epoch_ready(self, t: TrainState) -> None:
-        for hook in self.hooks:
-            hook.on_epoch_ready(t)
+        self._each("on_epoch_ready", t)
 
     def on_step_start(self, t: TrainState) -> None:
-        for hook in self.hooks:
-            hook.on_step_start(t)
+        self._each("on_step_start", t)
 
     def on_step_end(self, t: TrainState) -> None:
-        for hook in self.hooks:
-            hook.on_step_end(t)
+        self._each("on_step_end", t)
 
     def on_epoch_end(self, t: TrainState) -> None:
-        for hook in self.hooks:
-            hook.on_epoch_end(t)
+        self._each("on_epoch_end", t)
 
     def on_run_end(self, t: TrainState) -> None:
-        for hook in self.hooks:
-            hook.on_run_end(t)
+        self._each("on_run_end", t)
 
     def close(self) -> None:
         for hook in self.hooks:

@@ -1,6 +1,6 @@
 """Reading what training and evaluation wrote: ``WS/stage*/log.jsonl`` and ``WS/eval/*.json``.
 
-A stage's log holds mixed records (see :mod:`dmdl_cli.training.loop`): ``labels`` (pseudo-label
+A stage's log holds mixed records (see :mod:`dmdl_cli.training.logs`): ``labels`` (pseudo-label
 statistics at the start of an epoch), ``step`` (losses every 10 steps), ``speed``, ``epoch``
 (seconds, learning rate), ``monitor`` (test-set monitoring). :func:`epoch_rows` folds them into
 one flat row per epoch; missing values are simply absent from a row.

@@ -31,7 +31,9 @@ class StageSpec:
     recipe when their hash agrees); ``()`` for commands that make no model. ``upstream``: the
     stage whose ``final.pt`` it starts from. ``trains``: it writes ``last.pt``/``final.pt``
     and can be resumed. ``exclusive``: it rewrites what every other stage reads (the data), so
-    it runs alone in the workspace.
+    it runs alone in the workspace. ``concurrent``: several runs of it may share the workspace
+    (each writes files named after the checkpoint it reads, atomically: ``evaluate`` of ten
+    epoch models at once), so its lock is held shared.
     """
 
     name: str
@@ -45,6 +47,7 @@ class StageSpec:
     upstream: str | None = None
     trains: bool = False
     exclusive: bool = False
+    concurrent: bool = False
 
     def path(self, ws: "Workspace", name: str) -> Path:
         """``WS/<folder>/<name>``."""
@@ -91,9 +94,10 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
                        "labels/cross-eNNN.npz"),
               labels_prefix="cross", sections=STAGE2_SECTIONS, upstream="stage1", trains=True),
     StageSpec("cluster", "cluster", "cluster", "labels", inputs=(_INDEX, _CACHE, "a checkpoint"),
-              outputs=("labels/cluster-<checkpoint>.npz", "labels/cluster-<checkpoint>.recipe.yaml")),
+              outputs=("labels/cluster-<checkpoint>.npz", "labels/cluster-<checkpoint>.recipe.yaml"),
+              concurrent=True),
     StageSpec("evaluate", "evaluate", "evaluate", "eval", inputs=(_INDEX, _CACHE, "a checkpoint"),
-              outputs=("eval/<mode>-<checkpoint>.json", "features/", "eval/ranks/")),
+              outputs=("eval/<mode>-<checkpoint>.json", "features/", "eval/ranks/"), concurrent=True),
     StageSpec("export", "export", "export", "export", inputs=(_INDEX, _CACHE, "a checkpoint"),
               outputs=("export/model.onnx", "export/model.ts", "export/preprocess.json")),
 )}

@@ -186,7 +186,8 @@ class WorkspaceLock:
         if not named:  # held shared: a later stage reads this stage's result while it runs
             named = ("that reads this stage's results (a later stage training from them: "
                      + ", ".join(f"pid {pid} running {what}" for pid, what in self._readers()) + ")"
-                     if self._readers() else "(pid unknown)")
+                     if self._readers() else "(one that does not name itself: evaluate or cluster, "
+                     "which may run several at once)")
         return (f"workspace {self.path.parent} is in use by another dmdl process {named}; "
                 "wait for it to finish or stop it")
 
@@ -403,8 +404,8 @@ class Workspace:
 
         ``spec`` None or exclusive (prepare-data): ``WS/.lock`` exclusively, alone in the
         workspace. Any other stage: ``WS/.lock`` shared (no prepare-data meanwhile) and its own
-        ``WS/.lock-<folder>`` exclusively, so ``evaluate`` runs while ``train-cross`` trains but
-        two ``train-cross`` do not; a stage that starts from an upstream stage's result also holds
+        ``WS/.lock-<folder>`` exclusively (shared for a ``concurrent`` stage: evaluate, cluster),
+        so ``evaluate`` runs while ``train-cross`` trains but two ``train-cross`` do not; a stage that starts from an upstream stage's result also holds
         that stage's lock shared, so ``pretrain-single --force`` cannot replace stage 1 under a
         running ``train-cross``. Refused at once, naming the holder, when one is taken.
         """
@@ -412,7 +413,8 @@ class Workspace:
         locks = [WorkspaceLock(self.root / LOCK_FILE, shared=not whole,
                                holder=spec.title if spec is not None else "")]
         if not whole:
-            locks.append(WorkspaceLock(self.root / lock_file(spec.folder), holder=spec.title))
+            locks.append(WorkspaceLock(self.root / lock_file(spec.folder), shared=spec.concurrent,
+                                       holder=spec.title))
             if spec.upstream is not None:
                 locks.append(WorkspaceLock(self.root / lock_file(STAGES[spec.upstream].folder),
                                            shared=True, holder=spec.title))

@@ -119,6 +119,23 @@ def test_stage1_cannot_be_replaced_under_a_running_train_cross(pipeline, tmp_pat
                        "--mode", "all-search"]).exit_code == 0
 
 
+def test_evaluates_run_side_by_side_but_keep_prepare_data_out(pipeline, tmp_path):
+    """A running evaluate holds the workspace and the eval lock shared: a second evaluate (of
+    another checkpoint, as a script evaluating every epoch model at once does) runs beside it;
+    prepare-data is refused."""
+    from dmdl_cli.stages import stage
+
+    ws = copy_workspace(pipeline, tmp_path)
+    with Workspace.open(ws).locked(stage("evaluate")):
+        result = invoke(["evaluate", "-w", ws, "--checkpoint", ws / "stage2" / "final.pt",
+                         "--mode", "all-search"])
+        assert result.exit_code == 0, result.output
+        root = Workspace.open(ws).dataset["root"]
+        refused = invoke(["prepare-data", "--dataset", "synthetic", "--ids", "9", "--root", root,
+                          "-w", ws, "--force"])
+        assert_refused(refused, "in use by another dmdl process", "evaluate or cluster")
+
+
 def test_prepare_data_is_refused_while_any_stage_runs(tiny_workspace, tmp_path):
     ws = copy_workspace(tiny_workspace, tmp_path)
     root = Workspace.open(ws).dataset["root"]

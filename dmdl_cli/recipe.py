@@ -207,6 +207,10 @@ class RunRecipe:
     keep_epochs: bool = False  # also keep epoch-NNN.pt per epoch
     # Also write TensorBoard event files to WS/<stage>/tensorboard (needs the `tensorboard` extra).
     tensorboard: bool = False
+    # CPU threads of torch and faiss in this process (0: OMP_NUM_THREADS when set, else torch's
+    # default). The count changes how floating-point sums are split, so CPU results differ in
+    # the last digits between thread counts, never in what is computed.
+    threads: int = _ranged(0, 0)
 
 
 # Keys a stage used to carry but never read: an old recipe naming one is refused with the reason.

@@ -55,10 +55,14 @@ def select_runtime(recipe: Recipe, *, deterministic: bool = False) -> Runtime:
     recipe's AMP on the CPU too with ``DMDL_CPU_AMP=1``).
 
     Under ``torchrun`` (WORLD_SIZE > 1) the process group is initialised here: nccl on GPUs,
-    gloo on the CPU; each rank takes GPU ``LOCAL_RANK``.
+    gloo on the CPU; each rank takes GPU ``LOCAL_RANK``. ``run.threads`` sets the CPU threads
+    of torch and faiss.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+        os.environ["OMP_NUM_THREADS"] = str(recipe.run.threads)  # faiss reads it (clustering)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank)

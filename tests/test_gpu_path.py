@@ -323,3 +323,20 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
     assert rows["(b) k-NN exact"]["figures"]["recall"] == 1.0
     assert rows["(d) projected wall time"]["figures"]["hours"] > 0
     assert "(c) CLI export" in proc.stdout and "toy sizes on the CPU" in proc.stdout
+
+
+def test_run_threads_sets_the_cpu_threads_of_torch_and_faiss(monkeypatch):
+    """``run.threads`` (unhashed: it changes no result beyond rounding) sets torch's intra-op
+    threads and the OMP_NUM_THREADS faiss reads; 0 leaves both as they were."""
+    from dmdl_cli.clustering.neighbors import faiss_threads
+    from dmdl_cli.recipe import load_recipe
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    try:
+        select_runtime(load_recipe(REPO / "recipes" / "demo.yaml", overrides=["run.threads=0"]))
+        assert torch.get_num_threads() == before and faiss_threads() == 2
+        select_runtime(load_recipe(REPO / "recipes" / "demo.yaml", overrides=["run.threads=1"]))
+        assert torch.get_num_threads() == 1 and faiss_threads() == 1
+    finally:
+        torch.set_num_threads(before)

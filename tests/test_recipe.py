@@ -234,7 +234,7 @@ def test_stage_hash_changes_only_with_its_sections(section):
 
 @pytest.mark.parametrize("key, value", [("workers", 0), ("checkpoint_every", 1), ("eval_every", 3),
                                         ("feature_batch", 7), ("keep_epochs", True),
-                                        ("tensorboard", True)])
+                                        ("tensorboard", True), ("threads", 1)])
 def test_run_keys_change_no_hash(key, value):
     """The `run:` section changes how a run executes, never a result: no hash covers it."""
     base = load_recipe(RECIPES / "sysu.yaml")

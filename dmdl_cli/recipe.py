@@ -607,8 +607,10 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe", *,
     recipe = _build(Recipe, data, "", source)
     if not check_schedule:
         return recipe
-    for name in ("stage1", "stage2"):
-        _check_schedule(getattr(recipe, name), name, source)
+    for section in dataclasses.fields(recipe):  # every training stage's section
+        value = getattr(recipe, section.name)
+        if isinstance(value, StageRecipe):
+            _check_schedule(value, section.name, source)
     return recipe
 
 

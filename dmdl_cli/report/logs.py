@@ -18,7 +18,8 @@ from dmdl_cli.errors import DmdlError
 from dmdl_cli.stages import STAGE_RECIPE, TRAINING_STAGES
 
 MODALITY_PREFIX = {"visible": "vis", "infrared": "ir"}
-CHECKPOINT_ORDER = ("imagenet", "random-init", "stage1-final", "stage2-final")
+# how evaluations are ordered in tables: untrained first, then each stage's final model
+CHECKPOINT_ORDER = ("imagenet", "random-init", *(f"{spec.folder}-final" for spec in TRAINING_STAGES))
 
 
 @dataclass

@@ -38,6 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dmdl_cli.atomic import atomic_write_text  # noqa: E402
 from dmdl_cli.errors import DmdlError  # noqa: E402
 from dmdl_cli.recipe import Recipe, load_recipe  # noqa: E402
 from dmdl_cli.stages import stage_hash  # noqa: E402
@@ -235,7 +236,7 @@ def stage1_task(plan: Plan, run: Run, folder: Path) -> Callable[[], None]:
         dmdl(plan, folder / "ablation.log", "pretrain-single", "--workspace", str(folder), "--resume",
              *plan.args(run))
         seconds = time.perf_counter() - start
-        (folder / "ablation-stage1.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
+        atomic_write_text(folder / "ablation-stage1.json", json.dumps({"seconds": round(seconds, 1)}))
         say(f"stage 1 {folder.name} done ({seconds:.0f} s)")
     return work
 
@@ -256,7 +257,7 @@ def stage2_task(plan: Plan, run: Run, s1_folder: Path) -> Callable[[], None]:
         if not folder.is_dir():
             folder.parent.mkdir(parents=True, exist_ok=True)
             copy_workspace(s1_folder, folder)
-            marker.write_text(json.dumps({"recipe_hash": wanted, "run": dataclasses.asdict(run)}))
+            atomic_write_text(marker, json.dumps({"recipe_hash": wanted, "run": dataclasses.asdict(run)}))
         start = time.perf_counter()
         dmdl(plan, folder / "ablation.log", "train-cross", "--workspace", str(folder), "--resume", *plan.args(run))
         seconds = time.perf_counter() - start
@@ -264,7 +265,7 @@ def stage2_task(plan: Plan, run: Run, s1_folder: Path) -> Callable[[], None]:
              "--checkpoint", str(folder / "stage2" / "final.pt"), *plan.args(run))
         s1 = json.loads((s1_folder / "ablation-stage1.json").read_text()) if (
             s1_folder / "ablation-stage1.json").is_file() else {}
-        (folder / "ablation-run.json").write_text(json.dumps({
+        atomic_write_text(folder / "ablation-run.json", json.dumps({
             "stage1": s1_folder.name, "stage1_seconds": s1.get("seconds"), "stage2_seconds": round(seconds, 1)}))
         say(f"{run.setting} seed {run.seed} {run.name}: {describe(read_result(plan, run))} ({seconds:.0f} s)")
     return work
@@ -437,7 +438,10 @@ def cai_share_of_run(plan: Plan, run: Run) -> dict | None:
     if read_result(plan, run) is None or not label_files:
         return None
     if cached.is_file():
-        return json.loads(cached.read_text())
+        try:
+            return json.loads(cached.read_text())
+        except json.JSONDecodeError:  # cut short (by an earlier version's plain write): measure again
+            cached.unlink()
     recipe, ws = plan.resolve(run), Workspace(folder)
     index = read_index(ws.index_path)
     cache = open_cache(ws.cache_path(recipe.data.height, recipe.data.width), len(index),
@@ -459,7 +463,7 @@ def cai_share_of_run(plan: Plan, run: Run) -> dict | None:
     prior = modality_prior(labels, modality).numpy()
     out = own_modality_share(feats, memories, ids, prior, labels, modality, temp=recipe.stage2.temp)
     out["label_file"] = label_files[-1].name
-    cached.write_text(json.dumps(out))
+    atomic_write_text(cached, json.dumps(out))
     return out
 
 
@@ -542,10 +546,10 @@ def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavail
     lines += per_seed_table(plan, runs)
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     records = [{**dataclasses.asdict(run), "result": read_result(plan, run),
                 "unavailable": unavailable.get(run)} for run in runs]
-    (REPO / args.json).write_text(json.dumps({"command": command, "runs": records}, indent=1) + "\n")
+    atomic_write_text(REPO / args.json, json.dumps({"command": command, "runs": records}, indent=1) + "\n")
     print("\n".join(lines))
 
 

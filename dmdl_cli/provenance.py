@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 from dmdl_cli.atomic import atomic_write_text
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe, load_recipe
-from dmdl_cli.stages import STAGE_RECIPE, StageSpec, stage, stage_results
+from dmdl_cli.stages import STAGE_RECIPE, StageSpec, default_checkpoint, stage
 
 # What a checkpoint fixes for the commands that only run it (evaluate, cluster, export).
 CHECKPOINT_KEYS = ("data.height", "data.width", "model")
@@ -67,7 +67,7 @@ def _checkpoint_path(ws, checkpoint: str | None) -> Path | None:
     if checkpoint == "imagenet":
         return None
     if checkpoint is None:  # the default checkpoint: the newest stage result
-        return next((path for path in stage_results(ws) if path.is_file()), None)
+        return default_checkpoint(ws)
     return Path(checkpoint).expanduser().resolve()
 
 

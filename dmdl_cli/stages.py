@@ -66,6 +66,10 @@ class StageSpec:
         """``WS/labels/<prefix>-eNNN.npz`` of the 0-based ``epoch`` (files count from 1)."""
         return ws.root / "labels" / f"{self.labels_prefix}-e{epoch + 1:03d}.npz"
 
+    def section(self, recipe: Recipe):
+        """The training stage's own recipe section (``recipe.stage1``: named like the stage)."""
+        return getattr(recipe, self.name)
+
     def hash(self, recipe: Recipe) -> str:
         """The hash of the recipe sections this stage's result depends on."""
         return recipe.hash(self.sections)
@@ -123,6 +127,12 @@ def stage_results(ws: "Workspace") -> list[Path]:
     ``last.pt``: the default checkpoint of evaluate, cluster and export is the first that
     exists."""
     return [p for spec in reversed(TRAINING_STAGES) for p in (spec.final(ws), spec.last(ws))]
+
+
+def default_checkpoint(ws: "Workspace") -> Path | None:
+    """The checkpoint evaluate, cluster and export take without ``--checkpoint``: the first of
+    :func:`stage_results` that exists (None before any training)."""
+    return next((path for path in stage_results(ws) if path.is_file()), None)
 
 
 def result_stage(ws: "Workspace", path: Path) -> StageSpec | None:

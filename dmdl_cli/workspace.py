@@ -184,9 +184,10 @@ class WorkspaceLock:
         named = " and ".join(f"(pid {pid})" + (f" running {what}" if what else "")
                              for pid, what in holders)
         if not named:  # held shared: a later stage reads this stage's result while it runs
+            readers = self._readers()
             named = ("that reads this stage's results (a later stage training from them: "
-                     + ", ".join(f"pid {pid} running {what}" for pid, what in self._readers()) + ")"
-                     if self._readers() else "(one that does not name itself: evaluate or cluster, "
+                     + ", ".join(f"pid {pid} running {what}" for pid, what in readers) + ")"
+                     if readers else "(one that does not name itself: evaluate or cluster, "
                      "which may run several at once)")
         return (f"workspace {self.path.parent} is in use by another dmdl process {named}; "
                 "wait for it to finish or stop it")
@@ -405,9 +406,10 @@ class Workspace:
         ``spec`` None or exclusive (prepare-data): ``WS/.lock`` exclusively, alone in the
         workspace. Any other stage: ``WS/.lock`` shared (no prepare-data meanwhile) and its own
         ``WS/.lock-<folder>`` exclusively (shared for a ``concurrent`` stage: evaluate, cluster),
-        so ``evaluate`` runs while ``train-cross`` trains but two ``train-cross`` do not; a stage that starts from an upstream stage's result also holds
-        that stage's lock shared, so ``pretrain-single --force`` cannot replace stage 1 under a
-        running ``train-cross``. Refused at once, naming the holder, when one is taken.
+        so ``evaluate`` runs while ``train-cross`` trains but two ``train-cross`` do not; a stage
+        that starts from an upstream stage's result also holds that stage's lock shared, so
+        ``pretrain-single --force`` cannot replace stage 1 under a running ``train-cross``.
+        Refused at once, naming the holder, when one is taken.
         """
         whole = spec is None or spec.exclusive
         locks = [WorkspaceLock(self.root / LOCK_FILE, shared=not whole,

@@ -18,9 +18,9 @@ from dmdl_cli.context import StageContext
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.features.extract import cached_features
-from dmdl_cli.model.loading import default_checkpoint
 from dmdl_cli.provenance import sidecar_recipe_path, write_recipe
 from dmdl_cli.recipe import CLUSTER_MODALITIES
+from dmdl_cli.stages import default_checkpoint
 from dmdl_cli.workspace import save_labels
 
 MODALITY_CHOICES = dict(zip(CLUSTER_MODALITIES, ((VISIBLE,), (INFRARED,), (VISIBLE, INFRARED))))

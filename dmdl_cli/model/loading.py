@@ -26,7 +26,7 @@ from dmdl_cli.console import log
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, build_model
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.stages import result_stage, stage_results
+from dmdl_cli.stages import default_checkpoint, result_stage
 from dmdl_cli.workspace import Workspace, load_checkpoint, read_checkpoint_bytes
 
 
@@ -62,10 +62,6 @@ def state_sha256(model: torch.nn.Module) -> str:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return hashlib.sha256(buffer.getvalue()).hexdigest()
-
-
-def default_checkpoint(ws: Workspace) -> Path | None:
-    return next((path for path in stage_results(ws) if path.is_file()), None)
 
 
 def checkpoint_name(ws: Workspace, path: Path) -> str:

@@ -50,13 +50,18 @@ from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
 from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
-from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.cai import cai_log_prob, modality_prior
 from dmdl_cli.model.loading import load_model
 from dmdl_cli.recipe import Recipe, reached, triplet_weight
 from dmdl_cli.stages import stage
-from dmdl_cli.training.labelling import confidences, make_memory, restore_memory, write_labels_file
+from dmdl_cli.training.labelling import (
+    confidences,
+    make_memory,
+    restore_memories,
+    stage_batches,
+    write_labels_file,
+)
 from dmdl_cli.training.hooks import Hook
 from dmdl_cli.training.loop import run_stage
 from dmdl_cli.training.losses import (
@@ -211,13 +216,10 @@ class CrossModalityStage(StageLogic):
 
     def restore_epoch(self, t: TrainState, saved: dict[str, Any]) -> Stage2Epoch:
         stage, device, index = t.stage, t.runtime.device, t.ctx.index
-        memories = {k: restore_memory(f, stage).to(device) for k, f in saved["memories"].items()}
+        memories = restore_memories(saved["memories"], stage, device)
         cross_mode = reached(stage.cross_sampler_from, saved["epoch"])
-        batches = epoch_batches(saved["labels"], modality=index.modality, num_instances=stage.instances,
-                                clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
-                                seed=t.recipe.train.seed, epoch=saved["epoch"],
-                                mode="cross-modality" if cross_mode else "per-modality",
-                                cameras=index.cams if stage.camera_aware_sampling else None)
+        batches = stage_batches(stage, index, t.recipe.train.seed, saved["labels"], saved["epoch"],
+                                "cross-modality" if cross_mode else "per-modality")
         num_ids, ids = saved["num_ids"], saved["ids"]
         row_of_id = {}
         for m in MODALITIES:

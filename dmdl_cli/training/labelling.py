@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmdl_cli.data.index import IndexTable
+from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.stages import StageSpec
 from dmdl_cli.training.memory import ClusterMemory
 from dmdl_cli.training.refine import gmm_confidence, sample_losses
@@ -40,6 +42,22 @@ def restore_memory(features: torch.Tensor, stage) -> ClusterMemory:
                         rule=stage.memory_update)
     mem.features.copy_(features)
     return mem
+
+
+def restore_memories(saved: dict[Any, torch.Tensor], stage, device: torch.device
+                     ) -> dict[Any, ClusterMemory]:
+    """Every memory of a saved epoch state (:func:`restore_memory`), on ``device``."""
+    return {key: restore_memory(features, stage).to(device) for key, features in saved.items()}
+
+
+def stage_batches(stage, index: IndexTable, seed: int, labels: np.ndarray, epoch: int,
+                  mode: str) -> list:
+    """The epoch's batches (``data/sampling.py:epoch_batches``) with the stage's batch shape,
+    iterations and camera-aware sampling; ``labels`` (N_all,) per index row."""
+    return epoch_batches(labels, modality=index.modality, num_instances=stage.instances,
+                         clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
+                         seed=seed, epoch=epoch, mode=mode,
+                         cameras=index.cams if stage.camera_aware_sampling else None)
 
 
 def write_labels_file(ctx, spec: StageSpec, epoch: int, labels_all: np.ndarray, **arrays: Any) -> None:

@@ -208,7 +208,7 @@ def _setup(ctx: StageContext, logic: StageLogic, saved: dict[str, Any] | None) -
     """Model, optimiser, schedule and the data set of augmented views; restored from
     ``saved`` when resuming."""
     recipe, runtime = ctx.recipe, ctx.runtime
-    stage: StageRecipe = getattr(recipe, logic.spec.name)
+    stage: StageRecipe = logic.spec.section(recipe)
     # opened first: an index without train rows or a missing cache is refused before anything
     # is written
     ctx.train_rows  # noqa: B018 - opening is the check

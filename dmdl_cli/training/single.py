@@ -27,12 +27,17 @@ from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, descr
 from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
 from dmdl_cli.data.index import MODALITY_NAMES
-from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.model.loading import initial_model
 from dmdl_cli.recipe import reached, triplet_weight
 from dmdl_cli.stages import stage
 from dmdl_cli.training.hooks import Hook
-from dmdl_cli.training.labelling import confidences, make_memory, restore_memory, write_labels_file
+from dmdl_cli.training.labelling import (
+    confidences,
+    make_memory,
+    restore_memories,
+    stage_batches,
+    write_labels_file,
+)
 from dmdl_cli.training.loop import run_stage
 from dmdl_cli.training.objectives import alignment, gathered_batch, memory_contrast, stage_triplet
 from dmdl_cli.training.state import EpochState, StageLogic, TrainState
@@ -86,14 +91,9 @@ class SingleModalityStage(StageLogic):
 
     def restore_epoch(self, t: TrainState, saved: dict[str, Any]) -> Stage1Epoch:
         stage, device, index = t.stage, t.runtime.device, t.ctx.index
-        memories = {m: restore_memory(feats, stage) for m, feats in saved["memories"].items()}
-        for mem in memories.values():
-            mem.to(device)
-        batches = epoch_batches(saved["labels"], modality=index.modality, num_instances=stage.instances,
-                                clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
-                                seed=t.recipe.train.seed, epoch=saved["epoch"],
-                                mode="per-modality",
-                                cameras=index.cams if stage.camera_aware_sampling else None)
+        memories = restore_memories(saved["memories"], stage, device)
+        batches = stage_batches(stage, index, t.recipe.train.seed, saved["labels"], saved["epoch"],
+                                "per-modality")
         return Stage1Epoch(saved["epoch"], saved["labels"], saved["conf"], memories, batches,
                            labels_t=torch.from_numpy(saved["labels"]).to(device),
                            conf_t=torch.from_numpy(saved["conf"]).to(device),

@@ -126,7 +126,7 @@ class TrainState:
     @property
     def stage(self) -> StageRecipe:
         """The recipe section of this stage (``recipe.stage1`` or ``recipe.stage2``)."""
-        return getattr(self.ctx.recipe, self.logic.spec.name)
+        return self.logic.spec.section(self.ctx.recipe)
 
     @functools.cached_property
     def modality(self) -> np.ndarray:

@@ -38,6 +38,14 @@ TRIPLET_MODES = ("per-modality", "joint")
 LOSS_REDUCTIONS = ("sum-modalities", "mean")
 MEMORY_UPDATES = ("per-sample", "batch-mean")
 INTRA_TARGETS = ("hard", "refined")
+# How BatchNorm groups a training batch: "joint" normalises each process's whole forward batch;
+# "reference" normalises the slices the reference's multi-GPU DataParallel forwards
+# (docs/training.md, "BatchNorm groups").
+BN_GROUPS = ("joint", "reference")
+# Which memory rows a stage-2 gradient reads: "fixed" the rows of the forward pass; "in-place"
+# those the reference's memory backward reads, after earlier backward nodes of the same batch
+# moved them (docs/training.md, "The in-place memory gradient").
+MEMORY_GRADIENTS = ("fixed", "in-place")
 # Random erasing fills: per-pixel uniform noise, the ImageNet mean colour, black.
 ERASING_FILLS = ("random", "mean", "zero")
 # The most boxes one random erasing tries (the augmentation draws a fixed block of random
@@ -176,6 +184,10 @@ class Stage2Recipe(StageRecipe):
     triplet_all_modalities: bool = True
     # targets of L_intra: hard labels (the reference) or the refined targets (which feed CAI)
     intra_targets: str = _choice("hard", INTRA_TARGETS)
+    # fixed: memory gradients read the rows of the forward pass; in-place: infrared samples'
+    # gradients read the rows the visible samples of the same batch already moved, as the
+    # reference's memory backward does (docs/training.md)
+    memory_gradient: str = _choice("fixed", MEMORY_GRADIENTS)
 
 
 @dataclass
@@ -191,6 +203,13 @@ class TrainRecipe:
     # Images per batch of that re-estimation: the statistics are a mean over batches, so the
     # batch size is part of the result (unlike run.feature_batch).
     bn_recalibration_batch: int = _ranged(256, 2)
+    # BatchNorm statistics of a training step: "joint" over each process's whole forward batch
+    # (both views, both modalities); "reference" per slice of the global batch as the
+    # reference's DataParallel over `bn_slices` GPUs cuts it (each modality's [view A; view B]
+    # images in `bn_slices` consecutive chunks, chunk g of both modalities one group), with the
+    # running statistics taken from the first slice only. The same on any number of processes.
+    bn_groups: str = _choice("joint", BN_GROUPS)
+    bn_slices: int = _ranged(4, 1, 64)  # the reference ran on 4 GPUs
 
 
 @dataclass
@@ -200,6 +219,7 @@ class RunRecipe:
 
     workers: int = _ranged(4, 0)  # training DataLoader processes; decoding threads in prepare-data
     checkpoint_every: int = _ranged(50, 1)  # steps between resume points (and at each epoch end)
+    log_every: int = _ranged(10, 1)  # steps between `step` records of log.jsonl (and each epoch end)
     eval_every: int = _ranged(0, 0)  # epochs between test-set monitoring (0 = off); logged only
     # Images per batch of feature extraction (eval mode: each image's embedding is computed on
     # its own, so the batch size changes nothing beyond floating-point rounding)

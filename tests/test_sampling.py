@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dmdl_cli.data.augment import AugmentConfig
+from dmdl_cli.data.augment import AugmentConfig, make_views
 from dmdl_cli.data.sampling import (
     ResumableBatchSampler,
     epoch_batch_arrays,
     epoch_batches,
 )
-from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
+from dmdl_cli.data.train_dataset import ViewDataset, collate_items
 from dmdl_cli.errors import DmdlError
 
 P, K = 4, 5
@@ -219,7 +219,7 @@ def test_unusable_labels_raise():
 
 
 # ---------------------------------------------------------------------------------------------
-# TwoViewDataset fed by the sampler
+# ViewDataset fed by the sampler
 # ---------------------------------------------------------------------------------------------
 def write_cache(path, n=300, h=32, w=16):
     rng = np.random.default_rng(0)
@@ -231,57 +231,62 @@ def write_cache(path, n=300, h=32, w=16):
 def test_dataset_reads_rows_and_is_deterministic(tmp_path):
     labels, modality = make_labels()
     images = write_cache(tmp_path / "cache.u8")
-    ds = TwoViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(),
-                        shape=images.shape)
+    ds = ViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(), shape=images.shape)
     assert len(ds) == 300
     assert torch.equal(ds.image(17), torch.from_numpy(images[17]).permute(2, 0, 1))
-    item = ds[(17, 12345)]
-    assert item["row"] == 17 and item["modality"] == int(modality[17])
-    assert item["view_a"].dtype == torch.uint8 and item["view_a"].shape == (3, 32, 16)
-    again = ds[(17, 12345)]
-    assert torch.equal(item["view_a"], again["view_a"])
-    assert torch.equal(item["view_b"], again["view_b"])
-    assert not torch.equal(item["view_a"], ds[(17, 54321)]["view_a"])
+    view_a, view_b = ds[(17, 12345, 0)], ds[(17, 12345, 1)]
+    assert view_a["row"] == 17 and view_a["modality"] == int(modality[17]) and view_b["view"] == 1
+    assert view_a["image"].dtype == torch.uint8 and view_a["image"].shape == (3, 32, 16)
+    # an item is the view of the key's two views, whichever of them is asked for
+    both = make_views(ds.image(17), int(modality[17]), AugmentConfig(),
+                      torch.Generator().manual_seed(12345))
+    assert torch.equal(view_a["image"], both[0]) and torch.equal(view_b["image"], both[1])
+    assert torch.equal(view_a["image"], ds[(17, 12345, 0)]["image"])
+    assert not torch.equal(view_a["image"], ds[(17, 54321, 0)]["image"])
+    with pytest.raises(ValueError, match="view"):
+        ds[(17, 12345, 2)]
     # Pickling for a worker ships no pixels and re-opens the file lazily.
     blob = pickle.dumps(ds)
     assert len(blob) < images.nbytes // 10
     clone = pickle.loads(blob)
-    assert torch.equal(clone[(17, 12345)]["view_b"], item["view_b"])
+    assert torch.equal(clone[(17, 12345, 1)]["image"], view_b["image"])
     # The same from an np.memmap handed in directly.
     mm = np.memmap(tmp_path / "cache.u8", dtype=np.uint8, mode="r", shape=images.shape)
-    ds_mm = TwoViewDataset(mm, modality, AugmentConfig())
+    ds_mm = ViewDataset(mm, modality, AugmentConfig())
     assert len(pickle.dumps(ds_mm)) < images.nbytes // 10
-    assert torch.equal(pickle.loads(pickle.dumps(ds_mm))[(17, 12345)]["view_a"],
-                       item["view_a"])
+    assert torch.equal(pickle.loads(pickle.dumps(ds_mm))[(17, 12345, 0)]["image"],
+                       view_a["image"])
 
 
 def test_dataset_rejects_short_cache(tmp_path):
     write_cache(tmp_path / "cache.u8", n=10)
     with pytest.raises(DmdlError, match="prepare-data"):
-        TwoViewDataset(tmp_path / "cache.u8", np.zeros(20, np.int64), AugmentConfig(),
-                       shape=(20, 32, 16, 3))
+        ViewDataset(tmp_path / "cache.u8", np.zeros(20, np.int64), AugmentConfig(),
+                    shape=(20, 32, 16, 3))
 
 
 def test_dataloader_resume_reproduces_batches(tmp_path):
     labels, modality = make_labels()
     images = write_cache(tmp_path / "cache.u8")
-    ds = TwoViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(), shape=images.shape)
+    ds = ViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(), shape=images.shape)
     batches = epoch_batches(labels, modality=modality, num_instances=2, clusters_per_batch=2,
                             iters=4, seed=0, epoch=0)
+    steps = [[(row, seed, view) for view in (0, 1) for row, seed in keys] for keys in batches]
 
     def run(start):
-        loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(batches, start=start),
-                            collate_fn=collate_views, num_workers=0)
+        loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(steps, start=start),
+                            collate_fn=collate_items, num_workers=0)
         return list(loader)
 
     full = run(0)
     assert len(full) == 4
     b0 = full[0]
-    assert b0["view_a"].shape == (8, 3, 32, 16) and b0["view_a"].dtype == torch.uint8
-    assert b0["row"].tolist() == [r for r, _ in batches[0]]
-    assert b0["modality"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert b0["images"].shape == (16, 3, 32, 16) and b0["images"].dtype == torch.uint8
+    assert b0["row"].tolist() == [r for r, _ in batches[0]] * 2
+    assert b0["modality"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1] * 2
+    assert b0["view"].tolist() == [0] * 8 + [1] * 8
     resumed = run(2)
     assert len(resumed) == 2
     for got, want in zip(resumed, full[2:]):
-        for key in ("view_a", "view_b", "row", "modality"):
+        for key in ("images", "row", "modality", "view"):
             assert torch.equal(got[key], want[key])

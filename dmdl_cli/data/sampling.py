@@ -4,8 +4,8 @@ An epoch's batches are a pure function of ``(labels, modality, P, K, iters, seed
 epoch, mode)``: a resumed run regenerates the epoch with :func:`epoch_batches` and skips the steps
 it has done with :class:`ResumableBatchSampler` (``start=s`` yields exactly ``batches[s:]``).
 
-A batch is a list of keys ``(row, aug_seed)`` for
-:class:`~dmdl_cli.data.train_dataset.TwoViewDataset`.
+A batch is a list of keys ``(row, aug_seed)``; each key has two views, the items
+``(row, aug_seed, view)`` of :class:`~dmdl_cli.data.train_dataset.ViewDataset`.
 Layout of one batch (``B = 2 * P * K``)::
 
     [ visible: cluster 1 x K, cluster 2 x K, ..., cluster P x K | infrared: same layout ]

@@ -62,6 +62,15 @@ def erasing_box(u: list[float], h: int, w: int) -> tuple[int, int, int, int]:
     raise AssertionError("no box fits: pick another seed")
 
 
+def padded_crop(img: np.ndarray, u: list[float], pad: int) -> np.ndarray:
+    """Pad(pad) with zeros, then the (H, W) crop at the offsets the crop slots draw."""
+    span = 2 * pad + 1
+    top, left = int(u[A._U_CROP_Y] * span), int(u[A._U_CROP_X] * span)
+    padded = np.zeros((3, H + 2 * pad, W + 2 * pad), dtype=img.dtype)
+    padded[:, pad:pad + H, pad:pad + W] = img
+    return padded[:, top:top + H, left:left + W]
+
+
 @pytest.fixture(scope="module")
 def colour_image() -> torch.Tensor:
     """Three different channels, no zero pixel (so black padding is told apart)."""
@@ -174,10 +183,7 @@ def test_pseudo_colour_after_the_crop_colours_the_padding(ir_image):
     coloured_padding = 0
     for seed in range(10):
         u, _ = view_draws(seed, "b")
-        top, left = int(u[A._U_CROP_Y] * 13), int(u[A._U_CROP_X] * 13)
-        padded = np.zeros((3, H + 12, W + 12), dtype=np.uint8)
-        padded[:, 6:6 + H, 6:6 + W] = ir_image.numpy()
-        crop = padded[:, top:top + H, left:left + W]  # (3, H, W): the padding is gray level 0
+        crop = padded_crop(ir_image.numpy(), u, 6)  # (3, H, W): the padding is gray level 0
         pools = (("ocean", "cividis"), ("inferno", "autumn"), ("deepgreen", "jet"))
         names = [pool[int(u[A._U_CHANNEL_CHOICE + c] * 2)] for c, pool in enumerate(pools)]
         # an equal-channel image: OpenCV's gray is the value itself; channel c of map c's BGR
@@ -201,10 +207,7 @@ def test_colour_jitter_after_the_crop_jitters_the_padding(colour_image):
     grey_padding = 0
     for seed in range(8):
         u, _ = view_draws(seed, "b")
-        top, left = int(u[A._U_CROP_Y] * 13), int(u[A._U_CROP_X] * 13)
-        padded = np.zeros((3, H + 12, W + 12), dtype=np.float32)
-        padded[:, 6:6 + H, 6:6 + W] = colour_image.numpy()
-        crop = padded[:, top:top + H, left:left + W]
+        crop = padded_crop(colour_image.numpy(), u, 6).astype(np.float32)
         factor = np.float32(0.5 + u[A._U_JITTER_FACTORS + 1])  # contrast in [0.5, 1.5]
         # torchvision's adjust_contrast: blend with the mean gray level of the (cropped) image
         mean = (np.float32(0.299) * crop[0] + np.float32(0.587) * crop[1]

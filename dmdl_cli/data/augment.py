@@ -255,9 +255,9 @@ def _erasing_fill(fill: str, dtype: torch.dtype, eh: int, ew: int,
 
 
 def _erase(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float],
-           generator: torch.Generator) -> torch.Tensor:
+           generator: torch.Generator, *, inplace: bool = False) -> torch.Tensor:
     """Random erasing of one box (probability ``erasing_p``) of a uint8 or a normalised float32
-    ``(3, H, W)``; returns a new tensor when applied."""
+    ``(3, H, W)``; writes into ``img`` with ``inplace``, else returns a new tensor when applied."""
     if not u[_U_ERASE] < cfg.erasing_p:
         return img
     box = _erasing_box(img.shape[1], img.shape[2], cfg, u)
@@ -265,7 +265,7 @@ def _erase(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float],
         return img
     i, j, eh, ew = box
     value = _erasing_fill(cfg.erasing_fill, img.dtype, eh, ew, generator)
-    return TF.erase(img, i, j, eh, ew, value, inplace=False)
+    return TF.erase(img, i, j, eh, ew, value, inplace=inplace)
 
 
 def _luma_f32(x: np.ndarray) -> np.ndarray:
@@ -509,7 +509,7 @@ def _view_reference(img: torch.Tensor, modality: int, which: str, cfg: AugmentCo
             out = _colour_jitter(out, cfg, u)
         elif u[_U_CHANNEL] < cfg.ir_pseudo_colour_p:
             out = _pseudo_colour_view(out, cfg, u)
-    view = _erase(normalise_images(out), cfg, u, generator)  # float32 (3, H, W)
+    view = _erase(normalise_images(out), cfg, u, generator, inplace=True)  # float32 (3, H, W)
     if specific and modality == VISIBLE and which == "b":
         view = _visible_exchange(view, cfg, u)
     elif specific and modality == INFRARED and which == "a":

@@ -199,6 +199,8 @@ def opencv_gray(channels: np.ndarray, tables: OpenCVTables | None = None) -> np.
     ``tables``: the stored ones by default.
     """
     t = tables if tables is not None else opencv_tables()
+    if np.array_equal(channels[0], channels[1]) and np.array_equal(channels[1], channels[2]):
+        return channels[0].copy()  # equal channels (an infrared image): the gray is the value
     a = channels.astype(np.uint32)
     w0, w1, w2 = t.gray_weights
     acc = a[0] * np.uint32(w0) + a[1] * np.uint32(w1) + a[2] * np.uint32(w2)

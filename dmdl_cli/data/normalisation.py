@@ -18,13 +18,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalise_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(..., 3, H, W)`` -> float32 ``(..., 3, H, W)``: ``(x / 255 - mean) / std``.
+    """uint8 ``(..., 3, H, W)`` -> a new float32 ``(..., 3, H, W)``: ``(x / 255 - mean) / std``.
 
     The result lives on the input's device; the memory format (e.g. channels_last) is kept.
     """
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    return (images.to(torch.float32) / 255.0 - mean) / std
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalise_images expects uint8 images, got {images.dtype}")
+    mean, std = _statistics(images.device)
+    out = images.to(torch.float32)  # a new tensor: the steps below work in place
+    return out.div_(255.0).sub_(mean).div_(std)
+
+
+_STATISTICS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``IMAGENET_MEAN`` and ``IMAGENET_STD`` as float32 ``(3, 1, 1)`` on ``device`` (cached)."""
+    if device not in _STATISTICS:
+        _STATISTICS[device] = tuple(  # type: ignore[assignment]
+            torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+            for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _STATISTICS[device]
 
 
 def imagenet_mean_uint8() -> tuple[int, int, int]:

@@ -183,7 +183,6 @@ def _index(u: float, n: int) -> int:
     return min(int(u * n), n - 1)
 
 
-
 # --------------------------------------------------------------------------------------------
 # Operations: geometry (any dtype), erasing (uint8 or normalised float32), colour (uint8)
 # --------------------------------------------------------------------------------------------
@@ -208,7 +207,6 @@ def _geometric(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float]) -> tor
     if u[_U_FLIP] < cfg.flip_p:
         img = TF.horizontal_flip(img)
     return img
-
 
 
 def _erasing_box(h: int, w: int, cfg: AugmentConfig,

@@ -18,7 +18,7 @@ import torch
 from dmdl_cli.data import augment as A
 from dmdl_cli.data.augment import AugmentConfig, make_view, make_views, standard_view, view_dtype
 from dmdl_cli.data.colour_maps import opencv_colour_map
-from dmdl_cli.data.normalisation import IMAGENET_MEAN, IMAGENET_STD
+from dmdl_cli.data.normalisation import IMAGENET_MEAN, IMAGENET_STD, normalise_images
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import load_recipe
 
@@ -91,6 +91,15 @@ def test_reference_views_are_normalised_float(colour_image):
         for view in make_views(colour_image, modality, cfg, gen(0)):
             assert view.dtype == torch.float32 and view.shape == (3, H, W)
             np.testing.assert_array_equal(view.numpy(), normalised(colour_image))
+
+
+def test_normalisation_is_torchvision_totensor_then_normalize(colour_image):
+    from PIL import Image
+    from torchvision import transforms as T
+
+    pil = Image.fromarray(colour_image.permute(1, 2, 0).numpy())
+    theirs = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(pil))
+    assert torch.equal(normalise_images(colour_image), theirs)
 
 
 def test_normal_fill_in_the_box_and_nothing_else(colour_image):

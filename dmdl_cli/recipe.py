@@ -46,14 +46,27 @@ BN_GROUPS = ("joint", "reference")
 # those the reference's memory backward reads, after earlier backward nodes of the same batch
 # moved them (docs/training.md, "The in-place memory gradient").
 MEMORY_GRADIENTS = ("fixed", "in-place")
-# Random erasing fills: per-pixel uniform noise, the ImageNet mean colour, black.
-ERASING_FILLS = ("random", "mean", "zero")
+# How the two training views are computed (docs/augmentation.md): dmdl-v1 = dmdl's first
+# pipeline (uint8 views, normalised on the device; colour jitter and pseudo-colour before the
+# crop); reference = the reference implementation's order (jitter and pseudo-colour after the
+# crop; erasing and channel operations on the normalised float view the loader returns).
+AUGMENT_PIPELINES = ("dmdl-v1", "reference")
+# Random erasing fills: per-pixel uniform noise in [0, 255], the ImageNet mean colour, black,
+# per-pixel N(0, 1) noise on the normalised scale (timm's pixel mode, the reference).
+ERASING_FILLS = ("random", "mean", "zero", "normal")
+# Pseudo-colour schemes of infrared view B: three distinct formula maps (COLOUR_MAPS), output
+# channel c = channel c of map c; or one OpenCV map per output channel drawn from that
+# channel's candidates (OPENCV_COLOUR_MAPS), channel c of its BGR output (the reference).
+PSEUDO_COLOUR_SCHEMES = ("formula-distinct", "opencv-per-channel")
 # The most boxes one random erasing tries (the augmentation draws a fixed block of random
 # numbers per view, sized by this bound).
 ERASING_ATTEMPTS_MAX = 10
-# Colour maps of the infrared pseudo-colour view (formulae in dmdl_cli/data/augment.py).
+# Colour maps of the infrared pseudo-colour view (formulae in dmdl_cli/data/colour_maps.py).
 COLOUR_MAPS = ("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot", "cool", "spring", "summer",
                "winter", "autumn")
+# OpenCV's colour maps the reference draws from (COLORMAP_AUTUMN = 0, JET = 2, OCEAN = 5,
+# INFERNO = 14, CIVIDIS = 17, DEEPGREEN = 21), stored in dmdl_cli/data/opencv_colour_maps.json.
+OPENCV_COLOUR_MAPS = ("autumn", "jet", "ocean", "inferno", "cividis", "deepgreen")
 NEVER = "never"  # an epoch threshold that is never reached
 
 
@@ -255,12 +268,17 @@ MOVED_KEYS = {
 
 @dataclass
 class AugmentRecipe:
-    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4).
+    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4,
+    docs/augmentation.md).
 
-    Values are the paper's and, where it is silent, its reference implementation's. Whether the
-    views are modality-specific comes from ``cbt.augment``; the image size from ``data``.
+    Values are the paper's and, where it is silent, its reference implementation's; the
+    defaults are dmdl's first pipeline (``dmdl-v1``), so a recipe written before ``pipeline``
+    existed trains what it trained. Whether the views are modality-specific comes from
+    ``cbt.augment``; the image size from ``data``.
     """
 
+    # the order and number format of the operations (AUGMENT_PIPELINES)
+    pipeline: str = _choice("dmdl-v1", AUGMENT_PIPELINES)
     pad: int = _ranged(10, 0)  # zero padding before the random crop back to the input size
     flip_p: float = _ranged(0.5, 0.0, 1.0)  # horizontal flip
     # random erasing of one box: probability, area fraction range, aspect ratio range (drawn
@@ -277,11 +295,22 @@ class AugmentRecipe:
     jitter_hue: float = _ranged(0.5, 0.0, 0.5)
     jitter_p: float = _ranged(1.0, 0.0, 1.0)
     channel_exchange_p: float = _ranged(1.0, 0.0, 1.0)  # visible view B: one channel in all three
-    ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)  # IR view A: R, G, B or gray in all three
+    # IR view A: with this probability one of four equally likely choices: R, G or B copied into
+    # all three channels, or the grayscale slot ...
+    ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)
+    # ... which turns the view gray with this probability and leaves it unchanged otherwise
+    # (dmdl-v1: always; the reference: 0.5, so 75 % copy, 12.5 % gray, 12.5 % unchanged)
+    ir_gray_p: float = _ranged(1.0, 0.0, 1.0)
     ir_pseudo_colour_p: float = _ranged(1.0, 0.0, 1.0)  # IR view B: false colours
-    # candidate colour maps (COLOUR_MAPS); three distinct ones per image when there are >= 3
+    ir_pseudo_colour_scheme: str = _choice("formula-distinct", PSEUDO_COLOUR_SCHEMES)
+    # formula-distinct: candidate maps (COLOUR_MAPS); three distinct ones per image when >= 3
     ir_pseudo_colour_maps: list = _names(("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot"),
                                          COLOUR_MAPS)
+    # opencv-per-channel: candidates (OPENCV_COLOUR_MAPS) of the red, green and blue output
+    # channels, one drawn per channel (the reference's pairs: COLORMAP 5 / 17, 14 / 0, 21 / 2)
+    ir_opencv_maps_red: list = _names(("ocean", "cividis"), OPENCV_COLOUR_MAPS)
+    ir_opencv_maps_green: list = _names(("inferno", "autumn"), OPENCV_COLOUR_MAPS)
+    ir_opencv_maps_blue: list = _names(("deepgreen", "jet"), OPENCV_COLOUR_MAPS)
 
     def __post_init__(self) -> None:  # sections built in code are checked as a file would be
         check_section(self, AugmentRecipe, "augment", type(self).__name__)

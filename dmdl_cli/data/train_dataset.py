@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dmdl_cli.data.augment import AugmentConfig, make_views
+from dmdl_cli.data.augment import AugmentConfig, make_view
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.errors import DmdlError
 
@@ -119,7 +119,7 @@ class ViewDataset(Dataset):
             raise ValueError(f"view must be 0 (A) or 1 (B), got {view}")
         generator = torch.Generator().manual_seed(seed)
         modality = int(self.modality[row])
-        image = make_views(self.image(row), modality, self.config, generator)[view]
+        image = make_view(self.image(row), modality, self.config, generator, "ab"[view])
         return {"image": image, "row": row, "modality": modality, "view": view}
 
 

@@ -19,8 +19,8 @@ from rich.markup import escape
 from dmdl_cli import __version__
 from dmdl_cli.console import console
 from dmdl_cli.errors import DmdlError, NotImplementedStage
-from dmdl_cli.evaluation.protocols import PROTOCOLS
-from dmdl_cli.recipe import CLUSTER_MODALITIES, DATASETS, EXPORT_FORMATS
+from dmdl_cli.datasets import ALL_MODES, DATASET_NAMES, dataset_record
+from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS
 
 app = typer.Typer(
     add_completion=False,
@@ -31,7 +31,6 @@ app = typer.Typer(
 )
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_RECIPE = {"synthetic": "demo.yaml", "sysu": "sysu.yaml", "regdb": "regdb.yaml", "llcm": "llcm.yaml"}
 
 
 def _choices(name: str, values) -> type[enum.Enum]:
@@ -39,9 +38,9 @@ def _choices(name: str, values) -> type[enum.Enum]:
     return enum.Enum(name, [(v, v) for v in dict.fromkeys(values)], type=str)
 
 
-# Choice types, built from the one declaration of each list (recipe.py, protocols.py).
-Dataset = _choices("Dataset", DATASETS)
-Mode = _choices("Mode", ["all", *(m for modes in PROTOCOLS.values() for m in modes)])
+# Choice types, built from the one declaration of each list (datasets.py, recipe.py).
+Dataset = _choices("Dataset", DATASET_NAMES)
+Mode = _choices("Mode", ["all", *ALL_MODES])
 ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
 Modality = _choices("Modality", CLUSTER_MODALITIES)
 
@@ -130,7 +129,7 @@ def prepare_data(
                   if value is not None]
     _run("prepare-data", workspace, recipe, overlay,
          [f"data.dataset={dataset}", f"data.trial={trial}", *shorthands, *(set_ or [])],
-         default_recipe=REPO_RECIPES / DEFAULT_RECIPE[dataset], force=force, dataset=dataset,
+         default_recipe=REPO_RECIPES / dataset_record(dataset).recipe, force=force, dataset=dataset,
          body=lambda ctx: prepare(ctx.ws, ctx.recipe, ctx.run, dataset=dataset, root=root,
                                   trial=trial, force=force, skip_bad_images=skip_bad_images))
     where = _folder(workspace)

@@ -24,13 +24,13 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from dmdl_cli.datasets import DATASET_NAMES
 from dmdl_cli.errors import DmdlError
 
 ARCHS = ("resnet50_agw", "resnet50", "resnet18")
 KNN_METHODS = ("exact", "ivf", "hnsw")
 ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
 AMP_MODES = ("off", "fp16", "bf16")
-DATASETS = ("sysu", "regdb", "llcm", "synthetic")
 # Command-line choices (declared once here; the CLI shows them in --help).
 CLUSTER_MODALITIES = ("visible", "infrared", "both")
 EXPORT_FORMATS = ("onnx", "torchscript", "both")
@@ -87,7 +87,7 @@ def _names(default: Iterable[str], choices: Iterable[str]) -> Any:
 class DataRecipe:
     """Input images: the data set and the size of the cache and of the network input."""
 
-    dataset: str = _choice("synthetic", DATASETS)
+    dataset: str = _choice("synthetic", DATASET_NAMES)  # a record of dmdl_cli/datasets.py
     height: int = _ranged(288, 16)
     width: int = _ranged(144, 8)
     trial: int = _ranged(1, 1, 10)  # RegDB split trial

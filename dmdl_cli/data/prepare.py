@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.markup import escape
@@ -28,7 +28,10 @@ from dmdl_cli.data.sources import find_bad_images, read_source
 from dmdl_cli.datasets import dataset_record
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe, SyntheticRecipe
-from dmdl_cli.workspace import STAGE_DIRS, StageRun, Workspace
+from dmdl_cli.workspace import STAGE_DIRS, Workspace
+
+if TYPE_CHECKING:  # the context layer sits above this one: prepare-data only reads its fields
+    from dmdl_cli.context import StageContext
 
 SYNTHETIC_STAMP = "dmdl-synthetic.json"
 MAX_LISTED = 10
@@ -107,9 +110,7 @@ def summary_table(table: IndexTable, title: str) -> Table:
 
 
 def prepare_data(
-    ws: Workspace,
-    recipe: Recipe,
-    run: StageRun,
+    ctx: "StageContext",
     *,
     dataset: str,
     root: Path | None,
@@ -118,8 +119,9 @@ def prepare_data(
     skip_bad_images: bool = False,
 ) -> None:
     """Index, check and cache the data set (the synthetic set is generated from the recipe's
-    ``synthetic:`` section); the command runner holds the workspace alone and ``run`` is the
-    command's ledger entry."""
+    ``synthetic:`` section) in the context the command runner built: it holds the workspace
+    alone, and ``ctx.ledger`` is the command's ledger entry."""
+    ws, recipe, run = ctx.ws, ctx.recipe, ctx.ledger
     previous = ws.dataset
     record = dataset_record(dataset)
     if not record.generated and root is None:

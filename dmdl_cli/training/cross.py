@@ -61,8 +61,9 @@ from dmdl_cli.data.index import INFRARED, MODALITY_NAMES
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.cai import cai_log_prob, modality_prior
 from dmdl_cli.model.loading import load_model
+from dmdl_cli.provenance import check_made_with
 from dmdl_cli.recipe import Recipe, reached, triplet_weight
-from dmdl_cli.stages import stage
+from dmdl_cli.stages import stage_spec
 from dmdl_cli.training.labelling import (
     confidences,
     make_memory,
@@ -87,7 +88,7 @@ from dmdl_cli.training.objectives import (
     view_targets,
 )
 from dmdl_cli.training.state import EpochState, StageLogic, TrainState
-from dmdl_cli.workspace import Workspace, load_checkpoint
+from dmdl_cli.workspace import load_checkpoint
 
 FUSED = "fused"
 
@@ -140,21 +141,18 @@ class Stage2Epoch(EpochState):
 
 
 class CrossModalityStage(StageLogic):
-    spec = stage("stage2")
+    spec = stage_spec("stage2")
 
     def initial_model(self, ctx: StageContext, *, resuming: bool):
         ws, recipe = ctx.ws, ctx.recipe
-        upstream = stage(self.spec.upstream)
+        upstream = stage_spec(self.spec.upstream)
         path = upstream.final(ws)
         if not path.is_file():
             raise DmdlError(f"{path} is missing: run `dmdl {upstream.command} --workspace {ws.root}` "
                             "first (stage 2 starts from the stage-1 model)")
         state = load_checkpoint(path, what="stage-1 checkpoint")
-        if state["meta"].get("stage_hash") != upstream.hash(recipe):
-            raise DmdlError(
-                f"{path} was trained with another stage-1 recipe (recipe hash "
-                f"{state['meta'].get('recipe_hash')}): re-run `dmdl {upstream.command} --force` "
-                "with this recipe, or use the recipe that produced it")
+        check_made_with(ws, upstream, path, state["meta"], recipe,
+                        f"re-run `dmdl {upstream.command} --force` with them")
         model, _ = load_model(state, recipe, path=path, check=True, what="stage-1 checkpoint")
         if not resuming:  # when resuming, the weights come from last.pt
             log(f"stage 2 starts from {ws.rel(path)}")
@@ -163,9 +161,6 @@ class CrossModalityStage(StageLogic):
             log(f"association.method {method}: no modality adopts the other's ids, so "
                 "stage2.k1_adopting and stage2.cross_memory_update do not apply")
         return model, str(path)
-
-    def inputs(self, ws: Workspace) -> list:
-        return [ws.index_path, stage(self.spec.upstream).final(ws)]
 
     def prepare_epoch(self, t: TrainState) -> Stage2Epoch:
         recipe, stage, epoch = t.recipe, t.stage, t.epoch

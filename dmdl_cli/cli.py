@@ -153,9 +153,9 @@ def cluster(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    stage = _stage_function("cluster")
+    function = _stage_function("cluster")
     _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality.value,
-         body=lambda ctx: stage(ctx, modality=modality.value))
+         body=lambda ctx: function(ctx, modality=modality.value))
     _results(f"{_output_folder(workspace, 'cluster')} (pseudo labels and the recipe beside them)")
 
 
@@ -172,10 +172,10 @@ def _training_command(spec: StageSpec) -> None:
         force: bool = ForceOpt,
         deterministic: bool = DeterministicOpt,
     ) -> None:
-        stage = _stage_function(spec.command)
+        function = _stage_function(spec.command)
         final = _run(spec.command, workspace, recipe, overlay, set_, resume=resume,
                      deterministic=deterministic, force=force,
-                     body=lambda ctx: stage(ctx, resume=resume, force=force,
+                     body=lambda ctx: function(ctx, resume=resume, force=force,
                                             deterministic=deterministic, hooks=_training_hooks()))
         _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
@@ -201,10 +201,10 @@ def evaluate(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    stage = _stage_function("evaluate")
+    function = _stage_function("evaluate")
     _run("evaluate", workspace, recipe, overlay, set_, checkpoint=checkpoint, mode=mode.value,
          rerank=rerank,
-         body=lambda ctx: stage(ctx, mode=mode.value, trials=trials, shots=shots, rerank=rerank,
+         body=lambda ctx: function(ctx, mode=mode.value, trials=trials, shots=shots, rerank=rerank,
                                 visualize=visualize, visualize_worst=visualize_worst))
     pictures = "; ranked lists in ranks/" if visualize or visualize_worst else ""
     _results(f"{_output_folder(workspace, 'evaluate')} (one JSON per protocol{pictures})")
@@ -221,10 +221,10 @@ def export(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    stage = _stage_function("export")
+    function = _stage_function("export")
     _run("export", workspace, recipe, overlay, set_, checkpoint=checkpoint, format=fmt.value,
          opset=opset, dynamic_batch=dynamic_batch,
-         body=lambda ctx: stage(ctx, fmt=fmt.value, opset=opset, dynamic_batch=dynamic_batch))
+         body=lambda ctx: function(ctx, fmt=fmt.value, opset=opset, dynamic_batch=dynamic_batch))
     _results(f"{_output_folder(workspace, 'export')}")
 
 

@@ -300,11 +300,11 @@ class CrossModalityStage(StageLogic):
         """Momentum updates of the per-modality memories and the fused memory (module doc)
         after a step on views ``fa``, ``fb`` (B, D) with targets ``ta``, ``tb``."""
         recipe, stage, runtime, state = t.recipe, t.stage, t.runtime, t.epoch_state
-        if ta.dim() == 2:
-            t_own = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
-                               tb.gather(1, labels[:, None]).squeeze(1)])
+        if ta.dim() == 2:  # (2B,) target probability t(y) of each view's own label
+            own_target = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
+                                    tb.gather(1, labels[:, None]).squeeze(1)])
         else:
-            t_own = torch.ones(2 * labels.shape[0], device=fa.device)
+            own_target = torch.ones(2 * labels.shape[0], device=fa.device)
         feat, lab, mod = gathered_batch(runtime, fa, fb, labels, modality)
         movers = memory_updates(mod, adopter(recipe.association.method, t.epoch),
                                 stage.cross_memory_update)
@@ -312,10 +312,11 @@ class CrossModalityStage(StageLogic):
             sel = movers[m]
             if bool(sel.any()):
                 state.memories[m].update(feat[sel], state.row_of_id[m][lab[sel]])
-        feat, lab, _, t_all = gathered_batch(runtime, fa, fb, labels, modality, t_own, first=INFRARED)
+        feat, lab, _, target = gathered_batch(runtime, fa, fb, labels, modality, own_target,
+                                              first=INFRARED)
         momentum = None
         if recipe.cai.enabled and recipe.cai.confidence_momentum:
-            momentum = confidence_momentum(t_all, base=stage.momentum)
+            momentum = confidence_momentum(target, base=stage.momentum)
         state.memories[FUSED].update(feat, lab, momentum)
 
 

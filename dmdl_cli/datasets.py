@@ -33,8 +33,9 @@ class DataSet:
     default recipe in ``recipes/``. ``protocol``: one of :data:`PROTOCOL_KINDS`; ``modes``: its
     evaluation modes (``--mode``). ``trials``: the raw set holds numbered train/test splits
     (``--trial``, ``data.trial``). ``generated``: prepare-data generates it with the synthetic
-    generator from the recipe's ``synthetic:`` section (``--root`` optional). ``gallery_cameras``: per mode, the cameras a ``sysu`` gallery is drawn
-    from; ``excluded_cameras``: (query camera, gallery camera) pairs never compared.
+    generator from the recipe's ``synthetic:`` section (``--root`` optional).
+    ``gallery_cameras``: per mode, the cameras a ``sysu`` gallery is drawn from;
+    ``excluded_cameras``: (query camera, gallery camera) pairs never compared.
     """
 
     name: str
@@ -68,7 +69,8 @@ DATA_SETS: dict[str, DataSet] = {record.name: record for record in (
 )}
 DATASET_NAMES: tuple[str, ...] = tuple(DATA_SETS)
 # every evaluation mode of any data set, in table order (the CLI's --mode choices)
-ALL_MODES: tuple[str, ...] = tuple(dict.fromkeys(m for record in DATA_SETS.values() for m in record.modes))
+ALL_MODES: tuple[str, ...] = tuple(dict.fromkeys(
+    mode for record in DATA_SETS.values() for mode in record.modes))
 
 
 def dataset_record(name: str) -> DataSet:

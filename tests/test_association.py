@@ -41,7 +41,8 @@ def samples(centroids: np.ndarray) -> ModalitySamples:
 
 def associate_centroids(vis, ir, *, method: str = "nearest-alternating", epoch: int) -> Maps:
     """Associate clusters given by their centroids; each cluster's map to unified ids."""
-    return Maps(associate(method, AssociationInput(epoch, {VISIBLE: samples(vis), INFRARED: samples(ir)})))
+    inp = AssociationInput(epoch, {VISIBLE: samples(vis), INFRARED: samples(ir)})
+    return Maps(associate(method, inp))
 
 
 def normalise(x):
@@ -166,7 +167,8 @@ def test_bad_arguments():
 
 def test_every_declared_method_runs_and_says_which_modality_adopts():
     assert tuple(_METHODS) == ASSOCIATION_METHODS  # the recipe's choice list is the table's
-    assert [adopter("nearest-alternating", e) for e in range(4)] == [VISIBLE, INFRARED, VISIBLE, INFRARED]
+    alternating = [adopter("nearest-alternating", e) for e in range(4)]
+    assert alternating == [VISIBLE, INFRARED, VISIBLE, INFRARED]
     assert [adopter("hungarian", e) for e in range(4)] == [None] * 4
     for method in ASSOCIATION_METHODS:
         assert associate_centroids(np.eye(3), np.eye(3), method=method, epoch=0).num_ids == 3
@@ -200,8 +202,10 @@ def test_every_sample_takes_its_clusters_unified_id_and_outliers_stay_outliers(c
 def _accuracy(vis_labels, ir_labels, vis_true, ir_true, vis_map, ir_map) -> float:
     """association_accuracy of a cluster-level association given by its two maps."""
     vis_labels, ir_labels = np.asarray(vis_labels), np.asarray(ir_labels)
-    inp = AssociationInput(0, {VISIBLE: ModalitySamples(vis_labels, np.zeros((len(vis_labels), 2)), np.zeros((len(vis_map), 2))),
-                               INFRARED: ModalitySamples(ir_labels, np.zeros((len(ir_labels), 2)), np.zeros((len(ir_map), 2)))})
+    def zeros(labels, clusters) -> ModalitySamples:  # features and centroids are not read
+        return ModalitySamples(labels, np.zeros((len(labels), 2)), np.zeros((len(clusters), 2)))
+
+    inp = AssociationInput(0, {VISIBLE: zeros(vis_labels, vis_map), INFRARED: zeros(ir_labels, ir_map)})
     unified = {VISIBLE: np.where(vis_labels >= 0, np.asarray(vis_map)[vis_labels], -1),
                INFRARED: np.where(ir_labels >= 0, np.asarray(ir_map)[ir_labels], -1)}
     num_ids = int(max(max(vis_map), max(ir_map))) + 1

@@ -163,8 +163,10 @@ def _nearest_alternating(inp: AssociationInput) -> Association:
     if cv == 0 or ci == 0:
         return _own_ids(inp, cv, ci)
     if _alternating(inp.epoch) == VISIBLE:  # visible clusters join their nearest IR cluster
-        return _from_cluster_maps(inp, sim.argmax(axis=1).astype(np.int64), np.arange(ci, dtype=np.int64))
-    return _from_cluster_maps(inp, np.arange(cv, dtype=np.int64), sim.argmax(axis=0).astype(np.int64))
+        return _from_cluster_maps(inp, sim.argmax(axis=1).astype(np.int64),
+                                  np.arange(ci, dtype=np.int64))
+    return _from_cluster_maps(inp, np.arange(cv, dtype=np.int64),
+                              sim.argmax(axis=0).astype(np.int64))
 
 
 def _hungarian(inp: AssociationInput) -> Association:

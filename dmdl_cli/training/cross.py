@@ -2,11 +2,12 @@
 
 Per epoch: cluster each modality (the modality that adopts the other's ids this epoch, as the
 association method says, with ``stage2.k1_adopting``), associate the clusters into one identity
-space (``association.method``, ``clustering/association.py``), build one memory per modality keyed by the unified ids it has
-(``M_vis``, ``M_ir``) and a fused memory over all images of each unified id (``M_fused``),
-GMM confidences on the unified labels (``cbt.refine``), the modality prior P(m). Per batch,
-with unified labels y, two views A/B and refined targets t from the fused memory (one-hot for
-the first ``stage2.onehot_epochs`` epochs or without ``cbt.refine``):
+space (``association.method``, ``clustering/association.py``), build one memory per modality
+keyed by the unified ids it has (``M_vis``, ``M_ir``) and a fused memory over all images of
+each unified id (``M_fused``), GMM confidences on the unified labels (``cbt.refine``), the
+modality prior P(m). Per batch, with unified labels y, two views A/B and refined targets t
+from the fused memory (one-hot for the first ``stage2.onehot_epochs`` epochs or without
+``cbt.refine``):
 
     L = L_intra + L_id + sigma(epoch) * triplet + w_align * MMD(A, B)
     L_id = mu * L_CAI  with ``cai.enabled``;  L_fused  without (the baseline)
@@ -170,8 +171,8 @@ class CrossModalityStage(StageLogic):
         for m in MODALITIES:
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
         feats_of = t.train_position  # index row -> row of feats
-        inp = AssociationInput(epoch, {m: ModalitySamples(clusters[m].labels, feats[feats_of[clusters[m].rows]],
-                                                          clusters[m].centroids) for m in MODALITIES})
+        inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, feats[feats_of[c.rows]], c.centroids)
+                                       for m, c in clusters.items()})
         assoc = associate(recipe.association.method, inp)
         labels = np.full(len(t.ctx.index), -1, dtype=np.int64)  # unified ids per index row
         for m in MODALITIES:

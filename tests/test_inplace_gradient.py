@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dmdl_cli.clustering.association import adopter
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.recipe import load_recipe
 from dmdl_cli.training.cross import FUSED, Stage2Epoch, identity_terms, late_memories
@@ -122,7 +123,8 @@ def ours(epoch: int, cai: bool, gradient: str):
     feat = F.normalize(bn, dim=1)
     b = labels.shape[0]
     conf = torch.ones(b)
-    late = late_memories(state, feat[:b], feat[b:], labels, modality, epoch, stage, cai)
+    late = late_memories(state, feat[:b], feat[b:], labels, modality,
+                         adopter(recipe.association.method, epoch), stage, cai)
     terms = identity_terms(stage, cai, state, feat, labels, modality, conf, False, late)
     loss = terms.intra + (MU * terms.cai if cai else terms.fused)
     loss.backward()

@@ -30,7 +30,8 @@ OVERLAYS = sorted((RECIPES / "ablation").glob("*.yaml"))
 
 def test_the_shipped_recipes_are_there():
     assert {p.name for p in DATASET_RECIPES} == {"demo.yaml", "sysu.yaml", "regdb.yaml", "llcm.yaml"}
-    assert {p.name for p in OVERLAYS} == {"baseline.yaml", "cai.yaml", "cbt.yaml", "dmdl.yaml"}
+    assert {p.name for p in OVERLAYS} == {"baseline.yaml", "cai.yaml", "cai-augment.yaml",
+                                          "cai-refine.yaml", "cai-align.yaml", "cbt.yaml", "dmdl.yaml"}
 
 
 @pytest.mark.parametrize("path", DATASET_RECIPES, ids=lambda p: p.name)
@@ -63,23 +64,31 @@ def test_every_overlay_composes_on_every_dataset_recipe(base, overlay):
 
 
 def test_ablation_overlays_switch_exactly_their_parts():
+    # the rows of the paper's Table 3: (CAI, augmentation beyond the visible channel exchange,
+    # label refinement, feature alignment)
+    rows = {"baseline": (False, False, False, False), "cai": (True, False, False, False),
+            "cai-augment": (True, True, False, False), "cai-refine": (True, False, True, False),
+            "cai-align": (True, False, False, True), "cbt": (False, True, True, True),
+            "dmdl": (True, True, True, True)}
     base = RECIPES / "sysu.yaml"
-    baseline = load_recipe(base, overlays=[RECIPES / "ablation" / "baseline.yaml"])
-    assert (baseline.cai.enabled, baseline.cbt.augment, baseline.cbt.refine, baseline.cbt.align) == (
-        False, False, False, False)
-    cai = load_recipe(base, overlays=[RECIPES / "ablation" / "cai.yaml"])
-    assert cai.cai.enabled and not (cai.cbt.augment or cai.cbt.refine or cai.cbt.align)
-    cbt = load_recipe(base, overlays=[RECIPES / "ablation" / "cbt.yaml"])
-    assert not cbt.cai.enabled and cbt.cbt.augment and cbt.cbt.refine and cbt.cbt.align
-    dmdl = load_recipe(base, overlays=[RECIPES / "ablation" / "dmdl.yaml"])
-    assert dmdl == load_recipe(base)  # "the same as the data set recipes' defaults"
-    # untouched sections keep the base values: stage 1 and data are the same in all four
-    for r in (baseline, cai, cbt):
+    plain = load_recipe(base).augment
+    for name, (cai, augment, refine, align) in rows.items():
+        r = load_recipe(base, overlays=[RECIPES / "ablation" / f"{name}.yaml"])
+        assert (r.cai.enabled, r.cbt.refine, r.cbt.align) == (cai, refine, align), name
+        assert r.cbt.augment  # every row has modality-specific views, at least the visible channel
+        assert r.augment.channel_exchange_p == 1.0, name
+        full = (r.augment.jitter_p, r.augment.ir_channel_copy_p, r.augment.ir_pseudo_colour_p)
+        assert full == ((plain.jitter_p, plain.ir_channel_copy_p, plain.ir_pseudo_colour_p)
+                        if augment else (0.0, 0.0, 0.0)), name
+        # untouched sections keep the base values: stage 1, data and clustering in every row
+        dmdl = load_recipe(base)
         assert r.stage1 == dmdl.stage1 and r.data == dmdl.data and r.cluster == dmdl.cluster
+    # "the same as the data set recipes' defaults"
+    assert load_recipe(base, overlays=[RECIPES / "ablation" / "dmdl.yaml"]) == load_recipe(base)
     # later overlays win key by key
     both = load_recipe(base, overlays=[RECIPES / "ablation" / "baseline.yaml",
                                        RECIPES / "ablation" / "cai.yaml"])
-    assert both.cai.enabled and not both.cbt.augment
+    assert both.cai.enabled and not both.cbt.refine
 
 
 def test_set_overrides_parse_yaml_types_and_nest():

@@ -29,7 +29,7 @@ from dmdl_cli.errors import DmdlError
 
 ARCHS = ("resnet50_agw", "resnet50", "resnet18")
 KNN_METHODS = ("exact", "ivf", "hnsw")
-ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
+ASSOCIATION_METHODS = ("nearest-alternating", "hungarian", "cluster-sample-alternating")
 AMP_MODES = ("off", "fp16", "bf16")
 # Command-line choices (declared once here; the CLI shows them in --help).
 CLUSTER_MODALITIES = ("visible", "infrared", "both")
@@ -398,7 +398,14 @@ class CAIRecipe:
 
 @dataclass
 class AssociationRecipe:
+    """How stage 2 links the two modalities' clusters (``clustering/association.py``)."""
+
     method: str = _choice("nearest-alternating", ASSOCIATION_METHODS)
+    # cluster-sample-alternating (the reference's RegDB stage 2): of every `sample_cycle` epochs
+    # the first `cluster_epochs` link clusters as nearest-alternating does; on the others every
+    # sample of the adopting modality takes the label of its nearest sample of the other
+    sample_cycle: int = _ranged(5, 1)
+    cluster_epochs: int = _ranged(2, 0)
 
 
 @dataclass

@@ -173,7 +173,7 @@ class CrossModalityStage(StageLogic):
         feats_of = t.train_position  # index row -> row of feats
         inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, feats[feats_of[c.rows]], c.centroids)
                                        for m, c in clusters.items()})
-        assoc = associate(recipe.association.method, inp)
+        assoc = associate(recipe.association.method, inp, recipe.association)
         labels = np.full(len(t.ctx.index), -1, dtype=np.int64)  # unified ids per index row
         for m in MODALITIES:
             labels[clusters[m].rows] = assoc.labels[m]

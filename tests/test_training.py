@@ -519,3 +519,21 @@ def test_two_processes_train_what_one_process_trains(prepared: Path, tmp_path: P
     two_ranks("train-cross", multi)
     _first_epoch_steps_agree(single, multi, "stage2", 2)
     _same_labels(single, multi, "cross-e002.npz")
+
+
+def test_sample_level_association_trains_through_the_cli(stage1_done: Path, tmp_path: Path) -> None:
+    # the reference's RegDB association at a sample-level epoch: every visible sample takes the
+    # label of its nearest infrared sample, so the unified ids are the infrared clusters
+    ws = tmp_path / "ws"
+    shutil.copytree(stage1_done, ws)
+    dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
+         "--set", "stage2.iters=1", "--set", "association.method=cluster-sample-alternating",
+         "--set", "association.cluster_epochs=0")
+    records = [json.loads(x) for x in (ws / "stage2" / "log.jsonl").read_text().splitlines()]
+    labels = next(r for r in records if r["kind"] == "labels")
+    assert labels["unified_ids"] == labels["infrared"]["clusters"]
+    with np.load(ws / "labels" / "cross-e001.npz") as data:
+        unified = data["labels"]
+    index_modality = np.array([row["modality"] for row in csv.DictReader(open(ws / "data" / "index.csv"))])
+    vis = unified[(index_modality == "visible")]
+    assert (vis >= 0).any() and vis.max() < labels["unified_ids"]

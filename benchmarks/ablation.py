@@ -91,7 +91,7 @@ SWITCHES: dict[str, tuple[str, tuple[str, ...]]] = {
                         ("augment.pipeline=dmdl-v1", "augment.erasing_fill=random",
                          "augment.ir_channel_copy_p=0.5", "augment.ir_gray_p=1.0",
                          "augment.ir_pseudo_colour_scheme=formula-distinct")),
-    "v-statistic-mmd": ("the reference's MMD (unbiased, BN-neck features)", ("cbt.mmd=v-statistic",)),
+    "biased-mmd": ("the reference's MMD (unbiased, on BN-neck features)", ("cbt.mmd=biased-normalised",)),
 }
 SWITCH_SETTING, SWITCH_VARIANT = "source", "dmdl"
 RESULT = "eval/all-search-stage2-final.json"

@@ -145,11 +145,13 @@ def cluster(
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
+    eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", metavar="START:STOP:STEP", help="Instead of labelling: DBSCAN at every eps of the grid (e.g. 0.4:0.7:0.05), each eps's robustness and the eps a label-free rule picks (docs/selection.md)."),
 ) -> None:
     """Pseudo-label train images per modality."""
     stage = _stage("dmdl_cli.clustering.stage", "cluster_stage")
     _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality.value,
-         body=lambda ctx: stage(ctx, checkpoint=checkpoint, modality=modality.value))
+         eps_sweep=eps_sweep,
+         body=lambda ctx: stage(ctx, checkpoint=checkpoint, modality=modality.value, eps_sweep=eps_sweep))
     _results(f"{_folder(workspace) / 'labels'} (pseudo labels and the recipe beside them)")
 
 

@@ -252,12 +252,13 @@ def effective_rank(features: np.ndarray, *, samples: int = 1024, seed: int = 0) 
     1 for features that all point one way (a collapse), up to min(m, D) for isotropic ones.
     Singular values come from the eigenvalues of the smaller Gram matrix, O(m^2 D + m^3).
     """
-    x = np.asarray(features, dtype=np.float64)
+    x = np.asarray(features)
     if x.ndim != 2 or x.shape[0] == 0:
         return float("nan")
-    if x.shape[0] > samples:
+    if x.shape[0] > samples:  # draw the rows before any copy of the (N, D) matrix
         rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], samples, replace=False))
         x = x[rows]
+    x = x.astype(np.float64, copy=False)  # (m, D)
     gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
     sv = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
     total = sv.sum()

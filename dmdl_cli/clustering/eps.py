@@ -25,9 +25,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from dmdl_cli.clustering.criteria import eps_robustness, json_ready, label_alarms
+from dmdl_cli.clustering.association import associate, unify_labels
+from dmdl_cli.clustering.criteria import (
+    EpochLabels,
+    ModalityLabels,
+    eps_robustness,
+    json_ready,
+    label_alarms,
+)
 from dmdl_cli.clustering.jaccard import jaccard_distance
-from dmdl_cli.clustering.pseudo_labels import cluster_stats, dbscan_precomputed
+from dmdl_cli.clustering.pseudo_labels import centroids, cluster_stats, dbscan_precomputed
+from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import ClusterRecipe
 
@@ -84,6 +92,37 @@ class EpsGrid:
 
     values: tuple[float, ...]
     step: float
+
+
+def labels_with_margins(features: np.ndarray, cfg: ClusterRecipe, *, delta: float,
+                        k1: int | None = None) -> ModalityLabels:
+    """One modality's labelling as the training does it (``cfg``: k1 or ``k1``, k2, k-NN, eps,
+    min_samples) plus its re-runs at eps -+ ``delta``, all on one graph reaching eps + delta,
+    and the centroids. ``features`` (N, D) L2-normalised."""
+    graph = jaccard_graph(features, cfg, reach=cfg.eps + delta, k1=k1)
+    labels = labels_at(graph, cfg.eps, cfg.min_samples)
+    tighter, looser = relabel_around(graph, cfg.eps, delta, cfg.min_samples)
+    return ModalityLabels(labels, centroids(features, labels), tighter, looser)
+
+
+def epoch_labels(features: np.ndarray, modality: np.ndarray, cfg: ClusterRecipe, *, delta: float,
+                 k1: Mapping[int, int] | None = None, association: str | None = None,
+                 epoch: int = 0) -> EpochLabels:
+    """An epoch's labelling for the criteria: :func:`labels_with_margins` of each modality of
+    ``features (N, D)`` (``modality (N,)``; ``k1`` overrides ``cfg.k1`` per modality), and with
+    ``association`` (a method of ``associate``, stage 2) the association at ``epoch`` and the
+    unified labels."""
+    k1 = k1 or {}
+    out = EpochLabels()
+    for m in (VISIBLE, INFRARED):
+        sel = np.asarray(modality) == m
+        if sel.any():
+            out.modalities[m] = labels_with_margins(features[sel], cfg, delta=delta, k1=k1.get(m))
+    vis, ir = out.modalities.get(VISIBLE), out.modalities.get(INFRARED)
+    if association is not None and vis is not None and ir is not None:
+        out.association = associate(vis.centroids, ir.centroids, method=association, epoch=epoch)
+        vis.unified, ir.unified = unify_labels(vis.labels, ir.labels, out.association)
+    return out
 
 
 def parse_eps_grid(text: str, *, option: str = "--eps-sweep") -> EpsGrid:
@@ -237,5 +276,6 @@ def pick_eps(rows: Sequence[SweepRow], *, max_largest_share: float = 0.5, min_pe
     raise AssertionError("a finite sequence has a peak at its maximum")  # pragma: no cover
 
 
-__all__ = ["EpsGrid", "JaccardGraph", "MAX_GRID", "SweepResult", "SweepRow", "eps_sweep", "jaccard_graph",
-           "labels_at", "parse_eps_grid", "pick_eps", "relabel_around", "sweep_reach"]
+__all__ = ["EpsGrid", "JaccardGraph", "MAX_GRID", "SweepResult", "SweepRow", "epoch_labels",
+           "eps_sweep", "jaccard_graph", "labels_at", "labels_with_margins", "parse_eps_grid",
+           "pick_eps", "relabel_around", "sweep_reach"]

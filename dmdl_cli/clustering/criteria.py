@@ -28,18 +28,19 @@ criterion              what it is                                               
                        matching of the two modalities' centroids
 ``association_cost``   mean cosine distance of the pairs the association linked  down   O(Cv Ci)
                        (stage 2)
-``effective_rank``     RankMe: exp of the entropy of the normalised singular     alarm  O(m^2 D)
-                       values of the train features (m sampled rows)
+``effective_rank``     RankMe: exp of the entropy of the normalised singular     up /   O(m^2 D)
+                       values of the train features (m sampled rows)            alarm
 ``largest_share``      largest cluster's share of a modality's images            alarm  O(N)
 ``outlier_share``      share of a modality's images left out as outliers         alarm  O(N)
 ``clusters``           clusters of a modality                                    alarm  O(N)
 =====================  =========================================================  =====  =========
 
 All label comparisons go through sparse contingency counts (pairs of labels that occur
-together), never a dense N x N mask. Labels are ``(N,)`` int64 arrays of one modality's train
-images, aligned between epochs (the same images in the same order), ``-1`` = outlier;
-outliers are compared as singletons (each outlier a cluster of its own), so a labeling and a
-copy with its cluster ids permuted score exactly alike.
+together, found by one sort: O(N log N), written O(N) above), never a dense N x N mask.
+Labels are ``(N,)`` int64 arrays of one modality's train images, aligned between epochs (the
+same images in the same order), ``-1`` = outlier; outliers are compared as singletons (each
+outlier a cluster of its own), so a labeling and a copy with its cluster ids permuted score
+exactly alike.
 
 The functions here are pure (arrays in, floats out); :func:`epoch_criteria` assembles one
 epoch's record in the form the training log holds (``kind: criteria``, docs/selection.md).

@@ -240,12 +240,13 @@ def pick_eps(rows: Sequence[SweepRow], *, max_largest_share: float = 0.5, min_pe
 
     score(eps) = mean over the modalities of ``eps_robustness`` at eps. Eligible eps: every
     modality has a cluster and its largest cluster holds at most ``max_largest_share`` of its
-    images (one giant cluster is robust too). A peak is a run of consecutive eligible eps
-    with equal scores, at least as high as the eligible eps on either side (the grid's ends count as lower). The rule takes the first peak (smallest
-    eps) scoring at least ``min_peak`` times the best eligible score, and the middle eps of its
-    run (the lower middle of an even count): the finest clustering that is stable under eps
-    +- delta. Coarser stable clusterings exist at larger eps when look-alike people merge into
-    stable groups; they come after, so the first peak is the people's. No true identity is read.
+    images (one giant cluster is robust too). A peak is a run of consecutive eligible eps with
+    equal scores, at least as high as the eligible eps on either side (the grid's ends count as
+    lower). The rule takes the first peak (smallest eps) scoring at least ``min_peak`` times the
+    best eligible score, and the middle eps of its run (the lower middle of an even count): the
+    finest clustering that is stable under eps +- delta. Coarser stable clusterings exist at
+    larger eps when look-alike people merge into stable groups; they come after, so the first
+    peak is the people's. No true identity is read.
     """
     by_eps: dict[float, list[SweepRow]] = {}
     for row in rows:

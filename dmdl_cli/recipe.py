@@ -374,8 +374,8 @@ class SelectRecipe:
     tolerance: float = _ranged(0.0, 0.0)
     tie: str = _choice("later", SELECT_TIES)
     # collapse guard: an epoch (or eps) whose largest cluster holds more than this share of a
-    # modality's images is never chosen
-    max_largest_share: float = _between(0.5, 0.0, 1.0)
+    # modality's images is never chosen (1: no guard)
+    max_largest_share: float = _ranged(0.5, 0.0, 1.0)
     eps_delta: float = _between(0.02, 0.0, 0.5)  # eps robustness: DBSCAN at eps -+ this (SpCL's)
     # eps sweep (`dmdl cluster --eps-sweep`): the first peak of robustness reaching this share
     # of the best is picked

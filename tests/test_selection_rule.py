@@ -79,7 +79,7 @@ def test_select_section_is_validated_naming_the_key(tmp_path):
     for override, words in (("select.criterion=test_map", "is not one of"),
                             ("select.warmup=-1", "below the minimum"),
                             ("select.tie=middle", "is not one of"),
-                            ("select.max_largest_share=1.0", "open interval"),
+                            ("select.max_largest_share=1.5", "above the maximum"),
                             ("select.eps_delta=0", "open interval"),
                             ("select.tolerance=-0.1", "below the minimum"),
                             ("select.nope=1", "unknown recipe key 'select.nope'")):

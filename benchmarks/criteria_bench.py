@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     import sklearn.cluster  # noqa: F401
     import sklearn.metrics  # noqa: F401
 
-    from dmdl_cli.clustering.association import associate, unify_labels
+    from dmdl_cli.clustering.association import AssociationInput, ModalitySamples, associate
     from dmdl_cli.clustering.criteria import (
         EpochLabels, ModalityLabels, cross_modality, effective_rank, epoch_criteria,
-        eps_robustness, label_agreement, label_alarms, pair_stability,
+        eps_robustness, label_agreement, label_alarms, linked_clusters, pair_stability,
     )
     from dmdl_cli.clustering.eps import jaccard_graph, labels_at, relabel_around
     from dmdl_cli.clustering.jaccard import jaccard_distance
@@ -171,14 +171,21 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("eps robustness (contingency counts)",
                  sum(timed(lambda: eps_robustness(now[m].labels, now[m].tighter, now[m].looser),
                            args.repeat)[0] for m in sizes)))
-    assoc_now = associate(now[VISIBLE].centroids, now[INFRARED].centroids, epoch=0)
-    assoc_before = associate(before[VISIBLE].centroids, before[INFRARED].centroids, epoch=1)
+    for labels, epoch in ((now, 0), (before, 1)):  # stage 2's association of each epoch
+        inp = AssociationInput(epoch, {m: ModalitySamples(labels[m].labels, x[modality == m],
+                                                          labels[m].centroids) for m in sizes})
+        unified = associate("nearest-alternating", inp).labels
+        for m in sizes:
+            labels[m].unified = unified[m]
+
+    def cross() -> dict:
+        vis, ir = now[VISIBLE], now[INFRARED]
+        linked = linked_clusters(vis.labels, vis.unified, ir.labels, ir.unified,
+                                 len(vis.centroids), len(ir.centroids))
+        return cross_modality(vis.centroids, ir.centroids, linked)
+
     rows.append(("cross-modality: mutual NN, Hungarian, association cost",
-                 timed(lambda: cross_modality(now[VISIBLE].centroids, now[INFRARED].centroids,
-                                              assoc_now), args.repeat)[0]))
-    for labels, assoc in ((now, assoc_now), (before, assoc_before)):
-        labels[VISIBLE].unified, labels[INFRARED].unified = unify_labels(
-            labels[VISIBLE].labels, labels[INFRARED].labels, assoc)
+                 timed(cross, args.repeat)[0]))
     rows.append(("pair stability (linked pairs kept)",
                  timed(lambda: pair_stability(now[VISIBLE].unified, now[INFRARED].unified,
                                               before[VISIBLE].unified, before[INFRARED].unified),
@@ -187,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                  timed(lambda: effective_rank(x, samples=args.rank_samples), args.repeat)[0]))
     rows.append(("alarms: clusters, largest and outlier share",
                  sum(timed(lambda: label_alarms(now[m].labels), args.repeat)[0] for m in sizes)))
-    end_to_end, record = timed(lambda: epoch_criteria(EpochLabels(now, assoc_now),
-                                                      EpochLabels(before, assoc_before), x,
+    end_to_end, record = timed(lambda: epoch_criteria(EpochLabels(now), EpochLabels(before), x,
                                                       epoch=1, rank_samples=args.rank_samples),
                                args.repeat)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from dmdl_cli.clustering.association import associate, unify_labels
+from dmdl_cli.clustering.association import AssociationInput, ModalitySamples, associate
 from dmdl_cli.clustering.criteria import (
     DIRECTIONS,
     EpochLabels,
@@ -20,6 +20,7 @@ from dmdl_cli.clustering.criteria import (
     eps_robustness,
     label_agreement,
     label_alarms,
+    linked_clusters,
     linked_pairs,
     membership_overlap,
     pair_stability,
@@ -119,11 +120,22 @@ def test_cross_modality_by_hand():
     # both visible centroids nearest to i0, which prefers v0: one mutual pair of two
     assert cross_modality(vis, np.array([[1.0, 0.9]]))["mutual_nn"] == 1.0
     assert cross_modality(np.array([[1.0, 0.0], [1.0, 0.1]]), ir[:2])["mutual_nn"] == 0.5
-    assoc = associate(vis, ir, method="hungarian", epoch=0)
-    linked = cross_modality(vis, ir, assoc)
+    # the Hungarian matching linked: its cost is the matching cost
+    linked = cross_modality(vis, ir, np.array([[True, False, False], [False, True, False]]))
     assert linked["association_cost"] == pytest.approx(linked["matching_cost"])
-    empty = cross_modality(np.zeros((0, 2)), ir, assoc)
-    assert math.isnan(empty["mutual_nn"]) and math.isnan(empty["matching_cost"])
+    many = cross_modality(vis, ir, np.array([[True, False, True], [False, False, False]]))
+    assert many["association_cost"] == pytest.approx(np.mean(1 - sim[0, [0, 2]]))
+    empty = cross_modality(np.zeros((0, 2)), ir, np.zeros((0, 3), bool))
+    assert math.isnan(empty["mutual_nn"]) and math.isnan(empty["association_cost"])
+
+
+def test_linked_clusters_from_sample_level_unified_ids():
+    # visible clusters 0, 1, 2; infrared 0, 1. Unified ids per sample (a method may label
+    # samples on their own: visible cluster 1 is split between ids 5 and 6)
+    vis_labels, vis_unified = np.array([0, 0, 1, 1, 2, -1]), np.array([5, 5, 5, 6, -1, -1])
+    ir_labels, ir_unified = np.array([0, 1, 1, -1]), np.array([6, 5, 7, -1])
+    want = np.array([[False, True], [True, True], [False, False]])
+    assert np.array_equal(linked_clusters(vis_labels, vis_unified, ir_labels, ir_unified, 3, 2), want)
 
 
 def test_effective_rank_collapse_is_near_one_and_isotropic_is_full():
@@ -148,15 +160,21 @@ def test_label_alarms():
     assert label_alarms(np.full(5, -1)) == {"clusters": 0, "largest_share": 0.0, "outlier_share": 1.0}
 
 
+def _unified(vis_labels, ir_labels, centroids_v, centroids_i, epoch):
+    inp = AssociationInput(epoch, {
+        VISIBLE: ModalitySamples(vis_labels, centroids_v[np.maximum(vis_labels, 0)], centroids_v),
+        INFRARED: ModalitySamples(ir_labels, centroids_i[np.maximum(ir_labels, 0)], centroids_i)})
+    labels = associate("nearest-alternating", inp).labels
+    return labels[VISIBLE], labels[INFRARED]
+
+
 def _epoch(vis_labels, ir_labels, centroids_v, centroids_i, epoch, stage2=True):
     mods = {VISIBLE: ModalityLabels(vis_labels, centroids_v, vis_labels, vis_labels),
             INFRARED: ModalityLabels(ir_labels, centroids_i, ir_labels, ir_labels)}
-    assoc = None
     if stage2:
-        assoc = associate(centroids_v, centroids_i, method="nearest-alternating", epoch=epoch)
-        uv, ui = unify_labels(vis_labels, ir_labels, assoc)
-        mods[VISIBLE].unified, mods[INFRARED].unified = uv, ui
-    return EpochLabels(mods, assoc)
+        mods[VISIBLE].unified, mods[INFRARED].unified = _unified(
+            vis_labels, ir_labels, centroids_v, centroids_i, epoch)
+    return EpochLabels(mods)
 
 
 def test_epoch_record_is_strict_json_with_combined_and_per_modality_values():
@@ -175,7 +193,8 @@ def test_epoch_record_is_strict_json_with_combined_and_per_modality_values():
     assert first["largest_share"] == max(3 / 8, 3 / 6)
     assert first["outlier_share"] == max(1 / 8, 1 / 6)
     assert first["eps_robustness"] == pytest.approx((7 / 8 + 5 / 6) / 2)
-    assert first["linked_pairs"] == linked_pairs(*unify_labels(vis, ir, _epoch(vis, ir, cv, ci, 0).association))
+    assert first["linked_pairs"] == linked_pairs(*_unified(vis, ir, cv, ci, 0))
+    assert first["association_cost"] is not None
     # the same labels again: stable; ids permuted in the previous epoch change nothing
     again = epoch_criteria(_epoch(vis, ir, cv, ci, 2), _epoch(vis, ir, cv, ci, 0), feats, epoch=1)
     assert again["label_ari"] == 1.0 and again["visible"]["label_nmi"] == 1.0

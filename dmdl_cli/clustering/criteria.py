@@ -26,8 +26,9 @@ criterion              what it is                                               
                        neighbours across the modalities (pairs / min(Cv, Ci))
 ``matching_cost``      mean cosine distance of the one-to-one Hungarian          down   O(C^3)
                        matching of the two modalities' centroids
-``association_cost``   mean cosine distance of the pairs the association linked  down   O(Cv Ci)
-                       (stage 2)
+``association_cost``   mean cosine distance of the cluster pairs the             down   O(N + Cv Ci)
+                       association linked (a sample of each with one unified
+                       id; stage 2)
 ``effective_rank``     RankMe: exp of the entropy of the normalised singular     up /   O(m^2 D)
                        values of the train features (m sampled rows)            alarm
 ``largest_share``      largest cluster's share of a modality's images            alarm  O(N)
@@ -51,8 +52,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+import scipy.sparse as sp
 
-from dmdl_cli.clustering.association import Association, centroid_similarity
+from dmdl_cli.clustering.association import centroid_similarity
 from dmdl_cli.clustering.pseudo_labels import outliers_as_singletons
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 
@@ -208,23 +210,44 @@ def pair_stability(vis_unified: np.ndarray, ir_unified: np.ndarray,
 # cross-modality consistency of the clusters
 
 
+def linked_clusters(vis_labels: np.ndarray, vis_unified: np.ndarray, ir_labels: np.ndarray,
+                    ir_unified: np.ndarray, num_vis: int, num_ir: int) -> np.ndarray:
+    """``(Cv, Ci)`` bool: visible cluster a and infrared cluster b are linked when a sample of a
+    and a sample of b have the same unified id (stage 2's association, whatever the method).
+
+    Labels ``(N_m,)`` per modality: cluster ids (``num_vis`` / ``num_ir`` clusters) and unified
+    ids, -1 outliers. Sparse (cluster, unified id) incidences, O(N + links).
+    """
+    def incidence(labels, unified, clusters, ids):
+        lab = np.asarray(labels).astype(np.int64, copy=False)
+        uni = np.asarray(unified).astype(np.int64, copy=False)
+        keep = (lab >= 0) & (uni >= 0)
+        return sp.csr_matrix((np.ones(int(keep.sum())), (lab[keep], uni[keep])),
+                             shape=(clusters, ids))
+
+    ids = int(max(np.max(vis_unified, initial=-1), np.max(ir_unified, initial=-1))) + 1
+    link = incidence(vis_labels, vis_unified, num_vis, ids) @ incidence(ir_labels, ir_unified,
+                                                                         num_ir, ids).T
+    return link.toarray() > 0
+
+
 def cross_modality(vis_centroids: np.ndarray, ir_centroids: np.ndarray,
-                   association: Association | None = None) -> dict[str, float]:
+                   linked: np.ndarray | None = None) -> dict[str, float]:
     """Consistency of the two modalities' clusters, from their centroids (Cv, D) and (Ci, D).
 
     - ``mutual_nn``: visible-infrared centroid pairs that are each other's nearest neighbour
       (cosine), divided by min(Cv, Ci) (up: one cluster per person in each modality, aligned);
     - ``matching_cost``: mean cosine distance (1 - similarity) of the one-to-one matching of
       maximal total similarity (Hungarian, scipy), defined in both stages (down);
-    - ``association_cost`` (with ``association``): mean cosine distance over the cluster pairs
-      the association linked (same unified id) (down).
-    NaN when a modality has no cluster.
+    - ``association_cost`` (with ``linked``, the ``(Cv, Ci)`` cluster pairs stage 2's
+      association linked, :func:`linked_clusters`): their mean cosine distance (down).
+    NaN when a modality has no cluster (or nothing is linked).
     """
     from scipy.optimize import linear_sum_assignment
 
     sim = centroid_similarity(vis_centroids, ir_centroids)  # (Cv, Ci)
     out: dict[str, float] = {"mutual_nn": float("nan"), "matching_cost": float("nan")}
-    if association is not None:
+    if linked is not None:
         out["association_cost"] = float("nan")
     cv, ci = sim.shape
     if cv == 0 or ci == 0:
@@ -234,10 +257,8 @@ def cross_modality(vis_centroids: np.ndarray, ir_centroids: np.ndarray,
     out["mutual_nn"] = float(np.count_nonzero(ir_nn[vis_nn] == np.arange(cv)) / min(cv, ci))
     rows, cols = linear_sum_assignment(sim, maximize=True)
     out["matching_cost"] = float(np.mean(1.0 - sim[rows, cols]))
-    if association is not None:
-        linked = association.vis_to_unified[:, None] == association.ir_to_unified[None, :]
-        if linked.any():
-            out["association_cost"] = float(np.mean(1.0 - sim[linked]))
+    if linked is not None and linked.any():
+        out["association_cost"] = float(np.mean(1.0 - sim[linked]))
     return out
 
 
@@ -303,10 +324,9 @@ class ModalityLabels:
 @dataclass
 class EpochLabels:
     """What the criteria read of one epoch: per modality (``VISIBLE``, ``INFRARED``) its
-    :class:`ModalityLabels`, and stage 2's association (None in stage 1)."""
+    :class:`ModalityLabels` (with stage 2's unified ids in ``unified``)."""
 
     modalities: dict[int, ModalityLabels] = field(default_factory=dict)
-    association: Association | None = None
 
 
 def _mean(values: list[float]) -> float:
@@ -352,7 +372,11 @@ def epoch_criteria(now: EpochLabels, previous: EpochLabels | None, features: np.
         record["clusters"] = sum(v["clusters"] for v in per_modality.values())
     vis, ir = now.modalities.get(VISIBLE), now.modalities.get(INFRARED)
     if vis is not None and ir is not None:
-        record.update(cross_modality(vis.centroids, ir.centroids, now.association))
+        linked = None
+        if vis.unified is not None and ir.unified is not None:
+            linked = linked_clusters(vis.labels, vis.unified, ir.labels, ir.unified,
+                                     len(vis.centroids), len(ir.centroids))
+        record.update(cross_modality(vis.centroids, ir.centroids, linked))
         if vis.unified is not None and ir.unified is not None:
             record.update(_unified_stability(vis, ir, previous))
     record["effective_rank"] = effective_rank(features, samples=rank_samples, seed=seed)
@@ -397,5 +421,5 @@ def criterion_value(record: Mapping[str, Any], name: str) -> float:
 
 __all__ = ["DIRECTIONS", "EpochLabels", "ModalityLabels", "criterion_value", "cross_modality",
            "effective_rank", "epoch_criteria", "eps_robustness", "joint_counts", "json_ready",
-           "label_agreement",
+           "label_agreement", "linked_clusters",
            "label_alarms", "linked_pairs", "membership_overlap", "pair_stability"]

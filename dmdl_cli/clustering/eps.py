@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from dmdl_cli.clustering.association import associate, unify_labels
+from dmdl_cli.clustering.association import AssociationInput, ModalitySamples, associate
 from dmdl_cli.clustering.criteria import (
     EpochLabels,
     ModalityLabels,
@@ -110,18 +110,20 @@ def epoch_labels(features: np.ndarray, modality: np.ndarray, cfg: ClusterRecipe,
                  epoch: int = 0) -> EpochLabels:
     """An epoch's labelling for the criteria: :func:`labels_with_margins` of each modality of
     ``features (N, D)`` (``modality (N,)``; ``k1`` overrides ``cfg.k1`` per modality), and with
-    ``association`` (a method of ``associate``, stage 2) the association at ``epoch`` and the
-    unified labels."""
+    ``association`` (a method of ``associate``, stage 2) every sample's unified id at
+    ``epoch``."""
     k1 = k1 or {}
     out = EpochLabels()
-    for m in (VISIBLE, INFRARED):
-        sel = np.asarray(modality) == m
+    selected = {m: np.asarray(modality) == m for m in (VISIBLE, INFRARED)}
+    for m, sel in selected.items():
         if sel.any():
             out.modalities[m] = labels_with_margins(features[sel], cfg, delta=delta, k1=k1.get(m))
-    vis, ir = out.modalities.get(VISIBLE), out.modalities.get(INFRARED)
-    if association is not None and vis is not None and ir is not None:
-        out.association = associate(vis.centroids, ir.centroids, method=association, epoch=epoch)
-        vis.unified, ir.unified = unify_labels(vis.labels, ir.labels, out.association)
+    if association is not None and len(out.modalities) == 2:
+        inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, features[selected[m]], c.centroids)
+                                       for m, c in out.modalities.items()})
+        unified = associate(association, inp).labels
+        for m, c in out.modalities.items():
+            c.unified = unified[m]
     return out
 
 

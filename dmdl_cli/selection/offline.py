@@ -2,11 +2,11 @@
 
 With ``run.keep_epochs`` a stage keeps ``epoch-NNN.pt``: the model after NNN epochs, i.e. the
 model that made epoch NNN's labels (0-based loop epoch NNN). Its train features, labelled as the
-stage labels them (``cluster:`` keys, stage 2's ``cluster.k1_adopting`` alternation and
-association at that epoch), give the same criteria record the training would have logged at
-epoch NNN (:func:`dmdl_cli.clustering.criteria.epoch_criteria`), provided the BatchNorm
-statistics are not re-estimated before each labelling (``train.bn_recalibration: 0``, the
-default). The record of epoch 0 comes from the model the stage started from (stage 1: the
+stage labels them (``cluster:`` keys; in stage 2 ``stage2.k1_adopting`` for the adopting
+modality and the association at that epoch), give the same criteria record the training would
+have logged at epoch NNN (:func:`dmdl_cli.clustering.criteria.epoch_criteria`), provided the
+BatchNorm statistics are not re-estimated before each labelling (``train.bn_recalibration: 0``,
+the default). The record of epoch 0 comes from the model the stage started from (stage 1: the
 recipe's untrained network; stage 2: stage 1's ``final.pt``). Stability compares each epoch
 with the previous record, so skipped epochs make it a comparison over a longer step (the
 record's ``previous_epoch`` says which).
@@ -28,7 +28,7 @@ from dmdl_cli.features.extract import extract_features
 from dmdl_cli.model.loading import LoadedModel, resolve_model
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import Runtime
-from dmdl_cli.stages import stage
+from dmdl_cli.stages import stage_spec
 from dmdl_cli.training.cross import clustering_k1
 from dmdl_cli.workspace import Workspace
 
@@ -39,7 +39,7 @@ def kept_checkpoints(ws: Workspace, stage_name: str) -> dict[int, Path]:
     """``{epoch: path}`` of a stage's models by epochs trained: the kept ``epoch-NNN.pt`` and
     the model it started from (0: stage 2's upstream ``final.pt``; stage 1's untrained network
     is the string ``imagenet``, the name :func:`resolve_model` knows it by)."""
-    spec = stage(stage_name)
+    spec = stage_spec(stage_name)
     out: dict[int, Path] = {}
     folder = ws.root / spec.folder
     for path in folder.glob("epoch-*.pt") if folder.is_dir() else ():
@@ -47,7 +47,7 @@ def kept_checkpoints(ws: Workspace, stage_name: str) -> dict[int, Path]:
         if match:
             out[int(match.group(1))] = path
     if spec.upstream is not None:
-        start = stage(spec.upstream).final(ws)
+        start = stage_spec(spec.upstream).final(ws)
         if start.is_file():
             out[0] = start
     else:
@@ -64,7 +64,7 @@ def checkpoint_criteria(ws: Workspace, recipe: Recipe, stage_name: str, *, index
     ``previous_epoch``. ``load``: checkpoint -> model (default :func:`resolve_model`; a stage
     passes ``ctx.model`` so the ledger records what it read)."""
     load = load or (lambda name: resolve_model(ws, recipe, name))
-    spec = stage(stage_name)
+    spec = stage_spec(stage_name)
     select, cluster = recipe.select, recipe.cluster
     rows = index.rows(split="train")
     modality = index.modality[rows]

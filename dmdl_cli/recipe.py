@@ -68,6 +68,11 @@ COLOUR_MAPS = ("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot", "cool", "spri
 # INFERNO = 14, CIVIDIS = 17, DEEPGREEN = 21), stored in dmdl_cli/data/opencv_colour_maps.json.
 OPENCV_COLOUR_MAPS = ("autumn", "jet", "ocean", "inferno", "cividis", "deepgreen")
 NEVER = "never"  # an epoch threshold that is never reached
+# Label-free selection (docs/selection.md): "last" keeps the last epoch; the others are the
+# criteria of dmdl_cli/clustering/criteria.py a rule may choose a checkpoint by.
+SELECT_CRITERIA = ("last", "eps_robustness", "label_ari", "label_nmi", "unified_ari", "pairs_kept",
+                   "mutual_nn", "matching_cost", "association_cost", "effective_rank")
+SELECT_TIES = ("later", "earlier")  # which epoch a tie goes to
 
 
 def _choice(default: Any, choices: Iterable[Any]) -> Any:
@@ -417,6 +422,27 @@ class EvalRecipe:
     rerank_lambda: float = _ranged(0.3, 0.0, 1.0)
 
 
+@dataclass
+class SelectRecipe:
+    """How a checkpoint and DBSCAN's eps are chosen without labels (docs/selection.md): the
+    rule is part of the hashed recipe, so a run states it before it starts."""
+
+    # the criterion the epoch is chosen by (SELECT_CRITERIA; "last": the last epoch)
+    criterion: str = _choice("eps_robustness", SELECT_CRITERIA)
+    warmup: int = _ranged(1, 0)  # models trained fewer epochs than this in their stage: never chosen
+    # criterion values within this of the best count as tied; a tie goes to the `tie` epoch
+    tolerance: float = _ranged(0.0, 0.0)
+    tie: str = _choice("later", SELECT_TIES)
+    # collapse guard: an epoch (or eps) whose largest cluster holds more than this share of a
+    # modality's images is never chosen (1: no guard)
+    max_largest_share: float = _ranged(0.5, 0.0, 1.0)
+    eps_delta: float = _between(0.02, 0.0, 0.5)  # eps robustness: DBSCAN at eps -+ this (SpCL's)
+    # eps sweep (`dmdl cluster --eps-sweep`): the first peak of robustness reaching this share
+    # of the best is picked
+    sweep_min_peak: float = _ranged(0.5, 0.0, 1.0)
+    rank_samples: int = _ranged(1024, 2)  # train feature rows of the effective rank (RankMe)
+
+
 def _stage2_defaults() -> Stage2Recipe:
     return Stage2Recipe(triplet_ramp=[[10, 0.5], [20, 1.0]], refine_topk=10)
 
@@ -436,6 +462,7 @@ class Recipe:
     cai: CAIRecipe = field(default_factory=CAIRecipe)
     association: AssociationRecipe = field(default_factory=AssociationRecipe)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
+    select: SelectRecipe = field(default_factory=SelectRecipe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,6 +38,9 @@ TRIPLET_MODES = ("per-modality", "joint")
 LOSS_REDUCTIONS = ("sum-modalities", "mean")
 MEMORY_UPDATES = ("per-sample", "batch-mean")
 INTRA_TARGETS = ("hard", "refined")
+# Stage 2's cross-modality batches: ids of the union of both modalities, each paired with a
+# random id of the other modality where it has none (the reference), or only shared ids.
+CROSS_SAMPLERS = ("union", "shared")
 # Random erasing fills: per-pixel uniform noise, the ImageNet mean colour, black.
 ERASING_FILLS = ("random", "mean", "zero")
 # The most boxes one random erasing tries (the augmentation draws a fixed block of random
@@ -176,6 +179,9 @@ class Stage2Recipe(StageRecipe):
     triplet_all_modalities: bool = True
     # targets of L_intra: hard labels (the reference) or the refined targets (which feed CAI)
     intra_targets: str = _choice("hard", INTRA_TARGETS)
+    # ids of the cross-modality batches: union (each id, with a random partner id of the other
+    # modality where it has no images there; one shuffled order per epoch, reused) or shared
+    cross_sampler: str = _choice("shared", CROSS_SAMPLERS)
 
 
 @dataclass

@@ -274,7 +274,7 @@ def test_each_stage_type_holds_only_the_keys_its_stage_reads():
     assert {f.name for f in dataclasses.fields(Stage1Recipe)} - shared == {"refine_from"}
     assert {f.name for f in dataclasses.fields(Stage2Recipe)} - shared == {
         "onehot_epochs", "cross_sampler_from", "cross_memory_update", "triplet_all_modalities",
-        "intra_targets"}
+        "intra_targets", "cross_sampler"}
     assert not shared & {key.split(".")[1] for key in REMOVED_KEYS}
     r = Recipe()
     assert isinstance(r.stage1, Stage1Recipe) and isinstance(r.stage2, Stage2Recipe)

@@ -53,11 +53,14 @@ def restore_memories(saved: dict[Any, torch.Tensor], stage, device: torch.device
 def stage_batches(stage, index: IndexTable, seed: int, labels: np.ndarray, epoch: int,
                   mode: str) -> list:
     """The epoch's batches (``data/sampling.py:epoch_batches``) with the stage's batch shape,
-    iterations and camera-aware sampling; ``labels`` (N_all,) per index row."""
+    iterations and camera-aware sampling, and in ``mode="cross-modality"`` (stage 2 only) its
+    ``cross_sampler``; ``labels`` (N_all,) per index row."""
+    cross = stage.cross_sampler if mode == "cross-modality" else "shared"
     return epoch_batches(labels, modality=index.modality, num_instances=stage.instances,
                          clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
                          seed=seed, epoch=epoch, mode=mode,
-                         cameras=index.cams if stage.camera_aware_sampling else None)
+                         cameras=index.cams if stage.camera_aware_sampling else None,
+                         cross_sampler=cross)
 
 
 def write_labels_file(ctx, spec: StageSpec, epoch: int, labels_all: np.ndarray, **arrays: Any) -> None:

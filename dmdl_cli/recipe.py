@@ -80,6 +80,12 @@ def _pair(default: tuple[float, float], above: float, hi: float | None = None) -
     return field(default_factory=lambda: list(default), metadata={"pair": (above, hi)})
 
 
+def _overrides(section: str) -> Any:
+    """A mapping of keys of the recipe section ``section`` to values that replace them for one
+    stage; each key and value is validated as that section's own (empty: no override)."""
+    return field(default_factory=dict, metadata={"overrides": section})
+
+
 def _names(default: Iterable[str], choices: Iterable[str]) -> Any:
     """A non-empty list of names, each one of ``choices``."""
     default = list(default)
@@ -157,6 +163,8 @@ class StageRecipe:
     # draw a cluster's other instances from cameras other than the anchor's where possible
     camera_aware_sampling: bool = True
     refine_topk: int = _ranged(3, 1)  # k of the refined targets' top-k softmax
+    # this stage's augmentation: `augment:` with these keys replaced ({erasing_scale: [0.02, 0.6]})
+    augment: dict = _overrides("augment")
 
 
 @dataclass
@@ -443,6 +451,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):  # a tuple: a section built in code
             return copy.deepcopy(list(value))
+    elif tp is dict:
+        if isinstance(value, Mapping):
+            return copy.deepcopy(dict(value))
     else:  # pragma: no cover - a programming error in this file
         raise TypeError(f"unsupported recipe field type {tp!r}")
     raise DmdlError(
@@ -517,6 +528,8 @@ def _validated(fld: dataclasses.Field, tp: Any, raw: Any, key: str, source: str)
         return _checked_pair(value, *meta["pair"], key, source)
     if "items" in meta:
         return _checked_names(value, meta["items"], key, source)
+    if "overrides" in meta:
+        return _checked_overrides(value, meta["overrides"], key, source)
     return value
 
 
@@ -539,6 +552,21 @@ def _checked_names(value: list, choices: tuple[str, ...], key: str, source: str)
             raise DmdlError(f"recipe key '{key}' ({source}): {name!r} is not one of "
                             f"{', '.join(choices)}")
     return list(value)
+
+
+def _checked_overrides(value: dict, section: str, key: str, source: str) -> dict:
+    """Each key of an override mapping must be a key of the recipe section ``section``, and its
+    value valid there (validated as that key, named ``<key>.<name>``)."""
+    cls = typing.get_type_hints(Recipe)[section]
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, raw in value.items():
+        if name not in known:
+            raise DmdlError(f"recipe key '{key}.{name}' ({source}): {section} has no key "
+                            f"{name!r}; known keys: {', '.join(known)}")
+        out[name] = _validated(known[name], hints[name], raw, f"{key}.{name}", source)
+    return out
 
 
 def check_section(section: Any, cls: type, prefix: str, source: str) -> None:
@@ -684,6 +712,12 @@ def load_recipe(
         recipe_from_dict(tree, f"--set {text}", check_schedule=False)
     sources += [f"--set {text}" for text in overrides]
     return recipe_from_dict(tree, " + ".join(sources) or "defaults")
+
+
+def stage_augment(recipe: Recipe, stage: StageRecipe) -> AugmentRecipe:
+    """The augmentation a training stage trains with: ``recipe.augment`` with the stage's
+    ``augment`` overrides applied (a stage's hash covers them: they are keys of its section)."""
+    return dataclasses.replace(recipe.augment, **stage.augment)
 
 
 def triplet_weight(ramp: list, epoch: int) -> float:

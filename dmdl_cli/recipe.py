@@ -41,6 +41,9 @@ INTRA_TARGETS = ("hard", "refined")
 # Stage 2's cross-modality batches: ids of the union of both modalities, each paired with a
 # random id of the other modality where it has none (the reference), or only shared ids.
 CROSS_SAMPLERS = ("union", "shared")
+# CBT's MMD: the unbiased U-statistic on the BN-neck features (the reference), or the biased
+# V-statistic on the L2-normalised features (dmdl's earlier form).
+MMD_FORMS = ("unbiased-bn-neck", "biased-normalised")
 # Random erasing fills: per-pixel uniform noise, the ImageNet mean colour, black.
 ERASING_FILLS = ("random", "mean", "zero")
 # The most boxes one random erasing tries (the augmentation draws a fixed block of random
@@ -346,6 +349,7 @@ class CBTRecipe:
     align_weight: float = _ranged(1.0, 0.0)
     mmd_kernels: int = _ranged(5, 1)
     mmd_kernel_mul: float = _ranged(2.0, 1.0)
+    mmd: str = _choice("biased-normalised", MMD_FORMS)  # estimator and features of the alignment
 
 
 @dataclass

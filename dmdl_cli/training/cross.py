@@ -271,7 +271,7 @@ class CrossModalityStage(StageLogic):
         triplet = feat.new_zeros(())
         if sigma > 0:
             triplet = self.triplet(stage, bn.float(), both_labels, both_mod, state.cross_mode)
-        align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
+        align = alignment(bn, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
         identity = recipe.cai.weight * cai if recipe.cai.enabled else loss_fused
         loss = intra + identity + sigma * triplet + recipe.cbt.align_weight * align
         parts = {"intra": intra.item(), "fused": loss_fused.item(), "cai": cai.item(),

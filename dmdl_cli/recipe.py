@@ -44,6 +44,8 @@ CROSS_SAMPLERS = ("union", "shared")
 # CBT's MMD: the unbiased U-statistic on the BN-neck features (the reference), or the biased
 # V-statistic on the L2-normalised features (dmdl's earlier form).
 MMD_FORMS = ("unbiased-bn-neck", "biased-normalised")
+# Label refinement's 2-component GMM: one per cluster, or one over all labelled samples.
+CONFIDENCE_GMMS = ("per-cluster", "global")
 # Random erasing fills: per-pixel uniform noise, the ImageNet mean colour, black.
 ERASING_FILLS = ("random", "mean", "zero")
 # The most boxes one random erasing tries (the augmentation draws a fixed block of random
@@ -193,6 +195,8 @@ class Stage2Recipe(StageRecipe):
     # ids of the cross-modality batches: union (each id, with a random partner id of the other
     # modality where it has no images there; one shuffled order per epoch, reused) or shared
     cross_sampler: str = _choice("shared", CROSS_SAMPLERS)
+    # label refinement's GMM: one per unified id, or one over all labelled samples (RegDB)
+    confidence_gmm: str = _choice("per-cluster", CONFIDENCE_GMMS)
 
 
 @dataclass

@@ -275,7 +275,7 @@ def test_each_stage_type_holds_only_the_keys_its_stage_reads():
     assert {f.name for f in dataclasses.fields(Stage1Recipe)} - shared == {"refine_from"}
     assert {f.name for f in dataclasses.fields(Stage2Recipe)} - shared == {
         "onehot_epochs", "cross_sampler_from", "cross_memory_update", "triplet_all_modalities",
-        "intra_targets", "cross_sampler"}
+        "intra_targets", "cross_sampler", "confidence_gmm"}
     assert not shared & {key.split(".")[1] for key in REMOVED_KEYS}
     r = Recipe()
     assert isinstance(r.stage1, Stage1Recipe) and isinstance(r.stage2, Stage2Recipe)
@@ -379,6 +379,18 @@ def test_regdb_schedule_switches_on_within_its_30_epochs():
     assert r.cluster.k1_adopting is None
     assert [triplet_weight(r.stage1.triplet_ramp, e) for e in (15, 16, 26, 29)] == [0.0, 0.25, 0.5, 0.5]
     assert [triplet_weight(r.stage2.triplet_ramp, e) for e in (10, 11, 21, 29)] == [0.0, 0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name, gmm", [("sysu", "per-cluster"), ("llcm", "per-cluster"),
+                                       ("regdb", "global"), ("demo", "per-cluster")])
+def test_paper_recipes_train_the_reference_sampler_mmd_and_gmm(name, gmm):
+    r = load_recipe(RECIPES / f"{name}.yaml")
+    assert (r.stage2.cross_sampler, r.cbt.mmd, r.stage2.confidence_gmm) == \
+        ("union", "unbiased-bn-neck", gmm)
+    # the defaults keep what dmdl trained before these keys existed
+    d = Recipe()
+    assert (d.stage2.cross_sampler, d.cbt.mmd, d.stage2.confidence_gmm, d.stage2.augment,
+            d.stage1.augment) == ("shared", "biased-normalised", "per-cluster", {}, {})
 
 
 # ------------------------------------------------------------ per-stage augmentation override

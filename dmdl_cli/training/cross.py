@@ -180,7 +180,8 @@ class CrossModalityStage(StageLogic):
         fused = _centroids(feats, feats_of[labelled], labels[labelled])
         conf = np.ones(len(labels), dtype=np.float32)
         if recipe.cbt.refine and len(labelled):
-            conf[labelled] = confidences(feats[feats_of[labelled]], fused, labels[labelled], stage.temp)
+            conf[labelled] = confidences(feats[feats_of[labelled]], fused, labels[labelled], stage.temp,
+                                         stage.confidence_gmm)
         ids = {m: unified_memory_ids(labels, modality, m) for m in MODALITIES}
         memories = {}
         for m in MODALITIES:

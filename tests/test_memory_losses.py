@@ -241,10 +241,12 @@ def test_mmd_unbiased_is_zero_on_average_over_splits_and_the_biased_one_is_not()
     assert sum(vs) / len(vs) > 0.5 and min(vs) >= 0.0
     # Independent draws of two samples of one distribution: the U-statistic averages to ~0
     # (within 4 standard errors), the V-statistic stays far above it.
-    u = torch.tensor([mmd_multi_kernel(torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g),
-                                       unbiased=True).item() for _ in range(300)])
-    w = torch.tensor([mmd_multi_kernel(torch.randn(8, 4, generator=g),
-                                       torch.randn(8, 4, generator=g)).item() for _ in range(300)])
+    def draws(unbiased: bool) -> torch.Tensor:
+        return torch.tensor([mmd_multi_kernel(torch.randn(8, 4, generator=g),
+                                              torch.randn(8, 4, generator=g),
+                                              unbiased=unbiased).item() for _ in range(300)])
+
+    u, w = draws(True), draws(False)
     stderr = u.std().item() / math.sqrt(len(u))
     assert abs(u.mean().item()) < 4 * stderr, (u.mean().item(), stderr)
     assert w.mean().item() > u.mean().item() + 20 * stderr

@@ -424,7 +424,8 @@ def test_any_augment_key_can_be_overridden_per_stage_and_only_that_stage_hash_mo
 
 
 @pytest.mark.parametrize("override, key, words", [
-    ("stage2.augment.erasing_area=[0.02, 0.6]", "stage2.augment.erasing_area", "augment has no key"),
+    ("stage2.augment.erasing_area=[0.02, 0.6]", "stage2.augment.erasing_area",
+     "augment has no key"),
     ("stage2.augment.erasing_scale=[0.7, 0.6]", "stage2.augment.erasing_scale", "lo <= hi"),
     ("stage2.augment.erasing_scale=[0.02, 1.5]", "stage2.augment.erasing_scale", "<= 1.0"),
     ("stage1.augment.flip_p=2", "stage1.augment.flip_p", "above the maximum"),

@@ -121,7 +121,8 @@ def test_confidences_choose_the_mixture_per_recipe():
     raw = sample_losses(feats, cents, labels, 0.05, per_cluster_minmax=False).numpy()
     np.testing.assert_array_equal(glob, global_gmm_confidence(raw, y))
     per = confidences(f, c, y, 0.05)  # the default: today's per-cluster mixture
-    np.testing.assert_array_equal(per, gmm_confidence(sample_losses(feats, cents, labels, 0.05).numpy(), y))
+    scaled = sample_losses(feats, cents, labels, 0.05).numpy()  # per-cluster min-max
+    np.testing.assert_array_equal(per, gmm_confidence(scaled, y))
     assert not np.array_equal(per, glob)
     with pytest.raises(ValueError, match="gmm"):
         confidences(f, c, y, 0.05, "bogus")

@@ -58,6 +58,14 @@ ERASING_FILLS = ("random", "mean", "zero", "normal")
 # channel c = channel c of map c; or one OpenCV map per output channel drawn from that
 # channel's candidates (OPENCV_COLOUR_MAPS), channel c of its BGR output (the reference).
 PSEUDO_COLOUR_SCHEMES = ("formula-distinct", "opencv-per-channel")
+# Stage 2's cross-modality batches: ids of the union of both modalities, each paired with a
+# random id of the other modality where it has none (the reference), or only shared ids.
+CROSS_SAMPLERS = ("union", "shared")
+# CBT's MMD: the unbiased U-statistic on the BN-neck features (the reference), or the biased
+# V-statistic on the L2-normalised features (dmdl's earlier form).
+MMD_FORMS = ("unbiased-bn-neck", "biased-normalised")
+# Label refinement's 2-component GMM: one per cluster, or one over all labelled samples.
+CONFIDENCE_GMMS = ("per-cluster", "global")
 # The most boxes one random erasing tries (the augmentation draws a fixed block of random
 # numbers per view, sized by this bound).
 ERASING_ATTEMPTS_MAX = 10
@@ -101,6 +109,12 @@ def _epoch_count(default: int) -> Any:
 def _pair(default: tuple[float, float], above: float, hi: float | None = None) -> Any:
     """A range ``[lo, hi]`` written as a two-number list with ``above < lo <= hi (<= hi_max)``."""
     return field(default_factory=lambda: list(default), metadata={"pair": (above, hi)})
+
+
+def _overrides(section: str) -> Any:
+    """A mapping of keys of the recipe section ``section`` to values that replace them for one
+    stage; each key and value is validated as that section's own (empty: no override)."""
+    return field(default_factory=dict, metadata={"overrides": section})
 
 
 def _names(default: Iterable[str], choices: Iterable[str]) -> Any:
@@ -177,6 +191,8 @@ class StageRecipe:
     # draw a cluster's other instances from cameras other than the anchor's where possible
     camera_aware_sampling: bool = True
     refine_topk: int = _ranged(3, 1)  # k of the refined targets' top-k softmax
+    # this stage's augmentation: `augment:` with these keys replaced ({erasing_scale: [0.02, 0.6]})
+    augment: dict = _overrides("augment")
 
 
 @dataclass
@@ -207,6 +223,11 @@ class Stage2Recipe(StageRecipe):
     # gradients read the rows the visible samples of the same batch already moved, as the
     # reference's memory backward does (docs/training.md)
     memory_gradient: str = _choice("fixed", MEMORY_GRADIENTS)
+    # ids of the cross-modality batches: union (each id, with a random partner id of the other
+    # modality where it has no images there; one shuffled order per epoch, reused) or shared
+    cross_sampler: str = _choice("shared", CROSS_SAMPLERS)
+    # label refinement's GMM: one per unified id, or one over all labelled samples (RegDB)
+    confidence_gmm: str = _choice("per-cluster", CONFIDENCE_GMMS)
 
 
 @dataclass
@@ -390,6 +411,7 @@ class CBTRecipe:
     align_weight: float = _ranged(1.0, 0.0)
     mmd_kernels: int = _ranged(5, 1)
     mmd_kernel_mul: float = _ranged(2.0, 1.0)
+    mmd: str = _choice("biased-normalised", MMD_FORMS)  # estimator and features of the alignment
 
 
 @dataclass
@@ -524,6 +546,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):  # a tuple: a section built in code
             return copy.deepcopy(list(value))
+    elif tp is dict:
+        if isinstance(value, Mapping):
+            return copy.deepcopy(dict(value))
     else:  # pragma: no cover - a programming error in this file
         raise TypeError(f"unsupported recipe field type {tp!r}")
     raise DmdlError(
@@ -598,6 +623,8 @@ def _validated(fld: dataclasses.Field, tp: Any, raw: Any, key: str, source: str)
         return _checked_pair(value, *meta["pair"], key, source)
     if "items" in meta:
         return _checked_names(value, meta["items"], key, source)
+    if "overrides" in meta:
+        return _checked_overrides(value, meta["overrides"], key, source)
     return value
 
 
@@ -620,6 +647,21 @@ def _checked_names(value: list, choices: tuple[str, ...], key: str, source: str)
             raise DmdlError(f"recipe key '{key}' ({source}): {name!r} is not one of "
                             f"{', '.join(choices)}")
     return list(value)
+
+
+def _checked_overrides(value: dict, section: str, key: str, source: str) -> dict:
+    """Each key of an override mapping must be a key of the recipe section ``section``, and its
+    value valid there (validated as that key, named ``<key>.<name>``)."""
+    cls = typing.get_type_hints(Recipe)[section]
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, raw in value.items():
+        if name not in known:
+            raise DmdlError(f"recipe key '{key}.{name}' ({source}): {section} has no key "
+                            f"{name!r}; known keys: {', '.join(known)}")
+        out[name] = _validated(known[name], hints[name], raw, f"{key}.{name}", source)
+    return out
 
 
 def check_section(section: Any, cls: type, prefix: str, source: str) -> None:
@@ -765,6 +807,12 @@ def load_recipe(
         recipe_from_dict(tree, f"--set {text}", check_schedule=False)
     sources += [f"--set {text}" for text in overrides]
     return recipe_from_dict(tree, " + ".join(sources) or "defaults")
+
+
+def stage_augment(recipe: Recipe, stage: StageRecipe) -> AugmentRecipe:
+    """The augmentation a training stage trains with: ``recipe.augment`` with the stage's
+    ``augment`` overrides applied (a stage's hash covers them: they are keys of its section)."""
+    return dataclasses.replace(recipe.augment, **stage.augment)
 
 
 def triplet_weight(ramp: list, epoch: int) -> float:

@@ -182,7 +182,8 @@ class CrossModalityStage(StageLogic):
         fused = _centroids(feats, feats_of[labelled], labels[labelled])
         conf = np.ones(len(labels), dtype=np.float32)
         if recipe.cbt.refine and len(labelled):
-            conf[labelled] = confidences(feats[feats_of[labelled]], fused, labels[labelled], stage.temp)
+            conf[labelled] = confidences(feats[feats_of[labelled]], fused, labels[labelled], stage.temp,
+                                         stage.confidence_gmm)
         ids = {m: unified_memory_ids(labels, modality, m) for m in MODALITIES}
         memories = {}
         for m in MODALITIES:
@@ -257,7 +258,7 @@ class CrossModalityStage(StageLogic):
         triplet = feat.new_zeros(())
         if sigma > 0:
             triplet = self.triplet(stage, bn, both_labels, both_mod, state.cross_mode)
-        align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
+        align = alignment(bn, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
         identity = recipe.cai.weight * terms.cai if recipe.cai.enabled else terms.fused
         loss = terms.intra + identity + sigma * triplet + recipe.cbt.align_weight * align
         parts = {"intra": terms.intra.item(), "fused": terms.fused.item(), "cai": terms.cai.item(),

@@ -38,7 +38,7 @@ from dmdl_cli.data.train_dataset import ViewDataset, collate_items
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.provenance import check_made_with, write_recipe
-from dmdl_cli.recipe import StageRecipe
+from dmdl_cli.recipe import StageRecipe, stage_augment
 from dmdl_cli.runtime import Runtime, make_grad_scaler, seed_everything, set_rng_state
 from dmdl_cli.stages import StageSpec, stage_spec
 from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks
@@ -272,7 +272,7 @@ def _setup(ctx: StageContext, logic: StageLogic, saved: dict[str, Any] | None) -
     if runtime.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             ddp_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
+    aug = AugmentConfig.from_recipe(stage_augment(recipe, stage), modality_specific=recipe.cbt.augment)
     dataset = ViewDataset(ctx.ws.cache_path(recipe.data.height, recipe.data.width),
                              ctx.index.modality, aug, shape=cache.shape)
     t = TrainState(ctx, logic, model, ddp_model, optimizer,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from dmdl_cli.clustering.modalities import MODALITIES
 from dmdl_cli.data.index import VISIBLE
@@ -58,15 +59,24 @@ def memory_contrast(memories: dict, local_labels: Callable[[int, torch.Tensor], 
     return total
 
 
-def alignment(fa: torch.Tensor, fb: torch.Tensor, modality: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """CBT feature level: multi-kernel MMD between view A and view B, per modality."""
-    total = fa.new_zeros(())
+def alignment(bn: torch.Tensor, modality: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """CBT feature level: multi-kernel MMD between view A and view B of each modality, summed
+    over the modalities. ``bn (2B, D)``: the BN-neck features, view A rows then view B;
+    ``modality (B,)``. ``cbt.mmd``: ``unbiased-bn-neck`` (the reference's ``DAN_new``) is the
+    U-statistic on ``bn`` as it is; ``biased-normalised`` the V-statistic on the L2-normalised
+    features (:func:`~dmdl_cli.training.losses.mmd_multi_kernel`)."""
+    feat = bn.float()
+    if recipe.cbt.mmd == "biased-normalised":
+        feat = F.normalize(feat, dim=1)
+    b = modality.shape[0]
+    fa, fb = feat[:b], feat[b:]  # (B, D) each
+    total = feat.new_zeros(())
     for m in MODALITIES:
         sel = modality == m
         if int(sel.sum()) > 1:
-            total = total + mmd_multi_kernel(fa[sel].float(), fb[sel].float(),
-                                             num_kernels=recipe.cbt.mmd_kernels,
-                                             kernel_mul=recipe.cbt.mmd_kernel_mul)
+            total = total + mmd_multi_kernel(fa[sel], fb[sel], num_kernels=recipe.cbt.mmd_kernels,
+                                             kernel_mul=recipe.cbt.mmd_kernel_mul,
+                                             unbiased=recipe.cbt.mmd == "unbiased-bn-neck")
     return total
 
 

@@ -118,7 +118,7 @@ class SingleModalityStage(StageLogic):
         if sigma > 0:
             triplet = stage_triplet(stage, bn, torch.cat([labels, labels]),
                                     torch.cat([modality, modality]))
-        align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
+        align = alignment(bn, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
         loss = contrast + sigma * triplet + recipe.cbt.align_weight * align
         parts = {"contrast": contrast.item(), "triplet": triplet.item(), "align": align.item()}
 

@@ -179,13 +179,14 @@ def dmdl(plan: Plan, log_file: Path, *args: str) -> None:
 
 
 def copy_workspace(src: Path, dst: Path) -> None:
-    """Copy a workspace (atomically: a temp folder renamed); the data folder is hard-linked
-    (its files are only ever replaced, never written in place), features are left out."""
+    """Copy a workspace (atomically: a temp folder renamed); the data and stage-1 folders are
+    hard-linked (their files are only ever replaced, never written in place: a stage-1 run
+    with kept epochs shared by many stage-2 runs costs its disk once), features are left out."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
 
     def link_or_copy(a: str, b: str) -> None:
-        if Path(a).parent.name == "data":
+        if Path(a).relative_to(src).parts[0] in ("data", "stage1"):
             try:
                 os.link(a, b)
                 return

@@ -100,3 +100,16 @@ def test_update_docs_replaces_only_what_lies_between_the_markers(tmp_path):
     page.write_text("# Results without markers\n")
     with pytest.raises(SystemExit, match="ablation:start"):
         ab.update_docs(page, "x")
+
+
+def test_copies_share_the_data_and_stage1_files_and_copy_the_rest(tmp_path):
+    src = tmp_path / "src"
+    for rel in ("data/cache.u8", "stage1/epoch-001.pt", "labels/stage1-e001.npz", "manifest.json",
+                "features/x.npy", "stage2/last.pt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    ab.copy_workspace(src, tmp_path / "dst")
+    same = lambda rel: (src / rel).stat().st_ino == (tmp_path / "dst" / rel).stat().st_ino  # noqa: E731
+    assert same("data/cache.u8") and same("stage1/epoch-001.pt")
+    assert not same("labels/stage1-e001.npz") and not same("manifest.json")
+    assert not (tmp_path / "dst" / "features").exists() and not (tmp_path / "dst" / "stage2").exists()

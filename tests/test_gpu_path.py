@@ -137,7 +137,8 @@ def test_bf16_autocast_loss_close_to_fp32(recipe, data, stage_name):
     fp32, parts32 = _loss(recipe, data, stage_name, None)
     bf16, parts16 = _loss(recipe, data, stage_name, torch.bfloat16)
     assert math.isfinite(bf16) and all(math.isfinite(v) for v in parts16.values())
-    assert all(v > 0 for v in parts32.values()), parts32  # every loss term is switched on
+    # every loss term is switched on (the unbiased MMD of the alignment may be negative)
+    assert all(v != 0 for v in parts32.values()), parts32
     assert abs(bf16 - fp32) <= BF16_RELATIVE_TOLERANCE * abs(fp32), (bf16, fp32, parts16, parts32)
 
 

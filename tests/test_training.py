@@ -485,7 +485,9 @@ def _first_epoch_steps_agree(a: Path, b: Path, stage: str, iters: int) -> None:
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, iters + 1))
     for x, y in zip(one, two):
         for key in x.keys() - {"kind", "epoch", "step"}:
-            assert y[key] == pytest.approx(x[key], rel=DDP_LOSS_TOLERANCE, abs=1e-6), (stage, x, y)
+            # relative to the step's loss: a term near 0 (the unbiased MMD is a difference of
+            # kernel sums) carries the rounding of the sums it is the difference of
+            assert y[key] == pytest.approx(x[key], abs=DDP_LOSS_TOLERANCE * abs(x["loss"])), (stage, x, y)
 
 
 def _same_labels(a: Path, b: Path, name: str) -> None:

@@ -143,6 +143,17 @@ def _holder(text: str) -> tuple[str, str]:
     return pid or "unknown", what
 
 
+def open_lock_file(path: Path) -> tuple[int, bool]:
+    """(fd, writable) of a lock file. A new one gets the mode the umask gives (0664 under umask
+    002), so a group sharing the workspace can lock it; one made by another user that this user
+    cannot write is opened read-only (a flock needs no write access; the holder's pid is then
+    not written into it)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:
+        return os.open(path, os.O_RDONLY), False
+
+
 class WorkspaceLock:
     """A ``flock`` on a lock file of the workspace: exclusive (the holder writes its pid and
     what it runs into the file) or shared (several holders; nothing written).
@@ -155,10 +166,11 @@ class WorkspaceLock:
         self.shared = shared
         self.holder = holder  # what the holder runs, for the refusal of others: "stage 1 (pretrain-single)"
         self._fd: int | None = None
+        self._writable = False
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, self._writable = open_lock_file(self.path)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as err:
@@ -167,7 +179,7 @@ class WorkspaceLock:
             if err.errno in (errno.EAGAIN, errno.EACCES):
                 raise DmdlError(self._refusal(text)) from None
             raise
-        if not self.shared:
+        if not self.shared and self._writable:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {self.holder}".strip().encode() + b"\n", 0)
         self._fd = fd
@@ -206,7 +218,7 @@ class WorkspaceLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            if not self.shared:
+            if not self.shared and self._writable:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -356,7 +368,7 @@ class Workspace:
         into place. Only the holder of the whole workspace (prepare-data) changes ``dataset``.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, _ = open_lock_file(self.root / MANIFEST_LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename: milliseconds
             merged = self._read_manifest() if self.manifest_path.is_file() else dict(self.manifest)

@@ -59,3 +59,32 @@ def test_a_lock_file_of_another_user_is_locked_read_only(tmp_path, monkeypatch):
     again = WorkspaceLock(tmp_path / ".lock")
     again.acquire()  # released: free again
     again.release()
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    from PIL import Image
+
+    from dmdl_cli.data.cache import load_image
+    from dmdl_cli.inference import _to_array
+
+    ramp = (np.arange(64 * 32, dtype=np.uint32).reshape(64, 32) * 32).astype(np.uint16)  # 0..65504
+    Image.fromarray(ramp).save(tmp_path / "ir16.png")
+    with Image.open(tmp_path / "ir16.png") as img:
+        assert img.mode.startswith("I")  # what PIL reads a 16-bit PNG as
+    cached = load_image(str(tmp_path / "ir16.png"), 64, 32)
+    expected = np.round(ramp / 257).astype(np.uint8)
+    assert np.array_equal(cached[..., 0], expected) and np.array_equal(cached[..., 2], expected)
+    assert (cached == 255).mean() < 0.01  # was 99.9 % white
+    assert np.array_equal(_to_array(tmp_path / "ir16.png", 64, 32), cached)  # dmdl_cli.embed alike
+
+
+def test_a_very_large_image_decodes_without_a_decompression_bomb_warning(tmp_path, recwarn):
+    from PIL import Image
+
+    from dmdl_cli.data.cache import load_image
+    from dmdl_cli.data.sources import find_bad_images
+
+    Image.new("L", (10000, 10000), color=90).save(tmp_path / "big.png")  # 10^8 pixels
+    assert find_bad_images([str(tmp_path / "big.png")], workers=1) == []
+    assert load_image(str(tmp_path / "big.png"), 8, 4).max() == 90
+    assert not [w for w in recwarn if "decompression" in str(w.message).lower()]

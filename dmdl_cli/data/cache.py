@@ -4,8 +4,9 @@
 header; row ``i`` is the image of index row ``i``. Loaders open it read-only with
 :func:`open_cache` and slice rows without decoding anything, so data loading costs a memory copy.
 
-Decoding: PIL, converted to RGB (grey IR images become three equal channels), resized with
-bilinear filtering to exactly ``H x W`` (:func:`load_image`). The file is written through
+Decoding: PIL, converted to RGB (grey IR images become three equal channels; 16-bit grey images
+are scaled to 8 bits, not clipped), resized with bilinear filtering to exactly ``H x W``
+(:func:`load_image`). The file is written through
 :func:`dmdl_cli.atomic.atomic_output`: the rows go into a temporary file (memory-mapped), which is
 renamed into place only when every image decoded.
 
@@ -21,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +37,7 @@ from dmdl_cli.console import make_progress
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.workspace import repair_hint
 
-__all__ = ["cache_name", "load_image", "build_cache", "open_cache", "read_rows", "record_path",
+__all__ = ["cache_name", "open_image", "to_rgb", "load_image", "build_cache", "open_cache", "read_rows", "record_path",
            "read_record", "write_record", "cache_record", "verify_cache"]
 
 _CHUNK = 64  # images per worker task
@@ -47,10 +50,35 @@ def cache_name(height: int, width: int) -> str:
     return f"cache-{int(height)}x{int(width)}.u8"
 
 
+#: PIL modes of 16-bit grey images (16-bit PNG and TIFF infrared frames): scaled to 8 bits
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WIDE_MAX = 65535
+_OPEN_LOCK = threading.Lock()  # warnings filters are process-wide: one open at a time changes them
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """``PIL.Image.open`` (lazy: only the header is read) without PIL's decompression-bomb
+    warning: a large photo is legitimate here, it is resized to the cache size. PIL still
+    refuses an image of more than twice its pixel limit, as an error."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB. PIL's own conversion clips a 16-bit grey image at 255 (nearly all white):
+    such an image is scaled to 8 bits instead (v / 257, rounded)."""
+    if img.mode in _WIDE_GREY:
+        wide = np.clip(np.asarray(img, dtype=np.float64), 0, _WIDE_MAX)  # (H, W)
+        img = Image.fromarray(np.round(wide * (255 / _WIDE_MAX)).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def load_image(path: str, height: int, width: int) -> np.ndarray:
-    """Decode ``path`` to RGB and resize (bilinear) to ``(height, width, 3)`` uint8."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    """Decode ``path`` to RGB (:func:`to_rgb`) and resize (bilinear) to ``(height, width, 3)``
+    uint8."""
+    with open_image(path) as img:
+        img = to_rgb(img)
         if img.size != (width, height):
             img = img.resize((width, height), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from dmdl_cli.data.cache import open_image
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import DATASETS
@@ -291,9 +292,9 @@ def _check_image(path: str) -> str | None:
     if size == 0:
         return "empty file (0 bytes)"
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.verify()
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
     except UnidentifiedImageError:
         return "not an image"

@@ -88,3 +88,80 @@ def test_a_very_large_image_decodes_without_a_decompression_bomb_warning(tmp_pat
     assert find_bad_images([str(tmp_path / "big.png")], workers=1) == []
     assert load_image(str(tmp_path / "big.png"), 8, 4).max() == 90
     assert not [w for w in recwarn if "decompression" in str(w.message).lower()]
+
+
+# -- recipe values ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["stage1.lr", "cai.weight", "stage2.weight_decay",
+                                 "stage1.triplet_margin"])
+@pytest.mark.parametrize("text", [".inf", "-.inf", "1e400", ".nan"])
+def test_a_non_finite_float_is_refused_naming_the_key(tmp_path, key, text):
+    from dmdl_cli.errors import DmdlError
+    from dmdl_cli.recipe import load_recipe
+
+    section, name = key.split(".")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"{section}:\n  {name}: {text}\n")
+    for source in ({"path": path}, {"overrides": [f"{key}={text}"]}):
+        with pytest.raises(DmdlError, match=rf"'{key}'.*finite") as err:
+            load_recipe(**source)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("stage1.lr=0", ["stage1.lr", "above 0"]),
+    ("stage1.iters=100000000000", ["stage1.iters", "maximum"]),
+    ("train.seed=12345678901234567890", ["train.seed", "maximum"]),
+    ("stage2.epochs=99999999", ["stage2.epochs", "maximum"]),
+    ("run.feature_batch=10000000000", ["run.feature_batch", "maximum"]),
+    ("stage1.triplet_ramp=[[0, .inf]]", ["stage1.triplet_ramp", "finite"]),
+    ("augment.erasing_ratio=[0.3, .inf]", ["augment.erasing_ratio", "finite"]),
+])
+def test_values_out_of_a_sane_range_are_refused_naming_the_key_and_the_range(override, words):
+    from dmdl_cli.errors import DmdlError
+    from dmdl_cli.recipe import load_recipe
+
+    with pytest.raises(DmdlError) as err:
+        load_recipe(overrides=[override, "stage1.epochs=50"])
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_a_section_or_key_given_twice_is_refused_with_both_lines(tmp_path):
+    from dmdl_cli.errors import DmdlError
+    from dmdl_cli.recipe import load_recipe
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("stage1:\n  lr: 0.1\ncai:\n  weight: 1.0\nstage1:\n  epochs: 2\n")
+    with pytest.raises(DmdlError, match=r"twice\.yaml.*'stage1' is given twice \(lines 1 and 5\)"):
+        load_recipe(twice)
+    twice.write_text("stage1:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(DmdlError, match=r"'lr' is given twice \(lines 2 and 3\)"):
+        load_recipe(twice)
+
+
+def test_yaml_1_1_words_where_a_string_is_expected(tmp_path):
+    from dmdl_cli.errors import DmdlError
+    from dmdl_cli.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  amp: off\ncbt:\n  augment: no\n  refine: yes\n")
+    recipe = load_recipe(path)
+    assert recipe.train.amp == "off"  # a listed word, not the boolean YAML 1.1 reads
+    assert recipe.cbt.augment is False and recipe.cbt.refine is True  # booleans stay booleans
+    assert load_recipe(overrides=["train.amp=off"]).train.amp == "off"
+    assert "amp: 'off'" in recipe.to_yaml()  # written back quoted, read back the same
+    path.write_text("train:\n  amp: false\n")
+    with pytest.raises(DmdlError, match=r"'train.amp'.*got false.*quote"):
+        load_recipe(path)
+
+
+def test_a_binary_recipe_file_is_one_line(tmp_path):
+    from dmdl_cli.errors import DmdlError
+    from dmdl_cli.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DmdlError, match=r"r\.yaml.*not a text file"):
+        load_recipe(path)

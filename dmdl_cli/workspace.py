@@ -24,6 +24,7 @@ import numpy as np
 
 from dmdl_cli import __version__
 from dmdl_cli.atomic import atomic_output, atomic_write_json, atomic_write_text, sha256_file
+from dmdl_cli.console import log
 from dmdl_cli.errors import DmdlError, Interrupted
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.stages import STAGES
@@ -35,7 +36,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 LOCK_FILE = ".lock"
-MANIFEST_LOCK = ".manifest.lock"  # held while the ledger is re-read and rewritten
+MANIFEST_LOCK = ".manifest.lock"
+DAMAGED_SUFFIX = ".damaged"  # manifest.json.damaged: a damaged ledger that prepare-data replaced  # held while the ledger is re-read and rewritten
 # every folder a stage owns (dmdl_cli/stages.py), and the feature cache evaluation and clustering share
 STAGE_DIRS = tuple(dict.fromkeys([*(spec.folder for spec in STAGES.values()), "features"]))
 
@@ -117,6 +119,17 @@ def manifest_problem(data: dict[str, Any]) -> str | None:
                                                                  record[key], types)):
                         return problem
     return None
+
+
+class DamagedManifest(DmdlError):
+    """``manifest.json`` is not JSON or has fields of the wrong type (cut short, hand-edited)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.reason = reason  # "unreadable (JSONDecodeError)", "malformed (runs is str ...)"
+        super().__init__(
+            f"{path} is {reason}: restore it from a backup, or re-run `dmdl "
+            f"prepare-data` with the options that prepared the workspace: it keeps the damaged "
+            f"file as {MANIFEST}{DAMAGED_SUFFIX} and starts a new ledger")
 
 
 def lock_file(folder: str | None) -> str:
@@ -272,6 +285,7 @@ class Workspace:
         self.recipe_origin: dict[str, Any] | None = None
         self._exclusive = False  # holds the whole workspace: may change the manifest's dataset
         self._own_runs: dict[str, dict[str, Any]] = {}  # id -> the ledger entries this object writes
+        self.damaged_manifest: str | None = None  # why manifest.json could not be read (create)
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -320,11 +334,17 @@ class Workspace:
 
     @classmethod
     def create(cls, root: str | os.PathLike[str]) -> "Workspace":
-        """Open an existing workspace or start an empty one (nothing is written until a lock)."""
+        """Open an existing workspace or start an empty one (nothing is written until a lock).
+
+        A damaged ledger (unreadable or malformed ``manifest.json``) is not fatal here (this is
+        prepare-data, which repairs a workspace): a new ledger starts, and the first write keeps
+        the damaged file as ``manifest.json.damaged`` (:attr:`damaged_manifest` says why)."""
         ws = cls(root)
-        if ws.manifest_path.is_file():
-            ws.manifest = ws._read_manifest()
-        else:
+        try:
+            ws.manifest = ws._read_manifest() if ws.manifest_path.is_file() else {}
+        except DamagedManifest as err:
+            ws.damaged_manifest = err.reason
+        if not ws.manifest:
             if ws.root.exists() and not ws.root.is_dir():
                 raise DmdlError(f"workspace path {ws.root} exists and is not a folder")
             ws.manifest = {
@@ -339,11 +359,11 @@ class Workspace:
     def _read_manifest(self) -> dict[str, Any]:
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DmdlError(
-                f"{self.manifest_path} is unreadable ({err.__class__.__name__}): the workspace is "
-                "damaged; prepare a new workspace with `dmdl prepare-data`"
-            ) from None
+        except OSError as err:
+            raise DmdlError(f"{self.manifest_path} cannot be read ({err.strerror or err}): check "
+                            "the file's permissions") from None
+        except ValueError as err:  # not JSON, not UTF-8: cut short by a full disk, overwritten
+            raise DamagedManifest(self.manifest_path, f"unreadable ({err.__class__.__name__})") from None
         version = data.get("format_version") if isinstance(data, dict) else None
         if version != FORMAT_VERSION:
             raise DmdlError(
@@ -353,10 +373,7 @@ class Workspace:
             )
         problem = manifest_problem(data)
         if problem:
-            raise DmdlError(
-                f"{self.manifest_path} is malformed ({problem}): the workspace is damaged; restore "
-                "the file or prepare a new workspace with `dmdl prepare-data`"
-            )
+            raise DamagedManifest(self.manifest_path, f"malformed ({problem})")
         return data
 
     def write_manifest(self) -> None:
@@ -371,6 +388,8 @@ class Workspace:
         fd, _ = open_lock_file(self.root / MANIFEST_LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename: milliseconds
+            if self.damaged_manifest is not None:
+                self._keep_damaged_manifest()
             merged = self._read_manifest() if self.manifest_path.is_file() else dict(self.manifest)
             if self._exclusive or not self.manifest_path.is_file():
                 merged["dataset"] = self.manifest.get("dataset")
@@ -382,6 +401,14 @@ class Workspace:
             self.manifest = merged
         finally:
             os.close(fd)  # releases the flock
+
+    def _keep_damaged_manifest(self) -> None:
+        """Move a damaged ``manifest.json`` aside (``manifest.json.damaged``): a new ledger starts."""
+        aside = self.manifest_path.with_name(MANIFEST + DAMAGED_SUFFIX)
+        os.replace(self.manifest_path, aside)
+        log(f"[yellow]{self.manifest_path} was {self.damaged_manifest}: kept as "
+            f"{aside}; a new ledger starts here[/]")
+        self.damaged_manifest = None
 
     def file_record(self, path: Path, sha256: str | None = None) -> dict[str, Any]:
         """{path, sha256, bytes} of a file; ``sha256`` when the caller already hashed it."""
@@ -438,7 +465,7 @@ class Workspace:
                 lock.acquire()
             self._exclusive = whole
             # Another process may have changed the ledger before we took the lock.
-            if self.manifest_path.is_file():
+            if self.manifest_path.is_file() and self.damaged_manifest is None:
                 self.manifest = self._read_manifest()
             yield self
         finally:

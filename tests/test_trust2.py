@@ -165,3 +165,38 @@ def test_a_binary_recipe_file_is_one_line(tmp_path):
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DmdlError, match=r"r\.yaml.*not a text file"):
         load_recipe(path)
+
+
+# -- the ledger -------------------------------------------------------------------------------
+
+
+def _prepare_tiny_again(ws: Path, tiny_workspace: Path, *extra: str):
+    """``prepare-data`` with the options that prepared ``tiny_workspace`` (copied to ``ws``)."""
+    from conftest import TINY_WORKSPACE_IDS
+
+    return invoke(["prepare-data", "--dataset", "synthetic", "--ids", str(TINY_WORKSPACE_IDS),
+                   "--seed", "0", "--root", tiny_workspace.parent / "synthetic", "--workspace", ws,
+                   *TINY_SIZE, *extra])
+
+
+@pytest.mark.parametrize("damage", ["binary", "truncated"])
+def test_a_damaged_manifest_is_one_line_and_prepare_data_repairs_it(tiny_workspace, tmp_path, damage):
+    import json
+
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    good = (ws / "manifest.json").read_bytes()
+    bad = bytes(range(256)) * 8 if damage == "binary" else good[: len(good) // 2]
+    (ws / "manifest.json").write_bytes(bad)
+    line = assert_refused(invoke(["evaluate", "--workspace", ws, "--checkpoint", "imagenet"]),
+                          "manifest.json", "prepare-data")
+    assert "manifest.json.damaged" in line
+    result = _prepare_tiny_again(ws, tiny_workspace)
+    assert result.exit_code == 0, result.output
+    assert "kept as" in result.output and "nothing to do" in result.output
+    assert (ws / "manifest.json.damaged").read_bytes() == bad  # nothing is lost
+    manifest = json.loads((ws / "manifest.json").read_text())
+    assert manifest["dataset"]["index_sha256"] == json.loads(good)["dataset"]["index_sha256"]
+    assert manifest["runs"][-1]["stage"] == "prepare-data"
+    result = invoke(["evaluate", "--workspace", ws, "--checkpoint", "imagenet",
+                     "--mode", "all-search", "--trials", "1"])
+    assert result.exit_code == 0, result.output

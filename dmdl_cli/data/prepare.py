@@ -126,6 +126,8 @@ def prepare_data(
     identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
     root, table = _read_dataset(ws, recipe, identity, previous, force)
     fingerprint = source_fingerprint(table)
+    if ws.damaged_manifest is not None and not force:
+        previous = _recovered_dataset(ws, identity, table, fingerprint)
     height, width = recipe.data.height, recipe.data.width
     cache_path = ws.cache_path(height, width)
 
@@ -134,6 +136,9 @@ def prepare_data(
             and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
         log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
             f"{escape(ws.rel(cache_path))}; nothing to do")
+        if ws.damaged_manifest is not None:  # the ledger is all that was damaged: write it anew
+            ws.manifest["dataset"] = previous
+            run.add_output(ws.index_path)
         console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
         return
 
@@ -151,6 +156,23 @@ def prepare_data(
     log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
         f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
     console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
+
+
+def _recovered_dataset(ws: Workspace, identity: dict, table: IndexTable, fingerprint: str
+                       ) -> dict[str, Any] | None:
+    """The ``dataset`` entry of a workspace whose ledger is damaged, rebuilt from its index when
+    that index is the one ``table`` makes (the same data set: its stage outputs stay valid);
+    otherwise a workspace with stage outputs is refused (without ``--force``)."""
+    if ws.index_path.is_file() and ws.index_path.read_bytes() == index_to_csv(table).encode():
+        return {**identity, "fingerprint": fingerprint, "index_sha256": sha256_file(ws.index_path),
+                "num_images": len(table), "skipped_bad_images": []}
+    kept = [name for name in STAGE_DIRS if name != "data" and (ws.root / name).exists()]
+    if kept:
+        raise DmdlError(
+            f"{ws.manifest_path} is damaged and {ws.index_path} is not the index of {identity['root']}: "
+            f"the stage outputs ({', '.join(kept)}) cannot be told apart from another data set's; "
+            "pass --force to prepare the workspace again (they are removed)")
+    return None
 
 
 def _check_identity(ws: Workspace, previous: dict | None, identity: dict, force: bool) -> None:

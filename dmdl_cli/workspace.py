@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -623,7 +624,9 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint", data: bytes | None 
     if data is None:
         data = read_checkpoint_bytes(path, what=what)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the refusal says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_global(err)
         if unsafe is None:
@@ -640,7 +643,15 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint", data: bytes | None 
         ) from None
     if not isinstance(state, dict) or "model" not in state or "meta" not in state:
         raise DmdlError(f"{what} {path} is not a dmdl checkpoint (no model/meta entries)")
-    return from_plain(state)
+    for key in ("model", "meta"):
+        if not isinstance(state[key], dict):
+            raise DmdlError(f"{what} {path} is not a dmdl checkpoint ({key} is a "
+                            f"{type(state[key]).__name__}, not a mapping)")
+    try:
+        return from_plain(state)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise DmdlError(f"{what} {path} is damaged: an array entry does not decode "
+                        f"({type(err).__name__}: {str(err)[:120]})") from None
 
 
 def save_labels(path: Path, labels: np.ndarray, **meta: Any) -> None:

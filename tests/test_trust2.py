@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import TINY_SIZE, assert_refused, copy_workspace, invoke
 
@@ -200,3 +201,100 @@ def test_a_damaged_manifest_is_one_line_and_prepare_data_repairs_it(tiny_workspa
     result = invoke(["evaluate", "--workspace", ws, "--checkpoint", "imagenet",
                      "--mode", "all-search", "--trials", "1"])
     assert result.exit_code == 0, result.output
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage1_tiny(tiny_workspace, tmp_path_factory) -> Path:
+    """``tiny_workspace`` after one stage-1 step (copy it before writing)."""
+    from conftest import STAGE1_SETS, set_args
+
+    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("stage1-tiny"))
+    result = invoke(["pretrain-single", "--workspace", ws, "--deterministic", *set_args(STAGE1_SETS)])
+    assert result.exit_code == 0, result.output
+    return ws
+
+
+def _edit_resume_point(path: Path, edit) -> None:
+    from dmdl_cli.workspace import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(path)
+    state["meta"]["step"] = 0  # a partial run: --resume trains its one step again
+    edit(state)
+    save_checkpoint(path, state)
+
+
+def _pop(key):
+    return lambda state: state.pop(key)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: None, None),  # the control: an untouched partial run resumes
+    (lambda s: s["meta"].update(step=-1), ["meta.step -1"]),
+    (lambda s: s["meta"].update(step=10**9), ["meta.step 1000000000"]),
+    (lambda s: s["meta"].update(epoch=99), ["meta.epoch 99"]),
+    (lambda s: s["meta"].update(epoch="0"), ["meta.epoch '0'"]),
+    (lambda s: s["epoch_state"].update(labels=s["epoch_state"]["labels"][:-5]),
+     ["epoch_state.labels", "265", "270 integers"]),
+    (lambda s: s["epoch_state"]["labels"].__setitem__(0, 10**9), ["ids outside -1.."]),
+    (_pop("rng"), ["'rng' entry is missing"]),
+    (_pop("optimizer"), ["'optimizer' entry is missing"]),
+    (lambda s: s["model"].update({next(iter(s["model"])): torch.zeros(2, 2)}),
+     ["RuntimeError", "size mismatch"]),
+    (lambda s: s["rng"].update(numpy={"name": "MT19937"}), ["KeyError"]),
+], ids=["control", "negative-step", "huge-step", "epoch-99", "epoch-text", "short-labels",
+        "huge-label", "no-rng", "no-optimizer", "wrong-shape", "bad-rng"])
+def test_a_hand_edited_resume_point_is_one_line_and_trains_nothing(stage1_tiny, tmp_path, edit, words):
+    from conftest import STAGE1_SETS, set_args
+
+    ws = copy_workspace(stage1_tiny, tmp_path)
+    (ws / "stage1" / "final.pt").unlink()
+    _edit_resume_point(ws / "stage1" / "last.pt", edit)
+    result = invoke(["pretrain-single", "--workspace", ws, "--resume", *set_args(STAGE1_SETS)])
+    if words is None:
+        assert result.exit_code == 0, result.output
+        assert (ws / "stage1" / "final.pt").is_file()
+        return
+    assert_refused(result, "stage1/last.pt cannot be resumed", "--force", *words)
+    assert not (ws / "stage1" / "final.pt").exists()  # was written at once for epoch 99
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s["meta"].update(extra={"__numpy__": 5}), ["damaged", "array entry"]),
+    (lambda s: s["meta"].update(extra={"__numpy__": torch.zeros(2), "dtype": "zz"}),
+     ["damaged", "array entry"]),
+    (lambda s: s.update(model=list(s["model"].values())), ["model is a list"]),
+    (lambda s: s["meta"]["recipe"]["model"].pop("arch"), ["'model.arch'", "meta.recipe"]),
+    (lambda s: s["meta"]["recipe"]["model"].update(gem_p="abc"), ["'model.gem_p'", "'abc'"]),
+], ids=["numpy-tag", "bad-dtype", "model-list", "no-arch", "gem_p-text"])
+def test_a_malformed_checkpoint_is_one_line_for_evaluate(stage1_tiny, tmp_path, edit, words):
+    path = tmp_path / "edited.pt"
+    state = torch.load(stage1_tiny / "stage1" / "final.pt", weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    assert_refused(invoke(["evaluate", "--workspace", stage1_tiny, "--checkpoint", path,
+                           "--mode", "all-search", "--trials", "1"]), str(path), *words)
+
+
+def test_a_crafted_pickle_is_refused_in_one_line_without_torch_warnings_or_advice(tiny_workspace,
+                                                                                  tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": {}, "meta": {"run": Payload()}}, protocol=4))
+    proc = subprocess.run([sys.executable, "-m", "dmdl_cli", "evaluate", "--workspace",
+                           str(tiny_workspace), "--checkpoint", str(path)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "DMDL_NO_PROGRESS": "1"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and not (tmp_path / "pwned").exists()
+    assert len(text.strip().splitlines()) == 1 and str(path) in text, text
+    assert "Warning" not in text and "weights_only" not in text, text

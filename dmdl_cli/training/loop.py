@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -199,9 +200,56 @@ def _resume_point(ctx: StageContext, spec) -> dict[str, Any] | None:
             f"{ws.rel(last)} was written with another recipe (hash "
             f"{meta.get('recipe_hash')}, now {recipe.hash()}): resume with the recipe of "
             f"that run (the workspace's recipe.yaml) or pass --force to start again")
+    problem = resume_problem(saved, spec.section(recipe), len(ctx.index))
+    if problem:
+        raise _unresumable(ws.rel(last), spec, problem)
     log(f"resuming {spec.name} from {ws.rel(last)}: epoch {meta['epoch'] + 1}, "
         f"step {meta['step']} (weights, optimiser, memories and RNG states come from it)")
     return saved
+
+
+#: what a hand-edited or damaged resume point raises while it is restored
+_RESTORE_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError)
+_RESUME_ENTRIES = ("model", "optimizer", "scheduler", "scaler", "epoch_state", "rng", "meta")
+
+
+def _unresumable(name: str, spec, problem: str) -> DmdlError:
+    return DmdlError(f"{name} cannot be resumed: {problem} (the file was damaged or edited); "
+                     f"pass --force to start {spec.name} again (`dmdl {spec.command} --force`)")
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resume_problem(saved: dict[str, Any], stage: StageRecipe, rows: int) -> str | None:
+    """What makes ``saved`` (a ``last.pt``) unfit to resume a stage of ``stage``'s schedule over
+    an index of ``rows`` images, in words; None when it fits. A position outside the schedule
+    would otherwise end the run at once with a ``final.pt`` that was never trained."""
+    for key in _RESUME_ENTRIES:
+        if not isinstance(saved.get(key), dict):
+            return f"its {key!r} entry is missing or not a mapping"
+    epoch, step = saved["meta"].get("epoch"), saved["meta"].get("step")
+    if not _whole_number(epoch) or not 0 <= epoch < stage.epochs:
+        return f"meta.epoch {epoch!r} is not an epoch of the stage (0..{stage.epochs - 1})"
+    if not _whole_number(step) or not 0 <= step <= stage.iters:
+        return f"meta.step {step!r} is not a step of an epoch (0..{stage.iters})"
+    state = saved["epoch_state"]
+    labels, conf, memories = state.get("labels"), state.get("conf"), state.get("memories")
+    if state.get("epoch") != epoch:
+        return f"epoch_state.epoch {state.get('epoch')!r} is not meta.epoch {epoch}"
+    if not isinstance(memories, dict) or not memories or not all(
+            isinstance(m, torch.Tensor) and m.ndim == 2 for m in memories.values()):
+        return "epoch_state.memories is not a set of (clusters, dim) tensors"
+    if not (isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.shape == (rows,)):
+        shape = getattr(labels, "shape", type(labels).__name__)
+        return f"epoch_state.labels is {shape}, expected {rows} integers (one per index row)"
+    ids = sum(m.shape[0] for m in memories.values())
+    if labels.size and (labels.min() < -1 or labels.max() >= ids):
+        return f"epoch_state.labels holds ids outside -1..{ids - 1} (the memories' rows)"
+    if not (isinstance(conf, np.ndarray) and conf.shape == (rows,) and np.isfinite(conf).all()):
+        return f"epoch_state.conf is not {rows} finite confidences"
+    return None
 
 
 def _setup(ctx: StageContext, logic: StageLogic, saved: dict[str, Any] | None) -> TrainState:
@@ -239,16 +287,22 @@ def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:
 
 
 def _restore(t: TrainState, saved: dict[str, Any]) -> None:
-    """Weights, optimiser, schedule, scaler, the epoch's state and every RNG from ``last.pt``."""
+    """Weights, optimiser, schedule, scaler, the epoch's state and every RNG from ``last.pt``
+    (checked by :func:`resume_problem`; what still does not fit is one line, not a traceback)."""
     meta = saved["meta"]
-    t.model.load_state_dict(saved["model"])
-    t.optimizer.load_state_dict(saved["optimizer"])
-    t.scheduler.load_state_dict(saved["scheduler"])
-    t.scaler.load_state_dict(saved["scaler"])
-    t.resumed_at = (meta["epoch"], meta["step"])
-    t.epoch, t.step = t.resumed_at
-    if t.step < t.stage.iters:
-        t.epoch_state = t.logic.restore_epoch(t, saved["epoch_state"])
-    else:  # saved at an epoch end: the next epoch starts afresh
-        t.epoch, t.step = t.epoch + 1, 0
-    set_rng_state(saved["rng"])
+    try:
+        t.model.load_state_dict(saved["model"])
+        t.optimizer.load_state_dict(saved["optimizer"])
+        t.scheduler.load_state_dict(saved["scheduler"])
+        t.scaler.load_state_dict(saved["scaler"])
+        t.resumed_at = (meta["epoch"], meta["step"])
+        t.epoch, t.step = t.resumed_at
+        if t.step < t.stage.iters:
+            t.epoch_state = t.logic.restore_epoch(t, saved["epoch_state"])
+        else:  # saved at an epoch end: the next epoch starts afresh
+            t.epoch, t.step = t.epoch + 1, 0
+        set_rng_state(saved["rng"])
+    except _RESTORE_ERRORS as err:
+        first = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])[:200]
+        raise _unresumable(t.ctx.ws.rel(t.spec.last(t.ctx.ws)), t.spec,
+                           f"{type(err).__name__}: {first}") from None

@@ -298,3 +298,37 @@ def test_a_crafted_pickle_is_refused_in_one_line_without_torch_warnings_or_advic
     assert proc.returncode == 1 and not (tmp_path / "pwned").exists()
     assert len(text.strip().splitlines()) == 1 and str(path) in text, text
     assert "Warning" not in text and "weights_only" not in text, text
+
+
+# -- raw data sets ----------------------------------------------------------------------------
+
+
+def test_an_empty_sysu_camera_folder_is_refused(synthetic_root, tmp_path):
+    import shutil
+
+    from dmdl_cli.data.sources import read_sysu
+    from dmdl_cli.errors import DmdlError
+
+    root = tmp_path / "sysu"
+    shutil.copytree(synthetic_root, root)
+    for folder in (root / "cam3").iterdir():
+        shutil.rmtree(folder)  # the camera folder is there, its images are not
+    with pytest.raises(DmdlError, match=r"cam3 holds no images"):
+        read_sysu(root)
+
+
+def test_a_regdb_list_line_outside_the_root_is_refused(regdb_root, tmp_path):
+    import shutil
+
+    from dmdl_cli.data.sources import read_regdb
+    from dmdl_cli.errors import DmdlError
+
+    root = tmp_path / "RegDB"
+    shutil.copytree(regdb_root, root)
+    (tmp_path / "outside").mkdir()
+    shutil.copy(next((root / "Visible").rglob("*.jpg")), tmp_path / "outside" / "x.jpg")
+    listing = root / "idx" / "train_visible_1.txt"
+    lines = listing.read_text().splitlines() + ["../outside/x.jpg 0"]
+    listing.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DmdlError, match=rf"train_visible_1.txt:{len(lines)}: .*outside"):
+        read_regdb(root, trial=1)

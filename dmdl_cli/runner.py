@@ -61,7 +61,11 @@ def run_command(
             stack.enter_context(ws.locked(spec))
             run = stack.enter_context(
                 ws.stage_run(command, recipe_obj, **_info(spec, ledger_info, resume)))
-        return body(StageContext(ws, recipe_obj, spec, runtime, run))
+        ctx = StageContext(ws, recipe_obj, spec, runtime, run)
+        try:
+            return body(ctx)
+        finally:
+            ctx.record_reads()  # what the command read of the image cache, in its entry
 
 
 def _info(spec: StageSpec, info: dict[str, Any], resume: bool) -> dict[str, Any]:

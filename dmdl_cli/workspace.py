@@ -252,10 +252,12 @@ class StageRun:
     entry: dict[str, Any]
     recorded: bool = False  # the entry is in manifest.json
 
-    def add_input(self, path: Path, sha256: str | None = None, *, write: bool = True) -> None:
-        """Record a file the command read; ``write=False`` keeps it in memory until the next
-        write (an input opened before the command's checks are done)."""
-        self._add("inputs", self.workspace.file_record(path, sha256), write)
+    def add_input(self, path: Path, sha256: str | None = None, *, write: bool = True,
+                  **details: Any) -> None:
+        """Record a file the command read (``details``: more fields of its record, such as the
+        rows read of the image cache); ``write=False`` keeps it in memory until the next write
+        (an input opened before the command's checks are done)."""
+        self._add("inputs", {**self.workspace.file_record(path, sha256), **details}, write)
 
     def add_output(self, path: Path, sha256: str | None = None) -> None:
         self._add("outputs", self.workspace.file_record(path, sha256), True)

@@ -332,3 +332,204 @@ def test_a_regdb_list_line_outside_the_root_is_refused(regdb_root, tmp_path):
     listing.write_text("\n".join(lines) + "\n")
     with pytest.raises(DmdlError, match=rf"train_visible_1.txt:{len(lines)}: .*outside"):
         read_regdb(root, trial=1)
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 4 MiB tmpfs (root only; skipped elsewhere): a disk that really fills up, where a write
+    through a memory map is a SIGBUS rather than an error (``ulimit -f`` does not show that)."""
+    import subprocess
+
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                                            str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _dmdl(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dmdl_cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1], timeout=600,
+                          env={**os.environ, "DMDL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+                               **(env or {})})
+
+
+def test_a_full_disk_during_prepare_data_is_one_line_and_leaves_nothing_behind(tiny_workspace,
+                                                                                small_filesystem):
+    import json
+
+    from conftest import TINY_WORKSPACE_IDS
+
+    ws = small_filesystem / "ws"
+    args = ["prepare-data", "--dataset", "synthetic", "--ids", TINY_WORKSPACE_IDS, "--seed", "0",
+            "--root", tiny_workspace.parent / "synthetic", "--workspace", ws, "--set", "run.workers=1"]
+    proc = _dmdl(*args, "--set", "data.height=128", "--set", "data.width=64")  # 6.6 MiB of cache
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, (proc.returncode, out)  # was 135: SIGBUS, no message
+    assert len(out.strip().splitlines()) == 3 and "Traceback" not in out, out  # read, checked, error
+    line = [x for x in out.splitlines() if x.startswith("error:")][0]
+    assert "cache-128x64.u8" in line and "No space left" in line and "MiB" in line, line
+    assert not [p for p in ws.rglob("*") if p.name.endswith(".tmp")]  # nothing keeps the disk full
+    assert (ws / ".lock").read_text() == ""  # no dead holder named
+    assert json.loads((ws / "manifest.json").read_text())["runs"][-1]["status"] == "failed"
+    result = invoke([*args, "--set", "data.height=64", "--set", "data.width=32"])  # 1.6 MiB: fits
+    assert result.exit_code == 0, result.output
+
+
+def test_a_disk_that_fills_while_rows_are_written_is_one_line(tmp_path, monkeypatch, images_on_disk):
+    """Where space cannot be reserved up front (a file system without fallocate), the write
+    that finds the disk full is the error: no temporary file stays."""
+    import errno
+
+    from dmdl_cli.data import cache as cache_module
+    from dmdl_cli.errors import DmdlError
+
+    def no_fallocate(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    real_pwrite, written = os.pwrite, []
+
+    def filling_pwrite(fd, data, offset):
+        if sum(written) > 2 * 16 * 8 * 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", no_fallocate)
+    monkeypatch.setattr(cache_module.os, "pwrite", filling_pwrite)
+    out = tmp_path / "data" / "cache-16x8.u8"
+    with pytest.raises(DmdlError, match=r"cannot write .*cache-16x8\.u8: No space left on device "
+                                        r"\(free some disk space\)"):
+        cache_module.build_cache(images_on_disk * 50, out, 16, 8, workers=2, progress=False)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.fixture
+def images_on_disk(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 256, (30, 14, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+# -- a flipped byte ---------------------------------------------------------------------------
+
+
+def _evaluate(ws: Path):
+    import json
+
+    result = invoke(["evaluate", "--workspace", ws, "--checkpoint", "imagenet", "--mode",
+                     "all-search", "--trials", "1"])
+    if result.exit_code != 0:
+        return result, None, None
+    report = json.loads(next((ws / "eval").glob("all-search-*.json")).read_text())
+    entry = json.loads((ws / "manifest.json").read_text())["runs"][-1]
+    return result, report["mean"]["mAP"], entry
+
+
+def _flip_byte(ws: Path, row: int) -> None:
+    path = ws / "data" / "cache-64x32.u8"
+    offset = row * 64 * 32 * 3 + 1000
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_any_row_stops_evaluate_and_prepare_data_repairs_it(tiny_workspace,
+                                                                              tmp_path):
+    import hashlib
+    import shutil
+
+    from dmdl_cli.data.cache import open_cache
+    from dmdl_cli.data.index import read_index
+
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    index = read_index(ws / "data" / "index.csv")
+    test_rows = index.rows(split="test")
+    old_sample = set(np.linspace(0, len(index) - 1, 256).round().astype(int))  # the old quick check
+    row = int(next(r for r in test_rows if r not in old_sample))
+    result, clean_map, entry = _evaluate(ws)
+    assert result.exit_code == 0, result.output
+    # the ledger says which rows were read: the sha256 of their checksums, in row order
+    sums = open_cache(ws / "data" / "cache-64x32.u8", len(index), 64, 32).checksums
+    cache_input = next(r for r in entry["inputs"] if r["path"] == "data/cache-64x32.u8")
+    assert cache_input["rows_read"] == len(test_rows)
+    assert cache_input["read_sha256"] == hashlib.sha256(sums[np.sort(test_rows)].astype(">u4")
+                                                        .tobytes()).hexdigest()
+
+    shutil.rmtree(ws / "features")  # so that the evaluation reads the cache again
+    _flip_byte(ws, row)
+    result, _, _ = _evaluate(ws)
+    assert_refused(result, "cache-64x32.u8", f"row {row} ", "checksum", "prepare-data")
+    result = _prepare_tiny_again(ws, tiny_workspace)
+    assert result.exit_code == 0 and "rebuilding" in result.output, result.output
+    result, repaired_map, _ = _evaluate(ws)
+    assert result.exit_code == 0 and repaired_map == clean_map  # the right answer again
+
+
+def test_features_of_another_cache_are_never_served(tiny_workspace, tmp_path):
+    """Features are keyed by the cache they came from: after the cache is rebuilt into other
+    bytes (other images, a repair), the old features are not reused."""
+    import shutil
+
+    from dmdl_cli.data.cache import cache_record, write_record
+    from dmdl_cli.data.index import read_index
+
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    n = len(read_index(ws / "data" / "index.csv"))
+    result, first_map, _ = _evaluate(ws)
+    assert result.exit_code == 0, result.output
+    cache = ws / "data" / "cache-64x32.u8"
+    rows = np.fromfile(cache, dtype=np.uint8).reshape(n, 64, 32, 3)
+    rows[::2] = rows[::2, :, ::-1]  # every other image mirrored: another, valid cache
+    rows.tofile(cache)
+    write_record(cache, cache_record(cache, n, 64, 32))
+    result, second_map, entry = _evaluate(ws)
+    assert result.exit_code == 0, result.output
+    assert "read cached features" not in result.output
+    shutil.rmtree(ws / "features")
+    result, fresh_map, _ = _evaluate(ws)
+    assert second_map == fresh_map  # what the repaired cache gives, not the old features
+    assert any(r["path"].startswith("features/") for r in entry["outputs"])
+    result, again_map, entry = _evaluate(ws)
+    assert "read cached features" in result.output and again_map == fresh_map
+    cache_input = next(r for r in entry["inputs"] if r["path"] == "data/cache-64x32.u8")
+    assert cache_input["rows_read"] == 0  # nothing of the cache was read: the features were
+    assert any(r["path"].startswith("features/") for r in entry["inputs"])
+
+
+def test_a_damaged_row_read_by_a_loader_process_is_one_line(tmp_path, images_on_disk):
+    import torch.utils.data
+
+    from dmdl_cli.data.augment import AugmentConfig
+    from dmdl_cli.data.cache import CacheDamaged, build_cache
+    from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views, worker_error
+
+    out = tmp_path / "cache-16x8.u8"
+    cache = build_cache(images_on_disk * 3, out, 16, 8, workers=1, progress=False)
+    data = bytearray(out.read_bytes())
+    data[5 * 16 * 8 * 3 + 7] ^= 1
+    out.write_bytes(bytes(data))
+    dataset = TwoViewDataset(cache, np.zeros(12, np.int64), AugmentConfig())
+    loader = torch.utils.data.DataLoader(dataset, num_workers=1, batch_sampler=[[(4, 0), (5, 0)]],
+                                         collate_fn=collate_views)
+    with pytest.raises(CacheDamaged) as err:
+        for _ in loader:
+            pass
+    line = str(worker_error(err.value))
+    assert "\n" not in line and line.startswith(f"{out}: row 5 ") and "checksum" in line, line

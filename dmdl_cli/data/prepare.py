@@ -22,7 +22,14 @@ from rich.table import Table
 
 from dmdl_cli.atomic import sha256_file
 from dmdl_cli.console import console, log
-from dmdl_cli.data.cache import build_cache, cache_record, read_record, verify_cache, write_record
+from dmdl_cli.data.cache import (
+    build_cache,
+    cache_record,
+    read_record,
+    record_checksums,
+    verify_cache,
+    write_record,
+)
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, write_index
 from dmdl_cli.data.sources import find_bad_images, read_source
 from dmdl_cli.errors import DmdlError
@@ -263,17 +270,20 @@ def _retire_stage_outputs(ws: Workspace) -> list[Path]:
 def _cache_intact(ws: Workspace, cache_path: Path, n: int, height: int, width: int) -> bool:
     """Full integrity check of the cache (its sha256 against its record), timed and printed.
 
-    A workspace written before caches had records is checked against the sha256 the manifest
-    recorded for the cache, and the record is written when they agree.
+    A workspace written before caches had records (or before records held a checksum of each
+    row) is checked against the sha256 the manifest (or the old record) holds for the cache, and
+    a complete record is written when they agree.
     """
     if not cache_path.is_file():
         log(f"[yellow]{escape(ws.rel(cache_path))} is missing: building it[/]")
         return False
-    if read_record(cache_path) is None:
-        recorded = _recorded_sha256(ws, cache_path)
-        record = cache_record(cache_path, n, height, width) if recorded else None
-        if record is not None and record["sha256"] == recorded and record["bytes"] == n * height * width * 3:
-            write_record(cache_path, record)
+    record = read_record(cache_path)
+    if record_checksums(record, n) is None:  # no record, or one without per-row checksums
+        recorded = (record or {}).get("sha256") or _recorded_sha256(ws, cache_path)
+        fresh = cache_record(cache_path, n, height, width) if recorded else None
+        if fresh is not None and fresh["sha256"] == recorded and fresh["bytes"] == n * height * width * 3:
+            write_record(cache_path, fresh)
+            log(f"added the checksum of each row to {escape(ws.rel(cache_path))}'s integrity record")
     intact, seconds = verify_cache(cache_path, n, height, width)
     size = cache_path.stat().st_size / 2**20
     if intact:

@@ -65,4 +65,5 @@ def write_labels_file(ctx, spec: StageSpec, epoch: int, labels_all: np.ndarray, 
     provenance."""
     save_labels(spec.labels_file(ctx.ws, epoch), labels_all, epoch=epoch + 1,
                 stage=spec.labels_prefix, recipe_hash=ctx.recipe.hash(),
+                cache_sha256=ctx.cache.sha256,  # the image cache the features came from
                 stage_hash=spec.hash(ctx.recipe), **arrays)

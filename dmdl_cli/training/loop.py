@@ -33,7 +33,7 @@ from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
 from dmdl_cli.data.augment import AugmentConfig
 from dmdl_cli.data.sampling import ResumableBatchSampler
-from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
+from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views, worker_error
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.provenance import write_recipe
@@ -115,14 +115,21 @@ def _train_steps(t: TrainState, hooks: Hook) -> None:
     batches = [rank_slice(b, runtime.rank, runtime.world_size) for b in t.epoch_state.batches]
     loader = make_loader(t.dataset, batches, t.step, workers=t.recipe.run.workers,
                          pin_memory=runtime.device.type == "cuda")
+    # the loader's processes check each row against its checksum as they read it: this
+    # process only learns of a mismatch, so it records the rows as read (the ledger's rows_read)
+    t.ctx.cache.mark_read(np.array([key[0] for batch in batches[t.step:] for key in batch],
+                                   dtype=np.int64))
     t.ddp_model.train()
-    for raw in loader:
-        hooks.on_step_start(t)
-        loss, parts = optimizer_step(t, to_batch(raw, runtime))
-        t.step += 1
-        t.loss = mean_over_ranks(loss.detach(), runtime)
-        t.parts = {name: mean_over_ranks(torch.tensor(value), runtime) for name, value in parts.items()}
-        hooks.on_step_end(t)
+    try:
+        for raw in loader:
+            hooks.on_step_start(t)
+            loss, parts = optimizer_step(t, to_batch(raw, runtime))
+            t.step += 1
+            t.loss = mean_over_ranks(loss.detach(), runtime)
+            t.parts = {name: mean_over_ranks(torch.tensor(value), runtime) for name, value in parts.items()}
+            hooks.on_step_end(t)
+    except DmdlError as err:  # from a loader process: its one line, not its traceback
+        raise worker_error(err) from None
 
 
 def optimizer_step(t: TrainState, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -272,8 +279,7 @@ def _setup(ctx: StageContext, logic: StageLogic, saved: dict[str, Any] | None) -
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
-    dataset = TwoViewDataset(ctx.ws.cache_path(recipe.data.height, recipe.data.width),
-                             ctx.index.modality, aug, shape=cache.shape)
+    dataset = TwoViewDataset(cache, ctx.index.modality, aug)
     t = TrainState(ctx, logic, model, ddp_model, optimizer,
                    torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage)),
                    make_grad_scaler(runtime), dataset, origin=origin)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from dmdl_cli.context import StageContext
+from dmdl_cli.errors import DmdlError
 from dmdl_cli.provenance import resolve_recipe
 from dmdl_cli.runtime import select_runtime
 from dmdl_cli.stages import StageSpec, stage
@@ -45,6 +46,9 @@ def run_command(
     ``ledger_info``: extra fields of the ledger entry's ``info``.
     """
     spec = stage(command)
+    if resume and force:
+        raise DmdlError(f"--resume and --force ask for opposite things: pass --resume to continue "
+                        f"the partial run, or --force to start {spec.title} again")
     ws = Workspace.create(workspace) if spec.exclusive else Workspace.open(workspace)
     if not spec.exclusive:
         ws.require_dataset()

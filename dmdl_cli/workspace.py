@@ -508,7 +508,8 @@ class Workspace:
         except BaseException as err:
             stopped = isinstance(err, (KeyboardInterrupt, Interrupted))
             entry["status"] = "interrupted" if stopped else "failed"
-            entry["error"] = str(err) or err.__class__.__name__
+            entry["error"] = (f"exited with status {err.code}" if isinstance(err, SystemExit)
+                              else str(err) or err.__class__.__name__)
             entry["ended"] = _now()
             self._close(run)
             raise

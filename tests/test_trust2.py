@@ -533,3 +533,111 @@ def test_a_damaged_row_read_by_a_loader_process_is_one_line(tmp_path, images_on_
             pass
     line = str(worker_error(err.value))
     assert "\n" not in line and line.startswith(f"{out}: row 5 ") and "checksum" in line, line
+
+
+# -- a stage's files change only when its run commits -----------------------------------------
+
+
+def test_a_force_run_that_fails_before_its_first_checkpoint_changes_nothing(stage1_tiny, tmp_path,
+                                                                           monkeypatch, snapshot):
+    from conftest import STAGE1_SETS, STAGE2_SETS, set_args
+    from dmdl_cli.errors import DmdlError
+    from dmdl_cli.training import hooks
+
+    ws = copy_workspace(stage1_tiny, tmp_path)
+    before = {**snapshot(ws / "stage1"), **snapshot(ws / "labels")}
+
+    def full_disk(path, state):
+        raise DmdlError(f"cannot write {path}: No space left on device (free some disk space)")
+
+    monkeypatch.setattr(hooks, "save_checkpoint", full_disk)
+    # another stage-1 recipe: it got as far as labelling its first epoch, then the disk was full
+    result = invoke(["pretrain-single", "--workspace", ws, "--force",
+                     *set_args([*STAGE1_SETS, "stage1.lr=0.001"])])
+    assert_refused(result, "stage1/last.pt", "No space left")
+    monkeypatch.undo()
+    assert {**snapshot(ws / "stage1"), **snapshot(ws / "labels")} == before  # recipe.yaml too
+    # stage 2 still builds on the stage-1 model that is there (was: "another stage-1 recipe")
+    result = invoke(["train-cross", "--workspace", ws, *set_args(STAGE2_SETS)])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_killed_run_leaves_files_the_next_run_removes(stage1_tiny, tmp_path, snapshot):
+    from conftest import STAGE1_SETS, set_args
+
+    ws = copy_workspace(stage1_tiny, tmp_path)
+    before = snapshot(ws / "stage1")
+    left = [ws / "stage1" / ".recipe.yaml.pending", ws / "labels" / ".stage1-e001.npz.pending",
+            ws / "stage1" / ".last.pt.k2j4x9.tmp"]  # what kill -9 at those moments leaves
+    for path in left:
+        path.write_bytes(b"half")
+    result = invoke(["pretrain-single", "--workspace", ws, "--resume", *set_args(STAGE1_SETS)])
+    assert result.exit_code == 0 and "nothing to resume" in result.output  # finished: untouched
+    result = invoke(["pretrain-single", "--workspace", ws, "--force", "--deterministic",
+                     *set_args(STAGE1_SETS)])
+    assert result.exit_code == 0 and "removed 3 files a stopped stage1 run left" in result.output
+    assert not any(path.exists() for path in left)
+    after = snapshot(ws / "stage1")
+    for name in ("final.pt", "last.pt", "recipe.yaml"):  # --deterministic: the same files again
+        assert after[name] == before[name], name
+
+
+def test_resume_and_force_together_are_refused(stage1_tiny, tmp_path, snapshot):
+    ws = copy_workspace(stage1_tiny, tmp_path)
+    before = snapshot(ws)
+    assert_refused(invoke(["pretrain-single", "--workspace", ws, "--resume", "--force"]),
+                   "--resume", "--force")
+    assert snapshot(ws) == before
+
+
+def test_a_broken_pipe_stops_the_run_as_interrupted_and_changes_nothing(stage1_tiny, tmp_path,
+                                                                        snapshot):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import STAGE1_SETS, set_args
+
+    ws = copy_workspace(stage1_tiny, tmp_path)
+    before = snapshot(ws / "stage1")
+    command = " ".join([sys.executable, "-m", "dmdl_cli", "pretrain-single", "--workspace", str(ws),
+                        "--force", *set_args([*STAGE1_SETS, "stage1.lr=0.001"])])
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command} | head -1"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "DMDL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 141, (proc.returncode, proc.stdout, proc.stderr)  # as SIGPIPE
+    assert "Traceback" not in proc.stderr, proc.stderr
+    run = json.loads((ws / "manifest.json").read_text())["runs"][-1]
+    assert run["status"] == "interrupted" and "broken pipe" in run["error"], run  # was "1"
+    assert snapshot(ws / "stage1") == before
+
+
+def test_a_second_sigterm_stops_at_once_without_leaving_a_temporary_file(tmp_path):
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys
+from pathlib import Path
+from dmdl_cli.atomic import atomic_output
+from dmdl_cli.errors import Interrupted
+from dmdl_cli.training.signals import StopRequest
+
+out = Path(sys.argv[1]) / "last.pt"
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)  # the first: deferred to the end of the step
+    assert stop.signum == signal.SIGTERM
+    try:
+        with atomic_output(out) as tmp:  # writing last.pt when the second one comes
+            tmp.write_bytes(bytes(1 << 20))
+            os.kill(os.getpid(), signal.SIGTERM)
+            tmp.write_bytes(bytes(1 << 20))
+    except Interrupted as err:
+        print(err)
+        sys.exit(err.exit_code)
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)  # was killed: -15
+    assert "second SIGTERM" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no .last.pt.*.tmp (was 50 MB of it)

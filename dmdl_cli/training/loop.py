@@ -16,9 +16,9 @@ so a resumed run regenerates the epoch's batches and skips to the saved step: it
 never stopped (bitwise on the CPU with ``--deterministic``). SIGTERM, SIGINT and SIGUSR1 stop a
 run at the end of its current step with ``last.pt`` written there (``training/signals.py``).
 
-``--force`` starts from scratch but keeps the previous run's ``final.pt``, ``last.pt``, log and
-labels until the new run writes its first checkpoint: a new run that fails early (a bad value,
-a full disk) leaves the previous models as they were.
+A new run (``--force`` or the first) changes nothing visible until it writes its first checkpoint:
+its recipe file, first label file and log wait beside the previous run's (``training/commit.py``),
+so a run that fails early (a bad value, a full disk, a broken pipe) leaves the stage as it was.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.provenance import write_recipe
 from dmdl_cli.recipe import StageRecipe
 from dmdl_cli.runtime import Runtime, make_grad_scaler, seed_everything, set_rng_state
+from dmdl_cli.training.commit import RunFiles, clear_leftovers
 from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks, rank_slice
 from dmdl_cli.training.hooks import Hook, Hooks, standard_hooks
 from dmdl_cli.training.logs import open_stage_log
@@ -60,6 +61,11 @@ def run_stage(ctx: StageContext, logic: StageLogic, *, resume: bool, force: bool
     final = logic.spec.final(ctx.ws)
     if _finished(ctx, logic.spec, resume=resume, force=force):
         return final
+    if ctx.runtime.is_main:
+        left = clear_leftovers(ctx.ws, logic.spec)
+        if left:
+            log(f"removed {len(left)} files a stopped {logic.spec.name} run left unfinished "
+                f"({', '.join(sorted(ctx.ws.rel(p) for p in left))})")
     seed_everything(ctx.recipe.train.seed)
     if ctx.recipe.run.tensorboard:
         require_tensorboard()  # refuse before anything is written
@@ -67,18 +73,25 @@ def run_stage(ctx: StageContext, logic: StageLogic, *, resume: bool, force: bool
     if ctx.run is not None:
         ctx.run.set(resumed=saved is not None, deterministic=deterministic)
     t = _setup(ctx, logic, saved)
+    # a new run's files stay beside the previous run's until its first checkpoint
+    t.files = RunFiles(committed=saved is not None)
     stage_log = open_stage_log(ctx.ws.root / logic.spec.folder, main=ctx.runtime.is_main,
-                               replacing=force, tensorboard=ctx.recipe.run.tensorboard,
-                               iters=t.stage.iters, resume_at=t.resumed_at)
+                               tensorboard=ctx.recipe.run.tensorboard, iters=t.stage.iters,
+                               resume_at=t.resumed_at)
     t.log = stage_log
     ctx.record_input(*logic.inputs(ctx.ws))
     if ctx.runtime.is_main:
-        ctx.record_output(write_recipe(logic.spec.recipe_file(ctx.ws), ctx.recipe))
+        recipe_file = write_recipe(t.files.path(logic.spec.recipe_file(ctx.ws)), ctx.recipe)
+        if t.files.committed:
+            ctx.record_output(recipe_file)
     every = Hooks([*standard_hooks(stage_log, replacing=force), *hooks])
     try:
         every.on_run_start(t)
         train_epochs(t, every)
         every.on_run_end(t)
+    except BaseException:
+        t.files.discard()  # stopped before its first checkpoint: the stage stays as it was
+        raise
     finally:
         every.close()
     if ctx.runtime.distributed:

@@ -1,6 +1,7 @@
 """The command runner: what every stage command does before and after its stage function.
 
-:func:`run_command` opens the workspace (prepare-data creates it), resolves the recipe
+:func:`run_command` opens the workspace (prepare-data creates it), finishes or undoes what a
+killed ``prepare-data --force`` left (``data/swap.py``), resolves the recipe
 (:mod:`dmdl_cli.provenance`: inherited keys, and a refusal naming every key that differs from
 what an upstream result was made with), selects the runtime, takes the locks of the command's
 stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`StageContext` once
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from dmdl_cli.context import StageContext
+from dmdl_cli.data.swap import settle_interrupted_swap
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.provenance import resolve_recipe
 from dmdl_cli.runtime import select_runtime
@@ -50,6 +52,7 @@ def run_command(
         raise DmdlError(f"--resume and --force ask for opposite things: pass --resume to continue "
                         f"the partial run, or --force to start {spec.title} again")
     ws = Workspace.create(workspace) if spec.exclusive else Workspace.open(workspace)
+    settle_interrupted_swap(ws, command)  # a killed prepare-data --force: finished or undone
     if not spec.exclusive:
         ws.require_dataset()
     recipe_obj = resolve_recipe(

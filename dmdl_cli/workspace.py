@@ -436,6 +436,14 @@ class Workspace:
             )
         return self.dataset
 
+    def amend_run(self, entry: dict[str, Any], **fields: Any) -> None:
+        """Change fields of another command's ledger entry (a dead run's, or a run whose outputs
+        a ``prepare-data --force`` removed) at this object's next :meth:`write_manifest`; only
+        the holder of the whole workspace does this. An entry without an id (an older dmdl's)
+        cannot be told apart and is left as it is."""
+        if entry.get("id"):
+            self._own_runs[entry["id"]] = {**self._own_runs.get(entry["id"], entry), **fields}
+
     def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
         runs = self.manifest.get("runs", [])
         return [r for r in runs if stage is None or r["stage"] == stage]

@@ -641,3 +641,132 @@ with StopRequest() as stop:
     assert proc.returncode == 143, (proc.returncode, proc.stderr)  # was killed: -15
     assert "second SIGTERM" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # no .last.pt.*.tmp (was 50 MB of it)
+
+
+# -- prepare-data --force killed at any moment ------------------------------------------------
+
+
+def _in_staging(path: Path) -> bool:
+    return any(part.startswith(".prepare-") for part in path.parts)
+
+
+# (where SIGKILL lands, what the next command does): os.replace calls of the run, in order
+KILL_POINTS = {
+    "building": ("before", lambda src, dst: dst.name == "cache-32x16.u8" and _in_staging(dst), "undid"),
+    "journal-write": ("before", lambda src, dst: dst.name == ".prepare-swap.json", "undid"),
+    "journal": ("after", lambda src, dst: dst.name == ".prepare-swap.json", "finished"),
+    "old-data-aside": ("after", lambda src, dst: dst.name == "data" and dst.parent.name.startswith(
+        ".retired-"), "finished"),
+    "new-recipe": ("before", lambda src, dst: src.name == "recipe.yaml"
+                   and src.parent.name.startswith(".prepare-"), "finished"),
+    "ledger": ("after", lambda src, dst: dst.name == "manifest.json"
+               and (dst.parent / ".prepare-swap.json").exists(), "finished"),
+    "cleanup": ("rmtree", lambda path: Path(path).name.startswith(".retired-"), "removed"),
+}
+
+
+def _killed_prepare(args: list, when: str, where) -> None:
+    """In a forked child: run ``dmdl ARGS`` and SIGKILL it at the point ``where`` names."""
+    import shutil
+    import signal
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if when == "rmtree":
+        real_rmtree = shutil.rmtree
+
+        def rmtree(path, *a, **k):
+            if where(path):
+                die()
+            return real_rmtree(path, *a, **k)
+
+        shutil.rmtree = rmtree
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst, *a, **k):
+            hit = where(Path(src), Path(dst))
+            if hit and when == "before":
+                die()
+            real_replace(src, dst, *a, **k)
+            if hit and when == "after":
+                die()
+
+        os.replace = replace
+    invoke(args)
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_prepare_data_force_killed_at_any_moment_is_finished_or_undone_by_the_next_command(
+        tiny_workspace, tmp_path, point):
+    import json
+    import multiprocessing
+
+    from conftest import TINY_WORKSPACE_IDS
+
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    (ws / "stage1").mkdir()
+    (ws / "stage1" / "final.pt").write_bytes(b"a trained model")
+    (ws / "labels").mkdir()
+    (ws / "labels" / "stage1-e001.npz").write_bytes(b"labels")
+    before = json.loads((ws / "manifest.json").read_text())["dataset"]
+    args = ["prepare-data", "--dataset", "synthetic", "--ids", TINY_WORKSPACE_IDS, "--seed", "0",
+            "--root", tiny_workspace.parent / "synthetic", "--workspace", ws, "--force",
+            "--set", "data.height=32", "--set", "data.width=16", "--set", "run.workers=1"]
+    when, where, outcome = KILL_POINTS[point]
+    child = multiprocessing.get_context("fork").Process(target=_killed_prepare,
+                                                        args=(args, when, where))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -9  # killed where asked
+
+    result = invoke(["evaluate", "--workspace", ws, "--checkpoint", "imagenet", "--mode",
+                     "all-search", "--trials", "1"])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "prepare-data --force" in line]
+    assert len(said) == 1 and outcome in said[0], result.output
+    assert not [p.name for p in ws.iterdir() if p.name.startswith((".retired-", ".prepare-"))
+                or p.name.endswith(".tmp")]
+    manifest = json.loads((ws / "manifest.json").read_text())
+    data = sorted(p.name for p in (ws / "data").iterdir())
+    if outcome == "undid":  # the old workspace, as it was
+        assert (ws / "stage1" / "final.pt").read_bytes() == b"a trained model"
+        assert data == ["cache-64x32.u8", "cache-64x32.u8.json", "index.csv"]
+        assert manifest["dataset"] == before and "height: 64" in (ws / "recipe.yaml").read_text()
+        assert manifest["runs"][-2]["status"] == "interrupted"  # the killed prepare-data
+    else:  # the new one, complete
+        assert not (ws / "stage1").exists() and not (ws / "labels").exists()
+        assert data == ["cache-32x16.u8", "cache-32x16.u8.json", "index.csv"]
+        assert "height: 32" in (ws / "recipe.yaml").read_text()
+        assert manifest["dataset"]["index_sha256"] == before["index_sha256"]  # same images
+        killed = [r for r in manifest["runs"] if r["stage"] == "prepare-data"][-1]
+        assert killed["status"] == "done" or outcome == "removed", killed
+
+
+def test_force_regenerating_the_synthetic_set_in_the_workspace_swaps_it_in_whole(tmp_path):
+    """The set under WS/synthetic that --force regenerates is built in the staging folder too:
+    killed mid-swap, the next command finishes it and the index names images that exist."""
+    import multiprocessing
+
+    from dmdl_cli.data.index import read_index
+
+    ws = tmp_path / "ws"
+    small = ["--set", "synthetic.height=32", "--set", "synthetic.width=16", *TINY_SIZE]
+    result = invoke(["prepare-data", "--dataset", "synthetic", "--workspace", ws, "--ids", "3", *small])
+    assert result.exit_code == 0, result.output
+    old_images = sorted((ws / "synthetic").rglob("*.jpg"))
+    args = ["prepare-data", "--dataset", "synthetic", "--workspace", ws, "--ids", "6", "--force", *small]
+    when, where, _ = KILL_POINTS["old-data-aside"]
+    child = multiprocessing.get_context("fork").Process(target=_killed_prepare,
+                                                        args=(args, when, where))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -9
+    assert sorted((ws / "synthetic").rglob("*.jpg")) == old_images  # not yet swapped in
+    result = invoke(["prepare-data", "--dataset", "synthetic", "--workspace", ws, "--ids", "6", *small])
+    assert result.exit_code == 0, result.output
+    assert "finished the swap" in result.output and "nothing to do" in result.output
+    index = read_index(ws / "data" / "index.csv")
+    assert len(index) == 2 * len(old_images)  # 6 identities instead of 3
+    assert all(p.startswith(str(ws / "synthetic")) and os.path.isfile(p) for p in index.paths)

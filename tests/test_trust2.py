@@ -351,7 +351,11 @@ def small_filesystem(tmp_path):
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        import gc
+
+        gc.collect()  # memory maps of an in-process command may still hold files there
+        if subprocess.run(["umount", str(mount)]).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def _dmdl(*args, env=None):
@@ -770,3 +774,27 @@ def test_force_regenerating_the_synthetic_set_in_the_workspace_swaps_it_in_whole
     index = read_index(ws / "data" / "index.csv")
     assert len(index) == 2 * len(old_images)  # 6 identities instead of 3
     assert all(p.startswith(str(ws / "synthetic")) and os.path.isfile(p) for p in index.paths)
+
+
+def test_onnx_export_on_a_full_disk_names_the_disk_not_the_opset(tiny_workspace, small_filesystem):
+    pytest.importorskip("onnx")
+    ws = copy_workspace(tiny_workspace, small_filesystem)  # 1.7 MiB of 4: no room for 45 MB
+    result = invoke(["export", "--workspace", ws, "--checkpoint", "imagenet", "--format", "onnx"])
+    line = assert_refused(result, f"cannot write {ws / 'export' / 'model.onnx'}", "No space left")
+    assert "opset" not in line
+    assert not list((ws / "export").iterdir())  # no temporary file fills the disk
+
+
+def test_write_failure_finds_the_disk_error_inside_a_library_error():
+    import errno
+
+    from dmdl_cli.atomic import write_failure
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("serialising the graph failed") from inner
+    except RuntimeError as outer:
+        assert write_failure(outer).errno == errno.ENOSPC
+    assert write_failure(RuntimeError("unsupported operator")) is None

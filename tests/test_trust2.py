@@ -798,3 +798,22 @@ def test_write_failure_finds_the_disk_error_inside_a_library_error():
     except RuntimeError as outer:
         assert write_failure(outer).errno == errno.ENOSPC
     assert write_failure(RuntimeError("unsupported operator")) is None
+
+
+def test_a_cache_half_written_by_a_killed_prepare_data_is_removed_by_the_next(tiny_workspace, tmp_path):
+    import multiprocessing
+
+    from conftest import TINY_WORKSPACE_IDS
+
+    ws = tmp_path / "ws"
+    args = ["prepare-data", "--dataset", "synthetic", "--ids", TINY_WORKSPACE_IDS, "--seed", "0",
+            "--root", tiny_workspace.parent / "synthetic", "--workspace", ws, *TINY_SIZE]
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed_prepare, args=(args, "before", lambda src, dst: dst.name == "cache-64x32.u8"))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -9
+    assert [p.name.endswith(".tmp") for p in (ws / "data").iterdir()] == [True]  # 1.6 MiB of it
+    result = invoke(args)
+    assert result.exit_code == 0 and "removed 1 temporary files" in result.output, result.output
+    assert not [p for p in ws.rglob("*.tmp")]

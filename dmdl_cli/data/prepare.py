@@ -21,7 +21,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from dmdl_cli.atomic import atomic_write_text, sha256_file
+from dmdl_cli.atomic import atomic_write_text, remove_temporaries, sha256_file
 from dmdl_cli.console import console, log
 from dmdl_cli.data.cache import (
     build_cache,
@@ -135,6 +135,10 @@ def prepare_data(
     ``synthetic:`` section); the command runner holds the workspace alone and ``run`` is the
     command's ledger entry."""
     previous = ws.dataset
+    left = [*remove_temporaries(ws.root), *remove_temporaries(ws.root / "data")]
+    if left:  # a killed prepare-data's half-written cache would keep the disk full
+        log(f"removed {len(left)} temporary files a killed command left "
+            f"({', '.join(sorted(ws.rel(p) for p in left))})")
     if dataset != "synthetic" and root is None:
         raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
     root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"

@@ -22,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+from dmdl_cli.atomic import remove_temporaries
 from dmdl_cli.stages import StageSpec
 from dmdl_cli.workspace import Workspace
 
@@ -68,12 +69,11 @@ def clear_leftovers(ws: Workspace, spec: StageSpec) -> list[Path]:
     """Remove the pending and temporary files a killed run of ``spec`` left in its folder and
     among its label files (``.last.pt.*.tmp`` of a kill mid-write included); returns them."""
     folder, labels = ws.root / spec.folder, ws.root / "labels"
-    found = [*folder.glob(f".*{PENDING}"), *folder.glob(".*.tmp"),
-             *labels.glob(f".{spec.labels_prefix}-e*.npz{PENDING}"),
+    found = [*folder.glob(f".*{PENDING}"), *labels.glob(f".{spec.labels_prefix}-e*.npz{PENDING}"),
              *labels.glob(f".{spec.labels_prefix}-e*.npz.*.tmp")]
     for path in found:
         if path.is_dir():  # .tensorboard.pending
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    return found
+    return found + remove_temporaries(folder)

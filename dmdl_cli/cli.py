@@ -1,9 +1,11 @@
 """The ``dmdl`` command line: one thin Typer command per stage.
 
-Each command parses its options and hands the stage function to the command runner
-(``dmdl_cli/runner.py``), which opens the workspace, resolves the recipe, takes the stage's lock,
-records the command in the ledger and builds the stage's context; no stage logic lives here. A :class:`~dmdl_cli.errors.DmdlError` raised anywhere is
-printed as one line and turned into a non-zero exit code.
+Each command parses its options and hands the stage function its record in the table of stages
+names (``dmdl_cli/stages.py``) to the command runner (``dmdl_cli/runner.py``), which opens the
+workspace, resolves the checkpoint and the recipe, takes the stage's lock, records the command
+in the ledger and builds the stage's context; no stage logic lives here. The training commands
+are made from the table's training stages. A :class:`~dmdl_cli.errors.DmdlError` raised
+anywhere is printed as one line and turned into a non-zero exit code.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from rich.markup import escape
 from dmdl_cli import __version__
 from dmdl_cli.console import console
 from dmdl_cli.errors import DmdlError, NotImplementedStage
-from dmdl_cli.evaluation.protocols import PROTOCOLS
-from dmdl_cli.recipe import CLUSTER_MODALITIES, DATASETS, EXPORT_FORMATS
+from dmdl_cli.datasets import ALL_MODES, DATASET_NAMES, dataset_record
+from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS
+from dmdl_cli.stages import BY_COMMAND, TRAINING_STAGES, StageSpec, stage_spec
 
 app = typer.Typer(
     add_completion=False,
@@ -31,7 +34,6 @@ app = typer.Typer(
 )
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_RECIPE = {"synthetic": "demo.yaml", "sysu": "sysu.yaml", "regdb": "regdb.yaml", "llcm": "llcm.yaml"}
 
 
 def _choices(name: str, values) -> type[enum.Enum]:
@@ -39,9 +41,9 @@ def _choices(name: str, values) -> type[enum.Enum]:
     return enum.Enum(name, [(v, v) for v in dict.fromkeys(values)], type=str)
 
 
-# Choice types, built from the one declaration of each list (recipe.py, protocols.py).
-Dataset = _choices("Dataset", DATASETS)
-Mode = _choices("Mode", ["all", *(m for modes in PROTOCOLS.values() for m in modes)])
+# Choice types, built from the one declaration of each list (datasets.py, recipe.py).
+Dataset = _choices("Dataset", DATASET_NAMES)
+Mode = _choices("Mode", ["all", *ALL_MODES])
 ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
 Modality = _choices("Modality", CLUSTER_MODALITIES)
 
@@ -56,7 +58,8 @@ DeterministicOpt = typer.Option(False, "--deterministic", help="Bit-reproducible
 
 
 def command(name: str):
-    """Register a stage command; a DmdlError inside it becomes one red line and an exit code."""
+    """Register a command (a stage's help line comes from its record in the table of stages); a
+    DmdlError inside it becomes one red line and an exit code."""
 
     def decorate(func):
         @functools.wraps(func)
@@ -76,16 +79,21 @@ def command(name: str):
                               soft_wrap=True)
                 raise typer.Exit(1) from None
 
-        return app.command(name)(wrapper)
+        spec = BY_COMMAND.get(name)
+        return app.command(name, help=spec.help if spec else None)(wrapper)
 
     return decorate
 
 
-def _stage(module: str, func: str):
-    """Import a stage function lazily so ``dmdl --help`` stays fast.
+def _stage_function(command: str):
+    """The stage function of ``command`` (its record's ``module:function``), imported lazily so
+    ``dmdl --help`` stays fast. A stage whose module is not in this build yet says so in one line
+    and exits 2."""
+    return _import(*stage_spec(command).function.split(":"))
 
-    A stage whose module is not in this build yet says so in one line and exits 2.
-    """
+
+def _import(module: str, func: str):
+    """``module.func``, imported now; a module not in this build yet is one line and exit 2."""
     try:
         return getattr(importlib.import_module(module), func)
     except ModuleNotFoundError as err:
@@ -122,17 +130,16 @@ def prepare_data(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Exclude unreadable images (recorded in the manifest)."),
     force: bool = ForceOpt,
 ) -> None:
-    """Index a raw data set and build the image cache."""
     dataset = dataset.value
-    prepare = _stage("dmdl_cli.data.prepare", "prepare_data")
+    prepare = _stage_function("prepare-data")
     # --ids / --seed are short for --set synthetic.ids= / synthetic.seed= (an explicit --set wins)
     shorthands = [f"synthetic.{key}={value}" for key, value in (("ids", ids), ("seed", seed))
                   if value is not None]
     _run("prepare-data", workspace, recipe, overlay,
          [f"data.dataset={dataset}", f"data.trial={trial}", *shorthands, *(set_ or [])],
-         default_recipe=REPO_RECIPES / DEFAULT_RECIPE[dataset], force=force, dataset=dataset,
-         body=lambda ctx: prepare(ctx.ws, ctx.recipe, ctx.run, dataset=dataset, root=root,
-                                  trial=trial, force=force, skip_bad_images=skip_bad_images))
+         default_recipe=REPO_RECIPES / dataset_record(dataset).recipe, force=force, dataset=dataset,
+         body=lambda ctx: prepare(ctx, dataset=dataset, root=root, trial=trial, force=force,
+                                  skip_bad_images=skip_bad_images))
     where = _folder(workspace)
     _results(f"workspace {where} (its recipe: {where / 'recipe.yaml'})")
 
@@ -146,49 +153,38 @@ def cluster(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Pseudo-label train images per modality."""
-    stage = _stage("dmdl_cli.clustering.stage", "cluster_stage")
+    function = _stage_function("cluster")
     _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality.value,
-         body=lambda ctx: stage(ctx, checkpoint=checkpoint, modality=modality.value))
-    _results(f"{_folder(workspace) / 'labels'} (pseudo labels and the recipe beside them)")
+         body=lambda ctx: function(ctx, modality=modality.value))
+    _results(f"{_output_folder(workspace, 'cluster')} (pseudo labels and the recipe beside them)")
 
 
-@command("pretrain-single")
-def pretrain_single(
-    workspace: Path = WorkspaceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    overlay: Optional[list[Path]] = OverlayOpt,
-    set_: Optional[list[str]] = SetOpt,
-    resume: bool = ResumeOpt,
-    force: bool = ForceOpt,
-    deterministic: bool = DeterministicOpt,
-) -> None:
-    """Stage 1: single-modality contrastive learning."""
-    stage = _stage("dmdl_cli.training.single", "pretrain_single")
-    final = _run("pretrain-single", workspace, recipe, overlay, set_, resume=resume,
-                 deterministic=deterministic, force=force,
-                 body=lambda ctx: stage(ctx, resume=resume, force=force, deterministic=deterministic,
-                                        hooks=_training_hooks()))
-    _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
+def _training_command(spec: StageSpec) -> None:
+    """Register the command of training stage ``spec``: its record names the command, its help
+    line and its stage function; the options are the same for every training stage."""
+
+    def train(
+        workspace: Path = WorkspaceOpt,
+        recipe: Optional[Path] = RecipeOpt,
+        overlay: Optional[list[Path]] = OverlayOpt,
+        set_: Optional[list[str]] = SetOpt,
+        resume: bool = ResumeOpt,
+        force: bool = ForceOpt,
+        deterministic: bool = DeterministicOpt,
+    ) -> None:
+        function = _stage_function(spec.command)
+        final = _run(spec.command, workspace, recipe, overlay, set_, resume=resume,
+                     deterministic=deterministic, force=force,
+                     body=lambda ctx: function(ctx, resume=resume, force=force,
+                                            deterministic=deterministic, hooks=_training_hooks()))
+        _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
+
+    train.__name__ = train.__qualname__ = spec.command.replace("-", "_")
+    command(spec.command)(train)
 
 
-@command("train-cross")
-def train_cross(
-    workspace: Path = WorkspaceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    overlay: Optional[list[Path]] = OverlayOpt,
-    set_: Optional[list[str]] = SetOpt,
-    resume: bool = ResumeOpt,
-    force: bool = ForceOpt,
-    deterministic: bool = DeterministicOpt,
-) -> None:
-    """Stage 2: cross-modality learning with CAI and CBT."""
-    stage = _stage("dmdl_cli.training.cross", "train_cross")
-    final = _run("train-cross", workspace, recipe, overlay, set_, resume=resume,
-                 deterministic=deterministic, force=force,
-                 body=lambda ctx: stage(ctx, resume=resume, force=force, deterministic=deterministic,
-                                        hooks=_training_hooks()))
-    _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
+for _spec in TRAINING_STAGES:
+    _training_command(_spec)
 
 
 @command("evaluate")
@@ -205,15 +201,13 @@ def evaluate(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Rank-k, mAP and mINP on cross-modality protocols."""
-    stage = _stage("dmdl_cli.evaluation.evaluate", "evaluate")
+    function = _stage_function("evaluate")
     _run("evaluate", workspace, recipe, overlay, set_, checkpoint=checkpoint, mode=mode.value,
          rerank=rerank,
-         body=lambda ctx: stage(ctx, mode=mode.value, checkpoint=checkpoint, trials=trials,
-                                shots=shots, rerank=rerank, visualize=visualize,
-                                visualize_worst=visualize_worst))
+         body=lambda ctx: function(ctx, mode=mode.value, trials=trials, shots=shots, rerank=rerank,
+                                visualize=visualize, visualize_worst=visualize_worst))
     pictures = "; ranked lists in ranks/" if visualize or visualize_worst else ""
-    _results(f"{_folder(workspace) / 'eval'} (one JSON per protocol{pictures})")
+    _results(f"{_output_folder(workspace, 'evaluate')} (one JSON per protocol{pictures})")
 
 
 @command("export")
@@ -227,18 +221,21 @@ def export(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Export to ONNX / TorchScript with a parity check."""
-    stage = _stage("dmdl_cli.export", "export_model")
+    function = _stage_function("export")
     _run("export", workspace, recipe, overlay, set_, checkpoint=checkpoint, format=fmt.value,
          opset=opset, dynamic_batch=dynamic_batch,
-         body=lambda ctx: stage(ctx, checkpoint=checkpoint, fmt=fmt.value, opset=opset,
-                                dynamic_batch=dynamic_batch))
-    _results(f"{_folder(workspace) / 'export'}")
+         body=lambda ctx: function(ctx, fmt=fmt.value, opset=opset, dynamic_batch=dynamic_batch))
+    _results(f"{_output_folder(workspace, 'export')}")
 
 
 def _folder(workspace: Path) -> Path:
     """The workspace folder as the runner opened it (absolute, for the results line)."""
     return Path(workspace).expanduser().resolve()
+
+
+def _output_folder(workspace: Path, command: str) -> Path:
+    """The folder of the workspace that ``command``'s stage writes into."""
+    return _folder(workspace) / stage_spec(command).folder
 
 
 def _training_hooks() -> list:
@@ -260,7 +257,7 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for tables and figures (default: WS/report; several: report/ in their common folder)."),
 ) -> None:
     """Per-epoch tables, training and CMC figures; with several workspaces, a comparison."""
-    _stage("dmdl_cli.report.build", "report")(workspaces, out)
+    _import("dmdl_cli.report.build", "report")(workspaces, out)
 
 
 def _run(command: str, workspace: Path, recipe: Optional[Path], overlay, set_, **options):

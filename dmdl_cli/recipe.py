@@ -25,13 +25,13 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from dmdl_cli.datasets import DATASET_NAMES
 from dmdl_cli.errors import DmdlError
 
 ARCHS = ("resnet50_agw", "resnet50", "resnet18")
 KNN_METHODS = ("exact", "ivf", "hnsw")
 ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
 AMP_MODES = ("off", "fp16", "bf16")
-DATASETS = ("sysu", "regdb", "llcm", "synthetic")
 # Command-line choices (declared once here; the CLI shows them in --help).
 CLUSTER_MODALITIES = ("visible", "infrared", "both")
 EXPORT_FORMATS = ("onnx", "torchscript", "both")
@@ -108,7 +108,7 @@ def _names(default: Iterable[str], choices: Iterable[str]) -> Any:
 class DataRecipe:
     """Input images: the data set and the size of the cache and of the network input."""
 
-    dataset: str = _choice("synthetic", DATASETS)
+    dataset: str = _choice("synthetic", DATASET_NAMES)  # a record of dmdl_cli/datasets.py
     height: int = _ranged(288, 16, MAX_IMAGE_SIDE)
     width: int = _ranged(144, 8, MAX_IMAGE_SIDE)
     trial: int = _ranged(1, 1, 10)  # RegDB split trial
@@ -129,9 +129,6 @@ class ClusterRecipe:
     """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (docs/method.md section 2)."""
 
     k1: int = _ranged(30, 1, MAX_NEIGHBOURS)
-    # k1 of the modality that adopts the other's ids in stage 2 (the visible one on even epochs,
-    # the infrared one on odd epochs, as in association.method nearest-alternating); null = k1
-    k1_adopting: int | None = _ranged(None, 1, MAX_NEIGHBOURS)
     k2: int = _ranged(6, 1, MAX_NEIGHBOURS)
     eps: float = _between(0.6, 0.0, 1.0)  # Jaccard distances lie in [0, 1]: 0 or 1 clusters nothing
     min_samples: int = _ranged(4, 1, MAX_IMAGES_PER_BATCH)
@@ -191,6 +188,10 @@ class Stage2Recipe(StageRecipe):
 
     onehot_epochs: int = _epoch_count(5)  # first epochs with one-hot targets
     cross_sampler_from: int | str = _threshold(40)  # epoch from which batches are cross-modality
+    # k1 of the modality that adopts the other's ids this epoch (the association method says
+    # which: nearest-alternating the visible one on even epochs, the infrared one on odd ones;
+    # hungarian none); null = cluster.k1. Stage 2 only, so stage 1's results do not depend on it
+    k1_adopting: int | None = _ranged(None, 1, MAX_NEIGHBOURS)
     # the modality that adopted the other's ids this epoch also moves the other's memory rows
     cross_memory_update: bool = True
     # add a batch-hard triplet over all images on unified ids while the cross sampler is on
@@ -243,14 +244,17 @@ REMOVED_KEYS = {
                           "epochs of one-hot targets",
 }
 
-# Keys that moved to the `run:` section: an old recipe naming one is refused with its new name.
+# Keys that moved: an old recipe naming one is refused with its new name and why it moved.
+_RUN_SECTION = "the `run:` section holds the settings that change no result"
 MOVED_KEYS = {
-    "data.workers": "run.workers",
-    "train.checkpoint_every": "run.checkpoint_every",
-    "train.eval_every": "run.eval_every",
-    "train.feature_batch": "run.feature_batch",
-    "train.keep_epochs": "run.keep_epochs",
-    "train.tensorboard": "run.tensorboard",
+    "data.workers": ("run.workers", _RUN_SECTION),
+    "train.checkpoint_every": ("run.checkpoint_every", _RUN_SECTION),
+    "train.eval_every": ("run.eval_every", _RUN_SECTION),
+    "train.feature_batch": ("run.feature_batch", _RUN_SECTION),
+    "train.keep_epochs": ("run.keep_epochs", _RUN_SECTION),
+    "train.tensorboard": ("run.tensorboard", _RUN_SECTION),
+    "cluster.k1_adopting": ("stage2.k1_adopting", "only stage 2 reads it, so stage 1's results "
+                            "no longer depend on it"),
 }
 
 
@@ -506,9 +510,9 @@ def _refuse_unknown(unknown: list[str], known: Mapping[str, Any], prefix: str, s
     keys = [f"{prefix}.{name}" if prefix else name for name in unknown]
     for key in keys:
         if key in MOVED_KEYS:
-            raise DmdlError(f"recipe key '{key}' ({source}) moved to {MOVED_KEYS[key]}: "
-                            f"use {MOVED_KEYS[key]} instead (the `run:` section holds the "
-                            f"settings that change no result)")
+            new, why = MOVED_KEYS[key]
+            raise DmdlError(f"recipe key '{key}' ({source}) moved to {new}: use {new} instead "
+                            f"({why})")
         if key in REMOVED_KEYS:
             section, name = key.split(".", 1)
             raise DmdlError(f"recipe key '{key}' ({source}): {section} has no {name}: "

@@ -1,7 +1,8 @@
 """The command runner: what every stage command does before and after its stage function.
 
 :func:`run_command` opens the workspace (prepare-data creates it), finishes or undoes what a
-killed ``prepare-data --force`` left (``data/swap.py``), resolves the recipe
+killed ``prepare-data --force`` left (``data/swap.py``), resolves the checkpoint a command
+loads (:func:`dmdl_cli.stages.resolve_checkpoint`) and the recipe
 (:mod:`dmdl_cli.provenance`: inherited keys, and a refusal naming every key that differs from
 what an upstream result was made with), selects the runtime, takes the locks of the command's
 stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`StageContext` once
@@ -20,7 +21,7 @@ from dmdl_cli.data.swap import settle_interrupted_swap
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.provenance import resolve_recipe
 from dmdl_cli.runtime import select_runtime
-from dmdl_cli.stages import StageSpec, stage
+from dmdl_cli.stages import StageSpec, resolve_checkpoint, stage_spec
 from dmdl_cli.workspace import LOCK_FILE, Workspace
 
 Result = TypeVar("Result")
@@ -43,11 +44,12 @@ def run_command(
 ) -> Result:
     """Run ``body`` (a stage function of a :class:`StageContext`) as command ``command``.
 
-    ``recipe``, ``overlays``, ``overrides``, ``resume``, ``checkpoint``: what the recipe is
-    resolved from (``default_recipe`` and ``force``: prepare-data's base recipe).
-    ``ledger_info``: extra fields of the ledger entry's ``info``.
+    ``recipe``, ``overlays``, ``overrides``, ``resume``: what the recipe is resolved from
+    (``default_recipe`` and ``force``: prepare-data's base recipe). ``checkpoint``: the
+    ``--checkpoint`` of a stage that loads one, resolved here once. ``ledger_info``: extra
+    fields of the ledger entry's ``info``.
     """
-    spec = stage(command)
+    spec = stage_spec(command)
     if resume and force:
         raise DmdlError(f"--resume and --force ask for opposite things: pass --resume to continue "
                         f"the partial run, or --force to start {spec.title} again")
@@ -55,20 +57,21 @@ def run_command(
     settle_interrupted_swap(ws, command)  # a killed prepare-data --force: finished or undone
     if not spec.exclusive:
         ws.require_dataset()
-    recipe_obj = resolve_recipe(
+    chosen = resolve_checkpoint(ws, spec, checkpoint) if spec.loads_checkpoint else None
+    recipe_obj, origin = resolve_recipe(
         ws, command, str(recipe) if recipe else None, [str(o) for o in overlays], list(overrides),
-        resume=resume, checkpoint=checkpoint, force=force,
+        resume=resume, checkpoint=chosen, force=force,
         default=str(default_recipe) if default_recipe else None)
     runtime = select_runtime(recipe_obj, deterministic=deterministic)
     with contextlib.ExitStack() as stack:
         if spec.exclusive:
             stack.enter_context(_undone_if_refused(ws))
-        run = None
+        ledger = None
         if runtime.is_main:
             stack.enter_context(ws.locked(spec))
-            run = stack.enter_context(
-                ws.stage_run(command, recipe_obj, **_info(spec, ledger_info, resume)))
-        ctx = StageContext(ws, recipe_obj, spec, runtime, run)
+            ledger = stack.enter_context(ws.stage_run(
+                command, recipe_obj, origin=origin, **_info(spec, ledger_info, resume)))
+        ctx = StageContext(ws, recipe_obj, spec, runtime, ledger, checkpoint=chosen)
         try:
             return body(ctx)
         finally:

@@ -20,14 +20,15 @@ from dmdl_cli.errors import DmdlError
 from dmdl_cli.features.extract import cached_features
 from dmdl_cli.provenance import sidecar_recipe_path, write_recipe
 from dmdl_cli.recipe import CLUSTER_MODALITIES
-from dmdl_cli.stages import default_checkpoint
 from dmdl_cli.workspace import save_labels
 
 MODALITY_CHOICES = dict(zip(CLUSTER_MODALITIES, ((VISIBLE,), (INFRARED,), (VISIBLE, INFRARED))))
 
 
-def cluster_stage(ctx: StageContext, *, checkpoint: str | None = None,
-                  modality: str = "both") -> np.ndarray:
+def cluster_stage(ctx: StageContext, *, modality: str = "both") -> np.ndarray:
+    """Cluster the train images of ``modality`` with the features of the checkpoint the command
+    loads (``ctx.checkpoint``: without ``--checkpoint`` the newest stage result, or the untrained
+    backbone before any training)."""
     if modality not in MODALITY_CHOICES:
         raise DmdlError(f"--modality {modality}: choose visible, infrared or both")
     wanted = MODALITY_CHOICES[modality]
@@ -37,9 +38,7 @@ def cluster_stage(ctx: StageContext, *, checkpoint: str | None = None,
         if not (index.modality[train_rows] == m).any():
             raise DmdlError(f"{ws.index_path} has no {MODALITY_NAMES[m]} train images to cluster")
     cache = ctx.cache  # checked before the model is built
-    if checkpoint is None and default_checkpoint(ws) is None:
-        checkpoint = "imagenet"  # nothing trained yet: cluster with the untrained backbone
-    loaded = ctx.model(checkpoint)
+    loaded = ctx.model()
     log(f"clustering with {escape(loaded.description)}")
     feats, features_file, reused = cached_features(ws, loaded.model, loaded.sha256, "train", cache,
                                                    train_rows, ctx.runtime,
@@ -71,7 +70,7 @@ def cluster_stage(ctx: StageContext, *, checkpoint: str | None = None,
         if has_ids:
             cells += [f"{s['ari']:.3f}", f"{s['nmi']:.3f}", f"{s['purity']:.3f}"]
         table.add_row(*cells)
-    out = ws.dir("labels") / f"cluster-{loaded.name}.npz"
+    out = ctx.output(f"cluster-{loaded.name}.npz")
     save_labels(out, labels, checkpoint=loaded.name, checkpoint_sha256=loaded.sha256,
                 cache_sha256=cache.sha256, recipe_hash=recipe.hash(), modality=modality,
                 stats={MODALITY_NAMES[m]: clusters[m].stats for m in wanted})

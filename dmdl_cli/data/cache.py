@@ -43,18 +43,13 @@ from dmdl_cli.console import make_progress
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.workspace import repair_hint
 
-__all__ = ["cache_name", "open_image", "to_rgb", "load_image", "build_cache", "open_cache",
-           "ImageCache", "CacheDamaged", "read_rows", "row_checksums", "record_path",
+__all__ = ["open_image", "to_rgb", "load_image", "build_cache", "open_cache", "ImageCache",
+           "CacheDamaged", "read_rows", "row_checksums", "record_path",
            "read_record", "write_record", "cache_record", "verify_cache"]
 
 _CHUNK = 64  # images per worker task
 ROW_CHECKSUM = "crc32"  # of every row, in the integrity record (zlib.crc32: ~5 GB/s)
 SAMPLE_ROWS = 256  # rows spread over the file, checked when it is opened
-
-
-def cache_name(height: int, width: int) -> str:
-    """File name of the cache for images of ``height`` x ``width``."""
-    return f"cache-{int(height)}x{int(width)}.u8"
 
 
 #: PIL modes of 16-bit grey images (16-bit PNG and TIFF infrared frames): scaled to 8 bits

@@ -152,10 +152,12 @@ def cluster(
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
+    eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", metavar="START:STOP:STEP", help="Instead of labelling: DBSCAN at every eps of the grid (e.g. 0.4:0.7:0.05), each eps's robustness and the eps a label-free rule picks (docs/selection.md)."),
 ) -> None:
     function = _stage_function("cluster")
     _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality.value,
-         body=lambda ctx: function(ctx, modality=modality.value))
+         eps_sweep=eps_sweep,
+         body=lambda ctx: function(ctx, modality=modality.value, eps_sweep=eps_sweep))
     _results(f"{_output_folder(workspace, 'cluster')} (pseudo labels and the recipe beside them)")
 
 

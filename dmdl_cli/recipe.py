@@ -63,6 +63,11 @@ MAX_IDENTITIES = 100_000  # identities of the synthetic set
 MAX_KERNELS = 64  # MMD kernels
 MAX_TRIALS = 1000  # gallery sampling trials
 MAX_INT = 2**31 - 1  # any other integer: nothing the tool counts comes near it
+# Label-free selection (docs/selection.md): "last" keeps the last epoch; the others are the
+# criteria of dmdl_cli/clustering/criteria.py a rule may choose a checkpoint by.
+SELECT_CRITERIA = ("last", "eps_robustness", "label_ari", "label_nmi", "unified_ari", "pairs_kept",
+                   "mutual_nn", "matching_cost", "association_cost", "effective_rank")
+SELECT_TIES = ("later", "earlier")  # which epoch a tie goes to
 
 
 def _choice(default: Any, choices: Iterable[Any]) -> Any:
@@ -220,7 +225,8 @@ class RunRecipe:
     """How a run executes, never what it computes: no compatibility hash covers this section,
     so changing a key here keeps checkpoints resumable and stage-1 results usable by stage 2."""
 
-    workers: int = _ranged(4, 0, MAX_PROCESSES)  # training DataLoader processes; decoding threads in prepare-data
+    # training DataLoader processes; decoding threads in prepare-data
+    workers: int = _ranged(4, 0, MAX_PROCESSES)
     checkpoint_every: int = _ranged(50, 1, MAX_ITERS)  # steps between resume points (and at each epoch end)
     eval_every: int = _ranged(0, 0, MAX_EPOCHS)  # epochs between test-set monitoring (0 = off); logged only
     # Images per batch of feature extraction (eval mode: each image's embedding is computed on
@@ -382,6 +388,28 @@ class EvalRecipe:
     rerank_lambda: float = _ranged(0.3, 0.0, 1.0)
 
 
+@dataclass
+class SelectRecipe:
+    """How a checkpoint and DBSCAN's eps are chosen without labels (docs/selection.md): the
+    rule is part of the hashed recipe, so a run states it before it starts."""
+
+    # the criterion the epoch is chosen by (SELECT_CRITERIA; "last": the last epoch)
+    criterion: str = _choice("eps_robustness", SELECT_CRITERIA)
+    # models trained fewer epochs than this in their stage: never chosen
+    warmup: int = _ranged(1, 0, MAX_EPOCHS)
+    # criterion values within this of the best count as tied; a tie goes to the `tie` epoch
+    tolerance: float = _ranged(0.0, 0.0)
+    tie: str = _choice("later", SELECT_TIES)
+    # collapse guard: an epoch (or eps) whose largest cluster holds more than this share of a
+    # modality's images is never chosen (1: no guard)
+    max_largest_share: float = _ranged(0.5, 0.0, 1.0)
+    eps_delta: float = _between(0.02, 0.0, 0.5)  # eps robustness: DBSCAN at eps -+ this (SpCL's)
+    # eps sweep (`dmdl cluster --eps-sweep`): the first peak of robustness reaching this share
+    # of the best is picked
+    sweep_min_peak: float = _ranged(0.5, 0.0, 1.0)
+    rank_samples: int = _ranged(1024, 2, MAX_IMAGES)  # train feature rows of the effective rank (RankMe)
+
+
 def _stage2_defaults() -> Stage2Recipe:
     return Stage2Recipe(triplet_ramp=[[10, 0.5], [20, 1.0]], refine_topk=10)
 
@@ -401,6 +429,7 @@ class Recipe:
     cai: CAIRecipe = field(default_factory=CAIRecipe)
     association: AssociationRecipe = field(default_factory=AssociationRecipe)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
+    select: SelectRecipe = field(default_factory=SelectRecipe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -37,8 +37,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 LOCK_FILE = ".lock"
-MANIFEST_LOCK = ".manifest.lock"
-DAMAGED_SUFFIX = ".damaged"  # manifest.json.damaged: a damaged ledger that prepare-data replaced  # held while the ledger is re-read and rewritten
+MANIFEST_LOCK = ".manifest.lock"  # held while the ledger is re-read and rewritten
+DAMAGED_SUFFIX = ".damaged"  # manifest.json.damaged: a damaged ledger that prepare-data replaced
 # every folder a stage owns (dmdl_cli/stages.py), and the feature cache evaluation and clustering share
 STAGE_DIRS = tuple(dict.fromkeys([*(spec.folder for spec in STAGES.values()), "features"]))
 

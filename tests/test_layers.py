@@ -9,7 +9,7 @@ The layers, bottom to top (docs/architecture.md):
     features    features/ (extraction, BatchNorm re-estimation)
     clustering  clustering/
     training    training/
-    results     evaluation/, export.py, inference.py, report/
+    results     evaluation/, export.py, inference.py, report/, selection/
     commands    runner.py, cli.py, __main__.py
 
 Every import counts, also one inside a function; only imports under ``if TYPE_CHECKING:`` (type
@@ -33,7 +33,7 @@ LAYERS = (
     ("features", ("features",)),
     ("clustering", ("clustering",)),
     ("training", ("training",)),
-    ("results", ("evaluation", "export", "inference", "report")),
+    ("results", ("evaluation", "export", "inference", "report", "selection")),
     ("commands", ("runner", "cli", "__main__")),
 )
 LEVEL = {top: level for level, (_, tops) in enumerate(LAYERS) for top in tops}

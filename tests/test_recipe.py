@@ -211,6 +211,7 @@ _CHANGES = {
     "cai": ("cai.weight=0.1", {"stage2"}),
     "association": ("association.method=hungarian", {"stage2"}),
     "eval": ("eval.trials=2", set()),
+    "select": ("select.warmup=3", set()),
     "run": ("run.workers=2", set()),
 }
 

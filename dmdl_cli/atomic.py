@@ -86,6 +86,30 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+TEMPORARY = ".*.tmp"  # what atomic_output writes into before the rename: .<name>.<random>.tmp
+
+
+def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_output` that a killed process left in
+    ``folder`` (only for a caller that holds the folder alone: no live writer owns them)."""
+    found = [p for p in Path(folder).glob(TEMPORARY) if p.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def write_failure(err: BaseException | None) -> OSError | None:
+    """The OSError of a failed write (disk full, quota, file-size limit, I/O) in ``err`` or the
+    errors it came from (a library may wrap it in its own), None when there is none."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def write_error(target: Path, err: OSError) -> DmdlError:
     """One line naming the file that could not be written and why."""
     cause = err.strerror or err.__class__.__name__

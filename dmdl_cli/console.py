@@ -17,7 +17,19 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+from dmdl_cli.errors import OutputClosed
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich's own handling (the rest of the output goes to /dev/null), but the command stops
+        with an error the ledger can name instead of rich's bare ``SystemExit(1)``."""
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise OutputClosed()
+
+
+console = _Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 
 
 def log(message: str) -> None:

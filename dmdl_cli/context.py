@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmdl_cli.data.cache import open_cache, read_record
+from dmdl_cli.data.cache import ImageCache, open_cache
 from dmdl_cli.data.index import IndexTable, read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.loading import LoadedModel, resolve_model
@@ -45,14 +45,23 @@ class StageContext:
         return index
 
     @functools.cached_property
-    def cache(self) -> np.memmap:
-        """``(N_all, H, W, 3)`` uint8 images at the recipe's size, row i = index row i,
-        recorded as an input in the ledger (with the sha256 of its integrity record)."""
+    def cache(self) -> ImageCache:
+        """``(N_all, H, W, 3)`` uint8 images at the recipe's size, row i = index row i, each
+        row checked against its checksum as it is read; recorded as an input in the ledger
+        (the sha256 of the file as prepared; :meth:`record_reads` adds what was read)."""
         height, width = self.recipe.data.height, self.recipe.data.width
         path = self.ws.cache_path(height, width)
         cache = open_cache(path, len(self.index), height, width)
-        self._record_input(path, (read_record(path) or {}).get("sha256"))
+        self._record_input(path, cache.sha256)
         return cache
+
+    def record_reads(self) -> None:
+        """Add to the cache's ledger record which rows this command read (each one checked
+        against its checksum) and the sha256 of their checksums (``ImageCache.read_summary``);
+        written with the entry's final state."""
+        cache = self.__dict__.get("cache")  # only when the command opened it
+        if self.ledger is not None and cache is not None:
+            self.ledger.add_input(cache.path, cache.sha256, write=False, **cache.read_summary())
 
     @functools.cached_property
     def train_rows(self) -> np.ndarray:

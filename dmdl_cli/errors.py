@@ -30,3 +30,14 @@ class Interrupted(DmdlError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class OutputClosed(Interrupted):
+    """The reader of the output went away (``dmdl ... | head``): the command stops as a
+    process killed by SIGPIPE would (exit 141), and the ledger says why."""
+
+    def __init__(self) -> None:
+        import signal
+
+        super().__init__("stopped: its output was closed (a broken pipe, e.g. `dmdl ... | head`); "
+                         "redirect the output to a file to keep it running", signal.SIGPIPE)

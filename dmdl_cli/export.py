@@ -47,7 +47,7 @@ from rich.table import Table
 from torch import nn
 
 from dmdl_cli import __version__
-from dmdl_cli.atomic import atomic_output, sha256_file
+from dmdl_cli.atomic import atomic_output, remove_temporaries, sha256_file, write_failure
 from dmdl_cli.console import console, log
 from dmdl_cli.context import StageContext
 from dmdl_cli.data.cache import read_rows
@@ -177,6 +177,9 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: Path, *, opset: int
     except DmdlError:
         raise
     except Exception as err:  # noqa: BLE001 - exporter failures become one actionable line
+        disk = write_failure(err)
+        if disk is not None:  # a full disk, not the opset: atomic_output names the file
+            raise disk from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         other = 18 if opset <= LEGACY_MAX_OPSET else LEGACY_MAX_OPSET
         raise DmdlError(
@@ -399,6 +402,7 @@ def export_model(
     height, width = recipe.data.height, recipe.data.width  # the checkpoint's (checked on load)
     check = _ParityCheck.on_cache(ctx, loaded.model, parity_images, tolerance, dynamic_batch)
     out_dir = ctx.folder
+    remove_temporaries(out_dir)  # of a killed export: this command holds the export lock alone
     log(f"exporting {escape(loaded.description)} at {height}x{width} "
         f"({'dynamic batch' if dynamic_batch else 'batch 1'}) to {escape(ws.rel(out_dir))}/")
     info = _describe(loaded, recipe, height, width, dynamic_batch,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dmdl_cli.data.cache import open_image, to_rgb
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, normalize_batch
 from dmdl_cli.model.loading import load_model
@@ -68,13 +69,13 @@ def load_embedder(checkpoint: str | os.PathLike, *, recipe: Recipe | str | os.Pa
 def _to_array(image: ImageLike, height: int, width: int) -> np.ndarray:
     """``(height, width, 3)`` uint8 RGB, decoded and resized like the workspace image cache."""
     if isinstance(image, Image.Image):
-        img = image.convert("RGB")
+        img = to_rgb(image)
         if img.size != (width, height):
             img = img.resize((width, height), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
     path = Path(image)
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             return _to_array(img, height, width)
     except FileNotFoundError:
         raise DmdlError(f"image {path} does not exist") from None

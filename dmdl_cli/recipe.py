@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -76,6 +77,21 @@ COLOUR_MAPS = ("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot", "cool", "spri
 # INFERNO = 14, CIVIDIS = 17, DEEPGREEN = 21), stored in dmdl_cli/data/opencv_colour_maps.json.
 OPENCV_COLOUR_MAPS = ("autumn", "jet", "ocean", "inferno", "cividis", "deepgreen")
 NEVER = "never"  # an epoch threshold that is never reached
+# Sane ranges of integer keys: far beyond any published setting, small enough that a typo
+# (one digit too many) is refused by name instead of exhausting memory in numpy or torch.
+MAX_IMAGE_SIDE = 2048  # pixels (image height or width, padding)
+MAX_EPOCHS = 10_000
+MAX_ITERS = 100_000  # steps per epoch (the reference: 200); also run.checkpoint_every
+MAX_BATCH_FACTOR = 1024  # clusters per batch (P), instances per cluster (K)
+MAX_IMAGES_PER_BATCH = 65_536  # feature and BatchNorm batches, DBSCAN min_samples
+MAX_IMAGES = 10_000_000  # images of a data set
+MAX_NEIGHBOURS = 10_000  # k of k-NN, Jaccard, re-ranking, refinement top-k
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds both take it
+MAX_PROCESSES = 1024  # loader processes, CPU threads
+MAX_IDENTITIES = 100_000  # identities of the synthetic set
+MAX_KERNELS = 64  # MMD kernels
+MAX_TRIALS = 1000  # gallery sampling trials
+MAX_INT = 2**31 - 1  # any other integer: nothing the tool counts comes near it
 # Label-free selection (docs/selection.md): "last" keeps the last epoch; the others are the
 # criteria of dmdl_cli/clustering/criteria.py a rule may choose a checkpoint by.
 SELECT_CRITERIA = ("last", "eps_robustness", "label_ari", "label_nmi", "unified_ari", "pairs_kept",
@@ -94,6 +110,11 @@ def _ranged(default: Any, lo: float | None = None, hi: float | None = None) -> A
 def _threshold(default: int | str) -> Any:
     """An epoch threshold (0-based epoch number) or ``never``; validated against ``epochs``."""
     return field(default=default, metadata={"min": 0, "threshold": True, "schedule": True})
+
+
+def _positive(default: float) -> Any:
+    """A number above 0 (0 itself excluded: a learning rate of 0 trains nothing)."""
+    return field(default=default, metadata={"above": 0.0})
 
 
 def _between(default: Any, lo: float, hi: float) -> Any:
@@ -128,8 +149,8 @@ class DataRecipe:
     """Input images: the data set and the size of the cache and of the network input."""
 
     dataset: str = _choice("synthetic", DATASET_NAMES)  # a record of dmdl_cli/datasets.py
-    height: int = _ranged(288, 16)
-    width: int = _ranged(144, 8)
+    height: int = _ranged(288, 16, MAX_IMAGE_SIDE)
+    width: int = _ranged(144, 8, MAX_IMAGE_SIDE)
     trial: int = _ranged(1, 1, 10)  # RegDB split trial
 
 
@@ -147,10 +168,10 @@ class ModelRecipe:
 class ClusterRecipe:
     """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (docs/method.md section 2)."""
 
-    k1: int = _ranged(30, 1)
-    k2: int = _ranged(6, 1)
+    k1: int = _ranged(30, 1, MAX_NEIGHBOURS)
+    k2: int = _ranged(6, 1, MAX_NEIGHBOURS)
     eps: float = _between(0.6, 0.0, 1.0)  # Jaccard distances lie in [0, 1]: 0 or 1 clusters nothing
-    min_samples: int = _ranged(4, 1)
+    min_samples: int = _ranged(4, 1, MAX_IMAGES_PER_BATCH)
     knn: str = _choice("exact", KNN_METHODS)
     flip_average: bool = True  # average train features with the horizontal flip before clustering
 
@@ -165,14 +186,14 @@ class StageRecipe:
     implementation. Validation refuses thresholds that the schedule never reaches.
     """
 
-    epochs: int = _ranged(50, 1)
-    iters: int = _ranged(200, 1)
-    lr: float = _ranged(3.5e-4, 0.0)
+    epochs: int = _ranged(50, 1, MAX_EPOCHS)
+    iters: int = _ranged(200, 1, MAX_ITERS)
+    lr: float = _positive(3.5e-4)
     weight_decay: float = _ranged(5e-4, 0.0)
-    lr_step: int = _ranged(20, 1)  # step decay every lr_step epochs
+    lr_step: int = _ranged(20, 1, MAX_EPOCHS)  # step decay every lr_step epochs
     lr_gamma: float = _ranged(0.1, 0.0, 1.0)
-    clusters_per_batch: int = _ranged(8, 1)  # P
-    instances: int = _ranged(16, 1)  # K images per cluster and modality
+    clusters_per_batch: int = _ranged(8, 1, MAX_BATCH_FACTOR)  # P
+    instances: int = _ranged(16, 1, MAX_BATCH_FACTOR)  # K images per cluster and modality
     temp: float = _ranged(0.05, 1e-6)  # contrastive temperature tau
     momentum: float = _ranged(0.2, 0.0, 1.0)  # memory momentum: m <- momentum*m + (1-momentum)*f
     # per-sample: each sample of a batch moves its row in turn, in batch order (the reference);
@@ -190,7 +211,7 @@ class StageRecipe:
     loss_reduction: str = _choice("sum-modalities", LOSS_REDUCTIONS)
     # draw a cluster's other instances from cameras other than the anchor's where possible
     camera_aware_sampling: bool = True
-    refine_topk: int = _ranged(3, 1)  # k of the refined targets' top-k softmax
+    refine_topk: int = _ranged(3, 1, MAX_NEIGHBOURS)  # k of the refined targets' top-k softmax
     # this stage's augmentation: `augment:` with these keys replaced ({erasing_scale: [0.02, 0.6]})
     augment: dict = _overrides("augment")
 
@@ -212,7 +233,7 @@ class Stage2Recipe(StageRecipe):
     # k1 of the modality that adopts the other's ids this epoch (the association method says
     # which: nearest-alternating the visible one on even epochs, the infrared one on odd ones;
     # hungarian none); null = cluster.k1. Stage 2 only, so stage 1's results do not depend on it
-    k1_adopting: int | None = _ranged(None, 1)
+    k1_adopting: int | None = _ranged(None, 1, MAX_NEIGHBOURS)
     # the modality that adopted the other's ids this epoch also moves the other's memory rows
     cross_memory_update: bool = True
     # add a batch-hard triplet over all images on unified ids while the cross sampler is on
@@ -234,15 +255,15 @@ class Stage2Recipe(StageRecipe):
 class TrainRecipe:
     """Settings shared by both stages that change the trained numbers."""
 
-    seed: int = _ranged(1, 0)
+    seed: int = _ranged(1, 0, MAX_SEED)
     amp: str = _choice("fp16", AMP_MODES)  # GPU only; CPU runs in fp32
     channels_last: bool = True
     # Clean train images over which BatchNorm running statistics are re-estimated before each
     # epoch's clustering features and before final.pt (0 = off: the reference behaviour).
-    bn_recalibration: int = _ranged(0, 0)
+    bn_recalibration: int = _ranged(0, 0, MAX_IMAGES)
     # Images per batch of that re-estimation: the statistics are a mean over batches, so the
     # batch size is part of the result (unlike run.feature_batch).
-    bn_recalibration_batch: int = _ranged(256, 2)
+    bn_recalibration_batch: int = _ranged(256, 2, MAX_IMAGES_PER_BATCH)
     # BatchNorm statistics of a training step: "joint" over each process's whole forward batch
     # (both views, both modalities); "reference" per slice of the global batch as the
     # reference's DataParallel over `bn_slices` GPUs cuts it (each modality's [view A; view B]
@@ -257,20 +278,21 @@ class RunRecipe:
     """How a run executes, never what it computes: no compatibility hash covers this section,
     so changing a key here keeps checkpoints resumable and stage-1 results usable by stage 2."""
 
-    workers: int = _ranged(4, 0)  # training DataLoader processes; decoding threads in prepare-data
-    checkpoint_every: int = _ranged(50, 1)  # steps between resume points (and at each epoch end)
-    log_every: int = _ranged(10, 1)  # steps between `step` records of log.jsonl (and each epoch end)
-    eval_every: int = _ranged(0, 0)  # epochs between test-set monitoring (0 = off); logged only
+    # training DataLoader processes; decoding threads in prepare-data
+    workers: int = _ranged(4, 0, MAX_PROCESSES)
+    checkpoint_every: int = _ranged(50, 1, MAX_ITERS)  # steps between resume points (and at each epoch end)
+    log_every: int = _ranged(10, 1, MAX_ITERS)  # steps between `step` records of log.jsonl (and each epoch end)
+    eval_every: int = _ranged(0, 0, MAX_EPOCHS)  # epochs between test-set monitoring (0 = off); logged only
     # Images per batch of feature extraction (eval mode: each image's embedding is computed on
     # its own, so the batch size changes nothing beyond floating-point rounding)
-    feature_batch: int = _ranged(256, 1)
+    feature_batch: int = _ranged(256, 1, MAX_IMAGES_PER_BATCH)
     keep_epochs: bool = False  # also keep epoch-NNN.pt per epoch
     # Also write TensorBoard event files to WS/<stage>/tensorboard (needs the `tensorboard` extra).
     tensorboard: bool = False
     # CPU threads of torch and faiss in this process (0: OMP_NUM_THREADS when set, else torch's
     # default). The count changes how floating-point sums are split, so CPU results differ in
     # the last digits between thread counts, never in what is computed.
-    threads: int = _ranged(0, 0)
+    threads: int = _ranged(0, 0, MAX_PROCESSES)
 
 
 # Keys a stage used to carry but never read: an old recipe naming one is refused with the reason.
@@ -309,7 +331,7 @@ class AugmentRecipe:
 
     # the order and number format of the operations (AUGMENT_PIPELINES)
     pipeline: str = _choice("dmdl-v1", AUGMENT_PIPELINES)
-    pad: int = _ranged(10, 0)  # zero padding before the random crop back to the input size
+    pad: int = _ranged(10, 0, MAX_IMAGE_SIDE)  # zero padding before the random crop back to the input size
     flip_p: float = _ranged(0.5, 0.0, 1.0)  # horizontal flip
     # random erasing of one box: probability, area fraction range, aspect ratio range (drawn
     # log-uniformly), boxes tried until one fits, fill (one of ERASING_FILLS)
@@ -357,10 +379,10 @@ class SyntheticRecipe:
     """
 
     # identities: test = ids/3, val = ids/9 (rounded), train = the rest (90: 50 / 10 / 30)
-    ids: int = _ranged(90, 3)
-    seed: int = _ranged(0, 0)  # every draw of the generator derives from it
-    height: int = _ranged(96, 32)  # generated image size in pixels (the cache resizes it)
-    width: int = _ranged(48, 16)
+    ids: int = _ranged(90, 3, MAX_IDENTITIES)
+    seed: int = _ranged(0, 0, MAX_SEED)  # every draw of the generator derives from it
+    height: int = _ranged(96, 32, MAX_IMAGE_SIDE)  # generated image size in pixels (the cache resizes it)
+    width: int = _ranged(48, 16, MAX_IMAGE_SIDE)
     jpeg_quality: int = _ranged(90, 1, 100)
 
     # --- visible-only cues (strong) ---
@@ -409,7 +431,7 @@ class CBTRecipe:
     refine: bool = True  # GMM confidence + top-k soft targets (off: hard labels)
     align: bool = True  # multi-kernel MMD between view A and view B features
     align_weight: float = _ranged(1.0, 0.0)
-    mmd_kernels: int = _ranged(5, 1)
+    mmd_kernels: int = _ranged(5, 1, MAX_KERNELS)
     mmd_kernel_mul: float = _ranged(2.0, 1.0)
     mmd: str = _choice("biased-normalised", MMD_FORMS)  # estimator and features of the alignment
 
@@ -437,10 +459,10 @@ class AssociationRecipe:
 
 @dataclass
 class EvalRecipe:
-    trials: int = _ranged(10, 1)
+    trials: int = _ranged(10, 1, MAX_TRIALS)
     shots: int = _choice(1, (1, 10))
-    rerank_k1: int = _ranged(20, 1)
-    rerank_k2: int = _ranged(6, 1)
+    rerank_k1: int = _ranged(20, 1, MAX_NEIGHBOURS)
+    rerank_k2: int = _ranged(6, 1, MAX_NEIGHBOURS)
     rerank_lambda: float = _ranged(0.3, 0.0, 1.0)
 
 
@@ -451,7 +473,8 @@ class SelectRecipe:
 
     # the criterion the epoch is chosen by (SELECT_CRITERIA; "last": the last epoch)
     criterion: str = _choice("eps_robustness", SELECT_CRITERIA)
-    warmup: int = _ranged(1, 0)  # models trained fewer epochs than this in their stage: never chosen
+    # models trained fewer epochs than this in their stage: never chosen
+    warmup: int = _ranged(1, 0, MAX_EPOCHS)
     # criterion values within this of the best count as tied; a tie goes to the `tie` epoch
     tolerance: float = _ranged(0.0, 0.0)
     tie: str = _choice("later", SELECT_TIES)
@@ -462,7 +485,7 @@ class SelectRecipe:
     # eps sweep (`dmdl cluster --eps-sweep`): the first peak of robustness reaching this share
     # of the best is picked
     sweep_min_peak: float = _ranged(0.5, 0.0, 1.0)
-    rank_samples: int = _ranged(1024, 2)  # train feature rows of the effective rank (RankMe)
+    rank_samples: int = _ranged(1024, 2, MAX_IMAGES)  # train feature rows of the effective rank (RankMe)
 
 
 def _stage2_defaults() -> Stage2Recipe:
@@ -518,6 +541,8 @@ def _type_name(tp: Any) -> str:
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_FLOAT_LIMIT = 2.0**1023  # an integer beyond it has no float value
+_FLOAT_LIMIT = 2.0**1023  # an integer beyond it has no float
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -531,18 +556,29 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value in YAML11_BOOLEANS:  # yes/no/on/off: YAML 1.1's words
+            return YAML11_BOOLEANS[value]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if abs(value) < _FLOAT_LIMIT else math.inf
         # PyYAML (YAML 1.1) reads exponents without a dot (`1e-4`) as strings
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)
+        elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            number = float(value)
+        if number is not None:
+            if not math.isfinite(number):  # .inf, .nan, 1e400: training would diverge silently
+                raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is not a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # an unquoted true/false: YAML's boolean, not a word
+            word = "true" if value else "false"
+            raise DmdlError(f"recipe key '{key}' ({source}): expected a word, got {word} (YAML "
+                            f"reads it as a boolean); quote the word you mean, e.g. '{word}'")
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):  # a tuple: a section built in code
             return copy.deepcopy(list(value))
@@ -615,10 +651,16 @@ def _validated(fld: dataclasses.Field, tp: Any, raw: Any, key: str, source: str)
         raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is below the minimum {lo}")
     if hi is not None and value > hi:
         raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {hi}")
+    if isinstance(value, int) and not isinstance(value, bool) and hi is None and value > MAX_INT:
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {MAX_INT}")
     above, below = meta.get("above"), meta.get("below")
-    if above is not None and not above < value < below:
+    if above is not None and below is None and not value > above:
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} must be above {above:g}")
+    if above is not None and below is not None and not above < value < below:
         raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is outside the open interval "
                         f"({above}, {below}); both ends are excluded")
+    if isinstance(value, list):
+        _check_numbers(value, key, source)
     if "pair" in meta:
         return _checked_pair(value, *meta["pair"], key, source)
     if "items" in meta:
@@ -626,6 +668,17 @@ def _validated(fld: dataclasses.Field, tp: Any, raw: Any, key: str, source: str)
     if "overrides" in meta:
         return _checked_overrides(value, meta["overrides"], key, source)
     return value
+
+
+def _check_numbers(value: Any, key: str, source: str) -> None:
+    """Every number inside a list value (a ramp, a pair) is finite and in the integer range."""
+    if isinstance(value, list):
+        for item in value:
+            _check_numbers(item, key, source)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is not a finite number")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise DmdlError(f"recipe key '{key}' ({source}): {value!r} is above the maximum {MAX_INT}")
 
 
 def _checked_pair(value: list, above: float, hi: float | None, key: str, source: str) -> list:
@@ -688,11 +741,59 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# YAML 1.1's boolean words besides true/false. Recipes are read with YAML 1.2's booleans (only
+# true/false), so `train.amp: off` stays the word "off"; a key that expects a boolean still
+# accepts these words, as YAML 1.1 read them.
+YAML11_BOOLEANS = {word: value for words, value in (("yes Yes YES on On ON", True),
+                                                    ("no No NO off Off OFF", False))
+                   for word in words.split()}
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"'{key}' is given twice (lines {first} and {second}); keep one")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (``off`` is a word) that refuses a key given
+    twice in one mapping (PyYAML keeps the second silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml_text(text: str) -> Any:
+    """YAML text as recipes read it (:class:`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DmdlError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DmdlError(f"recipe file {path} is not a text file (not UTF-8): pass a YAML "
+                        "recipe") from None
+    except _DuplicateKey as err:
+        raise DmdlError(f"recipe file {path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -713,7 +814,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise DmdlError(f"--set '{text}': the key must look like section.name")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml_text(raw) if raw.strip() else None
+    except _DuplicateKey as err:
+        raise DmdlError(f"--set '{text}': {err}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

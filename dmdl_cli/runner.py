@@ -1,7 +1,8 @@
 """The command runner: what every stage command does before and after its stage function.
 
-:func:`run_command` opens the workspace (prepare-data creates it), resolves the checkpoint a
-command loads (:func:`dmdl_cli.stages.resolve_checkpoint`) and the recipe
+:func:`run_command` opens the workspace (prepare-data creates it), finishes or undoes what a
+killed ``prepare-data --force`` left (``data/swap.py``), resolves the checkpoint a command
+loads (:func:`dmdl_cli.stages.resolve_checkpoint`) and the recipe
 (:mod:`dmdl_cli.provenance`: inherited keys, and a refusal naming every key that differs from
 what an upstream result was made with), selects the runtime, takes the locks of the command's
 stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`StageContext` once
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from dmdl_cli.context import StageContext
+from dmdl_cli.data.swap import settle_interrupted_swap
+from dmdl_cli.errors import DmdlError
 from dmdl_cli.provenance import resolve_recipe
 from dmdl_cli.runtime import select_runtime
 from dmdl_cli.stages import StageSpec, resolve_checkpoint, stage_spec
@@ -47,7 +50,11 @@ def run_command(
     fields of the ledger entry's ``info``.
     """
     spec = stage_spec(command)
+    if resume and force:
+        raise DmdlError(f"--resume and --force ask for opposite things: pass --resume to continue "
+                        f"the partial run, or --force to start {spec.title} again")
     ws = Workspace.create(workspace) if spec.exclusive else Workspace.open(workspace)
+    settle_interrupted_swap(ws, command)  # a killed prepare-data --force: finished or undone
     if not spec.exclusive:
         ws.require_dataset()
     chosen = resolve_checkpoint(ws, spec, checkpoint) if spec.loads_checkpoint else None
@@ -64,7 +71,11 @@ def run_command(
             stack.enter_context(ws.locked(spec))
             ledger = stack.enter_context(ws.stage_run(
                 command, recipe_obj, origin=origin, **_info(spec, ledger_info, resume)))
-        return body(StageContext(ws, recipe_obj, spec, runtime, ledger, checkpoint=chosen))
+        ctx = StageContext(ws, recipe_obj, spec, runtime, ledger, checkpoint=chosen)
+        try:
+            return body(ctx)
+        finally:
+            ctx.record_reads()  # what the command read of the image cache, in its entry
 
 
 def _info(spec: StageSpec, info: dict[str, Any], resume: bool) -> dict[str, Any]:

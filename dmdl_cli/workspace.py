@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -24,6 +25,7 @@ import numpy as np
 
 from dmdl_cli import __version__
 from dmdl_cli.atomic import atomic_output, atomic_write_json, atomic_write_text, sha256_file
+from dmdl_cli.console import log
 from dmdl_cli.errors import DmdlError, Interrupted
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.stages import STAGES
@@ -36,6 +38,7 @@ MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 LOCK_FILE = ".lock"
 MANIFEST_LOCK = ".manifest.lock"  # held while the ledger is re-read and rewritten
+DAMAGED_SUFFIX = ".damaged"  # manifest.json.damaged: a damaged ledger that prepare-data replaced
 # every folder a stage owns (dmdl_cli/stages.py), and the feature cache evaluation and clustering share
 STAGE_DIRS = tuple(dict.fromkeys([*(spec.folder for spec in STAGES.values()), "features"]))
 
@@ -119,6 +122,17 @@ def manifest_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
+class DamagedManifest(DmdlError):
+    """``manifest.json`` is not JSON or has fields of the wrong type (cut short, hand-edited)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.reason = reason  # "unreadable (JSONDecodeError)", "malformed (runs is str ...)"
+        super().__init__(
+            f"{path} is {reason}: restore it from a backup, or re-run `dmdl "
+            f"prepare-data` with the options that prepared the workspace: it keeps the damaged "
+            f"file as {MANIFEST}{DAMAGED_SUFFIX} and starts a new ledger")
+
+
 def lock_file(folder: str | None) -> str:
     """``.lock`` (the whole workspace) or ``.lock-<folder>`` (the stage that owns ``folder``)."""
     return LOCK_FILE if folder is None else f"{LOCK_FILE}-{folder}"
@@ -143,6 +157,17 @@ def _holder(text: str) -> tuple[str, str]:
     return pid or "unknown", what
 
 
+def open_lock_file(path: Path) -> tuple[int, bool]:
+    """(fd, writable) of a lock file. A new one gets the mode the umask gives (0664 under umask
+    002), so a group sharing the workspace can lock it; one made by another user that this user
+    cannot write is opened read-only (a flock needs no write access; the holder's pid is then
+    not written into it)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:
+        return os.open(path, os.O_RDONLY), False
+
+
 class WorkspaceLock:
     """A ``flock`` on a lock file of the workspace: exclusive (the holder writes its pid and
     what it runs into the file) or shared (several holders; nothing written).
@@ -155,10 +180,11 @@ class WorkspaceLock:
         self.shared = shared
         self.holder = holder  # what the holder runs, for the refusal of others: "stage 1 (pretrain-single)"
         self._fd: int | None = None
+        self._writable = False
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, self._writable = open_lock_file(self.path)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as err:
@@ -167,7 +193,7 @@ class WorkspaceLock:
             if err.errno in (errno.EAGAIN, errno.EACCES):
                 raise DmdlError(self._refusal(text)) from None
             raise
-        if not self.shared:
+        if not self.shared and self._writable:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {self.holder}".strip().encode() + b"\n", 0)
         self._fd = fd
@@ -206,7 +232,7 @@ class WorkspaceLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            if not self.shared:
+            if not self.shared and self._writable:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -226,10 +252,12 @@ class StageRun:
     entry: dict[str, Any]
     recorded: bool = False  # the entry is in manifest.json
 
-    def add_input(self, path: Path, sha256: str | None = None, *, write: bool = True) -> None:
-        """Record a file the command read; ``write=False`` keeps it in memory until the next
-        write (an input opened before the command's checks are done)."""
-        self._add("inputs", self.workspace.file_record(path, sha256), write)
+    def add_input(self, path: Path, sha256: str | None = None, *, write: bool = True,
+                  **details: Any) -> None:
+        """Record a file the command read (``details``: more fields of its record, such as the
+        rows read of the image cache); ``write=False`` keeps it in memory until the next write
+        (an input opened before the command's checks are done)."""
+        self._add("inputs", {**self.workspace.file_record(path, sha256), **details}, write)
 
     def add_output(self, path: Path, sha256: str | None = None) -> None:
         self._add("outputs", self.workspace.file_record(path, sha256), True)
@@ -257,6 +285,7 @@ class Workspace:
         self.manifest: dict[str, Any] = {}
         self._exclusive = False  # holds the whole workspace: may change the manifest's dataset
         self._own_runs: dict[str, dict[str, Any]] = {}  # id -> the ledger entries this object writes
+        self.damaged_manifest: str | None = None  # why manifest.json could not be read (create)
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -305,11 +334,17 @@ class Workspace:
 
     @classmethod
     def create(cls, root: str | os.PathLike[str]) -> "Workspace":
-        """Open an existing workspace or start an empty one (nothing is written until a lock)."""
+        """Open an existing workspace or start an empty one (nothing is written until a lock).
+
+        A damaged ledger (unreadable or malformed ``manifest.json``) is not fatal here (this is
+        prepare-data, which repairs a workspace): a new ledger starts, and the first write keeps
+        the damaged file as ``manifest.json.damaged`` (:attr:`damaged_manifest` says why)."""
         ws = cls(root)
-        if ws.manifest_path.is_file():
-            ws.manifest = ws._read_manifest()
-        else:
+        try:
+            ws.manifest = ws._read_manifest() if ws.manifest_path.is_file() else {}
+        except DamagedManifest as err:
+            ws.damaged_manifest = err.reason
+        if not ws.manifest:
             if ws.root.exists() and not ws.root.is_dir():
                 raise DmdlError(f"workspace path {ws.root} exists and is not a folder")
             ws.manifest = {
@@ -324,11 +359,11 @@ class Workspace:
     def _read_manifest(self) -> dict[str, Any]:
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DmdlError(
-                f"{self.manifest_path} is unreadable ({err.__class__.__name__}): the workspace is "
-                "damaged; prepare a new workspace with `dmdl prepare-data`"
-            ) from None
+        except OSError as err:
+            raise DmdlError(f"{self.manifest_path} cannot be read ({err.strerror or err}): check "
+                            "the file's permissions") from None
+        except ValueError as err:  # not JSON, not UTF-8: cut short by a full disk, overwritten
+            raise DamagedManifest(self.manifest_path, f"unreadable ({err.__class__.__name__})") from None
         version = data.get("format_version") if isinstance(data, dict) else None
         if version != FORMAT_VERSION:
             raise DmdlError(
@@ -338,10 +373,7 @@ class Workspace:
             )
         problem = manifest_problem(data)
         if problem:
-            raise DmdlError(
-                f"{self.manifest_path} is malformed ({problem}): the workspace is damaged; restore "
-                "the file or prepare a new workspace with `dmdl prepare-data`"
-            )
+            raise DamagedManifest(self.manifest_path, f"malformed ({problem})")
         return data
 
     def write_manifest(self) -> None:
@@ -353,9 +385,11 @@ class Workspace:
         into place. Only the holder of the whole workspace (prepare-data) changes ``dataset``.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, _ = open_lock_file(self.root / MANIFEST_LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename: milliseconds
+            if self.damaged_manifest is not None:
+                self._keep_damaged_manifest()
             merged = self._read_manifest() if self.manifest_path.is_file() else dict(self.manifest)
             if self._exclusive or not self.manifest_path.is_file():
                 merged["dataset"] = self.manifest.get("dataset")
@@ -367,6 +401,14 @@ class Workspace:
             self.manifest = merged
         finally:
             os.close(fd)  # releases the flock
+
+    def _keep_damaged_manifest(self) -> None:
+        """Move a damaged ``manifest.json`` aside (``manifest.json.damaged``): a new ledger starts."""
+        aside = self.manifest_path.with_name(MANIFEST + DAMAGED_SUFFIX)
+        os.replace(self.manifest_path, aside)
+        log(f"[yellow]{self.manifest_path} was {self.damaged_manifest}: kept as "
+            f"{aside}; a new ledger starts here[/]")
+        self.damaged_manifest = None
 
     def file_record(self, path: Path, sha256: str | None = None) -> dict[str, Any]:
         """{path, sha256, bytes} of a file; ``sha256`` when the caller already hashed it."""
@@ -390,6 +432,14 @@ class Workspace:
                 f"{repair_hint(self)}"
             )
         return self.dataset
+
+    def amend_run(self, entry: dict[str, Any], **fields: Any) -> None:
+        """Change fields of another command's ledger entry (a dead run's, or a run whose outputs
+        a ``prepare-data --force`` removed) at this object's next :meth:`write_manifest`; only
+        the holder of the whole workspace does this. An entry without an id (an older dmdl's)
+        cannot be told apart and is left as it is."""
+        if entry.get("id"):
+            self._own_runs[entry["id"]] = {**self._own_runs.get(entry["id"], entry), **fields}
 
     def runs(self, command: str | None = None) -> list[dict[str, Any]]:
         """The ledger entries (of ``command`` only, when given: the entries' ``stage`` field)."""
@@ -424,7 +474,7 @@ class Workspace:
                 lock.acquire()
             self._exclusive = whole
             # Another process may have changed the ledger before we took the lock.
-            if self.manifest_path.is_file():
+            if self.manifest_path.is_file() and self.damaged_manifest is None:
                 self.manifest = self._read_manifest()
             yield self
         finally:
@@ -467,7 +517,8 @@ class Workspace:
         except BaseException as err:
             stopped = isinstance(err, (KeyboardInterrupt, Interrupted))
             entry["status"] = "interrupted" if stopped else "failed"
-            entry["error"] = str(err) or err.__class__.__name__
+            entry["error"] = (f"exited with status {err.code}" if isinstance(err, SystemExit)
+                              else str(err) or err.__class__.__name__)
             entry["ended"] = _now()
             self._close(run)
             raise
@@ -585,7 +636,9 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint", data: bytes | None 
     if data is None:
         data = read_checkpoint_bytes(path, what=what)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the refusal says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_global(err)
         if unsafe is None:
@@ -602,7 +655,15 @@ def load_checkpoint(path: Path, *, what: str = "checkpoint", data: bytes | None 
         ) from None
     if not isinstance(state, dict) or "model" not in state or "meta" not in state:
         raise DmdlError(f"{what} {path} is not a dmdl checkpoint (no model/meta entries)")
-    return from_plain(state)
+    for key in ("model", "meta"):
+        if not isinstance(state[key], dict):
+            raise DmdlError(f"{what} {path} is not a dmdl checkpoint ({key} is a "
+                            f"{type(state[key]).__name__}, not a mapping)")
+    try:
+        return from_plain(state)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise DmdlError(f"{what} {path} is damaged: an array entry does not decode "
+                        f"({type(err).__name__}: {str(err)[:120]})") from None
 
 
 def save_labels(path: Path, labels: np.ndarray, **meta: Any) -> None:

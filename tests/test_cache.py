@@ -10,12 +10,13 @@ from PIL import Image
 
 from dmdl_cli.data.cache import (
     SAMPLE_ROWS,
+    CacheDamaged,
+    ImageCache,
     build_cache,
     load_image,
     open_cache,
     read_rows,
     record_path,
-    sample_rows,
     verify_cache,
 )
 from dmdl_cli.errors import DmdlError
@@ -43,7 +44,7 @@ def test_cache_name(tmp_path):
 def test_rows_equal_decoded_and_resized_images(tmp_path, images):
     out = Workspace(tmp_path / "ws").cache_path(24, 12)
     cache = build_cache(images, out, 24, 12, workers=2, progress=False)
-    assert isinstance(cache, np.memmap) and cache.shape == (4, 24, 12, 3) and cache.dtype == np.uint8
+    assert isinstance(cache, ImageCache) and cache.shape == (4, 24, 12, 3) and cache.dtype == np.uint8
     assert os.path.getsize(out) == 4 * 24 * 12 * 3
     for i, path in enumerate(images):
         with Image.open(path) as img:
@@ -52,8 +53,8 @@ def test_rows_equal_decoded_and_resized_images(tmp_path, images):
         assert np.array_equal(cache[i], load_image(path, 24, 12))
     grey = cache[1]
     assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 0], grey[..., 2])
-    with pytest.raises(ValueError):
-        cache[0, 0, 0, 0] = 1  # read-only
+    with pytest.raises(TypeError):
+        cache[0] = 1  # read-only
     again = open_cache(out, 4, 24, 12)
     assert np.array_equal(np.asarray(again), np.asarray(cache))
     # no temporary left; the integrity record sits beside the cache
@@ -101,28 +102,36 @@ def test_read_rows_keeps_the_requested_order_with_repeats():
     assert read_rows(cache, np.array([], dtype=np.int64)).shape == (0, 2, 1, 3)
 
 
-def test_open_cache_detects_a_zeroed_stretch_and_a_missing_record(tmp_path, images):
-    """The quick check a stage runs on opening the cache: sampled rows against the record."""
+def test_every_row_read_is_checked_against_its_checksum(tmp_path, images):
+    """Rows the check on opening does not sample: opening succeeds, reading any of them (alone,
+    in a batch, in a slice) is refused naming the row; the other rows read fine."""
     out = tmp_path / "z.u8"
-    build_cache(images * 20, out, 16, 8, progress=False)  # 80 rows: all of them are sampled
-    record = record_path(out)
-    assert json.loads(record.read_text())["sample_rows"] == 80
-    ok, _ = verify_cache(out, 80, 16, 8)
-    assert ok
+    build_cache(images * 100, out, 16, 8, progress=False)  # 400 rows, 256 sampled on opening
+    record = json.loads(record_path(out).read_text())
+    assert record["row_checksum"] == "crc32" and len(record["row_checksums"]) == 400 * 8
+    assert verify_cache(out, 400, 16, 8)[0]
+    sampled = set(np.linspace(0, 399, SAMPLE_ROWS).round().astype(int))
+    damaged = [r for r in range(30, 60) if r not in sampled][:2]
     row = 16 * 8 * 3
-    with open(out, "r+b") as handle:  # same size, a stretch of three rows zeroed
-        handle.seek(30 * row)
-        handle.write(bytes(3 * row))
-    with pytest.raises(DmdlError, match=r"z\.u8: image cache is damaged"):
-        open_cache(out, 80, 16, 8)
-    assert verify_cache(out, 80, 16, 8)[0] is False  # the full sha256 check sees it too
-    record.unlink()
+    with open(out, "r+b") as handle:  # same size, two rows zeroed
+        for r in damaged:
+            handle.seek(r * row)
+            handle.write(bytes(row))
+    cache = open_cache(out, 400, 16, 8)
+    first = damaged[0]
+    for read in (lambda: cache[first], lambda: cache[np.array([2, first, 70])],
+                 lambda: cache[first - 1:first + 1], lambda: read_rows(cache, np.array([79, first]))):
+        with pytest.raises(CacheDamaged, match=rf"z\.u8: row {first}\b.*does not match its "
+                                                r"checksum.*no --force needed"):
+            read()
+    assert read_rows(cache, np.array([1, 29, 61, 399])).shape == (4, 16, 8, 3)
+    assert cache.read_summary()["rows_read"] == 4  # the rows that matched, nothing else
+    assert verify_cache(out, 400, 16, 8)[0] is False  # the full sha256 check sees it too
+    with open(out, "r+b") as handle:  # a zeroed stretch of sampled rows: refused on opening
+        handle.seek(100 * row)
+        handle.write(bytes(10 * row))
+    with pytest.raises(CacheDamaged, match=r"z\.u8: row 10\d"):
+        open_cache(out, 400, 16, 8)
+    record_path(out).unlink()
     with pytest.raises(DmdlError, match="no integrity record"):
-        open_cache(out, 80, 16, 8)
-
-
-def test_sampled_rows_cover_the_file_evenly():
-    rows = sample_rows(10_000)
-    assert len(rows) == SAMPLE_ROWS and rows[0] == 0 and rows[-1] == 9_999
-    assert np.diff(rows).max() <= 10_000 // (SAMPLE_ROWS - 1) + 1
-    assert list(sample_rows(3)) == [0, 1, 2]
+        open_cache(out, 400, 16, 8)

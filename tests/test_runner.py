@@ -58,20 +58,28 @@ def test_every_command_leaves_a_done_entry_with_its_inputs_and_outputs(pipeline)
     assert "stage1/final.pt" in inputs[2]
     # cluster: the default checkpoint (stage 2's result), the label file and its recipe
     assert inputs[3] == {index, cache, "stage2/final.pt"}
-    assert outputs[3] == {"labels/cluster-stage2-final.npz", "labels/cluster-stage2-final.recipe.yaml"}
+    assert outputs[3] - _features(outputs[3]) == {"labels/cluster-stage2-final.npz",
+                                                  "labels/cluster-stage2-final.recipe.yaml"}
+    assert len(_features(outputs[3])) == 1  # the train features it made (or read: an input)
     assert runs[3]["info"]["checkpoint"] == "stage2-final" and runs[3]["info"]["modality"] == "visible"
     # evaluate: the checkpoint asked for, its sha256 the bytes evaluated
     assert inputs[4] == {index, cache, "stage1/final.pt"}
-    assert outputs[4] == {"eval/all-search-stage1-final.json"}
+    assert outputs[4] - _features(outputs[4]) == {"eval/all-search-stage1-final.json"}
     evaluated = json.loads((pipeline / "eval" / "all-search-stage1-final.json").read_text())
     checkpoint = next(i for i in runs[4]["inputs"] if i["path"] == "stage1/final.pt")
     assert checkpoint["sha256"] == evaluated["checkpoint"]["sha256"]
     assert inputs[5] == {index, cache, "stage2/final.pt"}
     assert outputs[5] == {"export/model.ts", "export/preprocess.json"}
     assert runs[5]["info"]["format"] == "torchscript"
-    # each record's sha256 is the file's (the cache's from its integrity record)
+    # each record's sha256 is the file's (the cache's from its integrity record), and the
+    # cache's says which rows the command read, each checked against its checksum
     record = json.loads((pipeline / "data" / "cache-64x32.u8.json").read_text())
-    assert next(i for i in runs[3]["inputs"] if i["path"] == cache)["sha256"] == record["sha256"]
+    cache_read = next(i for i in runs[3]["inputs"] if i["path"] == cache)
+    assert cache_read["sha256"] == record["sha256"] and cache_read["rows_read"] > 0
+
+
+def _features(paths: set[str]) -> set[str]:
+    return {p for p in paths if p.startswith("features/")}
 
 
 def _hold(ws: Path, folder: str, title: str) -> list[WorkspaceLock]:

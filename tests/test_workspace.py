@@ -250,9 +250,10 @@ def test_open_refuses_what_is_not_a_readable_workspace(tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "manifest.json").write_text("{ not json")
-    for opener in (Workspace.open, Workspace.create):
-        with pytest.raises(DmdlError, match="manifest.json is unreadable .* damaged"):
-            opener(ws)
+    with pytest.raises(DmdlError, match="manifest.json is unreadable .* re-run `dmdl prepare-data"):
+        Workspace.open(ws)
+    # prepare-data (create) repairs a damaged ledger: it starts a new one
+    assert Workspace.create(ws).damaged_manifest == "unreadable (JSONDecodeError)"
     (ws / "manifest.json").write_text(json.dumps({"format_version": 99, "runs": []}))
     for opener in (Workspace.open, Workspace.create):
         with pytest.raises(DmdlError) as info:

@@ -49,8 +49,10 @@ def cluster_stage(ctx: StageContext, *, modality: str = "both",
     cache = ctx.cache  # checked before the model is built
     loaded = ctx.model()
     log(f"clustering with {escape(loaded.description)}")
-    feats = cached_features(ws, loaded.model, loaded.sha256, "train", cache, train_rows,
-                            ctx.runtime, batch_size=recipe.run.feature_batch)
+    feats, features_file, reused = cached_features(ws, loaded.model, loaded.sha256, "train", cache,
+                                                   train_rows, ctx.runtime,
+                                                   batch_size=recipe.run.feature_batch)
+    (ctx.record_input if reused else ctx.record_output)(features_file)
     mod = index.modality[train_rows].astype(np.int8)
     keep = np.isin(mod, wanted)
     has_ids = bool((index.pids[train_rows] >= 0).any())
@@ -82,7 +84,7 @@ def cluster_stage(ctx: StageContext, *, modality: str = "both",
         table.add_row(*cells)
     out = ctx.output(f"cluster-{loaded.name}.npz")
     save_labels(out, labels, checkpoint=loaded.name, checkpoint_sha256=loaded.sha256,
-                recipe_hash=recipe.hash(), modality=modality,
+                cache_sha256=cache.sha256, recipe_hash=recipe.hash(), modality=modality,
                 stats={MODALITY_NAMES[m]: clusters[m].stats for m in wanted})
     recipe_file = write_recipe(sidecar_recipe_path(out), recipe)
     ctx.record_output(out, recipe_file)

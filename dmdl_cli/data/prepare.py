@@ -3,8 +3,9 @@
 Writes ``WS/data/index.csv``, ``WS/data/cache-HxW.u8`` (with its integrity record),
 ``WS/recipe.yaml`` and the manifest's ``dataset`` entry. Re-running on an unchanged source with
 the same image size checks the cache's sha256 and does nothing more; a damaged or missing index
-or cache is rebuilt by that plain re-run. ``--force`` builds the new index and cache first and
-retires the old stage outputs only once they exist, so a failed rebuild loses nothing.
+or cache is rebuilt by that plain re-run. ``--force`` over a prepared workspace builds the new
+index, cache and recipe beside it and swaps them in for the old ones and the stage outputs
+(``data/swap.py``), so a failed or killed rebuild leaves the old workspace or the new one.
 """
 from __future__ import annotations
 
@@ -14,21 +15,29 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from dmdl_cli.atomic import sha256_file
+from dmdl_cli.atomic import atomic_write_text, remove_temporaries, sha256_file
 from dmdl_cli.console import console, log
-from dmdl_cli.data.cache import build_cache, cache_record, read_record, verify_cache, write_record
+from dmdl_cli.data.cache import (
+    build_cache,
+    cache_record,
+    read_record,
+    record_checksums,
+    verify_cache,
+    write_record,
+)
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, write_index
 from dmdl_cli.data.sources import find_bad_images, read_source
+from dmdl_cli.data.swap import JOURNAL, staging_folder, swap
 from dmdl_cli.datasets import dataset_record
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe, SyntheticRecipe
-from dmdl_cli.workspace import STAGE_DIRS, Workspace
+from dmdl_cli.workspace import RECIPE_FILE, STAGE_DIRS, StageRun, Workspace
 
 if TYPE_CHECKING:  # the context layer sits above this one: prepare-data only reads its fields
     from dmdl_cli.context import StageContext
@@ -37,18 +46,22 @@ SYNTHETIC_STAMP = "dmdl-synthetic.json"
 MAX_LISTED = 10
 
 
-def source_fingerprint(table: IndexTable) -> str:
-    """sha256 over the index content and every image's size and modification time."""
+def source_fingerprint(table: IndexTable, files: Sequence[str] | None = None) -> str:
+    """sha256 over the index content and every image's size and modification time (``files``:
+    where the images are now, when that is not yet the index's paths)."""
     digest = hashlib.sha256(index_to_csv(table).encode())
-    for path in table.paths:
+    for path in table.paths if files is None else files:
         st = os.stat(path)
         digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def _synthetic_root(ws: Workspace, root: Path | None, settings: SyntheticRecipe, force: bool) -> Path:
+def _synthetic_root(ws: Workspace, root: Path | None, settings: SyntheticRecipe, force: bool,
+                    staging: Path | None = None) -> Path:
     """Generate the synthetic set of the recipe's ``synthetic:`` section once (into a temp
-    folder, then renamed) and reuse it while the section is unchanged."""
+    folder, then renamed) and reuse it while the section is unchanged; returns where it is.
+    A set in the workspace that ``--force`` regenerates is generated into ``staging`` (the
+    swap puts it in place: the old workspace keeps its own until then)."""
     from dmdl_cli.data.synthetic import generate
 
     target = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
@@ -67,6 +80,8 @@ def _synthetic_root(ws: Workspace, root: Path | None, settings: SyntheticRecipe,
             )
     elif target.exists() and any(target.iterdir()):
         raise DmdlError(f"{target} exists and is not a dmdl synthetic set: choose another --root")
+    if staging is not None and target == ws.root / "synthetic":
+        target = staging / "synthetic"
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
@@ -123,13 +138,38 @@ def prepare_data(
     alone, and ``ctx.ledger`` is the command's ledger entry."""
     ws, recipe, run = ctx.ws, ctx.recipe, ctx.ledger
     previous = ws.dataset
+    left = [*remove_temporaries(ws.root), *remove_temporaries(ws.root / "data")]
+    if left:  # a killed prepare-data's half-written cache would keep the disk full
+        log(f"removed {len(left)} temporary files a killed command left "
+            f"({', '.join(sorted(ws.rel(p) for p in left))})")
     record = dataset_record(dataset)
     if not record.generated and root is None:
         raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
     root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
     identity = {"name": dataset, "root": str(root), "trial": trial if record.trials else None}
-    root, table = _read_dataset(ws, recipe, identity, previous, force)
-    fingerprint = source_fingerprint(table)
+    # --force over a prepared workspace: everything new is built beside it, then swapped in
+    staging = staging_folder(ws, run.entry["id"]) if previous and force else None
+    try:
+        _prepare(ws, recipe, run, identity, previous, force, skip_bad_images, staging)
+    except BaseException as err:
+        if staging is None or (ws.root / JOURNAL).exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # the old workspace stays as it was
+        if type(err) is DmdlError:  # a file of the new workspace: named where it was to go
+            raise DmdlError(str(err).replace(str(staging), str(ws.root))) from None
+        raise
+
+
+def _prepare(ws: Workspace, recipe: Recipe, run: StageRun, identity: dict[str, Any],
+             previous: dict[str, Any] | None, force: bool, skip_bad_images: bool,
+             staging: Path | None) -> None:
+    dataset = identity["name"]
+    root, table = _read_dataset(ws, recipe, identity, previous, force, staging)
+    # the index names the images where they will be (a regenerated synthetic set: in place)
+    indexed = _relocated(table, staging / "synthetic", root) if _in(table, staging) else table
+    fingerprint = source_fingerprint(indexed, files=table.paths)
+    if ws.damaged_manifest is not None and not force:
+        previous = _recovered_dataset(ws, identity, table, fingerprint)
     height, width = recipe.data.height, recipe.data.width
     cache_path = ws.cache_path(height, width)
 
@@ -138,6 +178,9 @@ def prepare_data(
             and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
         log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
             f"{escape(ws.rel(cache_path))}; nothing to do")
+        if ws.damaged_manifest is not None:  # the ledger is all that was damaged: write it anew
+            ws.manifest["dataset"] = previous
+            run.add_output(ws.index_path)
         console.print(summary_table(_read_table(ws), escape(f"{dataset} in {ws.root}")))
         return
 
@@ -148,13 +191,34 @@ def prepare_data(
             "removed), or use a new workspace"
         )
     table, skipped = _without_bad_images(table, root, recipe.run.workers, skip_bad_images)
+    if _in(table, staging):
+        indexed = _relocated(table, staging / "synthetic", root)
+        skipped = [(p.replace(str(staging / "synthetic"), str(root), 1), why) for p, why in skipped]
+    else:
+        indexed = table
     run.set(root=str(root))
     entry = {**identity, "fingerprint": fingerprint, "skipped_bad_images": skipped}
-    cache_seconds = _write_outputs(ws, recipe, run, table, cache_path, entry,
-                                   retire=bool(previous and force))
+    cache_seconds = _write_outputs(ws, recipe, run, table, indexed, entry, staging)
     log(f"wrote {escape(str(ws.index_path))} and {escape(str(cache_path))} "
         f"({cache_path.stat().st_size / 2**20:.1f} MiB, {cache_seconds:.1f} s)")
     console.print(summary_table(table, escape(f"{dataset} in {ws.root}")))
+
+
+def _recovered_dataset(ws: Workspace, identity: dict, table: IndexTable, fingerprint: str
+                       ) -> dict[str, Any] | None:
+    """The ``dataset`` entry of a workspace whose ledger is damaged, rebuilt from its index when
+    that index is the one ``table`` makes (the same data set: its stage outputs stay valid);
+    otherwise a workspace with stage outputs is refused (without ``--force``)."""
+    if ws.index_path.is_file() and ws.index_path.read_bytes() == index_to_csv(table).encode():
+        return {**identity, "fingerprint": fingerprint, "index_sha256": sha256_file(ws.index_path),
+                "num_images": len(table), "skipped_bad_images": []}
+    kept = [name for name in STAGE_DIRS if name != "data" and (ws.root / name).exists()]
+    if kept:
+        raise DmdlError(
+            f"{ws.manifest_path} is damaged and {ws.index_path} is not the index of {identity['root']}: "
+            f"the stage outputs ({', '.join(kept)}) cannot be told apart from another data set's; "
+            "pass --force to prepare the workspace again (they are removed)")
+    return None
 
 
 def _check_identity(ws: Workspace, previous: dict | None, identity: dict, force: bool) -> None:
@@ -168,14 +232,15 @@ def _check_identity(ws: Workspace, previous: dict | None, identity: dict, force:
 
 
 def _read_dataset(ws: Workspace, recipe: Recipe, identity: dict, previous: dict | None,
-                  force: bool) -> tuple[Path, IndexTable]:
-    """The data root (the synthetic set generated first) and its index."""
+                  force: bool, staging: Path | None) -> tuple[Path, IndexTable]:
+    """The data root (the synthetic set generated first) and its index, whose paths are where
+    the images are now (a synthetic set regenerated by ``--force``: in ``staging``)."""
     dataset, root, trial = identity["name"], Path(identity["root"]), identity["trial"] or 1
     start = time.perf_counter()
     if dataset_record(dataset).generated:
         _check_identity(ws, previous, identity, force)  # before generating anything into the workspace
-        root = _synthetic_root(ws, root, recipe.synthetic, force)
-        table = read_source(dataset, root, trial=trial)
+        table = read_source(dataset, _synthetic_root(ws, root, recipe.synthetic, force, staging),
+                            trial=trial)
     else:
         table = read_source(dataset, root, trial=trial)  # a bad root is named first
         _check_identity(ws, previous, identity, force)
@@ -204,58 +269,69 @@ def _without_bad_images(table: IndexTable, root: Path, workers: int, skip: bool
     return table.select(keep), bad
 
 
-def _write_outputs(ws: Workspace, recipe: Recipe, run: Any, table: IndexTable, cache_path: Path,
-                   entry: dict[str, Any], *, retire: bool) -> float:
-    """Cache, index, recipe and the manifest's ``dataset`` entry (built first: the old stage
-    outputs are retired only once the new index and cache exist); returns the cache's seconds."""
+def _in(table: IndexTable, staging: Path | None) -> bool:
+    """Whether ``table``'s images were generated into ``staging`` (a regenerated synthetic set)."""
+    return staging is not None and bool(table.paths) and table.paths[0].startswith(str(staging))
+
+
+def _relocated(table: IndexTable, now: Path, then: Path) -> IndexTable:
+    """``table`` with the paths under ``now`` moved under ``then``."""
+    return IndexTable([str(then) + p[len(str(now)):] for p in table.paths], table.pids, table.cams,
+                      table.modality, table.split)
+
+
+def _write_outputs(ws: Workspace, recipe: Recipe, run: StageRun, table: IndexTable,
+                   indexed: IndexTable, entry: dict[str, Any], staging: Path | None) -> float:
+    """Cache (from ``table``'s files), index (``indexed``), recipe and the manifest's
+    ``dataset`` entry, in place; or, replacing a prepared workspace (``staging``), built there
+    and swapped in (``data/swap.py``). Returns the cache's seconds."""
+    home = staging if staging is not None else ws.root
+    index_path = home / ws.rel(ws.index_path)
+    cache_path = home / ws.rel(ws.cache_path(recipe.data.height, recipe.data.width))
     start = time.perf_counter()
     build_cache(table.paths, cache_path, recipe.data.height, recipe.data.width,
                 workers=max(1, recipe.run.workers))
     cache_seconds = time.perf_counter() - start
-    write_index(table, ws.index_path)
-    ws.save_recipe(recipe)
-    retired = _retire_stage_outputs(ws) if retire else []
-    ws.manifest["dataset"] = {
+    write_index(indexed, index_path)
+    atomic_write_text(home / RECIPE_FILE, recipe.to_yaml())
+    cache_sha256 = (read_record(cache_path) or {}).get("sha256")
+    dataset = {
         **{k: v for k, v in entry.items() if k != "skipped_bad_images"},
-        "index_sha256": sha256_file(ws.index_path),
+        "index_sha256": sha256_file(index_path),
         "num_images": len(table),
         "skipped_bad_images": [{"path": p, "reason": why} for p, why in entry["skipped_bad_images"]],
     }
-    run.add_output(ws.index_path)
-    run.add_output(cache_path, (read_record(cache_path) or {}).get("sha256"))
-    run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=cache_path.stat().st_size)
-    for folder in retired:  # the manifest no longer needs them: now they go
-        shutil.rmtree(folder, ignore_errors=True)
+    if staging is not None:
+        outputs = [{"path": ws.rel(ws.root / p.relative_to(staging)), "sha256": sha,
+                    "bytes": p.stat().st_size}
+                   for p, sha in ((index_path, dataset["index_sha256"]), (cache_path, cache_sha256))]
+        swap(ws, run.entry["id"], dataset, outputs)
+    else:
+        ws.manifest["dataset"] = dataset
+    run.add_output(ws.index_path, dataset["index_sha256"])
+    run.add_output(ws.cache_path(recipe.data.height, recipe.data.width), cache_sha256)
+    run.set(cache_seconds=round(cache_seconds, 2), cache_bytes=ws.cache_path(
+        recipe.data.height, recipe.data.width).stat().st_size)
     return cache_seconds
-
-
-def _retire_stage_outputs(ws: Workspace) -> list[Path]:
-    """Move every stage output folder aside (a rename: instant) and return the moved folders."""
-    moved = []
-    for name in STAGE_DIRS:
-        folder = ws.root / name
-        if name != "data" and folder.exists():
-            aside = ws.root / f".retired-{name}-{os.getpid()}"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(folder, aside)
-            moved.append(aside)
-    return moved
 
 
 def _cache_intact(ws: Workspace, cache_path: Path, n: int, height: int, width: int) -> bool:
     """Full integrity check of the cache (its sha256 against its record), timed and printed.
 
-    A workspace written before caches had records is checked against the sha256 the manifest
-    recorded for the cache, and the record is written when they agree.
+    A workspace written before caches had records (or before records held a checksum of each
+    row) is checked against the sha256 the manifest (or the old record) holds for the cache, and
+    a complete record is written when they agree.
     """
     if not cache_path.is_file():
         log(f"[yellow]{escape(ws.rel(cache_path))} is missing: building it[/]")
         return False
-    if read_record(cache_path) is None:
-        recorded = _recorded_sha256(ws, cache_path)
-        record = cache_record(cache_path, n, height, width) if recorded else None
-        if record is not None and record["sha256"] == recorded and record["bytes"] == n * height * width * 3:
-            write_record(cache_path, record)
+    record = read_record(cache_path)
+    if record_checksums(record, n) is None:  # no record, or one without per-row checksums
+        recorded = (record or {}).get("sha256") or _recorded_sha256(ws, cache_path)
+        fresh = cache_record(cache_path, n, height, width) if recorded else None
+        if fresh is not None and fresh["sha256"] == recorded and fresh["bytes"] == n * height * width * 3:
+            write_record(cache_path, fresh)
+            log(f"added the checksum of each row to {escape(ws.rel(cache_path))}'s integrity record")
     intact, seconds = verify_cache(cache_path, n, height, width)
     size = cache_path.stat().st_size / 2**20
     if intact:

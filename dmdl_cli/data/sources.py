@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from dmdl_cli.data.cache import open_image
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable
 from dmdl_cli.datasets import dataset_record
 from dmdl_cli.errors import DmdlError
@@ -139,6 +140,11 @@ def read_sysu(root: Path) -> IndexTable:
                     files = _image_files(Path(entry.path))
                     if files:
                         found[c][pid] = (Path(entry.path), files)
+    bare = [f"cam{c}" for c in cams if not found[c]]
+    if bare:  # an indoor-search gallery would silently use one camera of two
+        raise DmdlError(f"{root}: {', '.join(bare)} holds no images of the identities in "
+                        "exp/*_id.txt (an empty camera folder); restore its <pid>/<nnnn>.jpg "
+                        "images")
     for name, ids in (("train/val", train_ids), ("test", test_ids)):
         empty = [p for p in ids if not any(p in found[c] for c in cams)]
         if empty:
@@ -193,6 +199,9 @@ def _read_list(root: Path, path: Path, layout_hint: str) -> tuple[list[str], lis
         rel = parts[0].replace("\\", "/").lstrip("/")
         if rel.startswith("./"):
             rel = rel[2:]
+        if os.path.commonpath([str(root), os.path.normpath(root / rel)]) != str(root):
+            raise DmdlError(f"{path}:{lineno}: {parts[0]!r} points outside the data set root "
+                            f"{root}; list image paths relative to it")
         paths.append(str(root / rel))
         labels.append(label)
         linenos.append(lineno)
@@ -288,9 +297,9 @@ def _check_image(path: str) -> str | None:
     if size == 0:
         return "empty file (0 bytes)"
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.verify()
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
     except UnidentifiedImageError:
         return "not an image"

@@ -22,17 +22,20 @@ import torch
 from torch.utils.data import Dataset
 
 from dmdl_cli.data.augment import AugmentConfig, make_view
+from dmdl_cli.data.cache import ImageCache
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.errors import DmdlError
 
-__all__ = ["ViewDataset", "collate_items"]
+__all__ = ["ViewDataset", "collate_items", "worker_error"]
 
 
 class ViewDataset(Dataset):
     """Augmented views of cached images, keyed by ``(row, seed, view)``.
 
     Args:
-        images: the image cache: a path to a raw uint8 file holding ``shape`` = ``(N, H, W, 3)``
+        images: the image cache: the workspace's :class:`~dmdl_cli.data.cache.ImageCache` (each
+            row checked against its checksum as it is read, in whichever process reads it), a
+            path to a raw uint8 file holding ``shape`` = ``(N, H, W, 3)``
             from byte ``offset`` on (opened read-only as a memmap, lazily, once per process),
             or an array ``(N, H, W, 3)`` uint8 (an ``np.memmap`` is re-opened from its file in
             workers instead of being pickled).
@@ -54,7 +57,10 @@ class ViewDataset(Dataset):
         self._array: np.ndarray | None = None
         self._path: str | None = None
         self._offset = int(offset)
-        if isinstance(images, (str, Path)):
+        if isinstance(images, ImageCache):  # the workspace cache: every row read is checked
+            self._shape = images.shape
+            self._array = images
+        elif isinstance(images, (str, Path)):
             if shape is None:
                 raise ValueError("ViewDataset: `shape` (N, H, W, 3) is required with a path")
             self._path = str(images)
@@ -88,7 +94,7 @@ class ViewDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         if self._path is not None:
-            state["_array"] = None
+            state["_array"] = None  # (an ImageCache pickles without its memory map by itself)
         return state
 
     @property
@@ -108,7 +114,9 @@ class ViewDataset(Dataset):
 
     def image(self, row: int) -> torch.Tensor:
         """Row ``row`` of the cache as uint8 ``(3, H, W)`` (a copy, channel first)."""
-        hwc = np.array(self.images[row], dtype=np.uint8, copy=True)  # (H, W, 3)
+        hwc = self.images[row]  # (H, W, 3): an ImageCache returns a checked copy
+        if not isinstance(self.images, ImageCache):
+            hwc = np.array(hwc, dtype=np.uint8, copy=True)
         return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
@@ -121,6 +129,16 @@ class ViewDataset(Dataset):
         modality = int(self.modality[row])
         image = make_view(self.image(row), modality, self.config, generator, "ab"[view])
         return {"image": image, "row": row, "modality": modality, "view": view}
+
+
+def worker_error(err: DmdlError) -> DmdlError:
+    """A DmdlError raised in a DataLoader worker comes back wrapped with the worker's traceback
+    ("Caught CacheDamaged in DataLoader worker process 0. Original Traceback ..."): its one line."""
+    text = str(err).strip()
+    if not text.startswith("Caught "):
+        return err
+    last = text.splitlines()[-1]
+    return type(err)(last.partition(": ")[2] or last)
 
 
 def collate_items(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

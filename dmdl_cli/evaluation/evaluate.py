@@ -99,7 +99,7 @@ def _warn_small_gallery(mode: str, test: IndexTable, trial_list: list) -> None:
 
 
 def _write_result(out: Path, dataset: str, protocol: dict[str, Any], loaded: LoadedModel,
-                  recipe: Recipe, summary: dict[str, Any], per_trial: list) -> None:
+                  recipe: Recipe, summary: dict[str, Any], per_trial: list, cache_sha256: str) -> None:
     atomic_write_json(out, {
         "dataset": dataset,
         "protocol": protocol,
@@ -108,6 +108,7 @@ def _write_result(out: Path, dataset: str, protocol: dict[str, Any], loaded: Loa
                        # the recipe the checkpoint itself was trained with (None: untrained)
                        "recipe_hash": loaded.meta.get("recipe_hash"),
                        "stage_hash": loaded.meta.get("stage_hash")},
+        "cache_sha256": cache_sha256,  # the image cache the features came from
         "recipe_hash": recipe.hash(),  # of this evaluation's recipe, given below in full
         "recipe": recipe.to_dict(),
         "mean": _jsonable(summary),
@@ -159,8 +160,10 @@ def evaluate(
     loaded = ctx.model()
     log(f"evaluating {escape(loaded.description)}")
     start = time.perf_counter()
-    feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows,
-                            ctx.runtime, batch_size=recipe.run.feature_batch)
+    feats, features_file, reused = cached_features(ws, loaded.model, loaded.sha256, "test", cache,
+                                                   test_rows, ctx.runtime,
+                                                   batch_size=recipe.run.feature_batch)
+    (ctx.record_input if reused else ctx.record_output)(features_file)
 
     summaries: dict[str, dict[str, Any]] = {}
     table_rows = []
@@ -174,7 +177,7 @@ def evaluate(
         _warn_small_gallery(m, test, trial_list)
         out = ctx.output(f"{name}.json")
         _write_result(out, dataset, {"mode": m, "trials": trials, "shots": shots, "rerank": rerank},
-                      loaded, recipe, summary, per_trial)
+                      loaded, recipe, summary, per_trial, cache.sha256)
         ctx.record_output(out)
         if visualize or visualize_worst:
             _draw_ranked_lists(ctx, feats, test, test_rows, trial_list[0], name, rerank,

@@ -2,10 +2,12 @@
 
 ``extract_features`` runs the network under ``torch.inference_mode`` (AMP on GPU) and returns
 the L2-normalised mean of the embeddings of each image and its horizontal mirror.
-``cached_features`` keeps the result in ``WS/features/`` keyed by (checkpoint sha256, split,
-input size), so a second evaluation of one checkpoint does not touch the network.
+``cached_features`` keeps the result in ``WS/features/`` keyed by (checkpoint sha256, cache
+sha256, split, input size), so a second evaluation of one checkpoint does not touch the network.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 from dmdl_cli.atomic import atomic_output
 from dmdl_cli.console import log, make_progress
-from dmdl_cli.data.cache import read_rows
+from dmdl_cli.data.cache import ImageCache, read_rows
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.runtime import Runtime, eval_mode
 from dmdl_cli.workspace import Workspace
@@ -54,28 +56,36 @@ def cached_features(
     model: torch.nn.Module,
     sha256: str,
     split: str,
-    cache: np.ndarray,
+    cache: ImageCache,
     rows: np.ndarray,
     runtime: Runtime,
     *,
     batch_size: int,
-) -> np.ndarray:
-    """``extract_features`` of ``rows`` memoised in ``WS/features/<sha16>-<split>-HxW.npz``."""
+) -> tuple[np.ndarray, Path, bool]:
+    """``extract_features`` of ``rows`` memoised in
+    ``WS/features/<checkpoint sha16>-<cache sha16>-<split>-HxW.npz``; returns the features,
+    the file and whether it was reused (rather than written).
+
+    The file is keyed by the checkpoint's sha256 and by the cache's: features are made only from
+    rows that matched their checksums, so a cache rebuilt from other images (or repaired into
+    other bytes) is never served features of the old one. It also holds the rows and the cache
+    sha256 it was made from, checked before it is reused.
+    """
     height, width = cache.shape[1:3]
-    path = ws.dir("features") / f"{sha256[:16]}-{split}-{height}x{width}.npz"
+    path = ws.dir("features") / f"{sha256[:16]}-{cache.sha256[:16]}-{split}-{height}x{width}.npz"
     rows = np.asarray(rows, dtype=np.int64)
     if path.is_file():
         try:
             with np.load(path) as data:
-                if np.array_equal(data["rows"], rows):
+                if np.array_equal(data["rows"], rows) and str(data["cache_sha256"]) == cache.sha256:
                     log(f"read cached features {ws.rel(path)}")
-                    return data["features"]
+                    return data["features"], path, True
         except (OSError, ValueError, KeyError):
             pass  # damaged or stale: recompute below
     feats = extract_features(model, cache, rows, runtime, batch_size=batch_size,
                              description=f"{split} features")
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez(handle, features=feats, rows=rows)
+            np.savez(handle, features=feats, rows=rows, cache_sha256=np.asarray(cache.sha256))
     log(f"wrote {path} ({len(rows)} x {feats.shape[1]})")
-    return feats
+    return feats, path, False

@@ -26,7 +26,7 @@ import torch
 from dmdl_cli.console import log
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, build_model
-from dmdl_cli.recipe import Recipe
+from dmdl_cli.recipe import Recipe, recipe_from_dict
 from dmdl_cli.stages import UNTRAINED, result_stage
 from dmdl_cli.workspace import Workspace, load_checkpoint, read_checkpoint_bytes
 
@@ -87,9 +87,13 @@ def checkpoint_spec(meta: Mapping[str, Any], path: Path | str, recipe: Recipe | 
     saved = meta.get("recipe")
     if isinstance(saved, Mapping) and isinstance(saved.get("model"), Mapping) \
             and isinstance(saved.get("data"), Mapping):
+        # checked as a recipe file is: a missing or mistyped key is one line naming it
         model, data = saved["model"], saved["data"]
-        return NetworkSpec(str(model["arch"]), float(model["gem_p"]), int(model["last_stride"]),
-                           (int(data["height"]), int(data["width"])))
+        fields = {"model": {k: model.get(k) for k in ("arch", "gem_p", "last_stride")},
+                  "data": {k: data.get(k) for k in ("height", "width")}}
+        network = recipe_from_dict(fields, f"checkpoint {path} meta.recipe", check_schedule=False)
+        return NetworkSpec(network.model.arch, network.model.gem_p, network.model.last_stride,
+                           (network.data.height, network.data.width))
     arch = meta.get("arch") or (recipe.model.arch if recipe is not None else None)
     size = meta.get("input_size") or (
         [recipe.data.height, recipe.data.width] if recipe is not None else None)
@@ -143,7 +147,7 @@ def load_model(source: str | os.PathLike | Mapping[str, Any], recipe: Recipe | N
                         gem_learnable="pool.p" in state["model"])
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError, AttributeError) as err:
         raise DmdlError(f"{what} {path} does not fit the {spec.arch} network: "
                         f"{str(err).splitlines()[0]}") from None
     return model, spec

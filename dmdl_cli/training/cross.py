@@ -193,7 +193,7 @@ class CrossModalityStage(StageLogic):
         memories[FUSED] = make_memory(fused, stage)
         prior = modality_prior(torch.from_numpy(labels), torch.from_numpy(modality)).numpy()
         self.log_labels(t, clusters, inp, assoc, prior, conf[labelled])
-        write_labels_file(t.ctx, self.spec, epoch, labels, confidence=conf)
+        write_labels_file(t, epoch, labels, confidence=conf)
         return Stage2Epoch(epoch, labels, conf, memories, ids=ids, prior=prior,
                            num_ids=int(assoc.num_ids))
 

@@ -232,9 +232,10 @@ class CheckpointHook(Hook):
     ``epoch-NNN.pt`` with ``run.keep_epochs``, and at the end ``final.pt`` (with the log's
     ``end`` record and the ledger's output). Only the main rank writes.
 
-    ``replacing`` (``--force``): the previous run's files stay until this run writes its first
-    ``last.pt``; then its ``final.pt``, the epoch models and label files this run has not
-    rewritten yet, and its log (``release``: the held records replace it) are retired.
+    The first ``last.pt`` a new run writes commits it (``training/commit.py``): its pending
+    recipe and label files go into place and its held log replaces the previous one
+    (``release``); with ``replacing`` (``--force``) the previous run's ``final.pt`` and the epoch
+    models and label files this run has not rewritten yet are removed then too.
     """
 
     def __init__(self, *, replacing: bool, release: Callable[[], None]):
@@ -276,20 +277,24 @@ class CheckpointHook(Hook):
         if not t.runtime.is_main:
             return
         save_checkpoint(t.spec.last(t.ctx.ws), resume_state(t))
+        if not t.files.committed:
+            self._commit(t)
+
+    def _commit(self, t: TrainState) -> None:
+        """The run's first checkpoint is written: its pending files go into place, its held log
+        replaces the previous one, and (``--force``) what the previous run wrote that this one
+        (now at ``t.epoch``) has not is removed (``training/commit.py``)."""
+        ws, spec = t.ctx.ws, t.spec
+        t.ctx.record_output(*(p for p in t.files.commit() if p == spec.recipe_file(ws)))
         if self.replacing:
             self.replacing = False
-            self._retire_previous(t)
-
-    def _retire_previous(self, t: TrainState) -> None:
-        """Remove what the previous run wrote and this one (now at ``t.epoch``) has not."""
-        ws, spec = t.ctx.ws, t.spec
-        spec.final(ws).unlink(missing_ok=True)
-        for path in (ws.root / spec.folder).glob("epoch-*.pt"):  # this run wrote 1..t.epoch
-            if _number(path.stem, "epoch-") > t.epoch:
-                path.unlink(missing_ok=True)
-        for path in ws.dir("labels").glob(f"{spec.labels_prefix}-e*.npz"):
-            if _number(path.stem, f"{spec.labels_prefix}-e") > t.epoch + 1:
-                path.unlink(missing_ok=True)
+            spec.final(ws).unlink(missing_ok=True)
+            for path in (ws.root / spec.folder).glob("epoch-*.pt"):  # this run wrote 1..t.epoch
+                if _number(path.stem, "epoch-") > t.epoch:
+                    path.unlink(missing_ok=True)
+            for path in ws.dir("labels").glob(f"{spec.labels_prefix}-e*.npz"):
+                if _number(path.stem, f"{spec.labels_prefix}-e") > t.epoch + 1:
+                    path.unlink(missing_ok=True)
         self.release()
 
 

@@ -14,7 +14,6 @@ import torch
 from dmdl_cli.data.index import IndexTable
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.recipe import CONFIDENCE_GMMS
-from dmdl_cli.stages import StageSpec
 from dmdl_cli.training.memory import ClusterMemory
 from dmdl_cli.training.refine import global_gmm_confidence, gmm_confidence, sample_losses
 from dmdl_cli.workspace import save_labels
@@ -71,9 +70,12 @@ def stage_batches(stage, index: IndexTable, seed: int, labels: np.ndarray, epoch
                          cross_sampler=cross)
 
 
-def write_labels_file(ctx, spec: StageSpec, epoch: int, labels_all: np.ndarray, **arrays: Any) -> None:
-    """``WS/labels/<prefix>-eNNN.npz`` of stage ``spec``: labels aligned with index rows, plus
-    provenance."""
-    save_labels(spec.labels_file(ctx.ws, epoch), labels_all, epoch=epoch + 1,
+def write_labels_file(t, epoch: int, labels_all: np.ndarray, **arrays: Any) -> None:
+    """``WS/labels/<prefix>-eNNN.npz`` of the run ``t`` (a ``TrainState``): labels aligned with
+    index rows, plus provenance; under its pending name until the run commits
+    (``training/commit.py``)."""
+    ctx, spec = t.ctx, t.spec
+    save_labels(t.files.path(spec.labels_file(ctx.ws, epoch)), labels_all, epoch=epoch + 1,
                 stage=spec.labels_prefix, recipe_hash=ctx.recipe.hash(),
+                cache_sha256=ctx.cache.sha256,  # the image cache the features came from
                 stage_hash=spec.hash(ctx.recipe), **arrays)

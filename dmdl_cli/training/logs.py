@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dmdl_cli.atomic import atomic_write_text
+from dmdl_cli.training.commit import pending_path
 from dmdl_cli.training.tensorboard import TensorBoardLog
 
 LOG_FILE = "log.jsonl"
@@ -26,8 +27,8 @@ class JsonLog:
     def __init__(self, path: Path, enabled: bool, held: bool = False):
         self.path = path
         self.enabled = enabled
-        # --force: records are held in memory until the new run writes its first checkpoint,
-        # so a run that fails early leaves the previous run's log as it was
+        # a new run: records are held in memory until it writes its first checkpoint, so a run
+        # that fails early leaves the previous run's log as it was (training/commit.py)
         self.held: list[str] | None = [] if held else None
 
     def release(self) -> None:
@@ -76,16 +77,18 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def open_stage_log(folder: Path, *, main: bool, replacing: bool, tensorboard: bool, iters: int,
+def open_stage_log(folder: Path, *, main: bool, tensorboard: bool, iters: int,
                    resume_at: tuple[int, int] | None) -> JsonLog | TensorBoardLog:
-    """The log of the stage that owns ``folder``: its ``log.jsonl`` (records held back when
-    ``replacing`` a previous run), also written as TensorBoard events with ``tensorboard`` (a
-    forced re-run starts a new event folder: events are a log, not a model, so they are not
-    held back like ``log.jsonl``)."""
-    jsonl = JsonLog(folder / LOG_FILE, enabled=main, held=replacing and main)
+    """The log of the stage that owns ``folder``: its ``log.jsonl`` and, with ``tensorboard``,
+    the same numbers as TensorBoard events. A new run (``resume_at`` None) holds its records
+    back and writes its events into a pending folder until it commits (``release``), so the
+    previous run's log and events stay until then."""
+    jsonl = JsonLog(folder / LOG_FILE, enabled=main, held=resume_at is None and main)
     if not (tensorboard and main):
         return jsonl
     events = folder / "tensorboard"
+    pending = None
     if resume_at is None:
-        shutil.rmtree(events, ignore_errors=True)
-    return TensorBoardLog(jsonl, events, iters, resume_at=resume_at)
+        pending = pending_path(events)
+        shutil.rmtree(pending, ignore_errors=True)
+    return TensorBoardLog(jsonl, events, iters, resume_at=resume_at, pending=pending)

@@ -16,9 +16,9 @@ so a resumed run regenerates the epoch's batches and skips to the saved step: it
 never stopped (bitwise on the CPU with ``--deterministic``). SIGTERM, SIGINT and SIGUSR1 stop a
 run at the end of its current step with ``last.pt`` written there (``training/signals.py``).
 
-``--force`` starts from scratch but keeps the previous run's ``final.pt``, ``last.pt``, log and
-labels until the new run writes its first checkpoint: a new run that fails early (a bad value,
-a full disk) leaves the previous models as they were.
+A new run (``--force`` or the first) changes nothing visible until it writes its first checkpoint:
+its recipe file, first label file and log wait beside the previous run's (``training/commit.py``),
+so a run that fails early (a bad value, a full disk, a broken pipe) leaves the stage as it was.
 """
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ from dmdl_cli.context import StageContext
 from dmdl_cli.data.augment import AugmentConfig
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.data.sampling import ResumableBatchSampler
-from dmdl_cli.data.train_dataset import ViewDataset, collate_items
+from dmdl_cli.data.train_dataset import ViewDataset, collate_items, worker_error
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.provenance import check_made_with, write_recipe
 from dmdl_cli.recipe import StageRecipe, stage_augment
 from dmdl_cli.runtime import Runtime, make_grad_scaler, seed_everything, set_rng_state
 from dmdl_cli.stages import StageSpec, stage_spec
+from dmdl_cli.training.commit import RunFiles, clear_leftovers
 from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks
 from dmdl_cli.training.forward import ForwardPlan, GroupedForward, forward_plan, global_features
 from dmdl_cli.training.hooks import Hook, Hooks, standard_hooks
@@ -63,6 +64,11 @@ def run_stage(ctx: StageContext, logic: StageLogic, *, resume: bool, force: bool
     final = logic.spec.final(ctx.ws)
     if _finished(ctx, logic.spec, resume=resume, force=force):
         return final
+    if ctx.runtime.is_main:
+        left = clear_leftovers(ctx.ws, logic.spec)
+        if left:
+            log(f"removed {len(left)} files a stopped {logic.spec.name} run left unfinished "
+                f"({', '.join(sorted(ctx.ws.rel(p) for p in left))})")
     seed_everything(ctx.recipe.train.seed)
     if ctx.recipe.run.tensorboard:
         require_tensorboard()  # refuse before anything is written
@@ -70,18 +76,25 @@ def run_stage(ctx: StageContext, logic: StageLogic, *, resume: bool, force: bool
     if ctx.ledger is not None:
         ctx.ledger.set(resumed=saved is not None, deterministic=deterministic)
     t = _setup(ctx, logic, saved)
+    # a new run's files stay beside the previous run's until its first checkpoint
+    t.files = RunFiles(committed=saved is not None)
     stage_log = open_stage_log(ctx.ws.root / logic.spec.folder, main=ctx.runtime.is_main,
-                               replacing=force, tensorboard=ctx.recipe.run.tensorboard,
-                               iters=t.stage.iters, resume_at=t.resumed_at)
+                               tensorboard=ctx.recipe.run.tensorboard, iters=t.stage.iters,
+                               resume_at=t.resumed_at)
     t.log = stage_log
     ctx.record_input(ctx.ws.index_path, *_upstream_results(ctx, logic.spec))
     if ctx.runtime.is_main:
-        ctx.record_output(write_recipe(logic.spec.recipe_file(ctx.ws), ctx.recipe))
+        recipe_file = write_recipe(t.files.path(logic.spec.recipe_file(ctx.ws)), ctx.recipe)
+        if t.files.committed:
+            ctx.record_output(recipe_file)
     every = Hooks([*standard_hooks(stage_log, replacing=force), *hooks])
     try:
         every.on_run_start(t)
         train_epochs(t, every)
         every.on_run_end(t)
+    except BaseException:
+        t.files.discard()  # stopped before its first checkpoint: the stage stays as it was
+        raise
     finally:
         every.close()
     if ctx.runtime.distributed:
@@ -121,14 +134,21 @@ def _train_steps(t: TrainState, hooks: Hook) -> None:
     loader = make_loader(t.dataset, [plan_items(keys, plan, runtime.rank) for keys, plan in zip(batches, plans)],
                          t.step, workers=t.recipe.run.workers,
                          pin_memory=runtime.device.type == "cuda")
+    # the loader's processes check each row against its checksum as they read it: this
+    # process only learns of a mismatch, so it records the rows as read (the ledger's rows_read)
+    t.ctx.cache.mark_read(np.array([key[0] for batch in batches[t.step:] for key in batch],
+                                   dtype=np.int64))
     t.ddp_model.train()
-    for index, raw in zip(range(t.step, len(batches)), loader):
-        hooks.on_step_start(t)
-        loss, parts = optimizer_step(t, to_batch(raw, batches[index], plans[index], t))
-        t.step += 1
-        t.loss = mean_over_ranks(loss.detach(), runtime)
-        t.parts = {name: mean_over_ranks(torch.tensor(value), runtime) for name, value in parts.items()}
-        hooks.on_step_end(t)
+    try:
+        for index, raw in zip(range(t.step, len(batches)), loader):
+            hooks.on_step_start(t)
+            loss, parts = optimizer_step(t, to_batch(raw, batches[index], plans[index], t))
+            t.step += 1
+            t.loss = mean_over_ranks(loss.detach(), runtime)
+            t.parts = {name: mean_over_ranks(torch.tensor(value), runtime) for name, value in parts.items()}
+            hooks.on_step_end(t)
+    except DmdlError as err:  # from a loader process: its one line, not its traceback
+        raise worker_error(err) from None
 
 
 def step_plan(t: TrainState, keys: list) -> ForwardPlan:
@@ -247,9 +267,56 @@ def _resume_point(ctx: StageContext, spec: StageSpec) -> dict[str, Any] | None:
     meta = saved["meta"]
     check_made_with(ws, spec, last, meta, recipe,
                     f"pass --force to start {spec.name} again (`dmdl {spec.command} --force`)")
+    problem = resume_problem(saved, spec.section(recipe), len(ctx.index))
+    if problem:
+        raise _unresumable(ws.rel(last), spec, problem)
     log(f"resuming {spec.name} from {ws.rel(last)}: epoch {meta['epoch'] + 1}, "
         f"step {meta['step']} (weights, optimiser, memories and RNG states come from it)")
     return saved
+
+
+#: what a hand-edited or damaged resume point raises while it is restored
+_RESTORE_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError)
+_RESUME_ENTRIES = ("model", "optimizer", "scheduler", "scaler", "epoch_state", "rng", "meta")
+
+
+def _unresumable(name: str, spec, problem: str) -> DmdlError:
+    return DmdlError(f"{name} cannot be resumed: {problem} (the file was damaged or edited); "
+                     f"pass --force to start {spec.name} again (`dmdl {spec.command} --force`)")
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resume_problem(saved: dict[str, Any], stage: StageRecipe, rows: int) -> str | None:
+    """What makes ``saved`` (a ``last.pt``) unfit to resume a stage of ``stage``'s schedule over
+    an index of ``rows`` images, in words; None when it fits. A position outside the schedule
+    would otherwise end the run at once with a ``final.pt`` that was never trained."""
+    for key in _RESUME_ENTRIES:
+        if not isinstance(saved.get(key), dict):
+            return f"its {key!r} entry is missing or not a mapping"
+    epoch, step = saved["meta"].get("epoch"), saved["meta"].get("step")
+    if not _whole_number(epoch) or not 0 <= epoch < stage.epochs:
+        return f"meta.epoch {epoch!r} is not an epoch of the stage (0..{stage.epochs - 1})"
+    if not _whole_number(step) or not 0 <= step <= stage.iters:
+        return f"meta.step {step!r} is not a step of an epoch (0..{stage.iters})"
+    state = saved["epoch_state"]
+    labels, conf, memories = state.get("labels"), state.get("conf"), state.get("memories")
+    if state.get("epoch") != epoch:
+        return f"epoch_state.epoch {state.get('epoch')!r} is not meta.epoch {epoch}"
+    if not isinstance(memories, dict) or not memories or not all(
+            isinstance(m, torch.Tensor) and m.ndim == 2 for m in memories.values()):
+        return "epoch_state.memories is not a set of (clusters, dim) tensors"
+    if not (isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.shape == (rows,)):
+        shape = getattr(labels, "shape", type(labels).__name__)
+        return f"epoch_state.labels is {shape}, expected {rows} integers (one per index row)"
+    ids = sum(m.shape[0] for m in memories.values())
+    if labels.size and (labels.min() < -1 or labels.max() >= ids):
+        return f"epoch_state.labels holds ids outside -1..{ids - 1} (the memories' rows)"
+    if not (isinstance(conf, np.ndarray) and conf.shape == (rows,) and np.isfinite(conf).all()):
+        return f"epoch_state.conf is not {rows} finite confidences"
+    return None
 
 
 def _setup(ctx: StageContext, logic: StageLogic, saved: dict[str, Any] | None) -> TrainState:
@@ -273,8 +340,7 @@ def _setup(ctx: StageContext, logic: StageLogic, saved: dict[str, Any] | None) -
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             ddp_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     aug = AugmentConfig.from_recipe(stage_augment(recipe, stage), modality_specific=recipe.cbt.augment)
-    dataset = ViewDataset(ctx.ws.cache_path(recipe.data.height, recipe.data.width),
-                             ctx.index.modality, aug, shape=cache.shape)
+    dataset = ViewDataset(cache, ctx.index.modality, aug)
     t = TrainState(ctx, logic, model, ddp_model, optimizer,
                    torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage)),
                    make_grad_scaler(runtime), dataset, origin=origin)
@@ -296,16 +362,22 @@ def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:
 
 
 def _restore(t: TrainState, saved: dict[str, Any]) -> None:
-    """Weights, optimiser, schedule, scaler, the epoch's state and every RNG from ``last.pt``."""
+    """Weights, optimiser, schedule, scaler, the epoch's state and every RNG from ``last.pt``
+    (checked by :func:`resume_problem`; what still does not fit is one line, not a traceback)."""
     meta = saved["meta"]
-    t.model.load_state_dict(saved["model"])
-    t.optimizer.load_state_dict(saved["optimizer"])
-    t.scheduler.load_state_dict(saved["scheduler"])
-    t.scaler.load_state_dict(saved["scaler"])
-    t.resumed_at = (meta["epoch"], meta["step"])
-    t.epoch, t.step = t.resumed_at
-    if t.step < t.stage.iters:
-        t.epoch_state = t.logic.restore_epoch(t, saved["epoch_state"])
-    else:  # saved at an epoch end: the next epoch starts afresh
-        t.epoch, t.step = t.epoch + 1, 0
-    set_rng_state(saved["rng"])
+    try:
+        t.model.load_state_dict(saved["model"])
+        t.optimizer.load_state_dict(saved["optimizer"])
+        t.scheduler.load_state_dict(saved["scheduler"])
+        t.scaler.load_state_dict(saved["scaler"])
+        t.resumed_at = (meta["epoch"], meta["step"])
+        t.epoch, t.step = t.resumed_at
+        if t.step < t.stage.iters:
+            t.epoch_state = t.logic.restore_epoch(t, saved["epoch_state"])
+        else:  # saved at an epoch end: the next epoch starts afresh
+            t.epoch, t.step = t.epoch + 1, 0
+        set_rng_state(saved["rng"])
+    except _RESTORE_ERRORS as err:
+        first = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])[:200]
+        raise _unresumable(t.ctx.ws.rel(t.spec.last(t.ctx.ws)), t.spec,
+                           f"{type(err).__name__}: {first}") from None

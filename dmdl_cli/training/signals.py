@@ -5,8 +5,10 @@ limit with ``--signal=USR1@120``), and people press Ctrl-C. While a stage trains
 these signals only sets a flag; the loop finishes the step it is in, writes ``last.pt`` at that
 step, marks the run ``interrupted`` in the ledger and exits with 128 + the signal number (143
 for SIGTERM, 130 for SIGINT). ``--resume`` then continues as if never stopped. A second signal
-acts at once as it would without dmdl (the handlers are put back after the first one). A
-signal the process was started with ignored (SIGINT in a shell's background job) stays ignored.
+acts at once: an exception (KeyboardInterrupt for Ctrl-C), so that a checkpoint being written is
+not left as a temporary file and the ledger says ``interrupted``; a third acts as it would
+without dmdl (the handlers are put back after the second). A signal the process was started
+with ignored (SIGINT in a shell's background job) stays ignored.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dmdl_cli.errors import Interrupted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -40,8 +44,18 @@ class StopRequest:
         self._restore()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = signum
-        self._restore()  # a second signal is not deferred
+        if not self.signum:  # the first: a flag the loop polls at the end of the step
+            self.signum = signum
+            return
+        # a second acts at once, as an exception, so that a checkpoint half written is removed
+        # and the ledger says `interrupted`; a third acts as it would without dmdl
+        previous = self._previous.get(signum)
+        self._restore()
+        if callable(previous):  # Python's Ctrl-C handler: KeyboardInterrupt
+            previous(signum, frame)
+            return
+        raise Interrupted(f"stopped at once by a second {signal_name(signum)}: the last "
+                          "checkpoint written is the resume point (`--resume`)", signum)
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():

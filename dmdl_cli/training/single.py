@@ -85,7 +85,7 @@ class SingleModalityStage(StageLogic):
         t.log({"kind": "labels", "epoch": epoch, "step": 0,
                **{MODALITY_NAMES[m]: clusters[m].stats for m in MODALITIES},
                "refine": refine, "mean_confidence": float(conf[labels >= 0].mean()) if (labels >= 0).any() else 1.0})
-        write_labels_file(t.ctx, self.spec, epoch, labels, confidence=conf)
+        write_labels_file(t, epoch, labels, confidence=conf)
         memories = {m: make_memory(clusters[m].centroids, stage) for m in MODALITIES}
         return Stage1Epoch(epoch, labels, conf, memories, offsets=offsets, sizes=sizes)
 

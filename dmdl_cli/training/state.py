@@ -22,6 +22,7 @@ from dmdl_cli.features.extract import extract_features
 from dmdl_cli.recipe import Recipe, StageRecipe
 from dmdl_cli.runtime import Runtime
 from dmdl_cli.stages import StageSpec
+from dmdl_cli.training.commit import RunFiles
 from dmdl_cli.training.forward import GroupedForward
 from dmdl_cli.training.memory import ClusterMemory
 
@@ -100,6 +101,7 @@ class TrainState:
     epoch_state: EpochState | None = None  # None until the epoch is labelled
     resumed_at: tuple[int, int] | None = None  # (epoch, step) of the last.pt resumed from
     origin: str = ""  # where the starting weights came from (the log's start record)
+    files: RunFiles = field(default_factory=lambda: RunFiles(committed=True))  # until the commit
     loss: float = math.nan  # the last step's loss, mean over ranks
     parts: dict[str, float] = field(default_factory=dict)  # its named parts, mean over ranks
 

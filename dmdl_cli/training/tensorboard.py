@@ -8,6 +8,8 @@ before anything is written.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +51,34 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 class TensorBoardLog:
     """A JSON-lines log (``JsonLog``) that also writes each record's scalars to TensorBoard."""
 
-    def __init__(self, jsonl, folder: Path, iters: int, resume_at: tuple[int, int] | None = None):
+    def __init__(self, jsonl, folder: Path, iters: int, resume_at: tuple[int, int] | None = None,
+                 pending: Path | None = None):
         """``resume_at`` (epoch, step) of a resumed run: events written after it are dropped,
-        as ``log.jsonl`` drops its records (they are written again)."""
+        as ``log.jsonl`` drops its records (they are written again). ``pending``: a new run's
+        events go there until :meth:`release` puts them in ``folder`` (replacing the old)."""
         self.jsonl = jsonl
         self.iters = iters
+        self.folder, self.pending = folder, pending
         purge = None if resume_at is None else resume_at[0] * iters + resume_at[1] + 1
-        self.writer = require_tensorboard()(log_dir=str(folder), purge_step=purge)
+        self.writer = require_tensorboard()(log_dir=str(pending or folder), purge_step=purge)
 
     def truncate_after(self, epoch: int, step: int) -> None:
         self.jsonl.truncate_after(epoch, step)
 
     def release(self) -> None:
+        """The run committed: its events replace the previous run's (the open event file
+        follows its folder's rename)."""
         self.jsonl.release()
+        if self.pending is not None:
+            self.writer.flush()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.replace(self.pending, self.folder)
+            self.pending = None
 
     def close(self) -> None:
         self.writer.close()
+        if self.pending is not None:  # the run stopped before it committed
+            shutil.rmtree(self.pending, ignore_errors=True)
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.jsonl(record)

@@ -242,7 +242,7 @@ class CrossModalityStage(StageLogic):
         b = rows.shape[0]
         labels = state.labels_t[rows]  # (B,) unified ids
         conf = state.conf_t[rows]
-        refine = recipe.cbt.refine and epoch >= stage.onehot_epochs
+        refine = recipe.cbt.refine and reached(stage.onehot_epochs, epoch)
         with runtime.autocast():
             _, bn = t.ddp_model(batch["images"])  # (2B, D) BN-neck features
         feat = F.normalize(bn.float(), dim=1)

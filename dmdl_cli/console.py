@@ -17,7 +17,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+# A terminal's own width; else $COLUMNS when set (rich reads it); else 132 columns (logs, pipes).
+console = Console(highlight=False,
+                  width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 132)
 
 
 def log(message: str) -> None:

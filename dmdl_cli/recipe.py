@@ -584,6 +584,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class OptionOverride(str):
+    """A recipe override that a command-line option implies (``--dataset sysu`` sets
+    ``data.dataset=sysu``): applied and recorded like ``--set data.dataset=sysu``, but named in
+    messages as the option the user typed (``shown``; ``""``: an option left at its default,
+    which messages do not name)."""
+
+    shown: str
+
+    def __new__(cls, text: str, shown: str) -> "OptionOverride":
+        obj = super().__new__(cls, text)
+        obj.shown = shown
+        return obj
+
+
+def _shown(text: str) -> str:
+    """How an override is named in messages: ``--set a.b=1``, or the option that implied it."""
+    return text.shown if isinstance(text, OptionOverride) else f"--set {text}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one ``a.b=value`` override; the value is read as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
     if "=" not in text:
@@ -714,8 +733,8 @@ def load_recipe(
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(tree, parts, value, text)
-        recipe_from_dict(tree, f"--set {text}", check_schedule=False)
-    sources += [f"--set {text}" for text in overrides]
+        recipe_from_dict(tree, _shown(text) or f"--set {text}", check_schedule=False)
+    sources += [shown for shown in map(_shown, overrides) if shown]
     return recipe_from_dict(tree, " + ".join(sources) or "defaults")
 
 

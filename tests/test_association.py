@@ -8,6 +8,7 @@ from dmdl_cli.clustering.association import (
     Association,
     associate,
     association_accuracy,
+    association_chance,
     centroid_similarity,
     unify_labels,
     unify_rows,
@@ -165,3 +166,19 @@ def test_association_accuracy():
                                 many) == pytest.approx(2 / 3)
     apart = Association(np.array([0, 1, 2]), np.array([3, 4, 5]), 6)
     assert np.isnan(association_accuracy(vis_labels, ir_labels, vis_true, ir_true, apart))
+
+
+def test_association_chance_is_what_a_random_linking_scores():
+    # visible clusters' majority ids: 10, 11, 12; IR clusters': 10, 12, 11, 11
+    vis_labels = np.array([0, 0, 1, 1, 2, 2, -1])
+    vis_true = np.array([10, 10, 11, 11, 12, 12, 99])
+    ir_labels = np.array([0, 1, 2, 3, 3])
+    ir_true = np.array([10, 12, 11, 11, 11])
+    assoc = Association(np.array([0, 1, 2]), np.array([0, 2, 1, 1]), 3)
+    # a random (visible, IR) pair agrees with probability sum_id f_v(id) f_i(id)
+    expected = (1 / 3) * (1 / 4) + (1 / 3) * (2 / 4) + (1 / 3) * (1 / 4)
+    assert association_chance(vis_labels, ir_labels, vis_true, ir_true, assoc) == pytest.approx(expected)
+    # the same by brute force over every pair of clusters
+    maj_v, maj_i = np.array([10, 11, 12]), np.array([10, 12, 11, 11])
+    assert (maj_v[:, None] == maj_i[None, :]).mean() == pytest.approx(expected)
+    assert np.isnan(association_chance(vis_labels, ir_labels, vis_true, np.full(5, -1), assoc))

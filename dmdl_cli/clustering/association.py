@@ -33,6 +33,7 @@ __all__ = [
     "unify_labels",
     "unify_rows",
     "association_accuracy",
+    "association_chance",
 ]
 
 
@@ -152,6 +153,24 @@ def unify_rows(labels: np.ndarray, modality: np.ndarray, association: Associatio
         sel = modality == m
         out[sel] = _map_labels(labels[sel], table, name)
     return out
+
+
+def association_chance(vis_labels: np.ndarray, ir_labels: np.ndarray,
+                       vis_true: np.ndarray, ir_true: np.ndarray,
+                       association: Association) -> float:
+    """Diagnostic: the association accuracy a random linking would score, to read
+    :func:`association_accuracy` against. A random (visible cluster, IR cluster) pair agrees
+    with probability ``sum over ids of f_v(id) * f_i(id)``, ``f`` being the share of a modality's
+    clusters (with a member of known identity) whose majority id is ``id``. NaN when a modality
+    has no such cluster. Arguments as for :func:`association_accuracy`."""
+    maj_v = _majority(vis_labels, vis_true, association.vis_to_unified.size)  # (Cv,)
+    maj_i = _majority(ir_labels, ir_true, association.ir_to_unified.size)  # (Ci,)
+    maj_v, maj_i = maj_v[maj_v >= 0], maj_i[maj_i >= 0]
+    if maj_v.size == 0 or maj_i.size == 0:
+        return float("nan")
+    ids, counts_v = np.unique(maj_v, return_counts=True)
+    counts_i = np.array([(maj_i == i).sum() for i in ids])
+    return float((counts_v * counts_i).sum() / (maj_v.size * maj_i.size))
 
 
 def _majority(labels: np.ndarray, true_ids: np.ndarray, num_clusters: int) -> np.ndarray:

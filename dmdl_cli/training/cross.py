@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmdl_cli.clustering.association import associate, association_accuracy
+from dmdl_cli.clustering.association import associate, association_accuracy, association_chance
 from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
 from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
 from dmdl_cli.console import log
@@ -209,8 +209,11 @@ class CrossModalityStage(StageLogic):
             vis, ir = clusters[VISIBLE], clusters[INFRARED]
             record["association_accuracy"] = association_accuracy(
                 vis.labels, ir.labels, truth[vis.rows], truth[ir.rows], assoc)
+            record["association_chance"] = association_chance(  # what a random linking scores
+                vis.labels, ir.labels, truth[vis.rows], truth[ir.rows], assoc)
         log(f"epoch {epoch + 1}: {assoc.num_ids} unified identities ({recipe.association.method})"
-            + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic)"
+            + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic; a "
+               f"random linking: {record['association_chance']:.3f})"
                if "association_accuracy" in record else ""))
         t.log(record)
 

@@ -96,6 +96,14 @@ def tree_snapshot(folder: Path) -> dict[str, str]:
     return out
 
 
+def discard_when_done(request: pytest.FixtureRequest, folder: Path) -> None:
+    """Remove a module fixture's folder (trained workspaces: hundreds of MB of checkpoints) once
+    its module is done, unless a test has failed (then it stays, to inspect). With pyproject's
+    ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files small."""
+    if request.session.testsfailed == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def copy_workspace(src: Path, tmp_path: Path, name: str = "ws") -> Path:
     dst = Path(tmp_path) / name
     shutil.copytree(src, dst, symlinks=True)
@@ -195,7 +203,7 @@ def assert_refused(result, *words: str) -> str:
 
 
 # One epoch of one step per training stage, on the tiny workspace: the epoch switches a one-epoch
-# schedule never reaches are switched off (recipe validation refuses them otherwise).
+# schedule never reaches are switched off (so no command warns about them).
 STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
                "stage1.instances=2", "cluster.min_samples=2", "run.feature_batch=128",
                "stage1.refine_from=never", "stage1.triplet_ramp=[]"]

@@ -130,11 +130,12 @@ def _cells(cache: np.ndarray, test: IndexTable, test_rows: np.ndarray, dist: np.
     return query, gallery
 
 
-def _about(which: str, ap: float, first: int | None) -> str:
-    """The title line of one query: which it is, its AP, where its first true match is."""
+def _about(which: str, ap: float, first: int | None, gallery: int) -> str:
+    """The title line of one query: which it is, its AP, where its first true match is among
+    the ``gallery`` images it is ranked against."""
     if np.isnan(ap) or first is None:
-        return f"{which}: no image of its identity in the gallery"
-    return f"{which}: AP {ap:.2f}, first true match at rank {first}"
+        return f"{which}: no image of its identity among the {gallery} gallery images"
+    return f"{which}: AP {ap:.2f}, first true match at rank {first} of {gallery}"
 
 
 def write_ranked_lists(out_dir: Path, cache: np.ndarray, test: IndexTable, test_rows: np.ndarray,
@@ -156,8 +157,9 @@ def write_ranked_lists(out_dir: Path, cache: np.ndarray, test: IndexTable, test_
     for qi, kind, n, which in picks:
         q = trial.query[qi]
         filename = f"{prefix}-{kind}{n:02d}-id{test.pids[q]}-cam{test.cams[q]}.png"
-        lines = (title or prefix, _about(which, ap[qi], first_match_rank(test, trial, dist, qi)),
-                 LEGEND)
+        shown = len(_ranked(trial, dist[qi], qi))  # the gallery the query is ranked against
+        lines = (title or prefix,
+                 _about(which, ap[qi], first_match_rank(test, trial, dist, qi), shown), LEGEND)
         picture = ranked_list_image(*_cells(cache, test, test_rows, dist, trial, qi), title=lines)
         path = Path(out_dir) / filename
         with atomic_output(path) as tmp:

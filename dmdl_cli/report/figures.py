@@ -121,7 +121,7 @@ def _loss_panel(record: WorkspaceRecord, stage: StageLog) -> Panel:
             xs = [s["x"] for s in stage.steps if key in s]
             ax.plot(xs, [s[key] for s in stage.steps if key in s], marker=".",
                     lw=2.2 if key == "loss" else 1.2, label="total" if key == "loss" else key)
-        note = ""
+        note, handles = "", ax.get_legend_handles_labels()
         if ramp:
             # the triplet term joins the total with this weight (0 before the ramp's first
             # entry): the total steps up where the weight does, which is not divergence
@@ -130,13 +130,16 @@ def _loss_panel(record: WorkspaceRecord, stage: StageLog) -> Panel:
             right = ax.twinx()
             right.step(list(range(epochs + 1)), weights + weights[-1:], where="post",
                        color="black", ls="--", lw=1, label="triplet weight (right axis)")
-            right.set_ylabel("triplet weight (stageN.triplet_ramp)", fontsize=8)
-            right.set_ylim(0, max(weights + [1.0]) * 1.1)
-            right.legend(fontsize=7, loc="upper right")
+            right.set_ylabel(f"triplet weight ({stage.stage}.triplet_ramp)", fontsize=8)
+            right.set_ylim(0, max(weights + [1.0]) * 1.6)
+            more = right.get_legend_handles_labels()
+            handles = (handles[0] + more[0], handles[1] + more[1])
             note = "the total rises where the triplet weight (dashed) steps up"
         _title(ax, f"losses, {_stage_title(stage.stage)}", note)
         ax.set(xlabel="epochs done", ylabel="loss (logged steps; parts unweighted)")
-        ax.legend(fontsize=8, loc="upper left")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top + 0.45 * (top - bottom))  # room for the legend above the curves
+        ax.legend(*handles, fontsize=7, loc="upper left", ncol=3)
         ax.grid(alpha=0.3)
     return draw
 
@@ -255,7 +258,8 @@ def pseudo_label_panels(record: WorkspaceRecord) -> list[Panel]:
                       note="linked cluster pairs whose majority identities agree"),
         _metric_panel(record, "mean label confidence (CBT refinement)", "confidence",
                       [("mean_confidence", "mean confidence of labelled images", "tab:gray")],
-                      note="1 while a stage trains on hard labels"),
+                      note="GMM confidence of the pseudo labels; stage 1 reports 1 until "
+                           "stage1.refine_from"),
     ]
     return [p for p in panels if p]
 

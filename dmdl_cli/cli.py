@@ -141,16 +141,16 @@ def prepare_data(
 ) -> None:
     """Index a raw data set and build the image cache."""
     # the options set recipe keys (an explicit --set wins); messages name the option typed
+    trial_no = 1 if trial is None else trial
     implied = [OptionOverride(f"data.dataset={dataset}", f"--dataset {dataset}"),
-               OptionOverride(f"data.trial={1 if trial is None else trial}",
-                              "" if trial is None else f"--trial {trial}")]
+               OptionOverride(f"data.trial={trial_no}", "" if trial is None else f"--trial {trial}")]
     implied += [OptionOverride(f"synthetic.{key}={value}", f"--{key} {value}")
                 for key, value in (("ids", ids), ("seed", seed)) if value is not None]
 
     def body(ctx):
         prepare = _stage("dmdl_cli.data.prepare", "prepare_data")
         prepared = prepare(ctx.ws, ctx.recipe, ctx.run, dataset=dataset, root=root,
-                           trial=1 if trial is None else trial, force=force, skip_bad_images=skip_bad_images)
+                           trial=trial_no, force=force, skip_bad_images=skip_bad_images)
         _warn_missing_weights(ctx.recipe)
         return prepared
 

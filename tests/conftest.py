@@ -96,11 +96,23 @@ def tree_snapshot(folder: Path) -> dict[str, str]:
     return out
 
 
+FAILED_MODULES: set[Path] = set()  # test files with a failed test in this session
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        FAILED_MODULES.add(Path(item.path))
+    return report
+
+
 def discard_when_done(request: pytest.FixtureRequest, folder: Path) -> None:
     """Remove a module fixture's folder (trained workspaces: hundreds of MB of checkpoints) once
-    its module is done, unless a test has failed (then it stays, to inspect). With pyproject's
-    ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files small."""
-    if request.session.testsfailed == 0:
+    its module is done, unless a test of that module failed (then it stays, to inspect). With
+    pyproject's ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files
+    small."""
+    if Path(request.node.path) not in FAILED_MODULES:
         shutil.rmtree(folder, ignore_errors=True)
 
 

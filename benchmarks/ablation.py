@@ -66,7 +66,7 @@ VARIANTS: dict[str, tuple[str, str, bool, bool]] = {
 # name -> (what is turned off, the --set overrides that turn it off).
 SWITCHES: dict[str, tuple[str, tuple[str, ...]]] = {
     "no-cross-memory": ("semi-cross-modality memory update", ("stage2.cross_memory_update=false",)),
-    "no-k1-alternation": ("k1 alternation", ("cluster.k1_adopting=null",)),
+    "no-k1-alternation": ("k1 alternation", ("stage2.k1_adopting=null",)),
     "joint-triplet": ("per-modality triplets", ("stage1.triplet=joint", "stage2.triplet=joint")),
     "mean-reduction": ("sums over modalities", ("stage1.loss_reduction=mean", "stage2.loss_reduction=mean")),
     "no-camera-aware": ("camera-aware sampling",

@@ -414,7 +414,7 @@ def e2e_sets(sizes: Sizes) -> list[str]:
             "cluster.eps=0.7", "eval.trials=1", "run.feature_batch=64"]
     # one epoch: the switches a one-epoch schedule never reaches are turned on from epoch 0 where
     # they can be (refinement, the cross-modality sampler) and off where they cannot (ramps)
-    sets += ["cluster.k1_adopting=4", "stage1.refine_from=0", "stage2.onehot_epochs=0",
+    sets += ["stage2.k1_adopting=4", "stage1.refine_from=0", "stage2.onehot_epochs=0",
              "stage2.cross_sampler_from=0"]
     for stage in ("stage1", "stage2"):
         sets += [f"{stage}.epochs=1", f"{stage}.iters={sizes.e2e_iters}", f"{stage}.triplet_ramp=[]"]

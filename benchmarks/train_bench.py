@@ -26,7 +26,7 @@ from dmdl_cli.data.sampling import ResumableBatchSampler, epoch_batches  # noqa:
 from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views  # noqa: E402
 from dmdl_cli.model.backbone import build_model, normalize_batch  # noqa: E402
 from dmdl_cli.training.losses import contrastive_loss, mmd_multi_kernel  # noqa: E402
-from dmdl_cli.recipe import AMP_MODES  # noqa: E402
+from dmdl_cli.recipe import AMP_MODES, Recipe  # noqa: E402
 from dmdl_cli.runtime import AMP_DTYPES  # noqa: E402
 from dmdl_cli.training.memory import ClusterMemory  # noqa: E402
 
@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> dict:
         model = build_model(args.arch).to(device).train()
         if args.channels_last and device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        memory = ClusterMemory(model.feat_dim, args.clusters).to(device)
+        stage = Recipe().stage1  # the memory of stage 1 with the recipe's defaults
+        memory = ClusterMemory(model.feat_dim, args.clusters, temp=stage.temp,
+                               momentum=stage.momentum, rule=stage.memory_update).to(device)
         memory.features.copy_(F.normalize(torch.randn(args.clusters, model.feat_dim), dim=1))
         optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4)
         scaler = torch.amp.GradScaler(enabled=amp == torch.float16)

@@ -1,15 +1,17 @@
 """The ``dmdl`` command line: one thin Typer command per stage.
 
-Each command parses its options and hands the stage function to the command runner
-(``dmdl_cli/runner.py``), which opens the workspace, resolves the recipe, takes the stage's lock,
-records the command in the ledger and builds the stage's context; no stage logic lives here. A :class:`~dmdl_cli.errors.DmdlError` raised anywhere is
-printed as one line and turned into a non-zero exit code.
+Each command parses its options and hands the stage function its record in the table of stages
+names (``dmdl_cli/stages.py``) to the command runner (``dmdl_cli/runner.py``), which opens the
+workspace, resolves the checkpoint and the recipe, takes the stage's lock, records the command
+in the ledger and builds the stage's context; no stage logic lives here. The training commands
+are made from the table's training stages. A :class:`~dmdl_cli.errors.DmdlError` raised
+anywhere is printed as one line and turned into a non-zero exit code.
 
 Keep this module's imports torch-free (and those of ``runner.py``): options, the workspace and
 the recipe are checked before torch is imported (it takes seconds), so a bad option, key or
 value is answered at once. Stage modules are imported inside each command's body, after the
 runner has resolved the recipe. ``tests/test_cli_choices.py`` checks that importing this module
-imports no torch.
+imports no torch, nor does a refused option, key or value.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from rich.markup import escape
 from dmdl_cli import __version__
 from dmdl_cli.console import console
 from dmdl_cli.errors import DmdlError, NotImplementedStage
-from dmdl_cli.evaluation.protocols import PROTOCOLS
-from dmdl_cli.recipe import CLUSTER_MODALITIES, DATASETS, EXPORT_FORMATS, OptionOverride
+from dmdl_cli.datasets import ALL_MODES, DATASET_NAMES, dataset_record
+from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS, OptionOverride
+from dmdl_cli.stages import BY_COMMAND, TRAINING_STAGES, StageSpec, stage_spec
 
 app = typer.Typer(
     add_completion=False,
@@ -36,7 +39,6 @@ app = typer.Typer(
 )
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DEFAULT_RECIPE = {"synthetic": "demo.yaml", "sysu": "sysu.yaml", "regdb": "regdb.yaml", "llcm": "llcm.yaml"}
 
 
 def _choice(default, *names: str, values, help: str):
@@ -53,8 +55,8 @@ def _choice(default, *names: str, values, help: str):
                         show_default=default not in (None, ...))
 
 
-# Choice lists, from the one declaration of each (recipe.py, protocols.py).
-MODES = ["all", *(m for modes in PROTOCOLS.values() for m in modes)]
+# Choice lists come from the one declaration of each (datasets.py, recipe.py).
+MODES = ["all", *ALL_MODES]
 
 # Shared option declarations -------------------------------------------------------------------
 WorkspaceOpt = typer.Option(..., "--workspace", "-w", metavar="DIR", help="Workspace folder.")
@@ -73,7 +75,8 @@ DeterministicOpt = typer.Option(False, "--deterministic", help="Bit-reproducible
 
 
 def command(name: str):
-    """Register a stage command; a DmdlError inside it becomes one red line and an exit code."""
+    """Register a command (a stage's help line comes from its record in the table of stages); a
+    DmdlError inside it becomes one red line and an exit code."""
 
     def decorate(func):
         @functools.wraps(func)
@@ -93,16 +96,21 @@ def command(name: str):
                               soft_wrap=True)
                 raise typer.Exit(1) from None
 
-        return app.command(name)(wrapper)
+        spec = BY_COMMAND.get(name)
+        return app.command(name, help=spec.help if spec else None)(wrapper)
 
     return decorate
 
 
-def _stage(module: str, func: str):
-    """Import a stage function lazily so ``dmdl --help`` stays fast.
+def _stage_function(command: str):
+    """The stage function of ``command`` (its record's ``module:function``), imported lazily so
+    ``dmdl --help`` stays fast. A stage whose module is not in this build yet says so in one line
+    and exits 2."""
+    return _import(*stage_spec(command).function.split(":"))
 
-    A stage whose module is not in this build yet says so in one line and exits 2.
-    """
+
+def _import(module: str, func: str):
+    """``module.func``, imported now; a module not in this build yet is one line and exit 2."""
     try:
         return getattr(importlib.import_module(module), func)
     except ModuleNotFoundError as err:
@@ -127,7 +135,7 @@ def _root(
 
 @command("prepare-data")
 def prepare_data(
-    dataset: str = _choice(..., "--dataset", "-d", values=DATASETS, help="The data set."),
+    dataset: str = _choice(..., "--dataset", "-d", values=DATASET_NAMES, help="The data set."),
     workspace: Path = WorkspaceOpt,
     root: Optional[Path] = typer.Option(None, "--root", metavar="DIR", help="Raw data set folder (synthetic: where to write it, default WS/synthetic)."),
     trial: Optional[int] = typer.Option(None, "--trial", metavar="N", help="RegDB split trial 1..10 (default 1)."),
@@ -139,7 +147,6 @@ def prepare_data(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Exclude unreadable images (recorded in the manifest)."),
     force: bool = ForceOpt,
 ) -> None:
-    """Index a raw data set and build the image cache."""
     # the options set recipe keys (an explicit --set wins); messages name the option typed
     trial_no = 1 if trial is None else trial
     implied = [OptionOverride(f"data.dataset={dataset}", f"--dataset {dataset}"),
@@ -148,14 +155,13 @@ def prepare_data(
                 for key, value in (("ids", ids), ("seed", seed)) if value is not None]
 
     def body(ctx):
-        prepare = _stage("dmdl_cli.data.prepare", "prepare_data")
-        prepared = prepare(ctx.ws, ctx.recipe, ctx.run, dataset=dataset, root=root,
-                           trial=trial_no, force=force, skip_bad_images=skip_bad_images)
+        prepared = _stage_function("prepare-data")(ctx, dataset=dataset, root=root, trial=trial_no,
+                                                   force=force, skip_bad_images=skip_bad_images)
         _warn_missing_weights(ctx.recipe)
         return prepared
 
     _run("prepare-data", workspace, recipe, overlay, [*implied, *(set_ or [])],
-         default_recipe=REPO_RECIPES / DEFAULT_RECIPE[dataset], force=force, dataset=dataset,
+         default_recipe=REPO_RECIPES / dataset_record(dataset).recipe, force=force, dataset=dataset,
          body=body)
     where = _folder(workspace)
     _results(f"workspace {where} (its recipe: {where / 'recipe.yaml'})")
@@ -175,55 +181,45 @@ def _warn_missing_weights(recipe) -> None:
 @command("cluster")
 def cluster(
     workspace: Path = WorkspaceOpt,
-    checkpoint: Optional[str] = CheckpointOpt,
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="PATH|imagenet", help="A checkpoint file, or 'imagenet': the untrained network of the recipe (default: the newest of stage 2, then stage 1, else imagenet)."),
     modality: str = _choice("both", "--modality", values=CLUSTER_MODALITIES, help="Which modality to cluster."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
+    eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", metavar="START:STOP:STEP", help="Instead of labelling: DBSCAN at every eps of the grid (e.g. 0.4:0.7:0.05), each eps's robustness and the eps a label-free rule picks (docs/selection.md)."),
 ) -> None:
-    """Pseudo-label train images per modality."""
     _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality,
-         body=lambda ctx: _stage("dmdl_cli.clustering.stage", "cluster_stage")(
-             ctx, checkpoint=checkpoint, modality=modality))
-    _results(f"{_folder(workspace) / 'labels'} (pseudo labels and the recipe beside them)")
+         eps_sweep=eps_sweep,
+         body=lambda ctx: _stage_function("cluster")(ctx, modality=modality, eps_sweep=eps_sweep))
+    _results(f"{_output_folder(workspace, 'cluster')} (pseudo labels and the recipe beside them)")
 
 
-@command("pretrain-single")
-def pretrain_single(
-    workspace: Path = WorkspaceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    overlay: Optional[list[Path]] = OverlayOpt,
-    set_: Optional[list[str]] = SetOpt,
-    resume: bool = ResumeOpt,
-    force: bool = ForceOpt,
-    deterministic: bool = DeterministicOpt,
-) -> None:
-    """Stage 1: single-modality contrastive learning."""
-    final = _run("pretrain-single", workspace, recipe, overlay, set_, resume=resume,
-                 deterministic=deterministic, force=force,
-                 body=lambda ctx: _stage("dmdl_cli.training.single", "pretrain_single")(
-                     ctx, resume=resume, force=force, deterministic=deterministic,
-                     hooks=_training_hooks()))
-    _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
+def _training_command(spec: StageSpec) -> None:
+    """Register the command of training stage ``spec``: its record names the command, its help
+    line and its stage function; the options are the same for every training stage."""
+
+    def train(
+        workspace: Path = WorkspaceOpt,
+        recipe: Optional[Path] = RecipeOpt,
+        overlay: Optional[list[Path]] = OverlayOpt,
+        set_: Optional[list[str]] = SetOpt,
+        resume: bool = ResumeOpt,
+        force: bool = ForceOpt,
+        deterministic: bool = DeterministicOpt,
+    ) -> None:
+        final = _run(spec.command, workspace, recipe, overlay, set_, resume=resume,
+                     deterministic=deterministic, force=force,
+                     body=lambda ctx: _stage_function(spec.command)(
+                         ctx, resume=resume, force=force, deterministic=deterministic,
+                         hooks=_training_hooks()))
+        _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
+
+    train.__name__ = train.__qualname__ = spec.command.replace("-", "_")
+    command(spec.command)(train)
 
 
-@command("train-cross")
-def train_cross(
-    workspace: Path = WorkspaceOpt,
-    recipe: Optional[Path] = RecipeOpt,
-    overlay: Optional[list[Path]] = OverlayOpt,
-    set_: Optional[list[str]] = SetOpt,
-    resume: bool = ResumeOpt,
-    force: bool = ForceOpt,
-    deterministic: bool = DeterministicOpt,
-) -> None:
-    """Stage 2: cross-modality learning with CAI and CBT."""
-    final = _run("train-cross", workspace, recipe, overlay, set_, resume=resume,
-                 deterministic=deterministic, force=force,
-                 body=lambda ctx: _stage("dmdl_cli.training.cross", "train_cross")(
-                     ctx, resume=resume, force=force, deterministic=deterministic,
-                     hooks=_training_hooks()))
-    _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
+for _spec in TRAINING_STAGES:
+    _training_command(_spec)
 
 
 @command("evaluate")
@@ -240,14 +236,13 @@ def evaluate(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Rank-k, mAP and mINP on cross-modality protocols."""
     _run("evaluate", workspace, recipe, overlay, set_, checkpoint=checkpoint, mode=mode,
          rerank=rerank,
-         body=lambda ctx: _stage("dmdl_cli.evaluation.evaluate", "evaluate")(
-             ctx, mode=mode, checkpoint=checkpoint, trials=trials, shots=shots, rerank=rerank,
-             visualize=visualize, visualize_worst=visualize_worst))
+         body=lambda ctx: _stage_function("evaluate")(
+             ctx, mode=mode, trials=trials, shots=shots, rerank=rerank, visualize=visualize,
+             visualize_worst=visualize_worst))
     pictures = "; ranked lists in ranks/" if visualize or visualize_worst else ""
-    _results(f"{_folder(workspace) / 'eval'} (one JSON per protocol{pictures})")
+    _results(f"{_output_folder(workspace, 'evaluate')} (one JSON per protocol{pictures})")
 
 
 @command("export")
@@ -261,17 +256,21 @@ def export(
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Export to ONNX / TorchScript with a parity check."""
     _run("export", workspace, recipe, overlay, set_, checkpoint=checkpoint, format=fmt,
          opset=opset, dynamic_batch=dynamic_batch,
-         body=lambda ctx: _stage("dmdl_cli.export", "export_model")(
-             ctx, checkpoint=checkpoint, fmt=fmt, opset=opset, dynamic_batch=dynamic_batch))
-    _results(f"{_folder(workspace) / 'export'}")
+         body=lambda ctx: _stage_function("export")(ctx, fmt=fmt, opset=opset,
+                                                    dynamic_batch=dynamic_batch))
+    _results(f"{_output_folder(workspace, 'export')}")
 
 
 def _folder(workspace: Path) -> Path:
     """The workspace folder as the runner opened it (absolute, for the results line)."""
     return Path(workspace).expanduser().resolve()
+
+
+def _output_folder(workspace: Path, command: str) -> Path:
+    """The folder of the workspace that ``command``'s stage writes into."""
+    return _folder(workspace) / stage_spec(command).folder
 
 
 def _training_hooks() -> list:
@@ -297,7 +296,7 @@ def report(
 
     WS: one or more workspaces (seeds, ablation variants, RegDB trials).
     """
-    _stage("dmdl_cli.report.build", "report")(workspaces, out)
+    _import("dmdl_cli.report.build", "report")(workspaces, out)
 
 
 def _run(command: str, workspace: Path, recipe: Optional[Path], overlay, set_, **options):

@@ -2,14 +2,16 @@
 
 A stage is a function of a :class:`StageContext` (and its own options): the workspace, the
 resolved recipe, the stage's record in the table of stages, the runtime, the ledger entry of
-this command, and, opened on first use, the index, the image cache and the model a
-``--checkpoint`` names. Nothing here decides policy (locks, ledger, force or resume): the
-runner does that before it hands the context over.
+this command, the checkpoint it loads (``--checkpoint``, resolved once by the runner) and,
+opened on first use, the index, the image cache and that checkpoint's model. Nothing here
+decides policy (locks, ledger, force or resume): the runner does that before it hands the
+context over.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,7 +31,10 @@ class StageContext:
     recipe: Recipe
     spec: StageSpec
     runtime: Runtime
-    run: StageRun | None = None  # this command's ledger entry (None on DDP ranks other than 0)
+    ledger: StageRun | None = None  # this command's ledger entry (None on DDP ranks other than 0)
+    # what a stage that loads a checkpoint loads (dmdl_cli.stages.resolve_checkpoint): a path,
+    # "imagenet" (the untrained backbone), None (nothing trained yet)
+    checkpoint: Path | str | None = None
 
     @functools.cached_property
     def index(self) -> IndexTable:
@@ -57,32 +62,41 @@ class StageContext:
             raise DmdlError(f"{self.ws.index_path} has no train rows: nothing to train on")
         return rows
 
-    def model(self, checkpoint: str | None) -> LoadedModel:
-        """The network ``--checkpoint`` names (``dmdl_cli.model.loading.resolve_model``), on the
+    def model(self) -> LoadedModel:
+        """The network of :attr:`checkpoint` (``dmdl_cli.model.loading.resolve_model``), on the
         runtime's device, recorded as an input of this command in the ledger (the command's
         entry is written from here on)."""
-        loaded = resolve_model(self.ws, self.recipe, checkpoint)
+        loaded = resolve_model(self.ws, self.recipe, self.checkpoint)
         loaded.model.to(self.runtime.device)
-        if self.run is not None:
+        if self.ledger is not None:
             if loaded.path is not None:
-                self.run.add_input(loaded.path, loaded.sha256)  # the bytes that were loaded
-            self.run.set(checkpoint=loaded.name)
+                self.ledger.add_input(loaded.path, loaded.sha256)  # the bytes that were loaded
+            self.ledger.set(checkpoint=loaded.name)
         return loaded
 
     def _record_input(self, path, sha256: str | None) -> None:
         """Index and cache are opened before a stage's checks are done: their records reach
         the ledger with the next write (the model, an output), so a refusal leaves none."""
-        if self.run is not None:
-            self.run.add_input(path, sha256, write=False)
+        if self.ledger is not None:
+            self.ledger.add_input(path, sha256, write=False)
 
     def record_input(self, *paths) -> None:
         """Record workspace files this command read (with their sha256) in the ledger."""
-        if self.run is not None:
+        if self.ledger is not None:
             for path in paths:
-                self.run.add_input(path)
+                self.ledger.add_input(path)
 
     def record_output(self, *paths) -> None:
         """Record files this command wrote (with their sha256) in the ledger."""
-        if self.run is not None:
+        if self.ledger is not None:
             for path in paths:
-                self.run.add_output(path)
+                self.ledger.add_output(path)
+
+    @property
+    def folder(self) -> Path:
+        """``WS/<folder>``: the workspace folder this command's stage owns and writes into."""
+        return self.ws.root / self.spec.folder
+
+    def output(self, name: str) -> Path:
+        """``WS/<folder>/<name>``: where this command writes its file ``name``."""
+        return self.folder / name

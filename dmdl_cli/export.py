@@ -374,7 +374,6 @@ def _describe(loaded: LoadedModel, recipe: Recipe, height: int, width: int, dyna
 def export_model(
     ctx: StageContext,
     *,
-    checkpoint: str | None = None,
     fmt: str = "both",
     opset: int = 17,
     dynamic_batch: bool = False,
@@ -383,7 +382,7 @@ def export_model(
 ) -> dict[str, Any]:
     """Export the checkpoint's embedding network; returns what ``preprocess.json`` holds.
 
-    ``checkpoint``: None (newest stage result), ``imagenet`` (untrained backbone) or a path.
+    The checkpoint is ``ctx.checkpoint`` (the newest stage result, ``imagenet`` or a path).
     ``fmt``: ``onnx``, ``torchscript`` or ``both``. ``tolerance``: largest allowed absolute
     difference of an embedding value between an exported file and PyTorch (fp32) on
     ``parity_images`` cache images. Raises :class:`DmdlError` when a check fails; nothing is
@@ -396,10 +395,10 @@ def export_model(
     if "onnx" in formats:
         require_onnx(opset)  # fail before any work when the extra is missing
     ws, recipe = ctx.ws, ctx.recipe
-    loaded = ctx.model(checkpoint)
+    loaded = ctx.model()
     height, width = recipe.data.height, recipe.data.width  # the checkpoint's (checked on load)
     check = _ParityCheck.on_cache(ctx, loaded.model, parity_images, tolerance, dynamic_batch)
-    out_dir = ws.dir("export")
+    out_dir = ctx.folder
     log(f"exporting {escape(loaded.description)} at {height}x{width} "
         f"({'dynamic batch' if dynamic_batch else 'batch 1'}) to {escape(ws.rel(out_dir))}/")
     info = _describe(loaded, recipe, height, width, dynamic_batch,
@@ -501,8 +500,8 @@ def _record_exports(ctx: StageContext, out_dir: Path, formats: tuple[str, ...],
             stale.unlink()
             log(f"removed {escape(ctx.ws.rel(stale))} (an earlier export, not described by "
                 f"{PREPROCESS_FILE})")
-    if ctx.run is not None:
-        ctx.run.set(files={n: info["files"][n]["bytes"] for n in formats},
+    if ctx.ledger is not None:
+        ctx.ledger.set(files={n: info["files"][n]["bytes"] for n in formats},
                     max_abs_diff=max(c["max_abs_diff"] for c in info["parity"]["checks"]))
     written = ", ".join(f"{out_dir / FILES[n]} ({_mib(info['files'][n]['bytes'])})" for n in formats)
     log(f"wrote {escape(written)} and {escape(str(out_dir / PREPROCESS_FILE))}")

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 from dmdl_cli.atomic import atomic_write_text
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe, load_recipe
-from dmdl_cli.stages import STAGE_RECIPE, StageSpec, default_checkpoint, stage
+from dmdl_cli.stages import STAGE_RECIPE, StageSpec, stage_spec
 
 # What a checkpoint fixes for the commands that only run it (evaluate, cluster, export).
 CHECKPOINT_KEYS = ("data.height", "data.width", "model")
@@ -63,29 +63,21 @@ def _stage_upstream(ws, spec: StageSpec, result: Path) -> Upstream:
                     f"re-run `dmdl {spec.command} --force` with them")
 
 
-def _checkpoint_path(ws, checkpoint: str | None) -> Path | None:
-    if checkpoint == "imagenet":
-        return None
-    if checkpoint is None:  # the default checkpoint: the newest stage result
-        return default_checkpoint(ws)
-    return Path(checkpoint).expanduser().resolve()
-
-
-def upstreams(ws, command: str, *, resume: bool = False, checkpoint: str | None = None
+def upstreams(ws, command: str, *, resume: bool = False, checkpoint: Path | str | None = None
               ) -> list[Upstream]:
-    """The results ``command`` builds on whose recipe file exists, upstream first."""
+    """The results ``command`` builds on whose recipe file exists, upstream first.
+    ``checkpoint``: what the command loads, as resolved by ``stages.resolve_checkpoint``."""
     found: list[Upstream] = []
-    spec = stage(command)
+    spec = stage_spec(command)
     if spec.upstream is not None:
-        up = stage(spec.upstream)
+        up = stage_spec(spec.upstream)
         found.append(_stage_upstream(ws, up, up.final(ws)))
     if spec.trains and resume and spec.last(ws).is_file():
         found.append(_stage_upstream(ws, spec, spec.last(ws)))
-    if command in ("evaluate", "cluster", "export"):
-        path = _checkpoint_path(ws, checkpoint)
-        if path is not None and path.is_file():
-            found.append(Upstream(ws.rel(path), path.parent / STAGE_RECIPE, CHECKPOINT_KEYS,
-                                  "evaluate a checkpoint made with them"))
+    if spec.loads_checkpoint and isinstance(checkpoint, Path) and checkpoint.is_file():
+        path = checkpoint.resolve()
+        found.append(Upstream(ws.rel(path), path.parent / STAGE_RECIPE, CHECKPOINT_KEYS,
+                              "evaluate a checkpoint made with them"))
     return [up for up in found if up.recipe_file.is_file()]
 
 
@@ -94,10 +86,11 @@ def _leaves(tree: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in keys:
         section, _, name = key.partition(".")
-        if name:
-            out[key] = tree[section][name]
-        else:
-            out.update({f"{section}.{k}": v for k, v in tree[section].items()})
+        values = tree.get(section) or {}
+        if not name:
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        elif name in values:
+            out[key] = values[name]
     return out
 
 
@@ -113,10 +106,38 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+_ABSENT = "(absent)"  # a key one recipe has and the other not (one written by an older dmdl)
+
+
 def differences(made: Mapping[str, Any], asked: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
     """``key: made -> asked`` for every leaf under ``keys`` whose value differs."""
+    keys = list(keys)
     a, b = _leaves(made, keys), _leaves(asked, keys)
-    return [f"{k}: {_show(a[k])} -> {_show(b[k])}" for k in a if a[k] != b[k]]
+    return [f"{k}: {_show(a.get(k, _ABSENT))} -> {_show(b.get(k, _ABSENT))}"
+            for k in dict.fromkeys([*a, *b]) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _refuse_differences(result: str, diff: list[str], remedy: str) -> None:
+    """The one refusal of a result made with other values than a command asks for."""
+    if diff:
+        raise DmdlError(
+            f"{result} was made with other values than this command asks for (made with -> "
+            f"asked for): {'; '.join(diff)}. Drop the --recipe/--overlay/--set that change them "
+            f"to build on it, or {remedy}")
+
+
+def check_made_with(ws, spec: StageSpec, path: Path, meta: Mapping[str, Any], recipe: Recipe,
+                    remedy: str) -> None:
+    """Refuse a checkpoint of training stage ``spec`` (its ``meta``) made with other values of
+    the stage's recipe sections than ``recipe`` (their hash differs), naming the keys from the
+    recipe the checkpoint carries. The one check of a checkpoint's recipe: stage 2's start,
+    ``--resume``; the results a command builds on are compared by :func:`resolve_recipe`."""
+    if meta.get("stage_hash") == spec.hash(recipe):
+        return
+    made = meta.get("recipe")
+    diff = differences(made, recipe.to_dict(), spec.sections) if isinstance(made, Mapping) else []
+    _refuse_differences(ws.rel(path), diff or [f"recipe hash {meta.get('recipe_hash')} -> "
+                                                 f"{recipe.hash()}"], remedy)
 
 
 def _origin(base: str, overlays: list[str], overrides: list[str], inherited: list) -> dict[str, Any]:
@@ -126,7 +147,7 @@ def _origin(base: str, overlays: list[str], overrides: list[str], inherited: lis
 
 
 def _prepare_recipe(ws, recipe_path: str | None, overlays: list[str], overrides: list[str], *,
-                    default: str | None, force: bool) -> Recipe:
+                    default: str | None, force: bool) -> tuple[Recipe, dict[str, Any]]:
     """prepare-data's recipe: ``--recipe``, else the workspace's own (a re-run keeps what it was
     prepared with; not with ``--force``), else the data set's default recipe; nothing inherited."""
     if recipe_path is None and ws.recipe_path.is_file() and not force:
@@ -136,17 +157,18 @@ def _prepare_recipe(ws, recipe_path: str | None, overlays: list[str], overrides:
         if base is None or not Path(base).is_file():
             raise DmdlError(f"no recipe given and the default {base} is missing: pass --recipe FILE")
     recipe = load_recipe(base, overlays=overlays, overrides=overrides)
-    ws.recipe_origin = _origin(base, overlays, overrides, [])
-    return recipe
+    return recipe, _origin(base, overlays, overrides, [])
 
 
 def resolve_recipe(ws, command: str, recipe_path: str | None, overlays: list[str],
-                   overrides: list[str], *, resume: bool = False, checkpoint: str | None = None,
-                   default: str | None = None, force: bool = False) -> Recipe:
-    """The recipe ``command`` runs with in workspace ``ws`` (module docstring); records its
-    origin on ``ws`` for the ledger. ``default``, ``force``: prepare-data's base recipe
+                   overrides: list[str], *, resume: bool = False,
+                   checkpoint: Path | str | None = None, default: str | None = None,
+                   force: bool = False) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe ``command`` runs with in workspace ``ws`` (module docstring), and how it was
+    resolved (its origin, for the ledger). ``checkpoint``: what the command loads (resolved by
+    ``stages.resolve_checkpoint``). ``default``, ``force``: prepare-data's base recipe
     (:func:`_prepare_recipe`); every other command runs in a prepared workspace."""
-    if stage(command).exclusive:
+    if stage_spec(command).exclusive:
         return _prepare_recipe(ws, recipe_path, overlays, overrides, default=default, force=force)
     base = recipe_path or str(ws.recipe_path)
     if recipe_path is None and not ws.recipe_path.is_file():
@@ -163,13 +185,7 @@ def resolve_recipe(ws, command: str, recipe_path: str | None, overlays: list[str
             f"'{dataset}': use the workspace's recipe or a {dataset} recipe")
     asked = recipe.to_dict()
     for up in ups:
-        diff = differences(made[up], asked, up.keys)
-        if diff:
-            raise DmdlError(
-                f"{up.result} was made with other values than this command asks for "
-                f"(made with -> asked for): {'; '.join(diff)}. Drop the --recipe/--overlay/--set "
-                f"that change them to build on it, or {up.remedy}")
-    ws.recipe_origin = _origin(base, overlays, overrides,
-                               [{"from": source, "keys": list(up.keys)}
-                                for (source, _), up in zip(inherited, ups)])
-    return recipe
+        _refuse_differences(up.result, differences(made[up], asked, up.keys), up.remedy)
+    return recipe, _origin(base, overlays, overrides,
+                           [{"from": source, "keys": list(up.keys)}
+                            for (source, _), up in zip(inherited, ups)])

@@ -24,13 +24,13 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from dmdl_cli.datasets import DATASET_NAMES
 from dmdl_cli.errors import DmdlError
 
 ARCHS = ("resnet50_agw", "resnet50", "resnet18")
 KNN_METHODS = ("exact", "ivf", "hnsw")
 ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
 AMP_MODES = ("off", "fp16", "bf16")
-DATASETS = ("sysu", "regdb", "llcm", "synthetic")
 # Command-line choices (declared once here; the CLI shows them in --help).
 CLUSTER_MODALITIES = ("visible", "infrared", "both")
 EXPORT_FORMATS = ("onnx", "torchscript", "both")
@@ -47,6 +47,11 @@ ERASING_ATTEMPTS_MAX = 10
 COLOUR_MAPS = ("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot", "cool", "spring", "summer",
                "winter", "autumn")
 NEVER = "never"  # an epoch threshold that is never reached
+# Label-free selection (docs/selection.md): "last" keeps the last epoch; the others are the
+# criteria of dmdl_cli/clustering/criteria.py a rule may choose a checkpoint by.
+SELECT_CRITERIA = ("last", "eps_robustness", "label_ari", "label_nmi", "unified_ari", "pairs_kept",
+                   "mutual_nn", "matching_cost", "association_cost", "effective_rank")
+SELECT_TIES = ("later", "earlier")  # which epoch a tie goes to
 
 
 def _choice(default: Any, choices: Iterable[Any]) -> Any:
@@ -89,7 +94,7 @@ def _names(default: Iterable[str], choices: Iterable[str]) -> Any:
 class DataRecipe:
     """Input images: the data set and the size of the cache and of the network input."""
 
-    dataset: str = _choice("synthetic", DATASETS)
+    dataset: str = _choice("synthetic", DATASET_NAMES)  # a record of dmdl_cli/datasets.py
     height: int = _ranged(288, 16)
     width: int = _ranged(144, 8)
     trial: int = _ranged(1, 1, 10)  # RegDB split trial
@@ -110,9 +115,6 @@ class ClusterRecipe:
     """Pseudo-labelling: k-reciprocal Jaccard distance + DBSCAN (docs/method.md section 2)."""
 
     k1: int = _ranged(30, 1)
-    # k1 of the modality that adopts the other's ids in stage 2 (the visible one on even epochs,
-    # the infrared one on odd epochs, as in association.method nearest-alternating); null = k1
-    k1_adopting: int | None = _ranged(None, 1)
     k2: int = _ranged(6, 1)
     eps: float = _between(0.6, 0.0, 1.0)  # Jaccard distances lie in [0, 1]: 0 or 1 clusters nothing
     min_samples: int = _ranged(4, 1)
@@ -177,6 +179,10 @@ class Stage2Recipe(StageRecipe):
 
     onehot_epochs: int | str = _epoch_count(5)  # first epochs with one-hot targets (never: all)
     cross_sampler_from: int | str = _threshold(40)  # epoch from which batches are cross-modality
+    # k1 of the modality that adopts the other's ids this epoch (the association method says
+    # which: nearest-alternating the visible one on even epochs, the infrared one on odd ones;
+    # hungarian none); null = cluster.k1. Stage 2 only, so stage 1's results do not depend on it
+    k1_adopting: int | None = _ranged(None, 1)
     # the modality that adopted the other's ids this epoch also moves the other's memory rows
     cross_memory_update: bool = True
     # add a batch-hard triplet over all images on unified ids while the cross sampler is on
@@ -229,14 +235,17 @@ REMOVED_KEYS = {
                           "epochs of one-hot targets",
 }
 
-# Keys that moved to the `run:` section: an old recipe naming one is refused with its new name.
+# Keys that moved: an old recipe naming one is refused with its new name and why it moved.
+_RUN_SECTION = "the `run:` section holds the settings that change no result"
 MOVED_KEYS = {
-    "data.workers": "run.workers",
-    "train.checkpoint_every": "run.checkpoint_every",
-    "train.eval_every": "run.eval_every",
-    "train.feature_batch": "run.feature_batch",
-    "train.keep_epochs": "run.keep_epochs",
-    "train.tensorboard": "run.tensorboard",
+    "data.workers": ("run.workers", _RUN_SECTION),
+    "train.checkpoint_every": ("run.checkpoint_every", _RUN_SECTION),
+    "train.eval_every": ("run.eval_every", _RUN_SECTION),
+    "train.feature_batch": ("run.feature_batch", _RUN_SECTION),
+    "train.keep_epochs": ("run.keep_epochs", _RUN_SECTION),
+    "train.tensorboard": ("run.tensorboard", _RUN_SECTION),
+    "cluster.k1_adopting": ("stage2.k1_adopting", "only stage 2 reads it, so stage 1's results "
+                            "no longer depend on it"),
 }
 
 
@@ -364,6 +373,27 @@ class EvalRecipe:
     rerank_lambda: float = _ranged(0.3, 0.0, 1.0)
 
 
+@dataclass
+class SelectRecipe:
+    """How a checkpoint and DBSCAN's eps are chosen without labels (docs/selection.md): the
+    rule is part of the hashed recipe, so a run states it before it starts."""
+
+    # the criterion the epoch is chosen by (SELECT_CRITERIA; "last": the last epoch)
+    criterion: str = _choice("eps_robustness", SELECT_CRITERIA)
+    warmup: int = _ranged(1, 0)  # models trained fewer epochs than this in their stage: never chosen
+    # criterion values within this of the best count as tied; a tie goes to the `tie` epoch
+    tolerance: float = _ranged(0.0, 0.0)
+    tie: str = _choice("later", SELECT_TIES)
+    # collapse guard: an epoch (or eps) whose largest cluster holds more than this share of a
+    # modality's images is never chosen (1: no guard)
+    max_largest_share: float = _ranged(0.5, 0.0, 1.0)
+    eps_delta: float = _between(0.02, 0.0, 0.5)  # eps robustness: DBSCAN at eps -+ this (SpCL's)
+    # eps sweep (`dmdl cluster --eps-sweep`): the first peak of robustness reaching this share
+    # of the best is picked
+    sweep_min_peak: float = _ranged(0.5, 0.0, 1.0)
+    rank_samples: int = _ranged(1024, 2)  # train feature rows of the effective rank (RankMe)
+
+
 def _stage2_defaults() -> Stage2Recipe:
     return Stage2Recipe(triplet_ramp=[[10, 0.5], [20, 1.0]], refine_topk=10)
 
@@ -383,6 +413,7 @@ class Recipe:
     cai: CAIRecipe = field(default_factory=CAIRecipe)
     association: AssociationRecipe = field(default_factory=AssociationRecipe)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
+    select: SelectRecipe = field(default_factory=SelectRecipe)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -479,9 +510,9 @@ def _refuse_unknown(unknown: list[str], known: Mapping[str, Any], prefix: str, s
     keys = [f"{prefix}.{name}" if prefix else name for name in unknown]
     for key in keys:
         if key in MOVED_KEYS:
-            raise DmdlError(f"recipe key '{key}' ({source}) moved to {MOVED_KEYS[key]}: "
-                            f"use {MOVED_KEYS[key]} instead (the `run:` section holds the "
-                            f"settings that change no result)")
+            new, why = MOVED_KEYS[key]
+            raise DmdlError(f"recipe key '{key}' ({source}) moved to {new}: use {new} instead "
+                            f"({why})")
         if key in REMOVED_KEYS:
             section, name = key.split(".", 1)
             raise DmdlError(f"recipe key '{key}' ({source}): {section} has no {name}: "

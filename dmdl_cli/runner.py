@@ -1,6 +1,7 @@
 """The command runner: what every stage command does before and after its stage function.
 
-:func:`run_command` opens the workspace (prepare-data creates it), resolves the recipe
+:func:`run_command` opens the workspace (prepare-data creates it), resolves the checkpoint a
+command loads (:func:`dmdl_cli.stages.resolve_checkpoint`) and the recipe
 (:mod:`dmdl_cli.provenance`: inherited keys, and a refusal naming every key that differs from
 what an upstream result was made with), selects the runtime, takes the locks of the command's
 stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`StageContext` once
@@ -25,7 +26,7 @@ from rich.markup import escape
 from dmdl_cli.console import log
 from dmdl_cli.provenance import resolve_recipe
 from dmdl_cli.recipe import Recipe, schedule_warning
-from dmdl_cli.stages import StageSpec, stage
+from dmdl_cli.stages import StageSpec, resolve_checkpoint, stage_spec
 from dmdl_cli.workspace import LOCK_FILE, Workspace
 
 if TYPE_CHECKING:  # imports torch: loaded in run_command, after the recipe is checked
@@ -51,17 +52,19 @@ def run_command(
 ) -> Result:
     """Run ``body`` (a stage function of a :class:`StageContext`) as command ``command``.
 
-    ``recipe``, ``overlays``, ``overrides``, ``resume``, ``checkpoint``: what the recipe is
-    resolved from (``default_recipe`` and ``force``: prepare-data's base recipe).
-    ``ledger_info``: extra fields of the ledger entry's ``info``.
+    ``recipe``, ``overlays``, ``overrides``, ``resume``: what the recipe is resolved from
+    (``default_recipe`` and ``force``: prepare-data's base recipe). ``checkpoint``: the
+    ``--checkpoint`` of a stage that loads one, resolved here once. ``ledger_info``: extra
+    fields of the ledger entry's ``info``.
     """
-    spec = stage(command)
+    spec = stage_spec(command)
     ws = Workspace.create(workspace) if spec.exclusive else Workspace.open(workspace)
     if not spec.exclusive:
         ws.require_dataset()
-    recipe_obj = resolve_recipe(
+    chosen = resolve_checkpoint(ws, spec, checkpoint) if spec.loads_checkpoint else None
+    recipe_obj, origin = resolve_recipe(
         ws, command, str(recipe) if recipe else None, [str(o) for o in overlays], list(overrides),
-        resume=resume, checkpoint=checkpoint, force=force,
+        resume=resume, checkpoint=chosen, force=force,
         default=str(default_recipe) if default_recipe else None)
     from dmdl_cli.context import StageContext  # torch: only now that the recipe is valid
     from dmdl_cli.runtime import select_runtime
@@ -72,12 +75,12 @@ def run_command(
     with contextlib.ExitStack() as stack:
         if spec.exclusive:
             stack.enter_context(_undone_if_refused(ws))
-        run = None
+        ledger = None
         if runtime.is_main:
             stack.enter_context(ws.locked(spec))
-            run = stack.enter_context(
-                ws.stage_run(command, recipe_obj, **_info(spec, ledger_info, resume)))
-        return body(StageContext(ws, recipe_obj, spec, runtime, run))
+            ledger = stack.enter_context(ws.stage_run(
+                command, recipe_obj, origin=origin, **_info(spec, ledger_info, resume)))
+        return body(StageContext(ws, recipe_obj, spec, runtime, ledger, checkpoint=chosen))
 
 
 def _warn_schedule(spec: StageSpec, recipe: Recipe) -> None:

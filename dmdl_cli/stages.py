@@ -1,10 +1,11 @@
 """The table of stages: one record per command, and the only place stage names, commands,
-workspace folders, label prefixes, inputs, outputs and compatibility sections are written.
+workspace folders, label prefixes, stage functions and compatibility sections are written.
 
-Everything that needs a stage's path or name reads it here: the training loop (where ``last.pt``
-and ``final.pt`` go), the model loader (the newest result), provenance (which recipe file an
-upstream result was made with), the command runner (what to lock, what to record in the
-ledger) and the report. Adding a stage starts with adding a record below.
+Everything that needs a stage's path or name reads it here: the CLI (which function a command
+runs; the training commands are made from the training records), the training loop (where
+``last.pt`` and ``final.pt`` go), the model loader (the newest result), provenance (which recipe
+file an upstream result was made with), the command runner (what to lock, which checkpoint a
+command loads) and the report. Adding a stage starts with adding a record below.
 """
 from __future__ import annotations
 
@@ -19,33 +20,40 @@ if TYPE_CHECKING:  # type hints only: the workspace layer sits beside this one
 
 LAST, FINAL = "last.pt", "final.pt"
 STAGE_RECIPE = "recipe.yaml"  # the resolved recipe a stage's results were made with
+LABELS = "labels"  # the folder of every pseudo-label file (the cluster command owns it)
+UNTRAINED = "imagenet"  # the --checkpoint value naming the recipe's untrained backbone
 
 
 @dataclass(frozen=True)
 class StageSpec:
     """One stage of the pipeline.
 
-    ``folder``: the workspace folder the stage owns (also the name of its lock). ``inputs`` and
-    ``outputs``: workspace-relative files it reads and writes (outputs may be patterns).
+    ``folder``: the workspace folder the stage owns (also the name of its lock). ``function``:
+    the stage function as ``module:function``, a function of ``(StageContext, its options)``
+    imported when the command runs. ``help``: the command's one line in ``--help``.
     ``sections``: the recipe sections its result depends on (a checkpoint is compatible with a
     recipe when their hash agrees); ``()`` for commands that make no model. ``upstream``: the
     stage whose ``final.pt`` it starts from. ``trains``: it writes ``last.pt``/``final.pt``
-    and can be resumed. ``exclusive``: it rewrites what every other stage reads (the data), so
-    it runs alone in the workspace. ``concurrent``: several runs of it may share the workspace
-    (each writes files named after the checkpoint it reads, atomically: ``evaluate`` of ten
-    epoch models at once), so its lock is held shared.
+    and can be resumed. ``loads_checkpoint``: it runs the network ``--checkpoint`` names (the
+    newest stage result by default; with ``untrained_default`` the untrained backbone when
+    nothing is trained yet). ``exclusive``: it rewrites what every other stage reads (the data),
+    so it runs alone in the workspace. ``concurrent``: several runs of it may share the
+    workspace (each writes files named after the checkpoint it reads, atomically: ``evaluate``
+    of ten epoch models at once), so its lock is held shared.
     """
 
     name: str
     command: str
     title: str  # for people: "stage 1 (pretrain-single)"
     folder: str
-    inputs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
+    function: str
+    help: str
     labels_prefix: str | None = None
     sections: tuple[str, ...] = ()
     upstream: str | None = None
     trains: bool = False
+    loads_checkpoint: bool = False
+    untrained_default: bool = False
     exclusive: bool = False
     concurrent: bool = False
 
@@ -64,7 +72,7 @@ class StageSpec:
 
     def labels_file(self, ws: "Workspace", epoch: int) -> Path:
         """``WS/labels/<prefix>-eNNN.npz`` of the 0-based ``epoch`` (files count from 1)."""
-        return ws.root / "labels" / f"{self.labels_prefix}-e{epoch + 1:03d}.npz"
+        return ws.root / LABELS / f"{self.labels_prefix}-e{epoch + 1:03d}.npz"
 
     def section(self, recipe: Recipe):
         """The training stage's own recipe section (``recipe.stage1``: named like the stage)."""
@@ -82,34 +90,31 @@ class StageSpec:
 STAGE1_SECTIONS = ("data", "synthetic", "model", "cluster", "stage1", "train", "augment", "cbt")
 STAGE2_SECTIONS = (*STAGE1_SECTIONS, "stage2", "cai", "association")
 
-_INDEX = "data/index.csv"
-_CACHE = "data/cache-HxW.u8"
-
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
-    StageSpec("prepare", "prepare-data", "prepare-data", "data",
-              outputs=(_INDEX, _CACHE, "recipe.yaml"), exclusive=True),
+    StageSpec("prepare", "prepare-data", "prepare-data", "data", "dmdl_cli.data.prepare:prepare_data",
+              "Index a raw data set and build the image cache.", exclusive=True),
     StageSpec("stage1", "pretrain-single", "stage 1 (pretrain-single)", "stage1",
-              inputs=(_INDEX, _CACHE), outputs=("stage1/last.pt", "stage1/final.pt", "stage1/log.jsonl",
-                                                "stage1/recipe.yaml", "labels/stage1-eNNN.npz"),
+              "dmdl_cli.training.single:pretrain_single",
+              "Stage 1: single-modality contrastive learning.",
               labels_prefix="stage1", sections=STAGE1_SECTIONS, trains=True),
     StageSpec("stage2", "train-cross", "stage 2 (train-cross)", "stage2",
-              inputs=(_INDEX, _CACHE, "stage1/final.pt"),
-              outputs=("stage2/last.pt", "stage2/final.pt", "stage2/log.jsonl", "stage2/recipe.yaml",
-                       "labels/cross-eNNN.npz"),
+              "dmdl_cli.training.cross:train_cross",
+              "Stage 2: cross-modality learning with CAI and CBT.",
               labels_prefix="cross", sections=STAGE2_SECTIONS, upstream="stage1", trains=True),
-    StageSpec("cluster", "cluster", "cluster", "labels", inputs=(_INDEX, _CACHE, "a checkpoint"),
-              outputs=("labels/cluster-<checkpoint>.npz", "labels/cluster-<checkpoint>.recipe.yaml"),
+    StageSpec("cluster", "cluster", "cluster", LABELS, "dmdl_cli.clustering.stage:cluster_stage",
+              "Pseudo-label train images per modality.", loads_checkpoint=True,
+              untrained_default=True, concurrent=True),
+    StageSpec("evaluate", "evaluate", "evaluate", "eval", "dmdl_cli.evaluation.evaluate:evaluate",
+              "Rank-k, mAP and mINP on cross-modality protocols.", loads_checkpoint=True,
               concurrent=True),
-    StageSpec("evaluate", "evaluate", "evaluate", "eval", inputs=(_INDEX, _CACHE, "a checkpoint"),
-              outputs=("eval/<mode>-<checkpoint>.json", "features/", "eval/ranks/"), concurrent=True),
-    StageSpec("export", "export", "export", "export", inputs=(_INDEX, _CACHE, "a checkpoint"),
-              outputs=("export/model.onnx", "export/model.ts", "export/preprocess.json")),
+    StageSpec("export", "export", "export", "export", "dmdl_cli.export:export_model",
+              "Export to ONNX / TorchScript with a parity check.", loads_checkpoint=True),
 )}
 TRAINING_STAGES: tuple[StageSpec, ...] = tuple(s for s in STAGES.values() if s.trains)
 BY_COMMAND: dict[str, StageSpec] = {spec.command: spec for spec in STAGES.values()}
 
 
-def stage(name: str) -> StageSpec:
+def stage_spec(name: str) -> StageSpec:
     """The record of stage ``name`` (``stage1``) or command (``pretrain-single``)."""
     spec = STAGES.get(name) or BY_COMMAND.get(name)
     if spec is None:
@@ -119,7 +124,7 @@ def stage(name: str) -> StageSpec:
 
 def stage_hash(recipe: Recipe, name: str) -> str:
     """The hash of the recipe sections stage ``name``'s result depends on."""
-    return stage(name).hash(recipe)
+    return stage_spec(name).hash(recipe)
 
 
 def stage_results(ws: "Workspace") -> list[Path]:
@@ -142,3 +147,16 @@ def result_stage(ws: "Workspace", path: Path) -> StageSpec | None:
         if path.parent == (ws.root / spec.folder).resolve():
             return spec
     return None
+
+
+def resolve_checkpoint(ws: "Workspace", spec: StageSpec, given: str | None) -> Path | str | None:
+    """What ``--checkpoint`` names for stage ``spec``, resolved once (the command runner hands it
+    to provenance and to the stage through ``StageContext.checkpoint``): :data:`UNTRAINED`, a
+    checkpoint path, or None when nothing is trained yet and the stage has no untrained default
+    (loading then says what to run first)."""
+    if given == UNTRAINED:
+        return UNTRAINED
+    if given is not None:
+        return Path(given).expanduser()
+    found = default_checkpoint(ws)
+    return UNTRAINED if found is None and spec.untrained_default else found

@@ -255,9 +255,6 @@ class Workspace:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root).expanduser().resolve()
         self.manifest: dict[str, Any] = {}
-        # how this command's recipe was resolved (--recipe, --overlay, --set, inherited keys);
-        # set by dmdl_cli.provenance and recorded in each ledger entry
-        self.recipe_origin: dict[str, Any] | None = None
         self._exclusive = False  # holds the whole workspace: may change the manifest's dataset
         self._own_runs: dict[str, dict[str, Any]] = {}  # id -> the ledger entries this object writes
 
@@ -394,9 +391,10 @@ class Workspace:
             )
         return self.dataset
 
-    def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
+    def runs(self, command: str | None = None) -> list[dict[str, Any]]:
+        """The ledger entries (of ``command`` only, when given: the entries' ``stage`` field)."""
         runs = self.manifest.get("runs", [])
-        return [r for r in runs if stage is None or r["stage"] == stage]
+        return [r for r in runs if command is None or r["stage"] == command]
 
     # -- lock and stage runs ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -435,8 +433,11 @@ class Workspace:
                 lock.release()  # a lock never acquired: nothing to do
 
     @contextlib.contextmanager
-    def stage_run(self, stage: str, recipe: Recipe, **info: Any) -> Iterator[StageRun]:
-        """Record a stage run in the ledger: running -> done, or failed with the error.
+    def stage_run(self, command: str, recipe: Recipe, *, origin: dict[str, Any] | None = None,
+                  **info: Any) -> Iterator[StageRun]:
+        """Record a run of ``command`` in the ledger (its ``stage`` field): running -> done, or
+        failed with the error. ``origin``: how its recipe was resolved (``--recipe``,
+        ``--overlay``, ``--set``, inherited keys; ``dmdl_cli.provenance.resolve_recipe``).
 
         Each entry has an ``id``: concurrent commands merge their own entries into the file by
         it (:meth:`write_manifest`). The entry is written with the first input, output or info
@@ -445,7 +446,7 @@ class Workspace:
         """
         entry: dict[str, Any] = {
             "id": uuid.uuid4().hex[:16],
-            "stage": stage,
+            "stage": command,
             "status": "running",
             "recipe_hash": recipe.hash(),
             "started": _now(),
@@ -457,8 +458,8 @@ class Workspace:
             "outputs": [],
             "info": dict(info),
         }
-        if self.recipe_origin is not None:
-            entry["recipe_origin"] = self.recipe_origin
+        if origin is not None:
+            entry["recipe_origin"] = origin
         self._own_runs[entry["id"]] = entry
         run = StageRun(self, entry)
         try:

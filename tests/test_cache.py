@@ -11,7 +11,6 @@ from PIL import Image
 from dmdl_cli.data.cache import (
     SAMPLE_ROWS,
     build_cache,
-    cache_name,
     load_image,
     open_cache,
     read_rows,
@@ -20,6 +19,7 @@ from dmdl_cli.data.cache import (
     verify_cache,
 )
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.workspace import Workspace
 
 
 @pytest.fixture()
@@ -36,12 +36,12 @@ def images(tmp_path):
     return paths
 
 
-def test_cache_name():
-    assert cache_name(288, 144) == "cache-288x144.u8"
+def test_cache_name(tmp_path):
+    assert Workspace(tmp_path).cache_path(288, 144) == tmp_path / "data" / "cache-288x144.u8"
 
 
 def test_rows_equal_decoded_and_resized_images(tmp_path, images):
-    out = tmp_path / "ws" / cache_name(24, 12)
+    out = Workspace(tmp_path / "ws").cache_path(24, 12)
     cache = build_cache(images, out, 24, 12, workers=2, progress=False)
     assert isinstance(cache, np.memmap) and cache.shape == (4, 24, 12, 3) and cache.dtype == np.uint8
     assert os.path.getsize(out) == 4 * 24 * 12 * 3

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 
 from conftest import REPO, assert_refused, copy_workspace, invoke
 from dmdl_cli.cli import app
-from dmdl_cli.evaluation.protocols import PROTOCOLS
-from dmdl_cli.recipe import CLUSTER_MODALITIES, DATASETS, EXPORT_FORMATS
+from dmdl_cli.datasets import DATA_SETS
+from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS
 
-ALL_MODES = ["all", *dict.fromkeys(m for modes in PROTOCOLS.values() for m in modes)]
+ALL_MODES = ["all", *dict.fromkeys(m for record in DATA_SETS.values() for m in record.modes)]
 CHOICES = [
-    ("prepare-data", "--dataset", list(DATASETS)),
+    ("prepare-data", "--dataset", list(DATA_SETS)),
     ("evaluate", "--mode", ALL_MODES),
     ("export", "--format", list(EXPORT_FORMATS)),
     ("cluster", "--modality", list(CLUSTER_MODALITIES)),

@@ -2,14 +2,14 @@
 
 The layers, bottom to top (docs/architecture.md):
 
-    core        errors, atomic, console, recipe, stages, runtime, workspace, provenance
+    core        errors, atomic, console, datasets, recipe, stages, runtime, workspace, provenance
     data        data/ (index, sources, cache, augment, sampling, synthetic, prepare)
     model       model/ (backbone, CAI, loading)
     context     context.py (what a stage reads: index, cache, runtime, model)
     features    features/ (extraction, BatchNorm re-estimation)
     clustering  clustering/
     training    training/
-    results     evaluation/, export.py, inference.py, report/
+    results     evaluation/, export.py, inference.py, report/, selection/
     commands    runner.py, cli.py, __main__.py
 
 Every import counts, also one inside a function; only imports under ``if TYPE_CHECKING:`` (type
@@ -25,15 +25,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dmdl_cli"
 LAYERS = (
-    ("core", ("errors", "atomic", "console", "recipe", "stages", "runtime", "workspace",
-              "provenance")),
+    ("core", ("errors", "atomic", "console", "datasets", "recipe", "stages", "runtime",
+              "workspace", "provenance")),
     ("data", ("data",)),
     ("model", ("model",)),
     ("context", ("context",)),
     ("features", ("features",)),
     ("clustering", ("clustering",)),
     ("training", ("training",)),
-    ("results", ("evaluation", "export", "inference", "report")),
+    ("results", ("evaluation", "export", "inference", "report", "selection")),
     ("commands", ("runner", "cli", "__main__")),
 )
 LEVEL = {top: level for level, (_, tops) in enumerate(LAYERS) for top in tops}

@@ -16,11 +16,12 @@ from dmdl_cli.training.losses import (
 from dmdl_cli.training.memory import ClusterMemory, confidence_momentum
 
 R2 = 1.0 / math.sqrt(2.0)
+BATCH_MEAN = {"temp": 0.05, "momentum": 0.2, "rule": "batch-mean"}  # the memory has no defaults
 
 
 def _memory() -> ClusterMemory:
     return ClusterMemory.from_centroids(torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
-                                        temp=0.5, momentum=0.5)
+                                        temp=0.5, momentum=0.5, rule="batch-mean")
 
 
 # ------------------------------------------------------------------------------- memory
@@ -67,13 +68,13 @@ def test_update_is_order_invariant_and_deterministic():
     labels = torch.randint(0, 5, (32,), generator=g)
     mu = torch.rand(32, generator=g)
     base = F.normalize(torch.randn(5, 16, generator=g), dim=1)
-    a, b = ClusterMemory.from_centroids(base), ClusterMemory.from_centroids(base)
+    a, b = (ClusterMemory.from_centroids(base, **BATCH_MEAN) for _ in range(2))
     perm = torch.randperm(32, generator=g)
     a.update(feat, labels, momentum=mu)
     b.update(feat[perm], labels[perm], momentum=mu[perm])
     torch.testing.assert_close(a.features, b.features)
     torch.testing.assert_close(a.features.norm(dim=1), torch.ones(5))
-    c = ClusterMemory.from_centroids(base)
+    c = ClusterMemory.from_centroids(base, **BATCH_MEAN)
     c.update(feat, labels, momentum=mu)
     assert torch.equal(a.features, c.features)
 
@@ -88,10 +89,10 @@ def test_update_does_not_track_gradients():
 def test_state_dict_round_trip_and_resize():
     mem = _memory()
     mem.update(torch.tensor([[0.0, 1.0]]), torch.tensor([2]))
-    fresh = ClusterMemory(2, 3)
+    fresh = ClusterMemory(2, 3, **BATCH_MEAN)
     fresh.load_state_dict(mem.state_dict())
     assert torch.equal(fresh.features, mem.features)
-    other = ClusterMemory(4, 7)  # different shape: resized on load
+    other = ClusterMemory(4, 7, **BATCH_MEAN)  # different shape: resized on load
     other.load_state_dict(mem.state_dict())
     assert torch.equal(other.features, mem.features) and other.num_features == 2
 
@@ -177,7 +178,7 @@ def test_per_sample_update_matches_a_hand_loop_and_differs_from_batch_mean():
     labels = torch.randint(-1, 6, (40,), generator=g)  # repeats of rows and outliers
     mu = 0.2 + 0.8 * torch.rand(40, generator=g)
     base = F.normalize(torch.randn(6, 8, generator=g), dim=1)
-    seq = ClusterMemory.from_centroids(base, rule="per-sample")
+    seq = ClusterMemory.from_centroids(base, temp=0.05, momentum=0.2, rule="per-sample")
     seq.update(feat, labels, momentum=mu)
     hand = base.clone()
     for x, y, m in zip(feat, labels.tolist(), mu):  # the reference's loop, sample by sample
@@ -186,17 +187,18 @@ def test_per_sample_update_matches_a_hand_loop_and_differs_from_batch_mean():
         hand[y] = m * hand[y] + (1 - m) * x
         hand[y] /= hand[y].norm()
     torch.testing.assert_close(seq.features, hand, rtol=1e-6, atol=1e-6)
-    mean = ClusterMemory.from_centroids(base, rule="batch-mean")
+    mean = ClusterMemory.from_centroids(base, **BATCH_MEAN)
     mean.update(feat, labels, momentum=mu)
     assert (mean.features - seq.features).abs().max() > 1e-2  # the two rules differ
     # order matters for per-sample (it does not for batch-mean)
-    rev = ClusterMemory.from_centroids(base, rule="per-sample")
+    rev = ClusterMemory.from_centroids(base, temp=0.05, momentum=0.2, rule="per-sample")
     rev.update(feat.flip(0), labels.flip(0), momentum=mu.flip(0))
     assert (rev.features - seq.features).abs().max() > 1e-3
 
 
 def test_per_sample_hand_case_two_samples_of_one_row():
-    mem = ClusterMemory.from_centroids(torch.tensor([[0.0, 1.0]]), momentum=0.5, rule="per-sample")
+    mem = ClusterMemory.from_centroids(torch.tensor([[0.0, 1.0]]), temp=0.05, momentum=0.5,
+                                       rule="per-sample")
     mem.update(torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.tensor([0, 0]))
     # (0,1) -> normalise(0.5 (0,1) + 0.5 (1,0)) = (R2, R2) -> normalise(0.5 (R2, R2) + 0.5 (0,-1))
     second = torch.tensor([0.5 * R2, 0.5 * R2 - 0.5])

@@ -13,6 +13,8 @@ from conftest import (STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace,
 from dmdl_cli.provenance import differences
 from dmdl_cli.recipe import load_recipe
 
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
 # STAGE1_SETS are given only to pretrain-single; train-cross must inherit them.
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,51 @@ def test_train_cross_accepts_a_stage1_made_with_other_run_keys(stage1_with_sets,
     stage2 = load_recipe(ws / "stage2" / "recipe.yaml")
     assert (stage2.run.workers, stage2.run.feature_batch) == (0, 64)
     assert stage2.stage1.epochs == 1  # stage 1's result-deciding keys were inherited
+
+
+def test_a_checkpoint_made_with_other_stage_values_is_refused_naming_them(tmp_path):
+    """check_made_with, the one check of the recipe a checkpoint carries (stage 2's start,
+    --resume): the differing keys of the stage's sections, from the checkpoint's own recipe."""
+    from dmdl_cli.errors import DmdlError
+    from dmdl_cli.provenance import check_made_with
+    from dmdl_cli.stages import stage_spec
+    from dmdl_cli.training.hooks import checkpoint_meta
+    from dmdl_cli.workspace import Workspace
+
+    ws, spec = Workspace(tmp_path), stage_spec("stage1")
+    made = load_recipe(REPO_RECIPES / "demo.yaml")
+    meta = checkpoint_meta(made, spec, 0, 1, False)
+    check_made_with(ws, spec, tmp_path / "stage1" / "last.pt", meta, made, "start again")
+    # a stage-2 key changes nothing stage 1 made
+    check_made_with(ws, spec, tmp_path / "x.pt", meta,
+                    load_recipe(REPO_RECIPES / "demo.yaml", overrides=["stage2.k1_adopting=3"]), "")
+    asked = load_recipe(REPO_RECIPES / "demo.yaml", overrides=["stage1.lr=0.001", "cluster.k1=12"])
+    with pytest.raises(DmdlError) as err:
+        check_made_with(ws, spec, tmp_path / "stage1" / "last.pt", meta, asked, "start again")
+    assert str(err.value) == (
+        "stage1/last.pt was made with other values than this command asks for (made with -> "
+        "asked for): cluster.k1: 10 -> 12; stage1.lr: 0.00035 -> 0.001. Drop the "
+        "--recipe/--overlay/--set that change them to build on it, or start again")
+    # a checkpoint of an older dmdl named a key this one does not have
+    old = {**meta, "recipe": {**meta["recipe"], "cluster": {**meta["recipe"]["cluster"], "k1_adopting": 5}},
+           "stage_hash": "0" * 16}
+    with pytest.raises(DmdlError, match=r"cluster.k1_adopting: 5 -> \(absent\)"):
+        check_made_with(ws, spec, tmp_path / "old.pt", old, made, "start again")
+
+
+def test_the_checkpoint_a_command_loads_is_resolved_once_from_the_table(tmp_path):
+    from dmdl_cli.stages import UNTRAINED, resolve_checkpoint, stage_spec
+    from dmdl_cli.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    evaluate, cluster = stage_spec("evaluate"), stage_spec("cluster")
+    assert evaluate.loads_checkpoint and cluster.loads_checkpoint and not stage_spec("stage2").loads_checkpoint
+    assert resolve_checkpoint(ws, evaluate, "imagenet") == UNTRAINED
+    assert resolve_checkpoint(ws, evaluate, "~/m.pt") == Path("~/m.pt").expanduser()
+    # nothing trained yet: evaluate has nothing to load, cluster takes the untrained backbone
+    assert resolve_checkpoint(ws, evaluate, None) is None
+    assert resolve_checkpoint(ws, cluster, None) == UNTRAINED
+    for name in ("stage1/last.pt", "stage1/final.pt", "stage2/last.pt"):  # the newest stage result
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+        assert resolve_checkpoint(ws, evaluate, None) == resolve_checkpoint(ws, cluster, None) == tmp_path / name

@@ -21,7 +21,7 @@ SHRINK = " ".join([
     "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
     "stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=2", "stage1.instances=2",
     "stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=2", "stage2.instances=2",
-    "run.feature_batch=64", "eval.trials=2", "cluster.k1_adopting=6",
+    "run.feature_batch=64", "eval.trials=2", "stage2.k1_adopting=6",
     # one epoch per stage: the epoch switches of the paper recipes would never be reached
     # (validation refuses them), so they are switched off
     "stage1.refine_from=never", "stage1.triplet_ramp=[]", "stage2.onehot_epochs=0",

@@ -106,11 +106,11 @@ def test_evaluate_runs_while_stage2_trains_but_a_second_train_cross_does_not(pip
 def test_stage1_cannot_be_replaced_under_a_running_train_cross(pipeline, tmp_path):
     """train-cross holds stage 1's lock shared while it trains from stage1/final.pt: a
     `pretrain-single --force` meanwhile is refused naming it, and goes through afterwards."""
-    from dmdl_cli.stages import stage
+    from dmdl_cli.stages import stage_spec
 
     ws = copy_workspace(pipeline, tmp_path)
     before = tree_snapshot(ws)
-    with Workspace.open(ws).locked(stage("train-cross")):
+    with Workspace.open(ws).locked(stage_spec("train-cross")):
         result = invoke(["pretrain-single", "-w", ws, "--force", *set_args(STAGE1_SETS)])
         assert_refused(result, "in use by another dmdl process", "reads this stage's results",
                        f"pid {os.getpid()} running stage 2 (train-cross)")
@@ -124,10 +124,10 @@ def test_evaluates_run_side_by_side_but_keep_prepare_data_out(pipeline, tmp_path
     """A running evaluate holds the workspace and the eval lock shared: a second evaluate (of
     another checkpoint, as a script evaluating every epoch model at once does) runs beside it;
     prepare-data is refused."""
-    from dmdl_cli.stages import stage
+    from dmdl_cli.stages import stage_spec
 
     ws = copy_workspace(pipeline, tmp_path)
-    with Workspace.open(ws).locked(stage("evaluate")):
+    with Workspace.open(ws).locked(stage_spec("evaluate")):
         result = invoke(["evaluate", "-w", ws, "--checkpoint", ws / "stage2" / "final.pt",
                          "--mode", "all-search"])
         assert result.exit_code == 0, result.output

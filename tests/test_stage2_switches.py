@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import Runtime
-from dmdl_cli.training.cross import FUSED, CrossModalityStage, adopting_modality
+from dmdl_cli.clustering.association import adopter
+from dmdl_cli.training.cross import FUSED, CrossModalityStage
 from dmdl_cli.training.labelling import make_memory
 from dmdl_cli.training.objectives import gathered_batch, sample_order
 
 
-def _moved_rows(epoch: int, cross: bool) -> dict[str, set[int]]:
+def _moved_rows(epoch: int, cross: bool, method: str = "nearest-alternating") -> dict[str, set[int]]:
     """Run one memory update on a constructed batch; return the rows of each memory that moved.
 
     Unified ids 0..2: the visible memory holds ids 0, 1, 2 (rows 0..2), the infrared memory ids
@@ -23,6 +24,7 @@ def _moved_rows(epoch: int, cross: bool) -> dict[str, set[int]]:
     """
     recipe = Recipe()
     recipe.stage2.cross_memory_update = cross
+    recipe.association.method = method
     stage = recipe.stage2
     g = torch.Generator().manual_seed(epoch)
     vis_ids, ir_ids = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
@@ -45,7 +47,7 @@ def _moved_rows(epoch: int, cross: bool) -> dict[str, set[int]]:
 
 
 def test_adopting_modality_alternates_with_the_association():
-    assert [adopting_modality(e) for e in range(4)] == [VISIBLE, INFRARED, VISIBLE, INFRARED]
+    assert [adopter("nearest-alternating", e) for e in range(4)] == [VISIBLE, INFRARED, VISIBLE, INFRARED]
 
 
 @pytest.mark.parametrize("epoch", [0, 2])
@@ -66,6 +68,12 @@ def test_odd_epochs_infrared_samples_also_move_visible_rows(epoch):
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_without_cross_update_each_modality_moves_its_own_memory(epoch):
     moved = _moved_rows(epoch, cross=False)
+    assert moved["vis"] == {0, 2} and moved["ir"] == {1}
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_hungarian_has_no_adopting_modality_so_no_cross_update(epoch):
+    moved = _moved_rows(epoch, cross=True, method="hungarian")
     assert moved["vis"] == {0, 2} and moved["ir"] == {1}
 
 
@@ -98,6 +106,8 @@ def test_k1_alternation_clusters_the_adopting_modality_with_k1_adopting(monkeypa
     recipe = load_recipe("recipes/sysu.yaml")
     assert clustering_k1(recipe, 0) == {VISIBLE: 15} and clustering_k1(recipe, 1) == {INFRARED: 15}
     assert clustering_k1(load_recipe("recipes/regdb.yaml"), 0) is None
+    hungarian = load_recipe("recipes/sysu.yaml", overrides=["association.method=hungarian"])
+    assert clustering_k1(hungarian, 0) is None and clustering_k1(hungarian, 1) is None
     seen = []
 
     def fake_cluster(feats, *, k1, **kwargs):

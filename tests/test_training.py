@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 # A schedule small enough for seconds on a CPU, large enough to cross every epoch switch
 # (epochs counted from 0; triplet ramps hold strictly after the epoch named): stage 1 refines
 # from epoch 1 and turns the triplet on after epoch 0; stage 2 leaves one-hot targets after
-# epoch 0, clusters the adopting modality with k1_adopting and turns the cross-modality
+# epoch 0, clusters the adopting modality with stage2.k1_adopting and turns the cross-modality
 # sampler (and the all-modality triplet) on at epoch 2. The reference switches (per-sample
 # memory updates, per-modality triplets, camera-aware sampling, cross-modality memory update,
 # sums over modalities) are the recipe defaults.
 TINY = [
     "data.height=32", "data.width=16", "run.workers=0",
     "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
-    "cluster.k1_adopting=6",
+    "stage2.k1_adopting=6",
     "stage1.epochs=2", "stage1.iters=3", "stage1.clusters_per_batch=3", "stage1.instances=2",
     "stage1.refine_from=1", "stage1.triplet_ramp=[[0, 1.0]]",
     "stage2.epochs=3", "stage2.iters=2", "stage2.clusters_per_batch=3", "stage2.instances=2",
@@ -415,9 +415,22 @@ def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Pat
     proc = dmdl("train-cross", "--workspace", str(ws), "--set", "stage1.lr=0.001", check=False)
     assert proc.returncode != 0 and "stage1.lr: 0.00035 -> 0.001" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
-    # an overlay that only changes stage-2 parts keeps stage 1 valid
-    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25", *ONE_EPOCH_STAGE2)
+    # the k1 of the adopting modality moved out of the `cluster` section: refused, naming its new key
+    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cluster.k1_adopting=4", check=False)
+    assert proc.returncode != 0 and error_lines(proc.stdout) == [
+        "error: recipe key 'cluster.k1_adopting' (--set cluster.k1_adopting=4) moved to "
+        "stage2.k1_adopting: use stage2.k1_adopting instead (only stage 2 reads it, so stage 1's "
+        "results no longer depend on it)"]
+    # overrides that only change stage-2 parts (stage2.k1_adopting among them) keep stage 1 valid
+    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25",
+                "--set", "stage2.k1_adopting=4", *ONE_EPOCH_STAGE2)
     assert (ws / "stage2" / "final.pt").is_file()
+    assert "association.method" not in proc.stdout
+    # an association without an adopting modality says that the adopting keys do not apply
+    proc = dmdl("train-cross", "--workspace", str(ws), "--force", "--set", "association.method=hungarian",
+                *ONE_EPOCH_STAGE2)
+    assert ("association.method hungarian: no modality adopts the other's ids, so "
+            "stage2.k1_adopting and stage2.cross_memory_update do not apply") in " ".join(proc.stdout.split())
 
 
 def _first_step(ws: Path, stage: str) -> dict:

@@ -272,14 +272,16 @@ def test_resolve_recipe_uses_the_workspace_recipe_plus_overrides(tmp_path):
         resolve_recipe(ws, "evaluate", None, [], [])
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides=["data.height=64"])
     ws.save_recipe(recipe)
-    assert resolve_recipe(ws, "evaluate", None, [], []) == recipe
-    assert resolve_recipe(ws, "evaluate", None, [], ["stage1.iters=1"]).stage1.iters == 1
+    resolved, origin = resolve_recipe(ws, "evaluate", None, [], [])
+    assert resolved == recipe
+    assert origin == {"recipe": str(ws.recipe_path), "overlays": [], "overrides": [], "inherited": []}
+    assert resolve_recipe(ws, "evaluate", None, [], ["stage1.iters=1"])[0].stage1.iters == 1
     with pytest.raises(DmdlError, match="for data set 'sysu' but workspace .* holds 'synthetic'"):
         resolve_recipe(ws, "evaluate", str(REPO / "recipes" / "sysu.yaml"), [], [])
     # prepare-data: the workspace's recipe on a re-run, the data set's default with --force
     sysu = str(REPO / "recipes" / "sysu.yaml")
-    assert resolve_recipe(ws, "prepare-data", None, [], [], default=sysu) == recipe
-    assert resolve_recipe(ws, "prepare-data", None, [], [], default=sysu, force=True).data.dataset == "sysu"
+    assert resolve_recipe(ws, "prepare-data", None, [], [], default=sysu)[0] == recipe
+    assert resolve_recipe(ws, "prepare-data", None, [], [], default=sysu, force=True)[0].data.dataset == "sysu"
 
 # --------------------------------------------------------------------------------------------
 # label and checkpoint files

@@ -1,23 +1,35 @@
 """Cross-modality association of per-modality clusters into one identity space (stage 2).
 
-After each epoch's clustering, the visible clusters ``0..Cv-1`` and the infrared clusters
-``0..Ci-1`` are linked by the cosine similarity of their centroids (docs/method.md section 2):
+After each epoch's clustering, an association method gives every clustered sample of both
+modalities a unified identity label (docs/method.md section 2). A method reads one
+:class:`AssociationInput` (the epoch; per modality the samples' cluster labels and features,
+the cluster centroids and sizes) and returns an :class:`Association` (per modality, the unified
+id of each sample). It also says which modality, if any, adopts the other's ids at an epoch
+(:func:`adopter`): stage 2 clusters that modality with ``stage2.k1_adopting`` and lets its
+samples also move the other modality's memory (``stage2.cross_memory_update``).
 
-* ``"nearest-alternating"`` (DMDL): on even epochs every visible cluster takes the id of its most
-  similar IR cluster (the unified id space is the IR clusters; each IR cluster keeps its own id),
-  on odd epochs every IR cluster takes the id of its most similar visible cluster. Many-to-one:
-  several clusters of one modality may join the same cluster of the other.
+* ``"nearest-alternating"`` (DMDL): on even epochs the visible modality adopts: every visible
+  cluster takes the id of its most similar IR cluster (by centroid cosine similarity; the
+  unified id space is the IR clusters; each IR cluster keeps its own id); on odd epochs the
+  infrared modality adopts: every IR cluster takes the id of its most similar visible cluster.
+  Many-to-one: several clusters of one modality may join the same cluster of the other.
 * ``"hungarian"`` (PGM-style baselines): one-to-one ``scipy.optimize.linear_sum_assignment``
-  maximising the total similarity; matched pairs share an id, unmatched clusters (the surplus
-  of the larger modality) keep ids of their own.
+  maximising the total centroid similarity; matched pairs share an id, unmatched clusters (the
+  surplus of the larger modality) keep ids of their own. No modality adopts the other's ids.
 
 Unified ids are always renumbered to ``0..num_ids-1``; an id may have members in one modality
 only. With no clusters in one modality, every cluster of the other keeps its own id. Ties in
 similarity go to the lowest cluster index.
+
+A new method is a function ``(AssociationInput) -> Association`` and an adopter
+``(epoch) -> modality | None`` in :data:`_METHODS`, and its name in ``ASSOCIATION_METHODS``
+(``dmdl_cli/recipe.py``). It may map whole clusters (:func:`_from_cluster_maps`) or label each
+sample on its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -27,31 +39,57 @@ from dmdl_cli.recipe import ASSOCIATION_METHODS
 
 __all__ = [
     "ASSOCIATION_METHODS",
+    "ModalitySamples",
+    "AssociationInput",
     "Association",
+    "adopter",
     "associate",
     "centroid_similarity",
-    "unify_labels",
-    "unify_rows",
     "association_accuracy",
     "association_chance",
 ]
 
 
 @dataclass(frozen=True)
-class Association:
-    """Maps of each modality's cluster ids to unified ids.
+class ModalitySamples:
+    """One modality's clustered samples, as an association method reads them."""
 
-    ``vis_to_unified (Cv,)`` and ``ir_to_unified (Ci,)`` int64, values in ``[0, num_ids)``;
-    every id in ``[0, num_ids)`` is used by at least one cluster.
+    labels: np.ndarray  # (N_m,) int64 cluster id of each sample, -1 outlier
+    features: np.ndarray  # (N_m, D) float32 L2-normalised features, aligned with labels
+    centroids: np.ndarray  # (C_m, D) L2-normalised centroid of each cluster
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """``(C_m,)`` int64 number of samples of each cluster."""
+        labels = np.asarray(self.labels)
+        return np.bincount(labels[labels >= 0], minlength=len(self.centroids)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class AssociationInput:
+    """Everything an association method may read: the 0-based epoch and, per modality
+    (``VISIBLE``, ``INFRARED``), its clustered samples."""
+
+    epoch: int
+    samples: dict[int, ModalitySamples]
+
+
+@dataclass(frozen=True)
+class Association:
+    """The unified identity labels of every sample of both modalities.
+
+    ``labels[m]`` ``(N_m,)`` int64, aligned with ``AssociationInput.samples[m].labels``, values
+    in ``[0, num_ids)`` or -1 (an outlier stays one).
     """
 
-    vis_to_unified: np.ndarray
-    ir_to_unified: np.ndarray
+    labels: dict[int, np.ndarray]
     num_ids: int
 
-    def shared_ids(self) -> np.ndarray:
-        """Unified ids with clusters in both modalities (ascending int64)."""
-        return np.intersect1d(self.vis_to_unified, self.ir_to_unified)
+
+@dataclass(frozen=True)
+class _Method:
+    associate: Callable[[AssociationInput], Association]
+    adopter: Callable[[int], int | None]  # epoch -> the modality adopting the other's ids
 
 
 def _as_centroids(x: np.ndarray, other: np.ndarray, name: str) -> np.ndarray:
@@ -78,48 +116,8 @@ def centroid_similarity(vis_centroids: np.ndarray, ir_centroids: np.ndarray) -> 
     return v @ r.T if v.shape[0] and r.shape[0] else np.zeros((v.shape[0], r.shape[0]))
 
 
-def _renumber(vis_raw: np.ndarray, ir_raw: np.ndarray) -> Association:
-    """Map raw ids (any int64) to contiguous ``0..num_ids-1``, keeping their order."""
-    uniq, inverse = np.unique(np.concatenate([vis_raw, ir_raw]), return_inverse=True)
-    inverse = inverse.astype(np.int64).reshape(-1)
-    return Association(vis_to_unified=inverse[:vis_raw.size],
-                       ir_to_unified=inverse[vis_raw.size:], num_ids=int(uniq.size))
-
-
-def associate(vis_centroids: np.ndarray, ir_centroids: np.ndarray, *,
-              method: str = "nearest-alternating", epoch: int) -> Association:
-    """Associate visible clusters ``(Cv, D)`` with infrared clusters ``(Ci, D)``.
-
-    ``epoch`` picks the direction of ``"nearest-alternating"`` (even: visible -> IR, odd:
-    IR -> visible); ``"hungarian"`` ignores it. Centroids need not be normalised.
-    """
-    if method not in ASSOCIATION_METHODS:
-        raise ValueError(f"method must be one of {ASSOCIATION_METHODS}, got {method!r}")
-    sim = centroid_similarity(vis_centroids, ir_centroids)  # (Cv, Ci)
-    cv, ci = sim.shape
-    if cv == 0 or ci == 0:  # nothing to link: every cluster keeps its own id
-        return _renumber(np.arange(cv, dtype=np.int64), cv + np.arange(ci, dtype=np.int64))
-    if method == "nearest-alternating":
-        if int(epoch) % 2 == 0:  # visible clusters join their nearest IR cluster
-            return _renumber(sim.argmax(axis=1).astype(np.int64), np.arange(ci, dtype=np.int64))
-        return _renumber(np.arange(cv, dtype=np.int64), sim.argmax(axis=0).astype(np.int64))
-    # Hungarian: one-to-one, maximum total similarity; matched pairs get ids 0..M-1 in visible
-    # order, then unmatched visible clusters, then unmatched IR clusters.
-    vis_idx, ir_idx = linear_sum_assignment(sim, maximize=True)  # vis_idx ascending
-    m = vis_idx.size
-    vis_raw = np.full(cv, -1, dtype=np.int64)
-    ir_raw = np.full(ci, -1, dtype=np.int64)
-    vis_raw[vis_idx] = np.arange(m)
-    ir_raw[ir_idx] = np.arange(m)
-    free_v = np.flatnonzero(vis_raw < 0)
-    vis_raw[free_v] = m + np.arange(free_v.size)
-    free_i = np.flatnonzero(ir_raw < 0)
-    ir_raw[free_i] = m + free_v.size + np.arange(free_i.size)
-    return Association(vis_to_unified=vis_raw, ir_to_unified=ir_raw,
-                       num_ids=int(m + free_v.size + free_i.size))
-
-
 def _map_labels(labels: np.ndarray, table: np.ndarray, name: str) -> np.ndarray:
+    """Cluster ids ``labels (N,)`` (-1 outliers) -> ``table[labels] (N,)`` int64, -1 kept."""
     labels = np.asarray(labels).astype(np.int64, copy=False)
     if labels.size and labels.max(initial=-1) >= table.size:
         raise ValueError(f"{name} holds cluster id {labels.max()} but the association has "
@@ -132,39 +130,112 @@ def _map_labels(labels: np.ndarray, table: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
-def unify_labels(vis_labels: np.ndarray, ir_labels: np.ndarray,
-                 association: Association) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row unified labels: visible rows ``(Nv,)`` and IR rows ``(Ni,)`` of per-modality
-    cluster ids (-1 outliers) -> ``(vis_unified (Nv,), ir_unified (Ni,))`` int64, -1 kept."""
-    return (_map_labels(vis_labels, association.vis_to_unified, "vis_labels"),
-            _map_labels(ir_labels, association.ir_to_unified, "ir_labels"))
+def _from_cluster_maps(inp: AssociationInput, vis_raw: np.ndarray, ir_raw: np.ndarray) -> Association:
+    """The association of a method that maps whole clusters: each modality's cluster ids to
+    raw ids (any int64, ``(Cv,)`` and ``(Ci,)``), renumbered to ``0..num_ids-1`` keeping
+    their order; every sample takes the id of its cluster."""
+    uniq, inverse = np.unique(np.concatenate([vis_raw, ir_raw]), return_inverse=True)
+    inverse = inverse.astype(np.int64).reshape(-1)
+    tables = {VISIBLE: inverse[:vis_raw.size], INFRARED: inverse[vis_raw.size:]}
+    labels = {m: _map_labels(inp.samples[m].labels, tables[m], f"{name} labels")
+              for m, name in ((VISIBLE, "visible"), (INFRARED, "infrared"))}
+    return Association(labels, int(uniq.size))
 
 
-def unify_rows(labels: np.ndarray, modality: np.ndarray, association: Association) -> np.ndarray:
-    """Same as :func:`unify_labels` on one ``(N,)`` array of per-modality ids aligned with
-    ``modality (N,)`` (the sampler's input convention) -> unified ``(N,)`` int64, -1 kept."""
-    labels = np.asarray(labels).astype(np.int64, copy=False)
-    modality = np.asarray(modality)
-    if labels.shape != modality.shape:
-        raise ValueError(f"labels {labels.shape} and modality {modality.shape} differ")
-    out = np.full(labels.shape, -1, dtype=np.int64)
-    for m, table, name in ((VISIBLE, association.vis_to_unified, "visible labels"),
-                           (INFRARED, association.ir_to_unified, "infrared labels")):
-        sel = modality == m
-        out[sel] = _map_labels(labels[sel], table, name)
+def _similarity(inp: AssociationInput) -> np.ndarray:
+    """``(Cv, Ci)`` cosine similarity of the two modalities' centroids."""
+    return centroid_similarity(inp.samples[VISIBLE].centroids, inp.samples[INFRARED].centroids)
+
+
+def _own_ids(inp: AssociationInput, cv: int, ci: int) -> Association:
+    """Nothing to link (a modality without clusters): every cluster keeps an id of its own."""
+    return _from_cluster_maps(inp, np.arange(cv, dtype=np.int64), cv + np.arange(ci, dtype=np.int64))
+
+
+def _alternating(epoch: int) -> int:
+    """The visible modality adopts on even epochs, the infrared one on odd epochs."""
+    return VISIBLE if int(epoch) % 2 == 0 else INFRARED
+
+
+def _nearest_alternating(inp: AssociationInput) -> Association:
+    """Every cluster of the adopting modality takes the id of its nearest cluster of the other."""
+    sim = _similarity(inp)  # (Cv, Ci)
+    cv, ci = sim.shape
+    if cv == 0 or ci == 0:
+        return _own_ids(inp, cv, ci)
+    if _alternating(inp.epoch) == VISIBLE:  # visible clusters join their nearest IR cluster
+        return _from_cluster_maps(inp, sim.argmax(axis=1).astype(np.int64),
+                                  np.arange(ci, dtype=np.int64))
+    return _from_cluster_maps(inp, np.arange(cv, dtype=np.int64),
+                              sim.argmax(axis=0).astype(np.int64))
+
+
+def _hungarian(inp: AssociationInput) -> Association:
+    """One-to-one, maximum total similarity; matched pairs get ids 0..M-1 in visible order, then
+    the unmatched visible clusters, then the unmatched IR clusters."""
+    sim = _similarity(inp)  # (Cv, Ci)
+    cv, ci = sim.shape
+    if cv == 0 or ci == 0:
+        return _own_ids(inp, cv, ci)
+    vis_idx, ir_idx = linear_sum_assignment(sim, maximize=True)  # vis_idx ascending
+    m = vis_idx.size
+    vis_raw = np.full(cv, -1, dtype=np.int64)
+    ir_raw = np.full(ci, -1, dtype=np.int64)
+    vis_raw[vis_idx] = np.arange(m)
+    ir_raw[ir_idx] = np.arange(m)
+    free_v = np.flatnonzero(vis_raw < 0)
+    vis_raw[free_v] = m + np.arange(free_v.size)
+    free_i = np.flatnonzero(ir_raw < 0)
+    ir_raw[free_i] = m + free_v.size + np.arange(free_i.size)
+    return _from_cluster_maps(inp, vis_raw, ir_raw)
+
+
+def _no_adopter(epoch: int) -> None:
+    return None
+
+
+# method name (recipe association.method) -> how it associates and which modality adopts
+_METHODS: dict[str, _Method] = {
+    "nearest-alternating": _Method(_nearest_alternating, _alternating),
+    "hungarian": _Method(_hungarian, _no_adopter),
+}
+
+
+def _method(name: str) -> _Method:
+    if name not in _METHODS:
+        raise ValueError(f"method must be one of {ASSOCIATION_METHODS}, got {name!r}")
+    return _METHODS[name]
+
+
+def adopter(method: str, epoch: int) -> int | None:
+    """The modality (``VISIBLE`` or ``INFRARED``) whose samples adopt the other modality's ids
+    at the 0-based ``epoch`` under association ``method``; None when neither does
+    (``hungarian``)."""
+    return _method(method).adopter(epoch)
+
+
+def associate(method: str, inp: AssociationInput) -> Association:
+    """The unified identity labels association ``method`` gives the samples of ``inp``."""
+    return _method(method).associate(inp)
+
+
+def _cluster_ids(labels: np.ndarray, unified: np.ndarray, num_clusters: int, num_ids: int) -> np.ndarray:
+    """``(num_clusters, num_ids)`` bool: cluster c has a sample labelled with unified id u."""
+    out = np.zeros((num_clusters, num_ids), dtype=bool)
+    keep = (np.asarray(labels) >= 0) & (np.asarray(unified) >= 0)
+    out[np.asarray(labels)[keep], np.asarray(unified)[keep]] = True
     return out
 
 
-def association_chance(vis_labels: np.ndarray, ir_labels: np.ndarray,
-                       vis_true: np.ndarray, ir_true: np.ndarray,
-                       association: Association) -> float:
+def association_chance(inp: AssociationInput, true_ids: dict[int, np.ndarray]) -> float:
     """Diagnostic: the association accuracy a random linking would score, to read
     :func:`association_accuracy` against. A random (visible cluster, IR cluster) pair agrees
     with probability ``sum over ids of f_v(id) * f_i(id)``, ``f`` being the share of a modality's
     clusters (with a member of known identity) whose majority id is ``id``. NaN when a modality
-    has no such cluster. Arguments as for :func:`association_accuracy`."""
-    maj_v = _majority(vis_labels, vis_true, association.vis_to_unified.size)  # (Cv,)
-    maj_i = _majority(ir_labels, ir_true, association.ir_to_unified.size)  # (Ci,)
+    has no such cluster. ``true_ids`` as for :func:`association_accuracy`."""
+    vis, ir = inp.samples[VISIBLE], inp.samples[INFRARED]
+    maj_v = _majority(vis.labels, true_ids[VISIBLE], len(vis.centroids))  # (Cv,)
+    maj_i = _majority(ir.labels, true_ids[INFRARED], len(ir.centroids))  # (Ci,)
     maj_v, maj_i = maj_v[maj_v >= 0], maj_i[maj_i >= 0]
     if maj_v.size == 0 or maj_i.size == 0:
         return float("nan")
@@ -193,23 +264,26 @@ def _majority(labels: np.ndarray, true_ids: np.ndarray, num_clusters: int) -> np
     return out
 
 
-def association_accuracy(vis_labels: np.ndarray, ir_labels: np.ndarray,
-                         vis_true: np.ndarray, ir_true: np.ndarray,
-                         association: Association) -> float:
+def association_accuracy(inp: AssociationInput, association: Association,
+                         true_ids: dict[int, np.ndarray]) -> float:
     """Diagnostic (needs true ids, never used for training): share of linked cluster pairs
     whose majority true identities agree.
 
-    ``vis_labels (Nv,)`` / ``ir_labels (Ni,)``: per-modality cluster ids of the rows (-1
-    outliers); ``vis_true (Nv,)`` / ``ir_true (Ni,)``: their true person ids (< 0 = unknown).
-    A cluster's majority id is the most frequent true id among its members (ties: the smallest).
-    The linked pairs are all (visible cluster a, IR cluster b) with the same unified id; pairs
-    with a cluster that has no member of known identity are left out. Returns
-    ``agreeing pairs / linked pairs``, or NaN when no pair is linked.
+    ``true_ids[m]`` ``(N_m,)``: the true person id of each sample of ``inp.samples[m]`` (< 0 =
+    unknown). A cluster's majority id is the most frequent true id among its members (ties: the
+    smallest). The linked pairs are all (visible cluster a, IR cluster b) such that a sample of
+    a and a sample of b have the same unified id; pairs with a cluster that has no member of
+    known identity are left out. Returns ``agreeing pairs / linked pairs``, or NaN when no pair
+    is linked.
     """
-    maj_v = _majority(vis_labels, vis_true, association.vis_to_unified.size)  # (Cv,)
-    maj_i = _majority(ir_labels, ir_true, association.ir_to_unified.size)  # (Ci,)
-    linked = association.vis_to_unified[:, None] == association.ir_to_unified[None, :]
-    linked &= (maj_v >= 0)[:, None] & (maj_i >= 0)[None, :]  # (Cv, Ci)
+    vis, ir = inp.samples[VISIBLE], inp.samples[INFRARED]
+    cv, ci = len(vis.centroids), len(ir.centroids)
+    maj_v = _majority(vis.labels, true_ids[VISIBLE], cv)  # (Cv,)
+    maj_i = _majority(ir.labels, true_ids[INFRARED], ci)  # (Ci,)
+    ids_v = _cluster_ids(vis.labels, association.labels[VISIBLE], cv, association.num_ids)
+    ids_i = _cluster_ids(ir.labels, association.labels[INFRARED], ci, association.num_ids)
+    linked = (ids_v.astype(np.int64) @ ids_i.T.astype(np.int64)) > 0  # (Cv, Ci)
+    linked &= (maj_v >= 0)[:, None] & (maj_i >= 0)[None, :]
     total = int(linked.sum())
     if total == 0:
         return float("nan")

@@ -37,7 +37,7 @@ def cluster_modalities(cfg: ClusterRecipe, feats: np.ndarray, rows: np.ndarray, 
     """Cluster each modality of ``feats (N, D)``; ``rows``, ``modality`` and ``true_ids`` are
     ``(N,)`` and aligned with ``feats``. ``true_ids`` only feed the ARI/NMI/purity diagnostics
     (never a label). ``k1`` overrides ``cfg.k1`` per modality (stage 2's
-    ``cluster.k1_adopting``)."""
+    ``stage2.k1_adopting``)."""
     k1 = k1 or {}
     out: dict[int, ModalityClusters] = {}
     for m in MODALITIES:

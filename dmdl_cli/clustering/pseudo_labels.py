@@ -119,7 +119,7 @@ def cluster_stats(labels: np.ndarray, true_ids: np.ndarray | None = None) -> dic
     truth = np.asarray(true_ids).ravel()
     if truth.shape[0] != n:
         raise ValueError(f"true_ids has {truth.shape[0]} entries for {n} labels")
-    singleton = _outliers_as_singletons(lab)
+    singleton = outliers_as_singletons(lab)
     out["ari"] = float(adjusted_rand_score(truth, singleton))
     out["nmi"] = float(normalized_mutual_info_score(truth, singleton))
     if clustered.size:
@@ -132,8 +132,9 @@ def cluster_stats(labels: np.ndarray, true_ids: np.ndarray | None = None) -> dic
     return out
 
 
-def _outliers_as_singletons(lab: np.ndarray) -> np.ndarray:
-    out = lab.copy()
+def outliers_as_singletons(labels: np.ndarray) -> np.ndarray:
+    """Labels (N,) int64 with every outlier (-1) given an id of its own, above the clusters'."""
+    out = np.asarray(labels).astype(np.int64, copy=True).ravel()
     out_mask = out < 0
     base = out.max() + 1 if (~out_mask).any() else 0
     out[out_mask] = base + np.arange(int(out_mask.sum()), dtype=np.int64)
@@ -168,4 +169,5 @@ def centroids(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (sums / norms).astype(np.float32)
 
 
-__all__ = ["centroids", "cluster_features", "cluster_stats", "dbscan_precomputed", "renumber"]
+__all__ = ["centroids", "cluster_features", "cluster_stats", "dbscan_precomputed",
+           "outliers_as_singletons", "renumber"]

@@ -34,17 +34,12 @@ from dmdl_cli.console import make_progress
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.workspace import repair_hint
 
-__all__ = ["cache_name", "load_image", "build_cache", "open_cache", "read_rows", "record_path",
+__all__ = ["load_image", "build_cache", "open_cache", "read_rows", "record_path",
            "read_record", "write_record", "cache_record", "verify_cache"]
 
 _CHUNK = 64  # images per worker task
 #: Rows hashed by the quick check when a stage opens the cache (spread evenly over the file).
 SAMPLE_ROWS = 256
-
-
-def cache_name(height: int, width: int) -> str:
-    """File name of the cache for images of ``height`` x ``width``."""
-    return f"cache-{int(height)}x{int(width)}.u8"
 
 
 def load_image(path: str, height: int, width: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.markup import escape
@@ -25,9 +25,13 @@ from dmdl_cli.console import console, log
 from dmdl_cli.data.cache import build_cache, cache_record, read_record, verify_cache, write_record
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable, index_to_csv, write_index
 from dmdl_cli.data.sources import find_bad_images, read_source
+from dmdl_cli.datasets import dataset_record
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import Recipe, SyntheticRecipe
-from dmdl_cli.workspace import STAGE_DIRS, StageRun, Workspace
+from dmdl_cli.workspace import STAGE_DIRS, Workspace
+
+if TYPE_CHECKING:  # the context layer sits above this one: prepare-data only reads its fields
+    from dmdl_cli.context import StageContext
 
 SYNTHETIC_STAMP = "dmdl-synthetic.json"
 MAX_LISTED = 10
@@ -106,9 +110,7 @@ def summary_table(table: IndexTable, title: str) -> Table:
 
 
 def prepare_data(
-    ws: Workspace,
-    recipe: Recipe,
-    run: StageRun,
+    ctx: "StageContext",
     *,
     dataset: str,
     root: Path | None,
@@ -117,13 +119,15 @@ def prepare_data(
     skip_bad_images: bool = False,
 ) -> None:
     """Index, check and cache the data set (the synthetic set is generated from the recipe's
-    ``synthetic:`` section); the command runner holds the workspace alone and ``run`` is the
-    command's ledger entry."""
+    ``synthetic:`` section) in the context the command runner built: it holds the workspace
+    alone, and ``ctx.ledger`` is the command's ledger entry."""
+    ws, recipe, run = ctx.ws, ctx.recipe, ctx.ledger
     previous = ws.dataset
-    if dataset != "synthetic" and root is None:
+    record = dataset_record(dataset)
+    if not record.generated and root is None:
         raise DmdlError(f"--root is required for data set '{dataset}': the raw data set folder")
     root = Path(root).expanduser().resolve() if root else ws.root / "synthetic"
-    identity = {"name": dataset, "root": str(root), "trial": trial if dataset == "regdb" else None}
+    identity = {"name": dataset, "root": str(root), "trial": trial if record.trials else None}
     root, table = _read_dataset(ws, recipe, identity, previous, force)
     fingerprint = source_fingerprint(table)
     height, width = recipe.data.height, recipe.data.width
@@ -168,7 +172,7 @@ def _read_dataset(ws: Workspace, recipe: Recipe, identity: dict, previous: dict 
     """The data root (the synthetic set generated first) and its index."""
     dataset, root, trial = identity["name"], Path(identity["root"]), identity["trial"] or 1
     start = time.perf_counter()
-    if dataset == "synthetic":
+    if dataset_record(dataset).generated:
         _check_identity(ws, previous, identity, force)  # before generating anything into the workspace
         root = _synthetic_root(ws, root, recipe.synthetic, force)
         table = read_source(dataset, root, trial=trial)

@@ -18,6 +18,7 @@ Rows are ordered train then test; within a split by camera (SYSU) or index file 
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -28,11 +29,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dmdl_cli.data.index import INFRARED, VISIBLE, IndexTable
+from dmdl_cli.datasets import dataset_record
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.recipe import DATASETS
 
 __all__ = [
-    "DATASETS",
     "IMAGE_EXTENSIONS",
     "SYSU_MODALITY",
     "REGDB_TRIALS",
@@ -57,24 +57,21 @@ def _listing(items: Sequence[object], limit: int = _MAX_LISTED) -> str:
 
 
 def read_source(dataset: str, root: str | os.PathLike[str], *, trial: int = 1) -> IndexTable:
-    """Index of the data set ``dataset`` (one of :data:`DATASETS`) stored at ``root``.
+    """Index of the data set ``dataset`` (a record of ``dmdl_cli/datasets.py``) stored at
+    ``root``, read by the record's reader.
 
-    ``trial`` selects the RegDB split (1..10); other data sets ignore it.
+    ``trial`` selects the split of a data set with trials (RegDB: 1..10); others ignore it.
     """
-    if dataset not in DATASETS:
-        raise DmdlError(f"unknown data set {dataset!r}; use one of {', '.join(DATASETS)}")
+    record = dataset_record(dataset)
     root_path = Path(root).expanduser()
     if not root_path.exists():
         raise DmdlError(f"{root_path}: data root does not exist; check the path "
                         f"(for {dataset}, point it at the folder holding the raw data set)")
     if not root_path.is_dir():
         raise DmdlError(f"{root_path}: data root is not a folder; point it at the data-set folder")
-    root_path = root_path.absolute()
-    if dataset in ("sysu", "synthetic"):
-        return read_sysu(root_path)
-    if dataset == "regdb":
-        return read_regdb(root_path, trial=trial)
-    return read_llcm(root_path)
+    module, _, function = record.reader.partition(":")
+    reader = getattr(importlib.import_module(module), function)
+    return reader(root_path.absolute(), **({"trial": trial} if record.trials else {}))
 
 
 # ----------------------------------------------------------------------------------------------

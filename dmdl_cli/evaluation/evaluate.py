@@ -142,7 +142,6 @@ def evaluate(
     ctx: StageContext,
     *,
     mode: str = "all",
-    checkpoint: str | None = None,
     trials: int | None = None,
     shots: int | None = None,
     rerank: bool = False,
@@ -157,7 +156,7 @@ def evaluate(
     if len(test_rows) == 0:
         raise DmdlError(f"{ws.index_path} has no test rows: this workspace cannot be evaluated")
     test, cache = ctx.index.select(test_rows), ctx.cache  # the cache is checked before the model is built
-    loaded = ctx.model(checkpoint)
+    loaded = ctx.model()
     log(f"evaluating {escape(loaded.description)}")
     start = time.perf_counter()
     feats = cached_features(ws, loaded.model, loaded.sha256, "test", cache, test_rows,
@@ -173,7 +172,7 @@ def evaluate(
         summaries[m] = summary
         name = f"{m}{'-rerank' if rerank else ''}{f'-{shots}shot' if shots > 1 else ''}-{loaded.name}"
         _warn_small_gallery(m, test, trial_list)
-        out = ws.dir("eval") / f"{name}.json"
+        out = ctx.output(f"{name}.json")
         _write_result(out, dataset, {"mode": m, "trials": trials, "shots": shots, "rerank": rerank},
                       loaded, recipe, summary, per_trial)
         ctx.record_output(out)
@@ -203,7 +202,7 @@ def _draw_ranked_lists(ctx: StageContext, feats: np.ndarray, test: IndexTable, t
     from dmdl_cli.evaluation.visualize import write_ranked_lists
 
     dist = trial_distance(feats[first.query], feats[first.gallery], ctx.recipe, rerank)
-    ranks_dir = ctx.ws.dir("eval") / "ranks"
+    ranks_dir = ctx.output("ranks")
     written = write_ranked_lists(ranks_dir, ctx.cache, test, test_rows, dist, first, name,
                                  spread=spread, worst=worst, title=title)
     ctx.record_output(*written)

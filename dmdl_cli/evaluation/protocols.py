@@ -2,21 +2,24 @@
 
 A protocol turns the metadata of the TEST rows (identity, camera, modality; ``0`` visible,
 ``1`` infrared) into a list of :class:`Trial` objects. A trial holds row positions into those
-arrays plus what :func:`dmdl_cli.evaluation.metrics.rank_metrics` needs besides distances:
+arrays plus what :func:`dmdl_cli.evaluation.metrics.rank_metrics` needs besides distances.
+Each data set names its protocol kind, modes and camera groups in the table of data sets
+(``dmdl_cli/datasets.py``); the kinds:
 
-* **SYSU-MM01** (and ``synthetic``, which mirrors it) — IR query -> visible gallery. Queries:
-  all infrared test rows (cams 3, 6). Gallery candidates: visible rows of cams 1, 2, 4, 5
-  (``all-search``) or 1, 2 (``indoor-search``). Per trial ``t`` (seed ``t``, ``t = 0..trials-1``)
-  the gallery keeps ``shots`` random images (without replacement; all if fewer) of each
-  (identity, camera) pair. Exclusion: a cam-3 query ignores every cam-2 gallery image
-  (:func:`sysu_exclusion`). De-duplicated CMC.
-* **RegDB** — the workspace holds one trial's test split. ``visible-to-infrared``: visible
+* ``sysu`` (SYSU-MM01, and ``synthetic``, which mirrors it) — IR query -> visible gallery.
+  Queries: all infrared test rows. Gallery candidates: the visible rows of the mode's gallery
+  cameras (SYSU-MM01: cams 1, 2, 4, 5 ``all-search``, 1, 2 ``indoor-search``). Per trial ``t``
+  (seed ``t``, ``t = 0..trials-1``) the gallery keeps ``shots`` random images (without
+  replacement; all if fewer) of each (identity, camera) pair. Exclusion: a query ignores the
+  gallery images of the cameras paired with its own (SYSU-MM01: a cam-3 query ignores cam 2,
+  :func:`camera_exclusion`). De-duplicated CMC.
+* ``regdb`` — the workspace holds one trial's test split. ``visible-to-infrared``: visible
   queries vs all infrared rows; ``infrared-to-visible``: the reverse. One trial, no sampling,
   no exclusion, plain CMC.
-* **LLCM** — ``visible-to-infrared`` / ``infrared-to-visible``: all rows of the query modality vs
-  ``shots`` random images per (identity, camera) of the other modality, seeds ``0..trials-1``.
-  Exclusion: a query ignores gallery images of its own identity taken by its own camera number.
-  De-duplicated CMC.
+* ``llcm`` — ``visible-to-infrared`` / ``infrared-to-visible``: all rows of the query modality
+  vs ``shots`` random images per (identity, camera) of the other modality, seeds
+  ``0..trials-1``. Exclusion: a query ignores gallery images of its own identity taken by its own
+  camera number. De-duplicated CMC.
 
 Sampling uses ``numpy.random.default_rng(seed)`` and is vectorised: one uniform draw per
 candidate row, a lexicographic sort by (identity, camera, draw), and the first ``shots`` rows
@@ -28,33 +31,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dmdl_cli.datasets import CROSS_MODES, DataSet, dataset_record
 from dmdl_cli.errors import DmdlError
 
 __all__ = [
     "Trial",
-    "PROTOCOLS",
     "protocol_modes",
     "build_trials",
-    "sysu_exclusion",
+    "camera_exclusion",
     "same_id_same_cam_exclusion",
     "sample_gallery",
 ]
 
 _VISIBLE, _INFRARED = 0, 1
-
-# SYSU-MM01 camera layout (data-set facts, not tunable numbers).
-SYSU_QUERY_CAMS = (3, 6)
-SYSU_GALLERY_CAMS = {"all-search": (1, 2, 4, 5), "indoor-search": (1, 2)}
-SYSU_EXCLUDE_QUERY_CAM = 3     # a query from this camera ...
-SYSU_EXCLUDE_GALLERY_CAM = 2   # ... ignores gallery images from this one (same place)
-
-_CROSS_MODES = ("visible-to-infrared", "infrared-to-visible")
-PROTOCOLS: dict[str, tuple[str, ...]] = {
-    "sysu": ("all-search", "indoor-search"),
-    "synthetic": ("all-search", "indoor-search"),
-    "regdb": _CROSS_MODES,
-    "llcm": _CROSS_MODES,
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,25 +67,20 @@ class Trial:
 
 def protocol_modes(dataset: str) -> tuple[str, ...]:
     """Evaluation modes of ``dataset``; :class:`DmdlError` for an unknown data set."""
-    try:
-        return PROTOCOLS[dataset]
-    except KeyError:
-        raise DmdlError(
-            f"unknown data set {dataset!r} for evaluation; known data sets: "
-            f"{', '.join(sorted(PROTOCOLS))}"
-        ) from None
+    return dataset_record(dataset).modes
 
 
-def sysu_exclusion(q_cams: np.ndarray, g_cams: np.ndarray) -> np.ndarray:
-    """``(Q, G)`` bool: ``True`` where a cam-3 query meets a cam-2 gallery image.
-
-    ``exclude[i, j] = (q_cams[i] == 3) and (g_cams[j] == 2)``, whatever the identities, as in
-    the SYSU-MM01 reference evaluation.
-    """
+def camera_exclusion(q_cams: np.ndarray, g_cams: np.ndarray,
+                     pairs: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """``(Q, G)`` bool: ``True`` where a query of camera ``a`` meets a gallery image of camera
+    ``b`` for a pair ``(a, b)`` of ``pairs``, whatever the identities (SYSU-MM01: ``((3, 2),)``,
+    as in its reference evaluation)."""
     q_cams = np.asarray(q_cams)
     g_cams = np.asarray(g_cams)
-    return ((q_cams[:, None] == SYSU_EXCLUDE_QUERY_CAM)
-            & (g_cams[None, :] == SYSU_EXCLUDE_GALLERY_CAM))
+    out = np.zeros((q_cams.size, g_cams.size), dtype=bool)
+    for query_cam, gallery_cam in pairs:
+        out |= (q_cams[:, None] == query_cam) & (g_cams[None, :] == gallery_cam)
+    return out
 
 
 def same_id_same_cam_exclusion(
@@ -184,56 +168,77 @@ def build_trials(
     """The evaluation trials of ``dataset`` / ``mode`` over the given TEST rows.
 
     Args:
-        dataset: ``sysu``, ``synthetic``, ``regdb`` or ``llcm`` (see :data:`PROTOCOLS`).
+        dataset: a data set of ``dmdl_cli/datasets.py``; its record names the protocol kind.
         mode: one of :func:`protocol_modes` ``(dataset)``.
         pids, cams, modality: ``(N,)`` arrays of the test rows (modality 0 visible, 1 IR).
-        trials: number of sampled galleries (seeds ``0..trials-1``); ignored for RegDB.
+        trials: number of sampled galleries (seeds ``0..trials-1``); ignored by ``regdb``.
         shots: gallery images per (identity, camera): 1 single-shot, 10 multi-shot; ignored
-            for RegDB.
+            by ``regdb``.
 
     Returns:
-        ``trials`` :class:`Trial` objects (one for RegDB).
+        ``trials`` :class:`Trial` objects (one for ``regdb``).
 
     Raises:
         DmdlError: unknown data set, a mode the data set does not have (the message lists the
             valid ones), bad ``trials``/``shots``, or an empty query / gallery set.
     """
-    modes = protocol_modes(dataset)
-    if mode not in modes:
+    record = dataset_record(dataset)
+    if mode not in record.modes:
         raise DmdlError(
             f"evaluation mode {mode!r} does not fit data set {dataset!r}; "
-            f"valid modes: {', '.join(modes)}"
+            f"valid modes: {', '.join(record.modes)}"
         )
     pids, cams, modality = _check_inputs(pids, cams, modality, trials, shots)
+    return _PROTOCOLS[record.protocol](record, mode, pids, cams, modality, trials, shots)
 
-    if dataset in ("sysu", "synthetic"):
-        query = _nonempty(np.flatnonzero(modality == _INFRARED), "infrared query images",
-                          dataset, mode)
-        cand = _nonempty(
-            np.flatnonzero((modality == _VISIBLE) & np.isin(cams, SYSU_GALLERY_CAMS[mode])),
-            f"visible gallery images from cams {SYSU_GALLERY_CAMS[mode]}", dataset, mode,
-        )
-        out = []
-        for seed in range(trials):
-            gallery = sample_gallery(cand, pids, cams, shots=shots,
-                                     rng=np.random.default_rng(seed))
-            out.append(Trial(query, gallery, sysu_exclusion(cams[query], cams[gallery]),
-                             True, seed))
-        return out
 
-    q_mod = _VISIBLE if mode == "visible-to-infrared" else _INFRARED
+def _sysu_trials(record: DataSet, mode: str, pids, cams, modality, trials: int, shots: int
+                 ) -> list[Trial]:
+    """IR queries against a sampled gallery of the mode's visible cameras (module docstring)."""
+    gallery_cams = record.gallery_cameras[mode]
+    query = _nonempty(np.flatnonzero(modality == _INFRARED), "infrared query images",
+                      record.name, mode)
+    cand = _nonempty(
+        np.flatnonzero((modality == _VISIBLE) & np.isin(cams, gallery_cams)),
+        f"visible gallery images from cams {gallery_cams}", record.name, mode,
+    )
+    out = []
+    for seed in range(trials):
+        gallery = sample_gallery(cand, pids, cams, shots=shots, rng=np.random.default_rng(seed))
+        out.append(Trial(query, gallery,
+                         camera_exclusion(cams[query], cams[gallery], record.excluded_cameras),
+                         True, seed))
+    return out
+
+
+def _query_and_candidates(record: DataSet, mode: str, modality) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of the mode's query modality and every row of the other one."""
+    q_mod = _VISIBLE if mode == CROSS_MODES[0] else _INFRARED
     g_mod = 1 - q_mod
     names = {_VISIBLE: "visible images", _INFRARED: "infrared images"}
-    query = _nonempty(np.flatnonzero(modality == q_mod), names[q_mod], dataset, mode)
-    cand = _nonempty(np.flatnonzero(modality == g_mod), names[g_mod], dataset, mode)
+    query = _nonempty(np.flatnonzero(modality == q_mod), names[q_mod], record.name, mode)
+    cand = _nonempty(np.flatnonzero(modality == g_mod), names[g_mod], record.name, mode)
+    return query, cand
 
-    if dataset == "regdb":
-        return [Trial(query, cand, None, False, None)]
 
-    # llcm
+def _regdb_trials(record: DataSet, mode: str, pids, cams, modality, trials: int, shots: int
+                  ) -> list[Trial]:
+    """One trial: all rows of the query modality against all rows of the other."""
+    query, cand = _query_and_candidates(record, mode, modality)
+    return [Trial(query, cand, None, False, None)]
+
+
+def _llcm_trials(record: DataSet, mode: str, pids, cams, modality, trials: int, shots: int
+                 ) -> list[Trial]:
+    """All rows of the query modality against a sampled gallery of the other (module docstring)."""
+    query, cand = _query_and_candidates(record, mode, modality)
     out = []
     for seed in range(trials):
         gallery = sample_gallery(cand, pids, cams, shots=shots, rng=np.random.default_rng(seed))
         excl = same_id_same_cam_exclusion(pids[query], pids[gallery], cams[query], cams[gallery])
         out.append(Trial(query, gallery, excl, True, seed))
     return out
+
+
+# protocol kind (dmdl_cli/datasets.py: PROTOCOL_KINDS) -> the function building its trials
+_PROTOCOLS = {"sysu": _sysu_trials, "regdb": _regdb_trials, "llcm": _llcm_trials}

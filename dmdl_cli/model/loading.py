@@ -1,15 +1,16 @@
 """Turning checkpoints into networks: :func:`load_model` is the only loader (evaluate, cluster,
-export, ``dmdl_cli.embed`` and stage 2's start all use it), and :func:`resolve_model` resolves
-the ``--checkpoint`` of evaluate, cluster and export.
+export, ``dmdl_cli.embed`` and stage 2's start all use it), and :func:`resolve_model` builds the
+network of the ``--checkpoint`` of evaluate, cluster and export.
 
 A checkpoint carries the resolved recipe it was trained with (``meta["recipe"]``): its network
 is built from that model section (arch, gem_p, last_stride) and input size, never from the
 recipe of the command that loads it, which must agree (``check=True``).
 
-``--checkpoint``: ``None`` takes the newest stage result (stage 2 before stage 1, final before
-last); ``imagenet`` builds the untrained backbone of the recipe (ImageNet weights when the recipe asks
-for them, otherwise a seeded random initialisation, labelled so); anything else is a path.
-A checkpoint of another backbone is refused naming both.
+``--checkpoint`` is resolved once by the command runner (``dmdl_cli.stages.resolve_checkpoint``:
+without one, the newest stage result, stage 2 before stage 1, final before last): ``imagenet``
+builds the untrained backbone of the recipe (ImageNet weights when the recipe asks for them,
+otherwise a seeded random initialisation, labelled so); anything else is a path. A checkpoint
+of another backbone is refused naming both.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dmdl_cli.console import log
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, build_model
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.stages import default_checkpoint, result_stage
+from dmdl_cli.stages import UNTRAINED, result_stage
 from dmdl_cli.workspace import Workspace, load_checkpoint, read_checkpoint_bytes
 
 
@@ -148,9 +149,10 @@ def load_model(source: str | os.PathLike | Mapping[str, Any], recipe: Recipe | N
     return model, spec
 
 
-def resolve_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> LoadedModel:
-    """The network ``--checkpoint`` names for evaluate, cluster and export (module docstring)."""
-    if checkpoint == "imagenet":
+def resolve_model(ws: Workspace, recipe: Recipe, checkpoint: str | os.PathLike | None) -> LoadedModel:
+    """The network of a resolved ``--checkpoint`` (module docstring): ``imagenet``, a path, or
+    None when nothing is trained yet (refused, saying what to run first)."""
+    if checkpoint == UNTRAINED:
         model = initial_model(recipe)
         random_init = recipe.model.pretrained is None
         return LoadedModel(
@@ -163,12 +165,12 @@ def resolve_model(ws: Workspace, recipe: Recipe, checkpoint: str | None) -> Load
                          else f"untrained {recipe.model.arch}: {model.init_description}"),
             meta={"arch": recipe.model.arch, "stage": "untrained"},
         )
-    path = Path(checkpoint) if checkpoint else default_checkpoint(ws)
-    if path is None:
+    if checkpoint is None:
         raise DmdlError(
             f"no checkpoint in {ws.root}: run `dmdl pretrain-single --workspace {ws.root}` first, "
             "or pass --checkpoint imagenet to use the untrained network"
         )
+    path = Path(checkpoint)
     # read the bytes once, hash them and load them from memory: a trainer replacing the file
     # meanwhile cannot make results be filed under the hash of bytes that were not evaluated
     data = read_checkpoint_bytes(path)

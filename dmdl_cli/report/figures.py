@@ -197,12 +197,15 @@ def training_panels(record: WorkspaceRecord) -> list[Panel]:
 
 def _k1_note(record: WorkspaceRecord) -> str:
     """Why stage 2's cluster counts saw-tooth, when the recipe alternates k1."""
-    cluster = record.recipe.get("cluster") or {}
-    if cluster.get("k1_adopting") is None or not any(s.stage == "stage2" for s in record.stages):
+    # stage2.k1_adopting; recipes of older workspaces held it as cluster.k1_adopting
+    k1_adopting = ((record.recipe.get("stage2") or {}).get("k1_adopting")
+                   or (record.recipe.get("cluster") or {}).get("k1_adopting"))
+    if k1_adopting is None or not any(s.stage == "stage2" for s in record.stages):
         return ""
+    k1 = (record.recipe.get("cluster") or {}).get("k1")
     return (f"stage 2 saw-tooth: the modality that adopts the other's ids (visible and infrared "
-            f"in turn) is clustered with k1_adopting={cluster['k1_adopting']} instead of "
-            f"k1={cluster.get('k1')}: more, smaller clusters, more outliers")
+            f"in turn) is clustered with k1_adopting={k1_adopting} instead of k1={k1}: more, "
+            f"smaller clusters, more outliers")
 
 
 def _true_ids_lines(record: WorkspaceRecord) -> Callable[[Axes], None] | None:

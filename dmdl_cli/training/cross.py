@@ -1,12 +1,13 @@
 """Stage 2, ``train-cross``: cross-modality learning with CAI and CBT.
 
-Per epoch: cluster each modality (the modality that adopts the other's ids this epoch with
-``cluster.k1_adopting``), associate the clusters into one identity space
-(``association.method``), build one memory per modality keyed by the unified ids it has
-(``M_vis``, ``M_ir``) and a fused memory over all images of each unified id (``M_fused``),
-GMM confidences on the unified labels (``cbt.refine``), the modality prior P(m). Per batch,
-with unified labels y, two views A/B and refined targets t from the fused memory (one-hot for
-the first ``stage2.onehot_epochs`` epochs or without ``cbt.refine``):
+Per epoch: cluster each modality (the modality that adopts the other's ids this epoch, as the
+association method says, with ``stage2.k1_adopting``), associate the clusters into one identity
+space (``association.method``, ``clustering/association.py``), build one memory per modality
+keyed by the unified ids it has (``M_vis``, ``M_ir``) and a fused memory over all images of
+each unified id (``M_fused``), GMM confidences on the unified labels (``cbt.refine``), the
+modality prior P(m). Per batch, with unified labels y, two views A/B and refined targets t
+from the fused memory (one-hot for the first ``stage2.onehot_epochs`` epochs or without
+``cbt.refine``):
 
     L = L_intra + L_id + sigma(epoch) * triplet + w_align * MMD(A, B)
     L_id = mu * L_CAI  with ``cai.enabled``;  L_fused  without (the baseline)
@@ -28,9 +29,11 @@ the first ``stage2.onehot_epochs`` epochs or without ``cbt.refine``):
 
 Memories update after each step (``stage2.memory_update``): per-modality with the stage
 momentum, and with ``stage2.cross_memory_update`` the modality that adopted the other's ids
-this epoch (visible on even epochs, infrared on odd) also moves the other modality's rows of
-its unified ids (semi-cross-modality update: L_intra and CAI's P(y|x,m) then see
-other-modality prototypes). Per-sample order as in the reference: visible samples before
+this epoch (``nearest-alternating``: visible on even epochs, infrared on odd) also moves the
+other modality's rows of its unified ids (semi-cross-modality update: L_intra and CAI's
+P(y|x,m) then see other-modality prototypes). Under an association without an adopting modality
+(``hungarian``) neither ``stage2.k1_adopting`` nor ``stage2.cross_memory_update`` applies, and
+the run says so. Per-sample order as in the reference: visible samples before
 infrared ones (view A before view B) for the per-modality memories, infrared before visible
 for the fused memory, which moves with CAI's confidence-weighted momentum
 0.2 / max(t(y), 0.2) when ``cai.confidence_momentum``.
@@ -44,17 +47,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmdl_cli.clustering.association import associate, association_accuracy, association_chance
+from dmdl_cli.clustering.association import (
+    AssociationInput,
+    ModalitySamples,
+    adopter,
+    associate,
+    association_accuracy,
+    association_chance,
+)
 from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
 from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
 from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
-from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
+from dmdl_cli.data.index import INFRARED, MODALITY_NAMES
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.cai import cai_log_prob, modality_prior
 from dmdl_cli.model.loading import load_model
+from dmdl_cli.provenance import check_made_with
 from dmdl_cli.recipe import Recipe, reached, triplet_weight
-from dmdl_cli.stages import stage
+from dmdl_cli.stages import stage_spec
 from dmdl_cli.training.labelling import (
     confidences,
     make_memory,
@@ -79,36 +90,30 @@ from dmdl_cli.training.objectives import (
     view_targets,
 )
 from dmdl_cli.training.state import EpochState, StageLogic, TrainState
-from dmdl_cli.workspace import Workspace, load_checkpoint
+from dmdl_cli.workspace import load_checkpoint
 
 FUSED = "fused"
 
 
-def adopting_modality(epoch: int) -> int:
-    """The modality whose clusters take the other's ids at ``epoch`` (nearest-alternating):
-    visible on even epochs, infrared on odd ones."""
-    return VISIBLE if epoch % 2 == 0 else INFRARED
-
-
 def clustering_k1(recipe: Recipe, epoch: int) -> dict[int, int] | None:
-    """Per-modality k1 overrides of this epoch's clustering: ``cluster.k1_adopting`` for the
-    modality adopting the other's ids (the reference's k1 alternation), None without it."""
-    k1 = recipe.cluster.k1_adopting
-    return None if k1 is None else {adopting_modality(epoch): k1}
+    """Per-modality k1 overrides of this epoch's clustering: ``stage2.k1_adopting`` for the
+    modality adopting the other's ids (the reference's k1 alternation); None without it or
+    without an adopting modality."""
+    k1, adopting = recipe.stage2.k1_adopting, adopter(recipe.association.method, epoch)
+    return None if k1 is None or adopting is None else {adopting: k1}
 
 
-def memory_updates(modality: torch.Tensor, epoch: int, cross: bool) -> dict[int, torch.Tensor]:
+def memory_updates(modality: torch.Tensor, adopting: int | None, cross: bool) -> dict[int, torch.Tensor]:
     """Which samples move each per-modality memory: ``{m: (N,) bool}``.
 
     Every sample moves its own modality's memory; with ``cross`` (``cross_memory_update``) the
-    samples of the modality that adopted the other's ids this epoch also move the other's.
+    samples of the ``adopting`` modality (None: none) also move the other's.
     """
-    adopter = adopting_modality(epoch)
     out = {}
     for m in MODALITIES:
         movers = modality == m
-        if cross and m != adopter:
-            movers = movers | (modality == adopter)
+        if cross and adopting is not None and m != adopting:
+            movers = movers | (modality == adopting)
         out[m] = movers
     return out
 
@@ -138,28 +143,26 @@ class Stage2Epoch(EpochState):
 
 
 class CrossModalityStage(StageLogic):
-    spec = stage("stage2")
+    spec = stage_spec("stage2")
 
     def initial_model(self, ctx: StageContext, *, resuming: bool):
         ws, recipe = ctx.ws, ctx.recipe
-        upstream = stage(self.spec.upstream)
+        upstream = stage_spec(self.spec.upstream)
         path = upstream.final(ws)
         if not path.is_file():
             raise DmdlError(f"{path} is missing: run `dmdl {upstream.command} --workspace {ws.root}` "
                             "first (stage 2 starts from the stage-1 model)")
         state = load_checkpoint(path, what="stage-1 checkpoint")
-        if state["meta"].get("stage_hash") != upstream.hash(recipe):
-            raise DmdlError(
-                f"{path} was trained with another stage-1 recipe (recipe hash "
-                f"{state['meta'].get('recipe_hash')}): re-run `dmdl {upstream.command} --force` "
-                "with this recipe, or use the recipe that produced it")
+        check_made_with(ws, upstream, path, state["meta"], recipe,
+                        f"re-run `dmdl {upstream.command} --force` with them")
         model, _ = load_model(state, recipe, path=path, check=True, what="stage-1 checkpoint")
         if not resuming:  # when resuming, the weights come from last.pt
             log(f"stage 2 starts from {ws.rel(path)}")
+        method = recipe.association.method
+        if all(adopter(method, epoch) is None for epoch in range(recipe.stage2.epochs)):
+            log(f"association.method {method}: no modality adopts the other's ids, so "
+                "stage2.k1_adopting and stage2.cross_memory_update do not apply")
         return model, str(path)
-
-    def inputs(self, ws: Workspace) -> list:
-        return [ws.index_path, stage(self.spec.upstream).final(ws)]
 
     def prepare_epoch(self, t: TrainState) -> Stage2Epoch:
         recipe, stage, epoch = t.recipe, t.stage, t.epoch
@@ -168,14 +171,14 @@ class CrossModalityStage(StageLogic):
                                       clustering_k1(recipe, epoch))
         for m in MODALITIES:
             log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
-        assoc = associate(clusters[VISIBLE].centroids, clusters[INFRARED].centroids,
-                          method=recipe.association.method, epoch=epoch)
-        labels = np.full(len(t.ctx.index), -1, dtype=np.int64)
-        for m, mapping in ((VISIBLE, assoc.vis_to_unified), (INFRARED, assoc.ir_to_unified)):
-            c = clusters[m]
-            labels[c.rows] = np.where(c.labels >= 0, mapping[np.maximum(c.labels, 0)], -1)
-        modality = t.ctx.index.modality.astype(np.int64)
         feats_of = t.train_position  # index row -> row of feats
+        inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, feats[feats_of[c.rows]], c.centroids)
+                                       for m, c in clusters.items()})
+        assoc = associate(recipe.association.method, inp)
+        labels = np.full(len(t.ctx.index), -1, dtype=np.int64)  # unified ids per index row
+        for m in MODALITIES:
+            labels[clusters[m].rows] = assoc.labels[m]
+        modality = t.ctx.index.modality.astype(np.int64)
         labelled = np.flatnonzero(labels >= 0)
         fused = _centroids(feats, feats_of[labelled], labels[labelled])
         conf = np.ones(len(labels), dtype=np.float32)
@@ -189,13 +192,14 @@ class CrossModalityStage(StageLogic):
             memories[m] = make_memory(_centroids(feats, feats_of[rows], dense), stage)
         memories[FUSED] = make_memory(fused, stage)
         prior = modality_prior(torch.from_numpy(labels), torch.from_numpy(modality)).numpy()
-        self.log_labels(t, clusters, assoc, prior, conf[labelled])
+        self.log_labels(t, clusters, inp, assoc, prior, conf[labelled])
         write_labels_file(t.ctx, self.spec, epoch, labels, confidence=conf)
         return Stage2Epoch(epoch, labels, conf, memories, ids=ids, prior=prior,
                            num_ids=int(assoc.num_ids))
 
     @staticmethod
-    def log_labels(t: TrainState, clusters, assoc, prior: np.ndarray, conf: np.ndarray) -> None:
+    def log_labels(t: TrainState, clusters, inp: AssociationInput, assoc, prior: np.ndarray,
+                   conf: np.ndarray) -> None:
         """The epoch's ``labels`` record and line: clusters, unified ids, the modality prior,
         the mean confidence of the labelled images, and the association accuracy on data sets
         with identities (a diagnostic: training never reads true identities)."""
@@ -206,11 +210,10 @@ class CrossModalityStage(StageLogic):
         if t.true_ids is not None:
             truth = np.full(len(t.ctx.index), -1, dtype=np.int64)
             truth[t.ctx.train_rows] = t.true_ids
-            vis, ir = clusters[VISIBLE], clusters[INFRARED]
-            record["association_accuracy"] = association_accuracy(
-                vis.labels, ir.labels, truth[vis.rows], truth[ir.rows], assoc)
-            record["association_chance"] = association_chance(  # what a random linking scores
-                vis.labels, ir.labels, truth[vis.rows], truth[ir.rows], assoc)
+            true_ids = {m: truth[clusters[m].rows] for m in MODALITIES}
+            record["association_accuracy"] = association_accuracy(inp, assoc, true_ids)
+            # what a random linking scores, to read the accuracy against
+            record["association_chance"] = association_chance(inp, true_ids)
         log(f"epoch {epoch + 1}: {assoc.num_ids} unified identities ({recipe.association.method})"
             + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic; a "
                f"random linking: {record['association_chance']:.3f})"
@@ -302,21 +305,23 @@ class CrossModalityStage(StageLogic):
         """Momentum updates of the per-modality memories and the fused memory (module doc)
         after a step on views ``fa``, ``fb`` (B, D) with targets ``ta``, ``tb``."""
         recipe, stage, runtime, state = t.recipe, t.stage, t.runtime, t.epoch_state
-        if ta.dim() == 2:
-            t_own = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
-                               tb.gather(1, labels[:, None]).squeeze(1)])
+        if ta.dim() == 2:  # (2B,) target probability t(y) of each view's own label
+            own_target = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
+                                    tb.gather(1, labels[:, None]).squeeze(1)])
         else:
-            t_own = torch.ones(2 * labels.shape[0], device=fa.device)
+            own_target = torch.ones(2 * labels.shape[0], device=fa.device)
         feat, lab, mod = gathered_batch(runtime, fa, fb, labels, modality)
-        movers = memory_updates(mod, t.epoch, stage.cross_memory_update)
+        movers = memory_updates(mod, adopter(recipe.association.method, t.epoch),
+                                stage.cross_memory_update)
         for m in MODALITIES:
             sel = movers[m]
             if bool(sel.any()):
                 state.memories[m].update(feat[sel], state.row_of_id[m][lab[sel]])
-        feat, lab, _, t_all = gathered_batch(runtime, fa, fb, labels, modality, t_own, first=INFRARED)
+        feat, lab, _, target = gathered_batch(runtime, fa, fb, labels, modality, own_target,
+                                              first=INFRARED)
         momentum = None
         if recipe.cai.enabled and recipe.cai.confidence_momentum:
-            momentum = confidence_momentum(t_all, base=stage.momentum)
+            momentum = confidence_momentum(target, base=stage.momentum)
         state.memories[FUSED].update(feat, lab, momentum)
 
 

@@ -35,9 +35,10 @@ from dmdl_cli.data.sampling import ResumableBatchSampler
 from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import normalize_batch
-from dmdl_cli.provenance import write_recipe
+from dmdl_cli.provenance import check_made_with, write_recipe
 from dmdl_cli.recipe import StageRecipe
 from dmdl_cli.runtime import Runtime, make_grad_scaler, seed_everything, set_rng_state
+from dmdl_cli.stages import StageSpec, stage_spec
 from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks, rank_slice
 from dmdl_cli.training.hooks import Hook, Hooks, standard_hooks
 from dmdl_cli.training.logs import open_stage_log
@@ -51,7 +52,7 @@ def run_stage(ctx: StageContext, logic: StageLogic, *, resume: bool, force: bool
     """Train one stage to its end (the standard hooks, then ``hooks``); returns ``final.pt``.
 
     The command runner has taken the workspace lock, opened this command's ledger entry
-    (``ctx.run``) and selected the runtime (``deterministic`` is already applied to it; the
+    (``ctx.ledger``) and selected the runtime (``deterministic`` is already applied to it; the
     ledger records it). This function decides whether to start, resume or refuse.
     """
     if ctx.spec != logic.spec:
@@ -63,14 +64,14 @@ def run_stage(ctx: StageContext, logic: StageLogic, *, resume: bool, force: bool
     if ctx.recipe.run.tensorboard:
         require_tensorboard()  # refuse before anything is written
     saved = _resume_point(ctx, logic.spec) if resume and not force else None
-    if ctx.run is not None:
-        ctx.run.set(resumed=saved is not None, deterministic=deterministic)
+    if ctx.ledger is not None:
+        ctx.ledger.set(resumed=saved is not None, deterministic=deterministic)
     t = _setup(ctx, logic, saved)
     stage_log = open_stage_log(ctx.ws.root / logic.spec.folder, main=ctx.runtime.is_main,
                                replacing=force, tensorboard=ctx.recipe.run.tensorboard,
                                iters=t.stage.iters, resume_at=t.resumed_at)
     t.log = stage_log
-    ctx.record_input(*logic.inputs(ctx.ws))
+    ctx.record_input(ctx.ws.index_path, *_upstream_results(ctx, logic.spec))
     if ctx.runtime.is_main:
         ctx.record_output(write_recipe(logic.spec.recipe_file(ctx.ws), ctx.recipe))
     every = Hooks([*standard_hooks(stage_log, replacing=force), *hooks])
@@ -168,7 +169,12 @@ def make_loader(dataset: TwoViewDataset, batches: list, start: int, *, workers: 
 # -- start, resume or refuse; setup ---------------------------------------------------------
 
 
-def _finished(ctx: StageContext, spec, *, resume: bool, force: bool) -> bool:
+def _upstream_results(ctx: StageContext, spec: StageSpec) -> list[Path]:
+    """The upstream stage's ``final.pt`` a stage starts from (none for stage 1), for the ledger."""
+    return [stage_spec(spec.upstream).final(ctx.ws)] if spec.upstream else []
+
+
+def _finished(ctx: StageContext, spec: StageSpec, *, resume: bool, force: bool) -> bool:
     """True when the stage is finished and ``--resume`` has nothing to do; refuses to start
     over a finished or partial run without ``--force`` (or ``--resume`` for a partial one)."""
     ws, last, final = ctx.ws, spec.last(ctx.ws), spec.final(ctx.ws)
@@ -186,7 +192,7 @@ def _finished(ctx: StageContext, spec, *, resume: bool, force: bool) -> bool:
     return False
 
 
-def _resume_point(ctx: StageContext, spec) -> dict[str, Any] | None:
+def _resume_point(ctx: StageContext, spec: StageSpec) -> dict[str, Any] | None:
     """The saved state of ``last.pt`` to resume from (checked against the recipe), or None."""
     ws, recipe, last = ctx.ws, ctx.recipe, spec.last(ctx.ws)
     if not last.is_file():
@@ -194,11 +200,8 @@ def _resume_point(ctx: StageContext, spec) -> dict[str, Any] | None:
         return None
     saved = load_checkpoint(last, what="resume checkpoint")
     meta = saved["meta"]
-    if meta.get("stage_hash") != spec.hash(recipe):
-        raise DmdlError(
-            f"{ws.rel(last)} was written with another recipe (hash "
-            f"{meta.get('recipe_hash')}, now {recipe.hash()}): resume with the recipe of "
-            f"that run (the workspace's recipe.yaml) or pass --force to start again")
+    check_made_with(ws, spec, last, meta, recipe,
+                    f"pass --force to start {spec.name} again (`dmdl {spec.command} --force`)")
     log(f"resuming {spec.name} from {ws.rel(last)}: epoch {meta['epoch'] + 1}, "
         f"step {meta['step']} (weights, optimiser, memories and RNG states come from it)")
     return saved

@@ -15,8 +15,8 @@ __all__ = [
 ]
 
 
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(device_type=t.device.type, enabled=False)
+def _no_autocast(x: torch.Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def contrastive_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

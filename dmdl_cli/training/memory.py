@@ -37,29 +37,32 @@ __all__ = ["ClusterMemory", "confidence_momentum"]
 
 
 
-def confidence_momentum(t_y: torch.Tensor, base: float = 0.2) -> torch.Tensor:
-    """CAI's per-sample momentum ``mu = base / max(t(y), base)``, ``(B,)`` in ``[base, 1]``.
+def confidence_momentum(target_y: torch.Tensor, base: float) -> torch.Tensor:
+    """CAI's per-sample momentum ``mu = base / max(t(y), base)``, ``(B,)`` in ``[base, 1]``
+    (``base``: the stage's momentum, 0.2 in the paper).
 
-    ``t_y`` is the target probability of the sample's own label: a confident sample
+    ``target_y`` is the target probability t(y) of the sample's own label: a confident sample
     (``t(y) = 1``) updates with ``mu = base``; ``t(y) <= base`` leaves the memory unchanged.
     """
-    t_y = t_y.detach().float()
-    return base / t_y.clamp(min=base)
+    target_y = target_y.detach().float()
+    return base / target_y.clamp(min=base)
 
 
 class ClusterMemory(nn.Module):
     """``C`` L2-normalised prototypes of dimension ``D`` (buffer ``features (C, D)``).
 
     ``logits(feat) = feat @ features.T / temp``; ``update(feat, labels, momentum)`` moves the
-    prototypes of the labelled clusters (see the module docstring for the batch rule).
+    prototypes of the labelled clusters (see the module docstring for the batch rule). ``temp``,
+    ``momentum`` and ``rule`` have no defaults: they are the recipe's (``stageN.temp``,
+    ``stageN.momentum``, ``stageN.memory_update``).
     The state dict holds ``features`` only; loading a state dict with a different number of
     clusters resizes the buffer (a checkpoint taken after re-clustering restores as is).
     """
 
     features: torch.Tensor
 
-    def __init__(self, num_features: int, num_clusters: int, *, temp: float = 0.05,
-                 momentum: float = 0.2, rule: str = "batch-mean") -> None:
+    def __init__(self, num_features: int, num_clusters: int, *, temp: float, momentum: float,
+                 rule: str) -> None:
         super().__init__()
         if rule not in MEMORY_UPDATES:
             raise ValueError(f"rule must be one of {MEMORY_UPDATES}, got {rule!r}")
@@ -70,8 +73,7 @@ class ClusterMemory(nn.Module):
         self.register_buffer("features", torch.zeros(num_clusters, num_features))
 
     @classmethod
-    def from_centroids(cls, centroids, *, temp: float = 0.05, momentum: float = 0.2,
-                       rule: str = "batch-mean") -> "ClusterMemory":
+    def from_centroids(cls, centroids, *, temp: float, momentum: float, rule: str) -> "ClusterMemory":
         """A memory whose rows are the L2-normalised ``centroids`` ``(C, D)`` (array or tensor)."""
         c = torch.as_tensor(centroids).detach().to(torch.float32)
         if c.dim() != 2:

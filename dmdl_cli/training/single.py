@@ -29,7 +29,7 @@ from dmdl_cli.context import StageContext
 from dmdl_cli.data.index import MODALITY_NAMES
 from dmdl_cli.model.loading import initial_model
 from dmdl_cli.recipe import reached, triplet_weight
-from dmdl_cli.stages import stage
+from dmdl_cli.stages import stage_spec
 from dmdl_cli.training.hooks import Hook
 from dmdl_cli.training.labelling import (
     confidences,
@@ -56,7 +56,7 @@ class Stage1Epoch(EpochState):
 
 
 class SingleModalityStage(StageLogic):
-    spec = stage("stage1")
+    spec = stage_spec("stage1")
 
     def initial_model(self, ctx: StageContext, *, resuming: bool):
         model = initial_model(ctx.recipe)

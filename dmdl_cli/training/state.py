@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +23,6 @@ from dmdl_cli.recipe import Recipe, StageRecipe
 from dmdl_cli.runtime import Runtime
 from dmdl_cli.stages import StageSpec
 from dmdl_cli.training.memory import ClusterMemory
-from dmdl_cli.workspace import Workspace
 
 Record = dict[str, Any]  # one line of the stage's log.jsonl
 
@@ -57,10 +55,6 @@ class StageLogic:
         """The network the stage starts from and one line saying where it came from (when
         ``resuming`` its weights are replaced by those of ``last.pt``)."""
         raise NotImplementedError  # pragma: no cover
-
-    def inputs(self, ws: Workspace) -> list[Path]:
-        """Workspace files the stage reads (recorded with their sha256 in the ledger)."""
-        return [ws.index_path]
 
     def prepare_epoch(self, t: "TrainState") -> EpochState:
         """Pseudo labels and memories of epoch ``t.epoch`` (runs on the main rank only)."""

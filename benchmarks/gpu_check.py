@@ -203,7 +203,8 @@ def stage2_context(recipe: Recipe, runtime, cache_path: Path, n: int, ids: int):
     from dmdl_cli.training.state import TrainState
 
     stage = recipe.stage2
-    epoch = max([stage.cross_sampler_from, stage.onehot_epochs] + [e for e, _ in stage.triplet_ramp])
+    thresholds = [stage.cross_sampler_from, stage.onehot_epochs] + [e for e, _ in stage.triplet_ramp]
+    epoch = max([0] + [e for e in thresholds if e != "never"])  # every term of the loss on
     rows = np.arange(n)
     modality = ((rows // ids) % 2).astype(np.int8)  # every id in both modalities
     labels = (rows % ids).astype(np.int64)  # (N,) unified ids

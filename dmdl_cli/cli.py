@@ -6,10 +6,15 @@ workspace, resolves the checkpoint and the recipe, takes the stage's lock, recor
 in the ledger and builds the stage's context; no stage logic lives here. The training commands
 are made from the table's training stages. A :class:`~dmdl_cli.errors.DmdlError` raised
 anywhere is printed as one line and turned into a non-zero exit code.
+
+Keep this module's imports torch-free (and those of ``runner.py``): options, the workspace and
+the recipe are checked before torch is imported (it takes seconds), so a bad option, key or
+value is answered at once. Stage modules are imported inside each command's body, after the
+runner has resolved the recipe. ``tests/test_cli_choices.py`` checks that importing this module
+imports no torch, nor does a refused option, key or value.
 """
 from __future__ import annotations
 
-import enum
 import functools
 import importlib
 from pathlib import Path
@@ -22,7 +27,7 @@ from dmdl_cli import __version__
 from dmdl_cli.console import console
 from dmdl_cli.errors import DmdlError, NotImplementedStage
 from dmdl_cli.datasets import ALL_MODES, DATASET_NAMES, dataset_record
-from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS
+from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS, OptionOverride
 from dmdl_cli.stages import BY_COMMAND, TRAINING_STAGES, StageSpec, stage_spec
 
 app = typer.Typer(
@@ -36,22 +41,34 @@ app = typer.Typer(
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _choices(name: str, values) -> type[enum.Enum]:
-    """A Typer choice type over ``values`` (``--help`` lists them; a bad value is a usage error)."""
-    return enum.Enum(name, [(v, v) for v in dict.fromkeys(values)], type=str)
+def _choice(default, *names: str, values, help: str):
+    """A string option limited to ``values``: ``--help`` lists them as ``<a|b|c>``, and a bad
+    value is one usage error naming the choices."""
+    values = list(dict.fromkeys(values))
+
+    def check(value):
+        if value is not None and value not in values:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(values)}")
+        return value
+
+    return typer.Option(default, *names, help=help, callback=check, metavar=f"<{'|'.join(values)}>",
+                        show_default=default not in (None, ...))
 
 
-# Choice types, built from the one declaration of each list (datasets.py, recipe.py).
-Dataset = _choices("Dataset", DATASET_NAMES)
-Mode = _choices("Mode", ["all", *ALL_MODES])
-ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
-Modality = _choices("Modality", CLUSTER_MODALITIES)
+# Choice lists come from the one declaration of each (datasets.py, recipe.py).
+MODES = ["all", *ALL_MODES]
 
 # Shared option declarations -------------------------------------------------------------------
-WorkspaceOpt = typer.Option(..., "--workspace", "-w", help="Workspace folder.")
-RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe YAML (default: the workspace's).")
-OverlayOpt = typer.Option(None, "--overlay", help="Overlay YAML applied on the recipe (repeatable).")
-SetOpt = typer.Option(None, "--set", help="Override a recipe key: section.key=value (repeatable).")
+WorkspaceOpt = typer.Option(..., "--workspace", "-w", metavar="DIR", help="Workspace folder.")
+RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="FILE",
+                         help="Recipe YAML (default: the workspace's recipe.yaml).")
+OverlayOpt = typer.Option(None, "--overlay", metavar="FILE",
+                          help="Overlay YAML applied on the recipe (repeatable).")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE",
+                      help="Override a recipe key, e.g. stage1.epochs=1 (repeatable).")
+CheckpointOpt = typer.Option(None, "--checkpoint", metavar="PATH|imagenet",
+                             help="A checkpoint file, or 'imagenet': the untrained network of the "
+                             "recipe (default: the newest of stage 2, then stage 1).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite what this stage wrote before.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue a killed or partial run from its last checkpoint.")
 DeterministicOpt = typer.Option(False, "--deterministic", help="Bit-reproducible CPU run (slower).")
@@ -118,46 +135,62 @@ def _root(
 
 @command("prepare-data")
 def prepare_data(
-    dataset: Dataset = typer.Option(..., "--dataset", "-d", help="The data set."),
+    dataset: str = _choice(..., "--dataset", "-d", values=DATASET_NAMES, help="The data set."),
     workspace: Path = WorkspaceOpt,
-    root: Optional[Path] = typer.Option(None, "--root", help="Raw data set folder (synthetic: where to write it, default WS/synthetic)."),
-    trial: int = typer.Option(1, "--trial", help="RegDB split trial 1..10."),
-    ids: Optional[int] = typer.Option(None, "--ids", help="Synthetic set: number of identities (sets synthetic.ids)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Synthetic set: generator seed (sets synthetic.seed)."),
-    recipe: Optional[Path] = RecipeOpt,
+    root: Optional[Path] = typer.Option(None, "--root", metavar="DIR", help="Raw data set folder (synthetic: where to write it, default WS/synthetic)."),
+    trial: Optional[int] = typer.Option(None, "--trial", metavar="N", help="RegDB split trial 1..10 (default 1)."),
+    ids: Optional[int] = typer.Option(None, "--ids", metavar="N", help="Synthetic set: number of identities (sets synthetic.ids)."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Synthetic set: generator seed (sets synthetic.seed)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", metavar="FILE", help="Recipe YAML (default: the workspace's recipe.yaml when it has one, else the data set's: recipes/<dataset>.yaml, recipes/demo.yaml for synthetic)."),
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Exclude unreadable images (recorded in the manifest)."),
     force: bool = ForceOpt,
 ) -> None:
-    dataset = dataset.value
-    prepare = _stage_function("prepare-data")
-    # --ids / --seed are short for --set synthetic.ids= / synthetic.seed= (an explicit --set wins)
-    shorthands = [f"synthetic.{key}={value}" for key, value in (("ids", ids), ("seed", seed))
-                  if value is not None]
-    _run("prepare-data", workspace, recipe, overlay,
-         [f"data.dataset={dataset}", f"data.trial={trial}", *shorthands, *(set_ or [])],
+    # the options set recipe keys (an explicit --set wins); messages name the option typed
+    trial_no = 1 if trial is None else trial
+    implied = [OptionOverride(f"data.dataset={dataset}", f"--dataset {dataset}"),
+               OptionOverride(f"data.trial={trial_no}", "" if trial is None else f"--trial {trial}")]
+    implied += [OptionOverride(f"synthetic.{key}={value}", f"--{key} {value}")
+                for key, value in (("ids", ids), ("seed", seed)) if value is not None]
+
+    def body(ctx):
+        prepared = _stage_function("prepare-data")(ctx, dataset=dataset, root=root, trial=trial_no,
+                                                   force=force, skip_bad_images=skip_bad_images)
+        _warn_missing_weights(ctx.recipe)
+        return prepared
+
+    _run("prepare-data", workspace, recipe, overlay, [*implied, *(set_ or [])],
          default_recipe=REPO_RECIPES / dataset_record(dataset).recipe, force=force, dataset=dataset,
-         body=lambda ctx: prepare(ctx, dataset=dataset, root=root, trial=trial, force=force,
-                                  skip_bad_images=skip_bad_images))
+         body=body)
     where = _folder(workspace)
     _results(f"workspace {where} (its recipe: {where / 'recipe.yaml'})")
+
+
+def _warn_missing_weights(recipe) -> None:
+    """prepare-data says at once when the recipe's ImageNet file is not on this machine (stage 1
+    would stop on it later)."""
+    from dmdl_cli.model.weights import missing_weights_message
+
+    message = missing_weights_message(recipe.model.arch, recipe.model.pretrained)
+    if message:
+        console.print(f"[yellow]warning:[/] stage 1 will stop on this until it is fixed: "
+                      f"{escape(message)}", soft_wrap=True)
 
 
 @command("cluster")
 def cluster(
     workspace: Path = WorkspaceOpt,
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path, or 'imagenet' (default: newest of stage 2, stage 1, else imagenet)."),
-    modality: Modality = typer.Option("both", "--modality", help="Which modality to cluster."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="PATH|imagenet", help="A checkpoint file, or 'imagenet': the untrained network of the recipe (default: the newest of stage 2, then stage 1, else imagenet)."),
+    modality: str = _choice("both", "--modality", values=CLUSTER_MODALITIES, help="Which modality to cluster."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
     eps_sweep: Optional[str] = typer.Option(None, "--eps-sweep", metavar="START:STOP:STEP", help="Instead of labelling: DBSCAN at every eps of the grid (e.g. 0.4:0.7:0.05), each eps's robustness and the eps a label-free rule picks (docs/selection.md)."),
 ) -> None:
-    function = _stage_function("cluster")
-    _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality.value,
+    _run("cluster", workspace, recipe, overlay, set_, checkpoint=checkpoint, modality=modality,
          eps_sweep=eps_sweep,
-         body=lambda ctx: function(ctx, modality=modality.value, eps_sweep=eps_sweep))
+         body=lambda ctx: _stage_function("cluster")(ctx, modality=modality, eps_sweep=eps_sweep))
     _results(f"{_output_folder(workspace, 'cluster')} (pseudo labels and the recipe beside them)")
 
 
@@ -174,11 +207,11 @@ def _training_command(spec: StageSpec) -> None:
         force: bool = ForceOpt,
         deterministic: bool = DeterministicOpt,
     ) -> None:
-        function = _stage_function(spec.command)
         final = _run(spec.command, workspace, recipe, overlay, set_, resume=resume,
                      deterministic=deterministic, force=force,
-                     body=lambda ctx: function(ctx, resume=resume, force=force,
-                                            deterministic=deterministic, hooks=_training_hooks()))
+                     body=lambda ctx: _stage_function(spec.command)(
+                         ctx, resume=resume, force=force, deterministic=deterministic,
+                         hooks=_training_hooks()))
         _results(f"{Path(final).parent} (final.pt, recipe.yaml, log.jsonl)")
 
     train.__name__ = train.__qualname__ = spec.command.replace("-", "_")
@@ -192,22 +225,22 @@ for _spec in TRAINING_STAGES:
 @command("evaluate")
 def evaluate(
     workspace: Path = WorkspaceOpt,
-    mode: Mode = typer.Option("all", "--mode", help="Protocol (all: every protocol of the data set)."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path or 'imagenet' (default: newest of stage 2, then stage 1)."),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Gallery sampling trials (default: recipe eval.trials)."),
-    shots: Optional[int] = typer.Option(None, "--shots", help="1 (single-shot) or 10 (multi-shot)."),
+    mode: str = _choice("all", "--mode", values=MODES, help="Protocol (all: every protocol of the data set)."),
+    checkpoint: Optional[str] = CheckpointOpt,
+    trials: Optional[int] = typer.Option(None, "--trials", metavar="N", help="Gallery sampling trials (default: recipe eval.trials)."),
+    shots: Optional[int] = typer.Option(None, "--shots", metavar="1|10", help="1 (single-shot) or 10 (multi-shot; default: recipe eval.shots)."),
     rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking."),
-    visualize: int = typer.Option(0, "--visualize", help="Draw the ranked lists of K queries spread over the first trial."),
-    visualize_worst: int = typer.Option(0, "--visualize-worst", help="Draw the ranked lists of the K queries with the lowest AP."),
+    visualize: int = typer.Option(0, "--visualize", metavar="K", help="Draw the ranked lists of K queries spread over the first trial."),
+    visualize_worst: int = typer.Option(0, "--visualize-worst", metavar="K", help="Draw the ranked lists of the K queries with the lowest AP."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    function = _stage_function("evaluate")
-    _run("evaluate", workspace, recipe, overlay, set_, checkpoint=checkpoint, mode=mode.value,
+    _run("evaluate", workspace, recipe, overlay, set_, checkpoint=checkpoint, mode=mode,
          rerank=rerank,
-         body=lambda ctx: function(ctx, mode=mode.value, trials=trials, shots=shots, rerank=rerank,
-                                visualize=visualize, visualize_worst=visualize_worst))
+         body=lambda ctx: _stage_function("evaluate")(
+             ctx, mode=mode, trials=trials, shots=shots, rerank=rerank, visualize=visualize,
+             visualize_worst=visualize_worst))
     pictures = "; ranked lists in ranks/" if visualize or visualize_worst else ""
     _results(f"{_output_folder(workspace, 'evaluate')} (one JSON per protocol{pictures})")
 
@@ -215,18 +248,18 @@ def evaluate(
 @command("export")
 def export(
     workspace: Path = WorkspaceOpt,
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path or 'imagenet' (default: newest of stage 2, then stage 1)."),
-    fmt: ExportFormat = typer.Option("both", "--format", help="What to export."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+    checkpoint: Optional[str] = CheckpointOpt,
+    fmt: str = _choice("both", "--format", values=EXPORT_FORMATS, help="What to export."),
+    opset: int = typer.Option(17, "--opset", metavar="N", help="ONNX opset."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension (fixed export: batch 1)."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    function = _stage_function("export")
-    _run("export", workspace, recipe, overlay, set_, checkpoint=checkpoint, format=fmt.value,
+    _run("export", workspace, recipe, overlay, set_, checkpoint=checkpoint, format=fmt,
          opset=opset, dynamic_batch=dynamic_batch,
-         body=lambda ctx: function(ctx, fmt=fmt.value, opset=opset, dynamic_batch=dynamic_batch))
+         body=lambda ctx: _stage_function("export")(ctx, fmt=fmt, opset=opset,
+                                                    dynamic_batch=dynamic_batch))
     _results(f"{_output_folder(workspace, 'export')}")
 
 
@@ -255,10 +288,14 @@ def _results(where: str) -> None:
 
 @command("report")
 def report(
-    workspaces: list[Path] = typer.Argument(..., help="One or more workspaces (seeds, ablation variants, RegDB trials)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for tables and figures (default: WS/report; several: report/ in their common folder)."),
+    # described in the docstring: Typer would print the Python type beside an argument's help
+    workspaces: list[Path] = typer.Argument(..., metavar="WS", hidden=True),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Folder for tables and figures (default: WS/report; several: report/ in their common folder)."),
 ) -> None:
-    """Per-epoch tables, training and CMC figures; with several workspaces, a comparison."""
+    """Per-epoch tables, training and CMC figures; with several workspaces, a comparison.
+
+    WS: one or more workspaces (seeds, ablation variants, RegDB trials).
+    """
     _import("dmdl_cli.report.build", "report")(workspaces, out)
 
 

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from dmdl_cli.errors import OutputClosed
 
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         """rich's own handling (the rest of the output goes to /dev/null), but the command stops
@@ -29,7 +30,9 @@ class _Console(Console):
         raise OutputClosed()
 
 
-console = _Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+# A terminal's own width; else $COLUMNS when set (rich reads it); else 132 columns (logs, pipes).
+console = _Console(highlight=False,
+                   width=None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 132)
 
 
 def log(message: str) -> None:

@@ -108,7 +108,8 @@ def _ranged(default: Any, lo: float | None = None, hi: float | None = None) -> A
 
 
 def _threshold(default: int | str) -> Any:
-    """An epoch threshold (0-based epoch number) or ``never``; validated against ``epochs``."""
+    """An epoch threshold (0-based epoch number) or ``never``; compared with ``epochs`` (one the
+    schedule never reaches acts as ``never``, with a warning)."""
     return field(default=default, metadata={"min": 0, "threshold": True, "schedule": True})
 
 
@@ -122,9 +123,10 @@ def _between(default: Any, lo: float, hi: float) -> Any:
     return field(default=default, metadata={"above": lo, "below": hi})
 
 
-def _epoch_count(default: int) -> Any:
-    """A number of first epochs (>= 0); validated against ``epochs`` like a threshold."""
-    return field(default=default, metadata={"min": 0, "schedule": True})
+def _epoch_count(default: int | str) -> Any:
+    """A number of first epochs (>= 0), i.e. the epoch from which what follows them starts;
+    ``never``: they last the whole stage. Compared with ``epochs`` like a threshold."""
+    return field(default=default, metadata={"min": 0, "threshold": True, "schedule": True})
 
 
 def _pair(default: tuple[float, float], above: float, hi: float | None = None) -> Any:
@@ -180,10 +182,13 @@ class ClusterRecipe:
 class StageRecipe:
     """What both training stages read: schedule, optimiser, batch, losses and their ramps.
 
-    Epochs are counted from 0. Thresholds (``stage1.refine_from``, ``stage2.cross_sampler_from``)
-    hold from the epoch named on (``epoch >= value``); ``never`` turns them off. Triplet ramp
-    entries ``[e, w]`` hold strictly after the epoch named (``epoch > e``), as in the reference
-    implementation. Validation refuses thresholds that the schedule never reaches.
+    Epochs are counted from 0. Thresholds (``stage1.refine_from``, ``stage2.onehot_epochs``,
+    ``stage2.cross_sampler_from``) hold from the epoch named on (``epoch >= value``); ``never``
+    turns them off. Triplet ramp entries ``[e, w]`` hold strictly after the epoch named
+    (``epoch > e``), as in the reference implementation; ``triplet_ramp: never`` (or ``[]``) is
+    no triplet. A threshold the schedule never reaches acts as ``never``: the commands name
+    every such key in one warning line (:func:`unreached_thresholds`), so a schedule shortened
+    with ``--set stageN.epochs=1`` runs as it is.
     """
 
     epochs: int = _ranged(50, 1, MAX_EPOCHS)
@@ -200,8 +205,10 @@ class StageRecipe:
     # batch-mean: a row moves once per step towards the mean of its samples
     memory_update: str = _choice("per-sample", MEMORY_UPDATES)
     triplet_margin: float = _ranged(0.3, 0.0)
-    # Triplet weight sigma: [[epoch, weight], ...]: strictly after `epoch` the weight is `weight`.
-    triplet_ramp: list = field(default_factory=lambda: [[15, 0.25], [25, 0.5], [35, 1.0]])
+    # Triplet weight sigma: [[epoch, weight], ...]: strictly after `epoch` the weight is `weight`
+    # (`never`: no entry, no triplet).
+    triplet_ramp: list = field(default_factory=lambda: [[15, 0.25], [25, 0.5], [35, 1.0]],
+                               metadata={"ramp": True})
     # per-modality: batch-hard within the visible and within the infrared images, summed (the
     # reference); joint: one batch-hard over the whole batch (stage 1: cross-modal pairs are
     # always negatives)
@@ -228,7 +235,7 @@ class Stage2Recipe(StageRecipe):
     """Stage 2 adds what only exists with a unified identity space. It refines from its first
     epoch on, after ``onehot_epochs`` epochs of one-hot targets."""
 
-    onehot_epochs: int = _epoch_count(5)  # first epochs with one-hot targets
+    onehot_epochs: int | str = _epoch_count(5)  # first epochs with one-hot targets (never: all)
     cross_sampler_from: int | str = _threshold(40)  # epoch from which batches are cross-modality
     # k1 of the modality that adopts the other's ids this epoch (the association method says
     # which: nearest-alternating the visible one on even epochs, the infrared one on odd ones;
@@ -637,6 +644,8 @@ def _validated(fld: dataclasses.Field, tp: Any, raw: Any, key: str, source: str)
     meta = fld.metadata
     if meta.get("threshold") and raw == NEVER:
         return NEVER
+    if meta.get("ramp") and raw == NEVER:  # no ramp entry: the triplet weight stays 0
+        return []
     if meta.get("threshold") and not (isinstance(raw, int) and not isinstance(raw, bool)):
         raise DmdlError(f"recipe key '{key}' ({source}): expected an epoch number or "
                         f"'{NEVER}', got {raw!r}")
@@ -805,6 +814,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class OptionOverride(str):
+    """A recipe override that a command-line option implies (``--dataset sysu`` sets
+    ``data.dataset=sysu``): applied and recorded like ``--set data.dataset=sysu``, but named in
+    messages as the option the user typed (``shown``; ``""``: an option left at its default,
+    which messages do not name)."""
+
+    shown: str
+
+    def __new__(cls, text: str, shown: str) -> "OptionOverride":
+        obj = super().__new__(cls, text)
+        obj.shown = shown
+        return obj
+
+
+def _shown(text: str) -> str:
+    """How an override is named in messages: ``--set a.b=1``, or the option that implied it."""
+    return text.shown if isinstance(text, OptionOverride) else f"--set {text}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one ``a.b=value`` override; the value is read as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
     if "=" not in text:
@@ -835,39 +863,69 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any, text: st
 def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe", *,
                      check_schedule: bool = True) -> Recipe:
     """Build and validate a recipe; ``check_schedule=False`` skips the checks that relate keys
-    to each other (thresholds vs ``epochs``), for intermediate states of a merge."""
+    to each other (the form of ramp entries), for intermediate states of a merge."""
     recipe = _build(Recipe, data, "", source)
     if not check_schedule:
         return recipe
     for section in dataclasses.fields(recipe):  # every training stage's section
         value = getattr(recipe, section.name)
         if isinstance(value, StageRecipe):
-            _check_schedule(value, section.name, source)
+            _check_ramp(value, section.name, source)
     return recipe
 
 
-def _check_schedule(stage: StageRecipe, name: str, source: str) -> None:
-    """Refuse epoch thresholds that the stage's ``epochs`` never reach (naming the key)."""
-    last = stage.epochs - 1  # epochs are counted from 0
-    for key in (f.name for f in dataclasses.fields(stage) if f.metadata.get("schedule")):
-        value = getattr(stage, key)
-        if value != NEVER and value > last:
-            hint = (f"set it to '{NEVER}' to switch it off" if key != "onehot_epochs"
-                    else "set cbt.refine: false to train on hard labels throughout")
-            raise DmdlError(f"recipe key '{name}.{key}' ({source}): epoch {value} is at or past "
-                            f"the stage's {stage.epochs} epochs (counted from 0), so it never "
-                            f"takes effect; {hint}")
+def _check_ramp(stage: StageRecipe, name: str, source: str) -> None:
+    """Refuse triplet ramp entries that are not ``[epoch, weight]`` pairs (epoch: >= 0 or
+    ``never``; weight >= 0)."""
     for entry in stage.triplet_ramp:
-        ok = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
-              and not isinstance(entry[0], bool) and entry[0] >= 0
+        ok = (isinstance(entry, list) and len(entry) == 2
+              and (entry[0] == NEVER or (isinstance(entry[0], int) and not isinstance(entry[0], bool)
+                                         and entry[0] >= 0))
               and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and entry[1] >= 0)
         if not ok:
             raise DmdlError(f"recipe key '{name}.triplet_ramp' ({source}): entries are "
-                            f"[epoch, weight] pairs with epoch >= 0 and weight >= 0, got {entry!r}")
-        if entry[0] >= last:
-            raise DmdlError(f"recipe key '{name}.triplet_ramp' ({source}): the weight applies "
-                            f"strictly after epoch {entry[0]}, which the stage's {stage.epochs} "
-                            f"epochs (0..{last}) never pass; drop the entry or lower its epoch")
+                            f"[epoch, weight] pairs with epoch >= 0 (or '{NEVER}') and weight >= 0, "
+                            f"got {entry!r}; write '{NEVER}' or [] for no triplet")
+
+
+def unreached_thresholds(recipe: Recipe, sections: Iterable[str] | None = None) -> list[str]:
+    """The epoch thresholds of the training sections (all, or the named ones) that their
+    stage's ``epochs`` never reach, as ``key=value`` (a ramp: its unreached entries). Each acts
+    as ``never``; the commands name them in one warning line (:func:`schedule_warning`)."""
+    found = []
+    for section in dataclasses.fields(recipe):
+        stage = getattr(recipe, section.name)
+        if not isinstance(stage, StageRecipe) or (sections is not None and section.name not in sections):
+            continue
+        last = stage.epochs - 1  # epochs are counted from 0
+        for fld in dataclasses.fields(stage):
+            value = getattr(stage, fld.name)
+            if fld.metadata.get("schedule") and value != NEVER and value > last:
+                found.append(f"{section.name}.{fld.name}={value}")
+        # a ramp entry [e, w] holds strictly after epoch e: the last epoch must pass it
+        late = [entry for entry in stage.triplet_ramp if entry[0] != NEVER and entry[0] >= last]
+        if late:
+            shown = ", ".join(f"[{e}, {w}]" for e, w in late)
+            found.append(f"{section.name}.triplet_ramp entr{'y' if len(late) == 1 else 'ies'} {shown}")
+    return found
+
+
+def schedule_warning(recipe: Recipe, sections: Iterable[str] | None = None) -> str | None:
+    """One line naming every unreached threshold of :func:`unreached_thresholds`, or None."""
+    keys = unreached_thresholds(recipe, sections)
+    if not keys:
+        return None
+    epochs = ", ".join(f"{f.name}: {getattr(recipe, f.name).epochs} epoch"
+                       f"{'s' if getattr(recipe, f.name).epochs != 1 else ''}"
+                       for f in dataclasses.fields(recipe)
+                       if isinstance(getattr(recipe, f.name), StageRecipe)
+                       and (sections is None or f.name in sections))
+    onehot = (" (onehot_epochs: one-hot targets throughout)"
+              if any(".onehot_epochs=" in key for key in keys) else "")
+    return (f"the schedule ({epochs}; counted from 0) never reaches {'; '.join(keys)}: what "
+            f"{'they switch' if len(keys) > 1 else 'it switches'} on stays off in this run{onehot}; "
+            f"set {'them' if len(keys) > 1 else 'it'} to '{NEVER}' (a ramp entry: drop it) to say "
+            f"so and silence this warning")
 
 
 def reached(threshold: int | str, epoch: int) -> bool:
@@ -907,8 +965,8 @@ def load_recipe(
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(tree, parts, value, text)
-        recipe_from_dict(tree, f"--set {text}", check_schedule=False)
-    sources += [f"--set {text}" for text in overrides]
+        recipe_from_dict(tree, _shown(text) or f"--set {text}", check_schedule=False)
+    sources += [shown for shown in map(_shown, overrides) if shown]
     return recipe_from_dict(tree, " + ".join(sources) or "defaults")
 
 
@@ -922,10 +980,11 @@ def triplet_weight(ramp: list, epoch: int) -> float:
     """The triplet weight sigma at the 0-based ``epoch`` from a ``[[epoch, weight], ...]`` ramp.
 
     An entry ``[e, w]`` holds strictly after epoch ``e`` (``epoch > e``), as the reference
-    implementation writes its ramps (``if epoch > 15: sigma = 0.25``); 0 before the first.
+    implementation writes its ramps (``if epoch > 15: sigma = 0.25``); 0 before the first; an
+    entry ``[never, w]`` never holds.
     """
     weight = 0.0
-    for start, value in sorted(ramp):
+    for start, value in sorted(entry for entry in ramp if entry[0] != NEVER):
         if epoch > start:
             weight = float(value)
     return weight

@@ -9,20 +9,31 @@ stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`Sta
 and calls the stage function with it. Under ``torchrun`` only rank 0 locks and writes the
 ledger, so the runtime (which knows the rank) is selected first. ``dmdl report`` only reads and
 does not come through here.
+
+Torch is imported only once the workspace and the recipe have been checked: the modules
+imported at the top of this file (and of ``cli.py``) must not import torch, so that a bad
+option, key or value is answered in a fraction of a second (``tests/test_cli_choices.py``
+checks it). The context and the runtime, which need torch, are imported inside
+:func:`run_command`.
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
-from dmdl_cli.context import StageContext
+from rich.markup import escape
+
+from dmdl_cli.console import log
 from dmdl_cli.data.swap import settle_interrupted_swap
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.provenance import resolve_recipe
-from dmdl_cli.runtime import select_runtime
+from dmdl_cli.recipe import Recipe, schedule_warning
 from dmdl_cli.stages import StageSpec, resolve_checkpoint, stage_spec
 from dmdl_cli.workspace import LOCK_FILE, Workspace
+
+if TYPE_CHECKING:  # imports torch: loaded in run_command, after the recipe is checked
+    from dmdl_cli.context import StageContext
 
 Result = TypeVar("Result")
 
@@ -62,7 +73,12 @@ def run_command(
         ws, command, str(recipe) if recipe else None, [str(o) for o in overlays], list(overrides),
         resume=resume, checkpoint=chosen, force=force,
         default=str(default_recipe) if default_recipe else None)
+    from dmdl_cli.context import StageContext  # torch: only now that the recipe is valid
+    from dmdl_cli.runtime import select_runtime
+
     runtime = select_runtime(recipe_obj, deterministic=deterministic)
+    if runtime.is_main:
+        _warn_schedule(spec, recipe_obj)
     with contextlib.ExitStack() as stack:
         if spec.exclusive:
             stack.enter_context(_undone_if_refused(ws))
@@ -76,6 +92,15 @@ def run_command(
             return body(ctx)
         finally:
             ctx.record_reads()  # what the command read of the image cache, in its entry
+
+
+def _warn_schedule(spec: StageSpec, recipe: Recipe) -> None:
+    """One line naming the epoch thresholds the schedule never reaches: every stage's at
+    prepare-data (where the workspace's recipe is set), the stage's own in a training command."""
+    if spec.exclusive or spec.trains:
+        warning = schedule_warning(recipe, None if spec.exclusive else [spec.name])
+        if warning:
+            log(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _info(spec: StageSpec, info: dict[str, Any], resume: bool) -> dict[str, Any]:

@@ -96,6 +96,26 @@ def tree_snapshot(folder: Path) -> dict[str, str]:
     return out
 
 
+FAILED_MODULES: set[Path] = set()  # test files with a failed test in this session
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        FAILED_MODULES.add(Path(item.path))
+    return report
+
+
+def discard_when_done(request: pytest.FixtureRequest, folder: Path) -> None:
+    """Remove a module fixture's folder (trained workspaces: hundreds of MB of checkpoints) once
+    its module is done, unless a test of that module failed (then it stays, to inspect). With
+    pyproject's ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files
+    small."""
+    if Path(request.node.path) not in FAILED_MODULES:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def copy_workspace(src: Path, tmp_path: Path, name: str = "ws") -> Path:
     dst = Path(tmp_path) / name
     shutil.copytree(src, dst, symlinks=True)
@@ -195,7 +215,7 @@ def assert_refused(result, *words: str) -> str:
 
 
 # One epoch of one step per training stage, on the tiny workspace: the epoch switches a one-epoch
-# schedule never reaches are switched off (recipe validation refuses them otherwise).
+# schedule never reaches are switched off (so no command warns about them).
 STAGE1_SETS = ["stage1.epochs=1", "stage1.iters=1", "stage1.clusters_per_batch=3",
                "stage1.instances=2", "cluster.min_samples=2", "run.feature_batch=128",
                "stage1.refine_from=never", "stage1.triplet_ramp=[]"]

@@ -13,6 +13,7 @@ from dmdl_cli.clustering.association import (
     adopter,
     associate,
     association_accuracy,
+    association_chance,
     centroid_similarity,
 )
 from dmdl_cli.data.index import INFRARED, VISIBLE
@@ -280,3 +281,19 @@ def test_cluster_sample_alternation_follows_its_cycle():
         want = cluster_level if epoch % 5 < 2 else sample_level
         assert got.labels[VISIBLE].tolist() == want, epoch
     assert [adopter("cluster-sample-alternating", e) for e in range(4)] == [VISIBLE, INFRARED] * 2
+
+
+def test_association_chance_is_what_a_random_linking_scores():
+    # visible clusters' majority ids: 10, 11, 12; IR clusters': 10, 12, 11, 11
+    vis_labels, vis_true = np.array([0, 0, 1, 1, 2, 2, -1]), np.array([10, 10, 11, 11, 12, 12, 99])
+    ir_labels, ir_true = np.array([0, 1, 2, 3, 3]), np.array([10, 12, 11, 11, 11])
+    inp = AssociationInput(0, {VISIBLE: ModalitySamples(vis_labels, np.zeros((7, 2)), np.zeros((3, 2))),
+                               INFRARED: ModalitySamples(ir_labels, np.zeros((5, 2)), np.zeros((4, 2)))})
+    # a random (visible, IR) pair agrees with probability sum_id f_v(id) f_i(id)
+    expected = (1 / 3) * (1 / 4) + (1 / 3) * (2 / 4) + (1 / 3) * (1 / 4)
+    truth = {VISIBLE: vis_true, INFRARED: ir_true}
+    assert association_chance(inp, truth) == pytest.approx(expected)
+    # the same by brute force over every pair of clusters
+    maj_v, maj_i = np.array([10, 11, 12]), np.array([10, 12, 11, 11])
+    assert (maj_v[:, None] == maj_i[None, :]).mean() == pytest.approx(expected)
+    assert np.isnan(association_chance(inp, {VISIBLE: vis_true, INFRARED: np.full(5, -1)}))

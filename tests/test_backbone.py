@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import copy
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
+from torchvision.models import ResNet50_Weights
 
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model import (
@@ -15,6 +18,13 @@ from dmdl_cli.model import (
     model_signature,
     normalize_batch,
 )
+from dmdl_cli.model.weights import (
+    IMAGENET_WEIGHTS,
+    TORCHVISION_MODEL,
+    hub_checkpoints_dir,
+    missing_weights_message,
+)
+from dmdl_cli.recipe import ARCHS
 
 torch.set_num_threads(2)
 
@@ -129,14 +139,55 @@ def test_normalize_batch():
         normalize_batch(img.float())
 
 
-def test_missing_imagenet_file_names_the_expected_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+def test_missing_imagenet_file_names_the_file_its_url_and_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("DMDL_WEIGHTS_DIR", raising=False)
     with pytest.raises(DmdlError) as err:
         build_model("resnet50_agw", pretrained="imagenet")
     msg = str(err.value)
     assert "\n" not in msg
-    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in msg
+    assert f"at {tmp_path / 'th' / 'hub' / 'checkpoints' / 'resnet50-0676ba61.pth'} " in msg
+    assert f"serves it at {ResNet50_Weights.IMAGENET1K_V1.url})" in msg
     assert "model.pretrained" in msg
+    # prepare-data says the same at once, without torch (dmdl_cli/model/weights.py)
+    assert missing_weights_message("resnet50_agw", "imagenet") == msg
+
+
+@pytest.mark.parametrize("env", [{}, {"XDG_CACHE_HOME": "xdg"}, {"TORCH_HOME": "th"},
+                                 {"TORCH_HOME": "th", "XDG_CACHE_HOME": "xdg"}])
+def test_the_hub_folder_is_torchs_own(env, tmp_path, monkeypatch):
+    for name in ("TORCH_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / value))
+    assert hub_checkpoints_dir() == Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def test_the_weight_urls_are_the_ones_torchvision_records():
+    from torchvision.models import ResNet18_Weights
+
+    enums = {("resnet50", "v1"): ResNet50_Weights.IMAGENET1K_V1,
+             ("resnet50", "v2"): ResNet50_Weights.IMAGENET1K_V2,
+             ("resnet18", "v1"): ResNet18_Weights.IMAGENET1K_V1}
+    assert {key: url for key, (url, _) in IMAGENET_WEIGHTS.items()} == {
+        key: weights.url for key, weights in enums.items()}
+    assert set(TORCHVISION_MODEL) == set(ARCHS)
+    for arch, name in TORCHVISION_MODEL.items():  # the trunk is that torchvision model's
+        block = type(getattr(torchvision.models, name)(weights=None).layer1[0])
+        assert type(build_model(arch).backbone.layer1[0]) is block
+
+
+def test_missing_weights_message_only_when_the_recipe_asks_for_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("DMDL_WEIGHTS_DIR", raising=False)
+    assert missing_weights_message("resnet18", None) is None
+    assert "resnet18-f37072fd.pth" in missing_weights_message("resnet18", "imagenet")
+    _touch(tmp_path / "th" / "hub" / "checkpoints", "resnet18-5c106cde.pth")  # the older name
+    assert missing_weights_message("resnet18", "imagenet") is None
+    assert "no ImageNet V2 weights for resnet18" in missing_weights_message("resnet18", "imagenet-v2")
+    assert str(tmp_path / "mine.pth") in missing_weights_message("resnet18", tmp_path / "mine.pth")
+    _touch(tmp_path, "mine.pth")
+    assert missing_weights_message("resnet18", str(tmp_path / "mine.pth")) is None
 
 
 def test_missing_local_file(tmp_path):

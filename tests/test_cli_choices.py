@@ -2,11 +2,16 @@
 --overlay wherever --recipe is taken, and where results went."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import copy_workspace, invoke
+from conftest import REPO, assert_refused, copy_workspace, invoke
 from dmdl_cli.cli import app
 from dmdl_cli.datasets import DATA_SETS
 from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS
@@ -38,7 +43,74 @@ def test_a_bad_choice_is_one_clean_usage_error(command, option, choices, tmp_pat
     assert result.exit_code == 2
     assert f"Invalid value for '{option}'" in result.output
     assert "'nope' is not one of" in result.output and choices[0] in result.output
+    assert "Value error" not in result.output  # no validation library's wording
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("command", ["prepare-data", "cluster", "pretrain-single", "train-cross",
+                                     "evaluate", "export", "report"])
+def test_help_placeholders_say_what_to_type_not_python_types(command):
+    text = _help(command)
+    assert re.search(r"<(list\[|int>|str>|path>|float>)", text) is None, text
+    if command != "report":
+        assert "--set KEY=VALUE" in text and "--overlay FILE" in text and "-w, --workspace DIR" in text
+
+
+def test_prepare_data_recipe_help_names_the_default_of_a_new_workspace():
+    line = " ".join(_help("prepare-data").split())
+    assert "recipes/<dataset>.yaml, recipes/demo.yaml for synthetic" in line
+
+
+# Checking options, the workspace and the recipe must not import torch (seconds): a bad option,
+# key or value is answered at once. Each check runs in a fresh interpreter.
+NO_TORCH = """
+import sys
+from typer.testing import CliRunner
+import dmdl_cli.cli
+assert "torch" not in sys.modules, "importing dmdl_cli.cli imported torch"
+args = sys.argv[1:]
+if args:
+    result = CliRunner().invoke(dmdl_cli.cli.app, args)
+    print(result.output)
+    assert result.exit_code != 0, result.output
+print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH")
+"""
+
+
+def _no_torch(*args) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DMDL_NO_PROGRESS": "1"}
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_importing_the_cli_imports_no_torch():
+    assert _no_torch().strip().endswith("NO_TORCH")
+
+
+def test_bad_options_keys_and_values_are_answered_before_torch_is_imported(tiny_workspace, tmp_path):
+    ws = copy_workspace(tiny_workspace, tmp_path)
+    for args in (["prepare-data", "--dataset", "synthetic", "--workspace", tmp_path / "new",
+                  "--set", "stage1.bogus=1"],
+                 ["pretrain-single", "--workspace", ws, "--set", "stage1.lr=fast"],
+                 ["train-cross", "--workspace", ws, "--set", "stage2.epochs=0"],
+                 ["evaluate", "--workspace", ws, "--mode", "nope"],
+                 ["evaluate", "--workspace", ws, "--set", "eval.trials=0"],
+                 ["cluster", "--workspace", tmp_path / "missing"]):
+        output = _no_torch(*args)
+        assert output.strip().endswith("NO_TORCH"), (args, output)
+        assert len([line for line in output.splitlines()
+                    if line.startswith(("error:", "Error:"))]) == 1, (args, output)
+    assert not (tmp_path / "new").exists()
+
+
+def test_errors_name_the_options_typed_not_the_keys_they_imply(tmp_path):
+    result = invoke(["prepare-data", "--dataset", "synthetic", "--workspace", tmp_path / "ws",
+                     "--ids", "9", "--set", "stage1.triplet_ramp=[[1]]"])
+    line = assert_refused(result, "stage1.triplet_ramp", "--dataset synthetic", "--ids 9",
+                          "--set stage1.triplet_ramp=[[1]]")
+    assert "data.trial" not in line and "data.dataset" not in line, line
 
 
 def test_every_command_that_takes_a_recipe_takes_overlays():

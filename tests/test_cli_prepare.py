@@ -228,6 +228,25 @@ def test_prepare_sysu_layout(tmp_path, synthetic_root):
     assert not list((ws / "data").glob(".*.tmp"))  # no temp file left
 
 
+def test_prepare_warns_at_once_when_the_recipes_imagenet_file_is_missing(tmp_path, synthetic_root,
+                                                                          monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("DMDL_WEIGHTS_DIR", raising=False)
+    result = prepare("sysu", synthetic_root, tmp_path / "ws")  # recipes/sysu.yaml: imagenet
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    expected = tmp_path / "th" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    assert len(warnings) == 1 and f"at {expected} " in warnings[0], result.output
+    assert "stage 1 will stop" in warnings[0]
+    # with the file in place (or no ImageNet weights asked for) nothing is said
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(b"")
+    again = prepare("sysu", synthetic_root, tmp_path / "ws2")
+    none = prepare("sysu", synthetic_root, tmp_path / "ws3", "--set", "model.pretrained=null")
+    for result in (again, none):
+        assert result.exit_code == 0 and "warning:" not in result.output, result.output
+
+
 def test_prepare_regdb_layout_with_trial(tmp_path, regdb_root):
     ws = tmp_path / "ws"
     result = prepare("regdb", regdb_root, ws, "--trial", "2")
@@ -418,7 +437,7 @@ def test_missing_root(tmp_path, sysu_workspace):
     assert_refused(invoke(["prepare-data", "--dataset", "sysu", "--workspace", ws]), "--root is required")
     assert_refused(prepare("sysu", ws / "manifest.json", ws), "not a folder")
     result = prepare("market", missing, ws)  # a usage error naming the choices
-    assert result.exit_code == 2 and "'market' is not one of 'sysu', 'regdb'" in result.output
+    assert result.exit_code == 2 and "'market' is not one of sysu, regdb" in result.output
     assert tree_snapshot(ws) == before
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import copy_workspace, error_lines
+from conftest import copy_workspace, discard_when_done, error_lines
 from dmdl_cli.atomic import sha256_file
 from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import read_index
@@ -50,13 +50,14 @@ def _perturbed_resnet18(seed: int) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def checkpoint_file(tmp_path_factory) -> Path:
+def checkpoint_file(tmp_path_factory, request) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "final.pt"
     model = _perturbed_resnet18(5)
     save_checkpoint(path, {"model": model.state_dict(),
                            "meta": {"arch": "resnet18", "input_size": [HEIGHT, WIDTH],
                                     "stage": "stage1", "epoch": 0}})
-    return path
+    yield path
+    discard_when_done(request, path.parent)
 
 
 def _cache(ws: Path):
@@ -249,7 +250,7 @@ def test_failed_parity_writes_nothing(tiny_workspace, tmp_path, run_cli, monkeyp
 def test_bad_format_and_opset(tiny_workspace, tmp_path, run_cli):
     ws = copy_workspace(tiny_workspace, tmp_path)
     result = run_cli(["export", "-w", ws, "--checkpoint", "imagenet", "--format", "tflite"])
-    assert result.exit_code == 2 and "'tflite' is not one of 'onnx', 'torchscript'" in result.output
+    assert result.exit_code == 2 and "'tflite' is not one of onnx, torchscript" in result.output
     result = run_cli(["export", "-w", ws, "--checkpoint", "imagenet", "--opset", "3"])
     assert result.exit_code != 0 and len(error_lines(result)) == 1 and "--opset" in result.output
 

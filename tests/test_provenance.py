@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace, invoke, set_args
+from conftest import (STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace,
+                      discard_when_done, invoke, set_args)
 from dmdl_cli.provenance import differences
 from dmdl_cli.recipe import load_recipe
 
@@ -17,13 +18,14 @@ REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # STAGE1_SETS are given only to pretrain-single; train-cross must inherit them.
 
 @pytest.fixture(scope="module")
-def stage1_with_sets(tiny_workspace, tmp_path_factory) -> Path:
+def stage1_with_sets(tiny_workspace, tmp_path_factory, request) -> Path:
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("prov"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMDL_NO_PROGRESS", "1")
         result = invoke(["pretrain-single", "-w", ws, *set_args(STAGE1_SETS)])
     assert result.exit_code == 0, result.output
-    return ws
+    yield ws
+    discard_when_done(request, ws.parent)
 
 
 def test_stage_writes_its_recipe_and_the_ledger_its_overrides(stage1_with_sets):

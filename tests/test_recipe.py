@@ -18,9 +18,12 @@ from dmdl_cli.recipe import (
     StageRecipe,
     load_recipe,
     parse_override,
+    reached,
     recipe_from_dict,
+    schedule_warning,
     stage_augment,
     triplet_weight,
+    unreached_thresholds,
 )
 from dmdl_cli.stages import STAGE1_SECTIONS, TRAINING_STAGES, stage_hash
 
@@ -338,35 +341,67 @@ def test_triplet_ramp_holds_strictly_after_the_epoch_named():
 
 
 @pytest.mark.parametrize("override, key", [
-    ("stage1.refine_from=50", "stage1.refine_from"),
-    ("stage2.cross_sampler_from=50", "stage2.cross_sampler_from"),
-    ("stage2.cross_sampler_from=1000000", "stage2.cross_sampler_from"),
-    ("stage2.onehot_epochs=50", "stage2.onehot_epochs"),
-    ("stage2.triplet_ramp=[[10, 0.5], [49, 1.0]]", "stage2.triplet_ramp"),
-    ("stage1.triplet_ramp=[[60, 1.0]]", "stage1.triplet_ramp"),
+    ("stage1.refine_from=50", "stage1.refine_from=50"),
+    ("stage2.cross_sampler_from=50", "stage2.cross_sampler_from=50"),
+    ("stage2.cross_sampler_from=1000000", "stage2.cross_sampler_from=1000000"),
+    ("stage2.onehot_epochs=50", "stage2.onehot_epochs=50"),
+    ("stage2.triplet_ramp=[[10, 0.5], [49, 1.0]]", "stage2.triplet_ramp entry [49, 1.0]"),
+    ("stage1.triplet_ramp=[[60, 1.0]]", "stage1.triplet_ramp entry [60, 1.0]"),
 ])
-def test_thresholds_the_schedule_never_reaches_are_refused(override, key):
-    with pytest.raises(DmdlError) as info:
-        load_recipe(RECIPES / "sysu.yaml", overrides=[override])
-    message = str(info.value)
-    assert f"'{key}'" in message and "50 epochs" in message and "\n" not in message, message
+def test_thresholds_the_schedule_never_reaches_load_and_are_named_in_one_warning(override, key):
+    recipe = load_recipe(RECIPES / "sysu.yaml", overrides=[override])
+    assert unreached_thresholds(recipe) == [key]
+    message = schedule_warning(recipe)
+    assert key in message and "50 epochs" in message and "\n" not in message, message
+    # the warning's own fix works: 'never' there loads and silences it
+    fixed = override.split("=")[0] + "=never"
+    assert schedule_warning(load_recipe(RECIPES / "sysu.yaml", overrides=[override, fixed])) is None
+
+
+def test_a_schedule_shortened_by_set_loads_and_names_every_unreached_key_once():
+    short = ["stage1.epochs=1", "stage1.iters=10", "stage2.epochs=1", "stage2.iters=10"]
+    for name in ("sysu.yaml", "regdb.yaml", "llcm.yaml", "demo.yaml"):
+        recipe = load_recipe(RECIPES / name, overrides=short)  # no refusal, one key at a time
+        keys = unreached_thresholds(recipe)
+        message = schedule_warning(recipe)
+        for key in keys:
+            assert message.count(key) == 1, (key, message)
+        assert "stage1.triplet_ramp" in message and "stage2.cross_sampler_from" in message
+    sysu = load_recipe(RECIPES / "sysu.yaml", overrides=short)
+    assert [key.split("=")[0].split(" ")[0] for key in unreached_thresholds(sysu)] == [
+        "stage1.refine_from", "stage1.triplet_ramp", "stage2.onehot_epochs",
+        "stage2.cross_sampler_from", "stage2.triplet_ramp"]
+    # a command names only its own stage's keys
+    assert all(k.startswith("stage2.") for k in unreached_thresholds(sysu, ["stage2"]))
+    assert schedule_warning(load_recipe(RECIPES / "sysu.yaml")) is None
+
+
+def test_never_works_for_every_epoch_threshold():
+    r = load_recipe(RECIPES / "sysu.yaml", overrides=[
+        "stage1.refine_from=never", "stage2.onehot_epochs=never", "stage2.cross_sampler_from=never",
+        "stage1.triplet_ramp=never", "stage2.triplet_ramp=[[never, 1.0], [3, 0.5]]"])
+    assert (r.stage1.refine_from, r.stage2.onehot_epochs, r.stage2.cross_sampler_from) == ("never",) * 3
+    assert r.stage1.triplet_ramp == []  # no entry: weight 0 throughout
+    assert [triplet_weight(r.stage2.triplet_ramp, e) for e in (3, 4, 10**6)] == [0.0, 0.5, 0.5]
+    assert unreached_thresholds(r) == []
+    # one-hot throughout: stage 2 never refines (training/cross.py asks `reached`)
+    assert not reached(r.stage2.onehot_epochs, 10**9) and reached(5, 5) and not reached(5, 4)
 
 
 def test_the_last_epoch_is_a_valid_threshold_and_never_switches_off():
     last = load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.cross_sampler_from=49",
                                                         "stage2.triplet_ramp=[[48, 1.0]]"])
-    assert last.stage2.cross_sampler_from == 49
+    assert last.stage2.cross_sampler_from == 49 and unreached_thresholds(last) == []
     off = load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.cross_sampler_from=never",
                                                        "stage1.refine_from=never"])
     assert off.stage2.cross_sampler_from == "never" and off.stage1.refine_from == "never"
-    from dmdl_cli.recipe import reached
-
     assert not reached("never", 10**9) and reached(49, 49) and not reached(49, 48)
-    # a shorter schedule makes a dataset recipe's thresholds invalid, naming the key
-    with pytest.raises(DmdlError, match="stage2.cross_sampler_from"):
-        load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.epochs=30"])
+    # a shorter schedule leaves a dataset recipe's thresholds unreached: named, not refused
+    shorter = load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.epochs=30"])
+    assert "stage2.cross_sampler_from=40" in unreached_thresholds(shorter)
     for bad in ("stage2.cross_sampler_from=soon", "stage2.cross_sampler_from=-1",
-                "stage1.refine_from=-1", "stage2.onehot_epochs=-1", "stage2.triplet_ramp=[[1]]"):
+                "stage1.refine_from=-1", "stage2.onehot_epochs=-1", "stage2.triplet_ramp=[[1]]",
+                "stage2.onehot_epochs=soon", "stage2.triplet_ramp=[[soon, 1.0]]"):
         with pytest.raises(DmdlError, match=bad.split("=")[0]):
             load_recipe(RECIPES / "sysu.yaml", overrides=[bad])
 

@@ -11,10 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from PIL import Image
 
-from conftest import assert_refused, copy_workspace, invoke, tree_snapshot
+from conftest import assert_refused, copy_workspace, discard_when_done, invoke, tree_snapshot
+from dmdl_cli.data.index import IndexTable, write_index
 from dmdl_cli.recipe import Recipe
+from dmdl_cli.report import figures
 from dmdl_cli.report.logs import epoch_rows, read_workspace
 from dmdl_cli.report.tables import comparison_table, group_variants
 from dmdl_cli.training.tensorboard import scalars
@@ -126,6 +130,116 @@ def test_variants_are_grouped_apart_and_named_by_what_differs(tmp_path: Path) ->
     assert row["runs"] == 2
 
 
+def _drawn(panels) -> dict[str, Axes]:
+    """{first title line: axes} of ``panels`` drawn on one figure."""
+    fig = Figure()
+    out = {}
+    for panel in panels:
+        ax = fig.add_subplot()
+        panel(ax)
+        out[ax.get_title().split("\n")[0]] = ax
+    return out
+
+
+def _lines(ax: Axes, label: str) -> list[list[float]]:
+    """x data of the lines of a legend entry (a stage's continuation has no label of its own)."""
+    found, out = False, []
+    for line in ax.get_lines():
+        if line.get_label() == label:
+            found = True
+        elif found and line.get_label() != "_nolegend_":
+            break
+        if found:
+            out.append([float(x) for x in line.get_xdata()])
+    return out
+
+
+def test_figures_draw_each_stage_apart_and_only_what_was_logged(tmp_path: Path) -> None:
+    ws = fake_workspace(tmp_path / "ws", seed=1, mAP=0.3)  # stage 1: 2 epochs, stage 2: 3
+    record = read_workspace(ws)
+    training = _drawn(figures.training_panels(record))
+    # no line joins stage 1's last learning rate to stage 2's first
+    assert _lines(training["learning rate"], "lr") == [[1.0, 2.0], [3.0, 4.0, 5.0]]
+    # monitoring was off: no panel for it
+    assert not any("monitoring" in title for title in training)
+    labels = _drawn(figures.pseudo_label_panels(record))
+    association = labels["cross-modality association, stage 2 (diagnostic)"]
+    assert _lines(association, "association accuracy") == [[3.0, 4.0, 5.0]]
+    assert [line.get_label() for line in association.get_lines()] == ["association accuracy"]
+
+
+def test_the_loss_panel_shows_the_triplet_weight_that_makes_the_total_rise(tmp_path: Path) -> None:
+    ws = fake_workspace(tmp_path / "ws", seed=1, mAP=0.3)
+    record = read_workspace(ws)
+    record.recipe["stage1"]["triplet_ramp"] = [[0, 0.5]]  # 0 in epoch 0, 0.5 after it
+    panels = figures.training_panels(record)
+    fig = Figure()
+    ax = fig.add_subplot()
+    panels[0](ax)
+    assert "triplet weight" in ax.get_title()
+    twin = [other for other in fig.axes if other is not ax][0]
+    weight = twin.get_lines()[0]
+    assert list(weight.get_xdata()) == [0, 1, 2] and list(weight.get_ydata()) == [0.0, 0.5, 0.5]
+
+
+def test_association_chance_and_true_identities_are_drawn_when_known(tmp_path: Path) -> None:
+    ws = fake_workspace(tmp_path / "ws", seed=1, mAP=0.3)
+    log = ws / "stage2" / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()[:-1]]
+    for rec in records:
+        if rec["kind"] == "labels":
+            rec["association_chance"] = 0.05
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (ws / "data").mkdir()
+    write_index(IndexTable(paths=[f"/x/{i}.jpg" for i in range(8)], pids=[1, 1, 2, 3, 1, 2, 9, 9],
+                           cams=[1, 2, 1, 1, 3, 3, 1, 3], modality=[0, 0, 0, 0, 1, 1, 0, 1],
+                           split=["train"] * 6 + ["test"] * 2), ws / "data" / "index.csv")
+    record = read_workspace(ws)
+    assert record.true_ids == {"vis": 3, "ir": 2}  # train identities only
+    labels = _drawn(figures.pseudo_label_panels(record))
+    chance = _lines(labels["cross-modality association, stage 2 (diagnostic)"], "a random linking (chance)")
+    assert chance == [[3.0, 4.0, 5.0]]
+    clusters = labels["clusters per modality"]
+    lines = {line.get_label(): line for line in clusters.get_lines()}
+    assert list(lines["true visible identities: 3 (diagnostic)"].get_ydata()) == [3, 3]
+    assert list(lines["true infrared identities: 2 (diagnostic)"].get_ydata()) == [2, 2]
+
+
+def test_a_workspace_without_evaluations_is_shown_and_long_variants_get_a_legend(tmp_path: Path) -> None:
+    a = read_workspace(fake_workspace(tmp_path / "a", seed=1, mAP=0.4))
+    b = fake_workspace(tmp_path / "b", seed=1, mAP=0.4, cai=False)
+    for path in (b / "eval").iterdir():
+        path.unlink()
+    table = comparison_table([a, read_workspace(b)])
+    variants = [row[0] for row in table.rows]
+    assert "cai.enabled=False" in variants and table.rows[-1][1] == "no evaluation"
+    assert table.rows[-1][-2] == "0/1"
+    # each variant is named on its first row only
+    assert variants.count("cai.enabled=True") == 1 and len(table.rows) == 5
+    # many differing keys: letters, and a legend that says what each one is, once
+    c = fake_workspace(tmp_path / "c", seed=1, mAP=0.5, cai=False)
+    recipe = Recipe()
+    recipe.cai.enabled, recipe.cbt.augment, recipe.cbt.refine, recipe.cbt.align = False, False, False, False
+    (c / "recipe.yaml").write_text(recipe.to_yaml())
+    table = comparison_table([a, read_workspace(c)])
+    assert [row[0] for row in table.rows if row[0]] == ["A", "B"]
+    assert table.notes[1] == ("B: cai.enabled=False, cbt.align=False, cbt.augment=False, "
+                              "cbt.refine=False (c)")
+    assert table.markdown().rstrip().endswith(table.notes[1])
+
+
+def test_compared_workspaces_show_each_schedules_stage_boundary(tmp_path: Path) -> None:
+    a = read_workspace(fake_workspace(tmp_path / "a", seed=1, mAP=0.4))
+    b = fake_workspace(tmp_path / "b", seed=2, mAP=0.5)
+    log = b / "stage1" / "log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in _stage_records("stage1", 4, 10.0)) + "\n")
+    records = [a, read_workspace(b)]
+    fig = Figure()
+    ax = fig.add_subplot()
+    figures._compare_bounds(ax, records, {"a": "tab:blue", "b": "tab:orange"})
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines()) == [2.5, 4.5]
+
+
 def test_a_folder_without_logs_or_evaluations_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert_refused(invoke(["report", tmp_path / "empty"]), "no training log", "dmdl evaluate")
@@ -157,7 +271,7 @@ def _sets(extra: tuple[str, ...] = ()) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_workspace, tmp_path_factory) -> Path:
+def trained(tiny_workspace, tmp_path_factory, request) -> Path:
     """The tiny workspace after both stages and an all-search evaluation (one real run)."""
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("trained"))
     with pytest.MonkeyPatch.context() as mp:
@@ -168,7 +282,8 @@ def trained(tiny_workspace, tmp_path_factory) -> Path:
             assert result.exit_code == 0, result.output
         result = invoke(["evaluate", "--workspace", ws, "--mode", "all-search", *_sets()])
         assert result.exit_code == 0, result.output
-    return ws
+    yield ws
+    discard_when_done(request, ws.parent)
 
 
 def test_report_of_a_real_tiny_run(trained: Path, tmp_path: Path) -> None:

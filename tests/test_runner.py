@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace, invoke, set_args,
-                      tree_snapshot)
+from conftest import (STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace, discard_when_done,
+                      invoke, set_args, tree_snapshot)
 from dmdl_cli.atomic import atomic_write_bytes
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.workspace import Workspace, WorkspaceLock
@@ -31,7 +31,7 @@ def _runs(ws: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_workspace, tmp_path_factory) -> Path:
+def pipeline(tiny_workspace, tmp_path_factory, request) -> Path:
     """The tiny workspace through all six commands (one step per training stage)."""
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("runner"))
     with pytest.MonkeyPatch.context() as mp:
@@ -41,7 +41,8 @@ def pipeline(tiny_workspace, tmp_path_factory) -> Path:
         _ok(["cluster", "-w", ws, "--modality", "visible"])
         _ok(["evaluate", "-w", ws, "--checkpoint", ws / "stage1" / "final.pt", "--mode", "all-search"])
         _ok(["export", "-w", ws, "--format", "torchscript"])
-    return ws
+    yield ws
+    discard_when_done(request, ws.parent)
 
 
 def test_every_command_leaves_a_done_entry_with_its_inputs_and_outputs(pipeline):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import STAGE1_SETS, STAGE2_SETS, copy_workspace, invoke, set_args
+from conftest import STAGE1_SETS, STAGE2_SETS, copy_workspace, discard_when_done, invoke, set_args
 from dmdl_cli.clustering.criteria import linked_pairs
 from dmdl_cli.data.cache import open_cache
 from dmdl_cli.data.index import INFRARED, VISIBLE, read_index
@@ -22,12 +22,13 @@ TWO_EPOCHS = ["stage1.epochs=2", "stage2.epochs=2", "run.keep_epochs=true"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_workspace, tmp_path_factory):
+def trained(tiny_workspace, tmp_path_factory, request):
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("kept"))
     for command in ("pretrain-single", "train-cross"):
         result = invoke([command, "--workspace", ws, *set_args(STAGE1_SETS + STAGE2_SETS + TWO_EPOCHS)])
         assert result.exit_code == 0, result.output
-    return Workspace(ws)
+    yield Workspace(ws)
+    discard_when_done(request, ws.parent)
 
 
 def _inputs(ws: Workspace, stage_name: str):

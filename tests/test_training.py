@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import error_lines
+from conftest import discard_when_done, error_lines
 
 REPO = Path(__file__).resolve().parents[1]
 # A schedule small enough for seconds on a CPU, large enough to cross every epoch switch
@@ -73,11 +73,12 @@ def prepared(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stage1_done(prepared, tmp_path_factory) -> Path:
+def stage1_done(prepared, tmp_path_factory, request) -> Path:
     ws = tmp_path_factory.mktemp("s1") / "ws"
     shutil.copytree(prepared, ws)
     dmdl("pretrain-single", "--workspace", str(ws), "--deterministic")
-    return ws
+    yield ws
+    discard_when_done(request, ws.parent)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from dmdl_cli.data.index import read_index
 from dmdl_cli.evaluation.metrics import query_average_precision, rank_metrics
 from dmdl_cli.evaluation.protocols import build_trials
 from dmdl_cli.evaluation.visualize import (
-    BORDER, CELL_HEIGHT, COLOURS, GAP, PAD, TEXT_WIDTH, Cell, ranked_list_image, spread_queries,
-    worst_queries,
+    BORDER, CELL_HEIGHT, COLOURS, GAP, PAD, TEXT_WIDTH, TITLE_LINE, Cell, first_match_rank,
+    ranked_list_image, spread_queries, worst_queries,
 )
 
 
@@ -37,6 +37,33 @@ def test_small_crops_are_upscaled_and_framed_by_hit_or_miss():
         centre = left + cell_w // 2
         column = [picture.getpixel((centre, y)) for y in range(picture.height)]
         assert sum(1 for c in column if c == (200, 200, 200)) == CELL_HEIGHT
+
+
+def test_a_title_moves_the_cells_down():
+    cells = [Cell(_crop(64, 32, 200), ("a", "b"), COLOURS["hit"]) for _ in range(3)]
+    plain = ranked_list_image(cells[0], cells[1:])
+    titled = ranked_list_image(cells[0], cells[1:], title=("data set, protocol", "query 1", "legend"))
+    assert titled.height == plain.height + 3 * TITLE_LINE + PAD and titled.width == plain.width
+    assert titled.getpixel((1, 3 * TITLE_LINE + PAD + 1)) == COLOURS["hit"]
+
+
+def test_first_match_rank_counts_the_kept_gallery_in_distance_order():
+    from dmdl_cli.data.index import IndexTable
+    from dmdl_cli.evaluation.protocols import Trial
+
+    # query row 0 (id 7); gallery rows 1..4 with ids 3, 7, 5, 7; row 2 is excluded for the query
+    test = IndexTable(paths=["q", "a", "b", "c", "d"], pids=[7, 3, 7, 5, 7], cams=[3, 1, 1, 2, 2],
+                      modality=[1, 0, 0, 0, 0], split=["test"] * 5)
+    dist = np.array([[0.1, 0.2, 0.3, 0.4]])  # (Q=1, G=4): gallery order a, b, c, d
+    keep_all = Trial(query=np.array([0]), gallery=np.array([1, 2, 3, 4]), exclude=None,
+                     dedup=False, seed=None)
+    assert first_match_rank(test, keep_all, dist, 0) == 2
+    excluded = Trial(query=np.array([0]), gallery=np.array([1, 2, 3, 4]),
+                     exclude=np.array([[False, True, False, False]]), dedup=False, seed=None)
+    assert first_match_rank(test, excluded, dist, 0) == 3  # b is not shown: d comes third
+    none = Trial(query=np.array([0]), gallery=np.array([1, 3]), exclude=None, dedup=False,
+                 seed=None)
+    assert first_match_rank(test, none, dist[:, :2], 0) is None
 
 
 def test_large_crops_keep_their_size():
@@ -87,7 +114,7 @@ def test_evaluate_draws_spread_and_worst_queries(tiny_workspace, tmp_path):
                      "--trials", "1", "--visualize", "2", "--visualize-worst", "3"])
     assert result.exit_code == 0, result.output
     ranks = ws / "eval" / "ranks"
-    spread = sorted(ranks.glob("all-search-random-init-q*.png"))
+    spread = sorted(ranks.glob("all-search-random-init-query*.png"))
     worst = sorted(ranks.glob("all-search-random-init-worst*.png"))
     assert len(spread) == 2
     # the worst three are the three lowest-AP queries of the first trial, worst first
@@ -101,9 +128,13 @@ def test_evaluate_draws_spread_and_worst_queries(tiny_workspace, tmp_path):
     ap = query_average_precision(dist, test.pids[trial.query], test.pids[trial.gallery],
                                  trial.exclude)
     lowest = trial.query[np.argsort(ap, kind="stable")[:3]]
+    # readable names: the kind and order of the picture, the query's identity and camera
     assert [p.name for p in worst] == [
-        f"all-search-random-init-worst0{n}-q{q:05d}.png" for n, q in zip((1, 2, 3), lowest)]
+        f"all-search-random-init-worst0{n}-id{test.pids[q]}-cam{test.cams[q]}.png"
+        for n, q in zip((1, 2, 3), lowest)]
+    assert [p.name.split("-id")[0] for p in spread] == [
+        "all-search-random-init-query01", "all-search-random-init-query02"]
     for path in spread + worst:
         with Image.open(path) as img:
-            assert img.height > CELL_HEIGHT and img.width > 11 * 64
+            assert img.height > CELL_HEIGHT + 3 * TITLE_LINE and img.width > 11 * 64
     assert f"wrote 5 ranked lists (first trial) to {ranks.resolve()}" in result.output

@@ -53,6 +53,7 @@ __all__ = [
     "associate",
     "centroid_similarity",
     "association_accuracy",
+    "association_chance",
 ]
 
 
@@ -257,6 +258,23 @@ def _cluster_ids(labels: np.ndarray, unified: np.ndarray, num_clusters: int, num
     keep = (np.asarray(labels) >= 0) & (np.asarray(unified) >= 0)
     out[np.asarray(labels)[keep], np.asarray(unified)[keep]] = True
     return out
+
+
+def association_chance(inp: AssociationInput, true_ids: dict[int, np.ndarray]) -> float:
+    """Diagnostic: the association accuracy a random linking would score, to read
+    :func:`association_accuracy` against. A random (visible cluster, IR cluster) pair agrees
+    with probability ``sum over ids of f_v(id) * f_i(id)``, ``f`` being the share of a modality's
+    clusters (with a member of known identity) whose majority id is ``id``. NaN when a modality
+    has no such cluster. ``true_ids`` as for :func:`association_accuracy`."""
+    vis, ir = inp.samples[VISIBLE], inp.samples[INFRARED]
+    maj_v = _majority(vis.labels, true_ids[VISIBLE], len(vis.centroids))  # (Cv,)
+    maj_i = _majority(ir.labels, true_ids[INFRARED], len(ir.centroids))  # (Ci,)
+    maj_v, maj_i = maj_v[maj_v >= 0], maj_i[maj_i >= 0]
+    if maj_v.size == 0 or maj_i.size == 0:
+        return float("nan")
+    ids, counts_v = np.unique(maj_v, return_counts=True)
+    counts_i = np.array([(maj_i == i).sum() for i in ids])
+    return float((counts_v * counts_i).sum() / (maj_v.size * maj_i.size))
 
 
 def _majority(labels: np.ndarray, true_ids: np.ndarray, num_clusters: int) -> np.ndarray:

@@ -181,20 +181,32 @@ def evaluate(
         ctx.record_output(out)
         if visualize or visualize_worst:
             _draw_ranked_lists(ctx, feats, test, test_rows, trial_list[0], name, rerank,
-                               visualize, visualize_worst)
+                               visualize, visualize_worst,
+                               title=f"{dataset} {label}, checkpoint {loaded.name} "
+                                     f"({_short(loaded)}), first of {trials} gallery trials")
     title = escape(f"{dataset}: {loaded.name} ({time.perf_counter() - start:.1f} s)")
     console.print(results_table(title, table_rows))
     return summaries
 
 
+def _short(loaded) -> str:
+    """What a checkpoint is, in a few words: its stage and epoch, or untrained."""
+    meta = loaded.meta
+    if meta.get("stage") == "untrained":
+        return "untrained"
+    epoch = meta.get("epoch")
+    return f"{meta.get('stage', '?')}, epoch {epoch + 1 if isinstance(epoch, int) else '?'}"
+
+
 def _draw_ranked_lists(ctx: StageContext, feats: np.ndarray, test: IndexTable, test_rows: np.ndarray,
-                       first, name: str, rerank: bool, spread: int, worst: int) -> None:
+                       first, name: str, rerank: bool, spread: int, worst: int, *,
+                       title: str) -> None:
     """Pictures of the ranked lists of the first trial, recorded as outputs."""
     from dmdl_cli.evaluation.visualize import write_ranked_lists
 
     dist = trial_distance(feats[first.query], feats[first.gallery], ctx.recipe, rerank)
     ranks_dir = ctx.output("ranks")
     written = write_ranked_lists(ranks_dir, ctx.cache, test, test_rows, dist, first, name,
-                                 spread=spread, worst=worst)
+                                 spread=spread, worst=worst, title=title)
     ctx.record_output(*written)
     log(f"wrote {len(written)} ranked lists (first trial) to {escape(str(ranks_dir))}")

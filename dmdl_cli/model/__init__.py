@@ -5,10 +5,10 @@ from dmdl_cli.model.backbone import (
     IMAGENET_STD,
     ReIDNet,
     build_model,
-    imagenet_weight_candidates,
     model_signature,
     normalize_batch,
 )
+from dmdl_cli.model.weights import imagenet_weight_candidates
 from dmdl_cli.model.cai import cai_log_prob, cai_loss, modality_prior
 
 __all__ = [

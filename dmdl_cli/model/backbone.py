@@ -30,6 +30,13 @@ from torch import nn
 
 from dmdl_cli.data.normalisation import IMAGENET_MEAN, IMAGENET_STD, normalise_images
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.model.weights import (
+    TORCHVISION_MODEL,
+    imagenet_files,
+    imagenet_release,
+    imagenet_weight_candidates,
+    missing_weights_message,
+)
 from dmdl_cli.recipe import ARCHS
 
 __all__ = [
@@ -42,33 +49,15 @@ __all__ = [
     "build_model",
     "model_signature",
     "normalize_batch",
-    "imagenet_weight_candidates",
-    "IMAGENET_FILES",
-    "IMAGENET_RELEASES",
-    "WEIGHTS_DIR_ENV",
 ]
 
-# arch -> (torchvision constructor name, output dim, {layer: number of non-local blocks})
-_ARCH_SPECS: dict[str, tuple[str, int, dict[str, int]]] = {
-    "resnet50_agw": ("resnet50", 2048, {"layer2": 2, "layer3": 3}),
-    "resnet50": ("resnet50", 2048, {}),
-    "resnet18": ("resnet18", 512, {}),
+# arch -> (output dim, {layer: number of non-local blocks}); the torchvision constructor and its
+# ImageNet files are in dmdl_cli/model/weights.py (TORCHVISION_MODEL, IMAGENET_WEIGHTS)
+_ARCH_SPECS: dict[str, tuple[int, dict[str, int]]] = {
+    "resnet50_agw": (2048, {"layer2": 2, "layer3": 3}),
+    "resnet50": (2048, {}),
+    "resnet18": (512, {}),
 }
-
-# torchvision's ImageNet weight files, by (torchvision model, release name), in order of
-# preference: the file name torchvision's hub downloader stores under <hub dir>/checkpoints/ first
-# (named in the error message when none is present), then an older name of the same weights.
-# IMAGENET1K_V1 is what AGW / PGM-style code (and the DMDL reference) initialise from; V2 (a
-# newer training recipe) is loaded only when asked for by name. resnet18 has V1 only.
-IMAGENET_FILES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("resnet50", "v1"): ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
-    ("resnet50", "v2"): ("resnet50-11ad3fa6.pth",),
-    ("resnet18", "v1"): ("resnet18-f37072fd.pth", "resnet18-5c106cde.pth"),
-}
-#: ``model.pretrained`` values that name an ImageNet release (anything else is a file path).
-IMAGENET_RELEASES = {"imagenet": "v1", "imagenet-v1": "v1", "imagenet-v2": "v2"}
-#: A folder searched for the files above before the torch hub cache.
-WEIGHTS_DIR_ENV = "DMDL_WEIGHTS_DIR"
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +166,7 @@ class ReIDNet(nn.Module):
         super().__init__()
         self.arch = arch
         self.feat_dim = feat_dim
-        self.init_description = "random initialisation (no ImageNet weights requested)"
+        self.init_description = "random initialisation (the recipe sets model.pretrained: null)"
         # The trunk keeps torchvision's module names (conv1, bn1, layer1..layer4) so that an
         # ImageNet state dict loads into ``self.backbone`` key for key.
         self.backbone = trunk
@@ -244,34 +233,20 @@ def _set_last_stride(trunk: torchvision.models.ResNet, stride: int) -> None:
 # --------------------------------------------------------------------------------------------
 # pretrained weights
 # --------------------------------------------------------------------------------------------
-def imagenet_weight_candidates(arch: str, release: str = "v1") -> list[Path]:
-    """Where the ImageNet ``release`` ("v1" / "v2") weights for ``arch`` are looked for, in order:
-    ``$DMDL_WEIGHTS_DIR/<file>`` (when the variable is set), then
-    ``torch.hub.get_dir()/checkpoints/<file>`` (``$TORCH_HOME/hub/checkpoints``)."""
-    base = _ARCH_SPECS[arch][0]
-    names = IMAGENET_FILES.get((base, release))
-    if names is None:
-        raise DmdlError(f"torchvision has no ImageNet {release.upper()} weights for {base}; set "
-                        f"model.pretrained to imagenet (V1), a local .pth file or null")
-    dirs = [Path(torch.hub.get_dir()) / "checkpoints"]
-    if os.environ.get(WEIGHTS_DIR_ENV):
-        dirs.insert(0, Path(os.environ[WEIGHTS_DIR_ENV]).expanduser())
-    return [folder / name for folder in dirs for name in names]
-
-
 def _resolve_pretrained(arch: str, pretrained: str | os.PathLike) -> Path:
-    release = IMAGENET_RELEASES.get(str(pretrained).lower())
+    """The file ``model.pretrained`` names (:mod:`dmdl_cli.model.weights`: where ImageNet files
+    are looked for); a missing one is one error line saying where to put it."""
+    release = imagenet_release(pretrained)
     if release is not None:
-        candidates = imagenet_weight_candidates(arch, release)
-        for path in candidates:
+        if imagenet_files(arch, release) is None:
+            raise DmdlError(f"torchvision has no ImageNet {release.upper()} weights for "
+                            f"{TORCHVISION_MODEL[arch]}; set model.pretrained to imagenet (V1), a "
+                            f"local .pth file or null")
+        hub = Path(torch.hub.get_dir()) / "checkpoints"  # honours torch.hub.set_dir()
+        for path in imagenet_weight_candidates(arch, release, hub):
             if path.is_file():
                 return path
-        hub = Path(torch.hub.get_dir()) / "checkpoints" / candidates[0].name
-        raise DmdlError(
-            f"ImageNet {release.upper()} weights for {arch} not found: put torchvision's "
-            f"{candidates[0].name} at {hub} (or in ${WEIGHTS_DIR_ENV}; no download is attempted), "
-            f"or set model.pretrained to a local .pth file, or to null for random initialisation"
-        )
+        raise DmdlError(missing_weights_message(arch, pretrained, hub))
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise DmdlError(
@@ -324,7 +299,7 @@ def _load_backbone_weights(model: ReIDNet, path: Path) -> None:
         raise DmdlError(
             f"pretrained weights {path} do not match the {model.arch} backbone ("
             + "; ".join(parts)
-            + f"); set model.pretrained to a torchvision {_ARCH_SPECS[model.arch][0]} state dict"
+            + f"); set model.pretrained to a torchvision {TORCHVISION_MODEL[model.arch]} state dict"
         )
     model.backbone.load_state_dict(state, strict=True)
 
@@ -354,7 +329,7 @@ def build_model(
     """
     if arch not in _ARCH_SPECS:
         raise DmdlError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    tv_name, feat_dim, non_local = _ARCH_SPECS[arch]
+    tv_name, (feat_dim, non_local) = TORCHVISION_MODEL[arch], _ARCH_SPECS[arch]
     # Resolve the weights file before building anything, so a missing file fails fast.
     path = None if pretrained is None else _resolve_pretrained(arch, pretrained)
     trunk = getattr(torchvision.models, tv_name)(weights=None)
@@ -363,7 +338,7 @@ def build_model(
     model = ReIDNet(arch, trunk, feat_dim, non_local, gem_p=gem_p, gem_learnable=gem_learnable)
     if path is not None:
         _load_backbone_weights(model, path)
-        release = IMAGENET_RELEASES.get(str(pretrained).lower())
+        release = imagenet_release(pretrained)
         what = f"ImageNet {release.upper()} weights" if release else "pretrained backbone weights"
         model.init_description = (
             f"{what} from {path} (non-local blocks and head freshly initialised)"

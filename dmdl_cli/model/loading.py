@@ -163,13 +163,16 @@ def resolve_model(ws: Workspace, recipe: Recipe, checkpoint: str | os.PathLike |
             model,
             name="random-init" if random_init else "imagenet",
             sha256=state_sha256(model),
-            description=f"untrained {recipe.model.arch}: {model.init_description}",
+            description=(f"untrained {recipe.model.arch}, randomly initialised: the recipe's "
+                         f"model.pretrained is null, so --checkpoint imagenet has no ImageNet "
+                         f"weights to load" if random_init
+                         else f"untrained {recipe.model.arch}: {model.init_description}"),
             meta={"arch": recipe.model.arch, "stage": "untrained"},
         )
     if checkpoint is None:
         raise DmdlError(
             f"no checkpoint in {ws.root}: run `dmdl pretrain-single --workspace {ws.root}` first, "
-            "or pass --checkpoint imagenet to evaluate the untrained backbone"
+            "or pass --checkpoint imagenet to use the untrained network"
         )
     path = Path(checkpoint)
     # read the bytes once, hash them and load them from memory: a trainer replacing the file

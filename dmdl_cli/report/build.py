@@ -16,7 +16,6 @@ from rich.markup import escape
 from dmdl_cli.atomic import atomic_write_text
 from dmdl_cli.console import console, log
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.report import figures
 from dmdl_cli.report.logs import WorkspaceRecord, read_workspace
 from dmdl_cli.workspace import MANIFEST, Workspace
 from dmdl_cli.report.tables import TableData, comparison_table, epoch_table, evaluation_table
@@ -49,6 +48,8 @@ def workspace_report(record: WorkspaceRecord, out: Path, show: bool) -> list[Pat
             if table.rows:
                 console.print(table.rich())
     written = _write_table(epochs, out, "per_epoch") + _write_table(evals, out, "evaluations")
+    from dmdl_cli.report import figures  # matplotlib: only once the workspaces were read
+
     for draw in (figures.training_curves, figures.pseudo_label_curves, figures.cmc_curves):
         path = draw(record, out)
         if path is not None:
@@ -75,14 +76,12 @@ def report(workspaces: list[Path], out: Path | None = None) -> list[Path]:
     if len(records) == 1:
         written = workspace_report(records[0], out, show=True)
     else:
-        table = comparison_table(records)
-        if table.rows:
-            console.print(table.rich())
-        else:
-            log("[yellow]no workspace holds an evaluation: the comparison table is empty "
-                "(run `dmdl evaluate` in each)[/]")
+        table = comparison_table(records)  # a workspace without evaluations has its row too
+        console.print(table.rich())
         written = _write_table(table, out, "comparison")
         out.mkdir(parents=True, exist_ok=True)
+        from dmdl_cli.report import figures
+
         written += figures.compare_curves(records, out)
         for rec in records:
             written += workspace_report(rec, out / rec.label.replace("/", "_"), show=False)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from dmdl_cli.data.index import INFRARED, VISIBLE, read_index
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.stages import STAGE_RECIPE, TRAINING_STAGES
 
@@ -52,6 +54,9 @@ class WorkspaceRecord:
     stages: list[StageLog]
     evaluations: list[Evaluation]
     recipe: dict[str, Any] = field(default_factory=dict)
+    # true identities of the train split per modality ("vis", "ir"), from data/index.csv; empty
+    # when the data set has none (diagnostics only: the figures draw them as reference lines)
+    true_ids: dict[str, int] = field(default_factory=dict)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -102,7 +107,7 @@ def _label_fields(rec: dict[str, Any]) -> dict[str, Any]:
         for key in ("clusters", "outliers", "ari", "nmi"):
             if key in stats:
                 out[f"{prefix}_{key}"] = stats[key]
-    for key in ("unified_ids", "association_accuracy", "mean_confidence"):
+    for key in ("unified_ids", "association_accuracy", "association_chance", "mean_confidence"):
         if key in rec:
             out[key] = rec[key]
     return out
@@ -171,4 +176,17 @@ def read_workspace(ws: Path, label: str | None = None) -> WorkspaceRecord:
         raise DmdlError(f"{ws} holds no training log (stage1/log.jsonl) and no evaluation "
                         f"(eval/*.json): run `dmdl pretrain-single --workspace {ws}` or "
                         f"`dmdl evaluate --workspace {ws}` first")
-    return WorkspaceRecord(ws, label or ws.name, stages, evals, recipe or {})
+    return WorkspaceRecord(ws, label or ws.name, stages, evals, recipe or {}, _true_ids(ws))
+
+
+def _true_ids(ws: Path) -> dict[str, int]:
+    """Identities of the train split per modality (``{"vis": 60, "ir": 60}``); {} when the
+    index is missing or unreadable, or holds no identities (pid -1)."""
+    try:
+        index = read_index(ws / "data" / "index.csv")
+    except DmdlError:
+        return {}
+    train = (index.split == "train") & (index.pids >= 0)
+    counts = {prefix: int(np.unique(index.pids[train & (index.modality == modality)]).size)
+              for prefix, modality in (("vis", VISIBLE), ("ir", INFRARED))}
+    return {prefix: n for prefix, n in counts.items() if n}

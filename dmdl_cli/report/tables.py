@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -58,10 +58,12 @@ class TableData:
     raw: list[dict[str, Any]]  # unformatted values for CSV
     console_columns: list[int] | None = None  # the columns the console shows (None: all)
     text_columns: int = 2  # leading left-aligned columns
+    notes: list[str] = field(default_factory=list)  # lines under the table (a legend)
 
     def rich(self) -> Table:
         shown = self.console_columns or list(range(len(self.header)))
-        table = Table(title=self.title, box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(title=self.title, box=box.SIMPLE_HEAD, pad_edge=False,
+                      caption="\n".join(self.notes) or None, caption_justify="left")
         for i in shown:
             table.add_column(self.header[i], justify="left" if i < self.text_columns else "right")
         for row in self.rows:
@@ -72,6 +74,8 @@ class TableData:
         lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
                  "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -168,9 +172,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def group_variants(records: list[WorkspaceRecord]) -> list[tuple[str, list[WorkspaceRecord]]]:
-    """Workspaces whose recipes differ only in seed, RegDB trial or `run:` keys form one variant, named by the
-    recipe keys on which the variants differ (``all runs`` when there is one variant)."""
+# The longest variant name written out as its keys (``cai.enabled=False``); longer ones are
+# named A, B, ... with a legend under the table.
+VARIANT_NAME_WIDTH = 40
+
+
+def _variants(records: list[WorkspaceRecord]) -> list[tuple[str, list[WorkspaceRecord], str]]:
+    """(name, workspaces, the recipe keys that set the variant apart) per variant, in order.
+    Workspaces whose recipes differ only in seed, RegDB trial or `run:` keys form one variant."""
     groups: dict[str, list[WorkspaceRecord]] = {}
     settings: dict[str, dict[str, Any]] = {}
     for rec in records:
@@ -179,22 +188,31 @@ def group_variants(records: list[WorkspaceRecord]) -> list[tuple[str, list[Works
         groups.setdefault(key, []).append(rec)
         settings[key] = flat
     if len(groups) == 1:
-        return [("all runs", next(iter(groups.values())))]
+        return [("all runs", next(iter(groups.values())), "")]
     every = set().union(*(s.keys() for s in settings.values()))
     varying = sorted(k for k in every if len({repr(s.get(k)) for s in settings.values()}) > 1)
-    out = []
-    for key, members in groups.items():
-        name = ", ".join(f"{k}={settings[key].get(k)}" for k in varying)
-        out.append((name or members[0].label, members))
-    return out
+    keys = {key: ", ".join(f"{k}={settings[key].get(k)}" for k in varying) for key in groups}
+    short = all(len(text) <= VARIANT_NAME_WIDTH for text in keys.values())
+    return [(keys[key] if short else chr(ord("A") + i) if i < 26 else f"V{i + 1}", members, keys[key])
+            for i, (key, members) in enumerate(groups.items())]
+
+
+def group_variants(records: list[WorkspaceRecord]) -> list[tuple[str, list[WorkspaceRecord]]]:
+    """(variant name, its workspaces): named by the recipe keys on which the variants differ
+    when that is short, else A, B, ... (``all runs`` when there is one variant)."""
+    return [(name, members) for name, members, _ in _variants(records)]
 
 
 def comparison_table(records: list[WorkspaceRecord]) -> TableData:
-    """Per variant and evaluation: mean ± std over the variant's workspaces, and mAP per run."""
+    """Per variant and evaluation: mean ± std over the variant's workspaces, and mAP per run. A
+    variant without any evaluation gets one row saying so; the variant is named on its first
+    row only, and a legend under the table says what A, B, ... are."""
     header = ["variant", "protocol", "checkpoint", *[f"Rank-{r}" for r in RANKS], "mAP", "mINP",
               "runs", "mAP per run"]
-    rows, raw = [], []
-    for variant, members in group_variants(records):
+    rows, raw, notes = [], [], []
+    for variant, members, differs in _variants(records):
+        if variant != differs and differs:
+            notes.append(f"{variant}: {differs} ({', '.join(r.label for r in members)})")
         keys: list[tuple[str, str]] = []
         found: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for rec in members:
@@ -203,19 +221,27 @@ def comparison_table(records: list[WorkspaceRecord]) -> TableData:
                 if key not in found:
                     keys.append(key)
                 found.setdefault(key, []).append(ev.mean)
+        first = len(rows)
+        if not keys:  # trained or not, nothing evaluated yet: shown, not hidden
+            rows.append([variant, "no evaluation", "(run `dmdl evaluate`)", *[""] * len(RANKS),
+                         "", "", f"0/{len(members)}", ""])
+            raw.append({"variant": variant, "protocol": "", "checkpoint": "", "runs": 0,
+                        "workspaces": " ".join(str(r.root) for r in members), "differs": differs})
         for key in keys:
             means = found[key]
             cmc = [[_at(m["cmc"], r - 1) for r in RANKS] for m in means]
             maps, minps = [m["mAP"] for m in means], [m["mINP"] for m in means]
-            rows.append([variant, *key, *[_pm([c[i] for c in cmc]) for i in range(len(RANKS))],
+            rows.append([variant if len(rows) == first else "", *key,
+                         *[_pm([c[i] for c in cmc]) for i in range(len(RANKS))],
                          _pm(maps), _pm(minps), f"{len(means)}/{len(members)}",
                          ", ".join(f"{100 * v:.1f}" for v in maps)])
             raw.append({"variant": variant, "protocol": key[0], "checkpoint": key[1],
                         **{f"rank{r}_mean": float(np.mean([c[i] for c in cmc])) for i, r in enumerate(RANKS)},
                         "mAP_mean": float(np.mean(maps)), "mAP_std": float(np.std(maps)),
                         "mINP_mean": float(np.mean(minps)), "mINP_std": float(np.std(minps)),
-                        "runs": len(means), "workspaces": " ".join(str(r.root) for r in members)})
+                        "runs": len(means), "workspaces": " ".join(str(r.root) for r in members),
+                        "differs": differs})
     title = f"comparison of {len(records)} workspaces (mean ± std over the runs of each variant)"
     narrow = [header.index(h) for h in ("variant", "protocol", "checkpoint", "Rank-1", "mAP", "mINP",
                                         "runs", "mAP per run")]
-    return TableData(title, header, rows, raw, console_columns=narrow, text_columns=3)
+    return TableData(title, header, rows, raw, console_columns=narrow, text_columns=3, notes=notes)

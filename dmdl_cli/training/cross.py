@@ -53,6 +53,7 @@ from dmdl_cli.clustering.association import (
     adopter,
     associate,
     association_accuracy,
+    association_chance,
 )
 from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
 from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
@@ -210,10 +211,13 @@ class CrossModalityStage(StageLogic):
         if t.true_ids is not None:
             truth = np.full(len(t.ctx.index), -1, dtype=np.int64)
             truth[t.ctx.train_rows] = t.true_ids
-            record["association_accuracy"] = association_accuracy(
-                inp, assoc, {m: truth[clusters[m].rows] for m in MODALITIES})
+            true_ids = {m: truth[clusters[m].rows] for m in MODALITIES}
+            record["association_accuracy"] = association_accuracy(inp, assoc, true_ids)
+            # what a random linking scores, to read the accuracy against
+            record["association_chance"] = association_chance(inp, true_ids)
         log(f"epoch {epoch + 1}: {assoc.num_ids} unified identities ({recipe.association.method})"
-            + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic)"
+            + (f", association accuracy {record['association_accuracy']:.3f} (diagnostic; a "
+               f"random linking: {record['association_chance']:.3f})"
                if "association_accuracy" in record else ""))
         t.log(record)
 
@@ -245,7 +249,7 @@ class CrossModalityStage(StageLogic):
         b = rows.shape[0]
         labels = state.labels_t[rows]  # (B,) unified ids
         conf = state.conf_t[rows]
-        refine = recipe.cbt.refine and epoch >= stage.onehot_epochs
+        refine = recipe.cbt.refine and reached(stage.onehot_epochs, epoch)
         bn = batch["bn"].float()  # (2B, D) BN-neck features, views A then B
         feat = F.normalize(bn, dim=1)
         fa, fb = feat[:b], feat[b:]

@@ -47,6 +47,9 @@ BN_GROUPS = ("joint", "reference")
 # those the reference's memory backward reads, after earlier backward nodes of the same batch
 # moved them (docs/training.md, "The in-place memory gradient").
 MEMORY_GRADIENTS = ("fixed", "in-place")
+# How images are resized to the recipe's size when the cache is built (and by embed()): PIL's
+# bilinear filter (dmdl's first caches) or bicubic (the reference, for training and test images).
+RESIZE_FILTERS = ("bilinear", "bicubic")
 # How the two training views are computed (docs/augmentation.md): dmdl-v1 = dmdl's first
 # pipeline (uint8 views, normalised on the device; colour jitter and pseudo-colour before the
 # crop); reference = the reference implementation's order (jitter and pseudo-colour after the
@@ -154,6 +157,9 @@ class DataRecipe:
     height: int = _ranged(288, 16, MAX_IMAGE_SIDE)
     width: int = _ranged(144, 8, MAX_IMAGE_SIDE)
     trial: int = _ranged(1, 1, 10)  # RegDB split trial
+    # the filter that resizes every image to height x width in the cache (RESIZE_FILTERS); a
+    # cache built with another filter is rebuilt by a plain `dmdl prepare-data`
+    resize: str = _choice("bilinear", RESIZE_FILTERS)
 
 
 @dataclass

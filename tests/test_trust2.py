@@ -516,7 +516,7 @@ def test_features_of_another_cache_are_never_served(tiny_workspace, tmp_path):
     rows = np.fromfile(cache, dtype=np.uint8).reshape(n, 64, 32, 3)
     rows[::2] = rows[::2, :, ::-1]  # every other image mirrored: another, valid cache
     rows.tofile(cache)
-    write_record(cache, cache_record(cache, n, 64, 32))
+    write_record(cache, cache_record(cache, n, 64, 32, resize="bicubic"))  # the demo recipe's
     result, second_map, entry = _evaluate(ws)
     assert result.exit_code == 0, result.output
     assert "read cached features" not in result.output

@@ -1,16 +1,22 @@
-"""The DMDL ablation on the embedded synthetic set, every table of issue 15 in one command.
+"""The DMDL ablation on the embedded synthetic set: the paper's Table 3 rows and the switch
+table, every table in one command.
 
     python benchmarks/ablation.py [--settings scratch source thermal-source] [--seeds 1 2 3]
-        [--variants baseline cai cbt dmdl] [--switches all|none|NAME ...] [--jobs 1|2]
-        [--threads 1] [--cai-share] [--set section.key=value ...] [--source KEY=VALUE ...]
+        [--variants baseline cai cai-augment cai-refine cai-align cbt dmdl]
+        [--switches all|none|NAME ...] [--jobs 1|2] [--threads 1] [--cai-share]
+        [--set section.key=value ...] [--source KEY=VALUE ...] [--update-docs]
 
 Settings (:data:`SETTINGS`): the default synthetic set trained from scratch; the same set from
 the source-pretrained backbone (``benchmarks/source_pretrain.py``: the CPU miniature of ImageNet
 weights, trained with labels on the visible images of another synthetic set with other people);
 a thermal-like set (negative ``material_coupling``) from the source-pretrained backbone.
-Variants: the data set recipe (``recipes/demo.yaml``) with one overlay of ``recipes/ablation/``
-(baseline, +CAI, +CBT, DMDL). On the ``source`` setting, faithful DMDL is also run with each
-switch of :data:`SWITCHES` turned off in turn (``--set`` overrides; edit the table to change them).
+Variants: the data set recipe (``recipes/demo.yaml``) with one overlay of ``recipes/ablation/``,
+the rows of the paper's Table 3 (:data:`VARIANTS`): the baseline with visible channel
+augmentation (row 1), +CAI (2), CAI with each part of CBT alone (3-5: data augmentation, label
+refinement, feature alignment), +CBT (6), DMDL (7). On the ``source`` setting, faithful DMDL is
+also run with each switch of :data:`SWITCHES` turned off in turn (``--set`` overrides; edit the
+table to change them). ``--update-docs`` writes the tables into docs/results.md between its
+``<!-- ablation:start -->`` / ``<!-- ablation:end -->`` markers.
 
 Runs whose stage-1 recipe sections hash equal (:func:`dmdl_cli.stages.stage_hash`) share one
 stage-1 run, copied into each stage-2 workspace. Every step is skipped when its result exists
@@ -55,15 +61,20 @@ SETTINGS: dict[str, tuple[str, str, str]] = {
     "thermal-source": ("thermal", "source",
                        "thermal-like set (material_coupling -0.8), from the source-pretrained backbone"),
 }
-# variant -> (overlay in recipes/ablation/, label, CAI, CBT)
-VARIANTS: dict[str, tuple[str, str, bool, bool]] = {
-    "baseline": ("baseline", "baseline", False, False),
-    "cai": ("cai", "+CAI", True, False),
-    "cbt": ("cbt", "+CBT", False, True),
-    "dmdl": ("dmdl", "DMDL (CAI + CBT)", True, True),
+# variant -> (overlay in recipes/ablation/, label, CAI, CBT parts on: data augmentation, label
+# refinement, feature alignment); the rows of the paper's Table 3 in its order
+VARIANTS: dict[str, tuple[str, str, bool, tuple[bool, bool, bool]]] = {
+    "baseline": ("baseline", "1 baseline (visible channel aug.)", False, (False, False, False)),
+    "cai": ("cai", "2 +CAI", True, (False, False, False)),
+    "cai-augment": ("cai-augment", "3 +CAI +augmentation", True, (True, False, False)),
+    "cai-refine": ("cai-refine", "4 +CAI +label refinement", True, (False, True, False)),
+    "cai-align": ("cai-align", "5 +CAI +feature alignment", True, (False, False, True)),
+    "cbt": ("cbt", "6 +CBT", False, (True, True, True)),
+    "dmdl": ("dmdl", "7 DMDL (CAI + CBT)", True, (True, True, True)),
 }
-# Faithful DMDL with one reference mechanism turned off at a time (issue 15, items 1-6):
-# name -> (what is turned off, the --set overrides that turn it off).
+# Faithful DMDL with one reference mechanism turned off at a time (what the reference trains
+# explicitly, then what it trains through how it runs): name -> (what is turned off, the --set
+# overrides that turn it off).
 SWITCHES: dict[str, tuple[str, tuple[str, ...]]] = {
     "no-cross-memory": ("semi-cross-modality memory update", ("stage2.cross_memory_update=false",)),
     "no-k1-alternation": ("k1 alternation", ("stage2.k1_adopting=null",)),
@@ -73,6 +84,14 @@ SWITCHES: dict[str, tuple[str, tuple[str, ...]]] = {
                         ("stage1.camera_aware_sampling=false", "stage2.camera_aware_sampling=false")),
     "batch-mean-memory": ("per-sample memory update",
                           ("stage1.memory_update=batch-mean", "stage2.memory_update=batch-mean")),
+    "joint-batchnorm": ("BatchNorm per slice of the reference's 4-GPU batch", ("train.bn_groups=joint",)),
+    "fixed-memory-gradient": ("in-place memory gradient", ("stage2.memory_gradient=fixed",)),
+    "shared-cross-sampler": ("union cross-modality sampler", ("stage2.cross_sampler=shared",)),
+    "dmdl-v1-augment": ("the reference's augmentation pipeline",
+                        ("augment.pipeline=dmdl-v1", "augment.erasing_fill=random",
+                         "augment.ir_channel_copy_p=0.5", "augment.ir_gray_p=1.0",
+                         "augment.ir_pseudo_colour_scheme=formula-distinct")),
+    "biased-mmd": ("the reference's MMD (unbiased, on BN-neck features)", ("cbt.mmd=biased-normalised",)),
 }
 SWITCH_SETTING, SWITCH_VARIANT = "source", "dmdl"
 RESULT = "eval/all-search-stage2-final.json"
@@ -160,13 +179,14 @@ def dmdl(plan: Plan, log_file: Path, *args: str) -> None:
 
 
 def copy_workspace(src: Path, dst: Path) -> None:
-    """Copy a workspace (atomically: a temp folder renamed); the data folder is hard-linked
-    (its files are only ever replaced, never written in place), features are left out."""
+    """Copy a workspace (atomically: a temp folder renamed); the data and stage-1 folders are
+    hard-linked (their files are only ever replaced, never written in place: a stage-1 run
+    with kept epochs shared by many stage-2 runs costs its disk once), features are left out."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
 
     def link_or_copy(a: str, b: str) -> None:
-        if Path(a).parent.name == "data":
+        if Path(a).relative_to(src).parts[0] in ("data", "stage1"):
             try:
                 os.link(a, b)
                 return
@@ -368,12 +388,13 @@ def per_seed(rows: list[dict]) -> str:
 
 def variant_table(plan: Plan, setting: str, seeds: list[int], variants: list[str]) -> list[str]:
     lines = [f"### {SETTINGS[setting][2]}", "",
-             "| variant | CAI | CBT | Rank-1 | mAP | mINP | seeds | mAP per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Table 3 row | CAI | aug. | refine | align | Rank-1 | mAP | mINP | seeds | mAP per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for variant in variants:
         _, label, cai, cbt = VARIANTS[variant]
+        marks = " | ".join("yes" if on else "no" for on in (cai, *cbt))
         rows = [r for s in seeds if (r := read_result(plan, Run(setting, variant, s))) is not None]
-        lines.append(f"| {label} | {'yes' if cai else 'no'} | {'yes' if cbt else 'no'} | "
+        lines.append(f"| {label} | {marks} | "
                      f"{mean_std([r['rank1'] for r in rows])} | {mean_std([r['mAP'] for r in rows])} | "
                      f"{mean_std([r['mINP'] for r in rows])} | {len(rows)} | "
                      f"{per_seed(rows)} |")
@@ -513,6 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--cai-share", action="store_true", help="add the CAI own-modality share table")
+    parser.add_argument("--update-docs", action="store_true",
+                        help=f"also write the tables into {DOCS.relative_to(REPO)} between its ablation markers")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="recipe override for every run and the source backbone (section.key=value)")
     parser.add_argument("--source", action="append", default=[],
@@ -550,7 +573,25 @@ def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavail
     records = [{**dataclasses.asdict(run), "result": read_result(plan, run),
                 "unavailable": unavailable.get(run)} for run in runs]
     atomic_write_text(REPO / args.json, json.dumps({"command": command, "runs": records}, indent=1) + "\n")
+    if args.update_docs:
+        update_docs(DOCS, "\n".join(lines[1:]))  # the page has its own heading
     print("\n".join(lines))
+
+
+DOCS = REPO / "docs" / "results.md"
+DOCS_MARKERS = ("<!-- ablation:start -->", "<!-- ablation:end -->")
+
+
+def update_docs(path: Path, tables: str) -> None:
+    """Replace what lies between the ablation markers of ``path`` by ``tables``."""
+    text = path.read_text()
+    start, end = DOCS_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"{path}: needs one '{start}' line before one '{end}' line")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    atomic_write_text(path, f"{head}{start}\n{tables.strip()}\n{end}{tail}")
+    say(f"updated {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

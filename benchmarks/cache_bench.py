@@ -1,7 +1,7 @@
 """What checking every cache row against its crc32 costs, at the paper's 288 x 144.
 
 A loader step is what one training batch costs the data side: the rows read from the cache and
-their two augmented views made (``TwoViewDataset`` + ``collate_views``, one process), for the
+their two augmented views made (``ViewDataset`` + ``collate_items``, one process), for the
 default batch of 2 x P x K images. It is timed over a plain memory map (no check) and over the
 workspace's ``ImageCache`` (every row checked); likewise a batch of feature extraction's reads
 (``read_rows``). Prints figures; asserts nothing.
@@ -21,7 +21,7 @@ import torch
 
 from dmdl_cli.data.augment import AugmentConfig
 from dmdl_cli.data.cache import cache_record, open_cache, read_rows, write_record
-from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
+from dmdl_cli.data.train_dataset import ViewDataset, collate_items
 from dmdl_cli.recipe import Recipe
 
 
@@ -55,15 +55,15 @@ def main() -> None:
         plain = np.memmap(path, dtype=np.uint8, mode="r", shape=(args.rows, height, width, 3))
         modality = rng.integers(0, 2, args.rows)
         config = AugmentConfig.from_recipe(recipe.augment, modality_specific=True)
-        keys = [(int(r), int(s)) for r, s in zip(rng.integers(0, args.rows, batch),
-                                                 rng.integers(0, 2**31, batch))]
-        sets = {"plain memmap": TwoViewDataset(plain, modality, config),
-                "ImageCache (checked)": TwoViewDataset(checked, modality, config)}
+        keys = [(int(r), int(s), view) for r, s in zip(rng.integers(0, args.rows, batch),
+                                                       rng.integers(0, 2**31, batch)) for view in (0, 1)]
+        sets = {"plain memmap": ViewDataset(plain, modality, config),
+                "ImageCache (checked)": ViewDataset(checked, modality, config)}
         times: dict[str, list[float]] = {name: [] for name in sets}
         for _ in range(args.steps):  # interleaved, so that a busy machine slows both alike
             for name, dataset in sets.items():
                 start = time.perf_counter()
-                collate_views([dataset[k] for k in keys])
+                collate_items([dataset[k] for k in keys])
                 times[name].append(time.perf_counter() - start)
         step = {name: float(np.median(t)) for name, t in times.items()}
         sorted_rows = np.sort(rng.choice(args.rows, min(batch, args.rows), replace=False))

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmdl_cli.data.augment import AugmentConfig  # noqa: E402
 from dmdl_cli.data.sampling import ResumableBatchSampler, epoch_batches  # noqa: E402
-from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views  # noqa: E402
+from dmdl_cli.data.train_dataset import ViewDataset, collate_items  # noqa: E402
 from dmdl_cli.model.backbone import build_model, normalize_batch  # noqa: E402
 from dmdl_cli.training.losses import contrastive_loss, mmd_multi_kernel  # noqa: E402
 from dmdl_cli.recipe import AMP_MODES, Recipe  # noqa: E402
@@ -43,12 +43,13 @@ def run(args: argparse.Namespace) -> dict:
         cache.flush()
         modality = (np.arange(n) % 3 == 2).astype(np.int8)  # 2/3 visible, 1/3 infrared
         labels = rng.integers(0, args.clusters, size=n)
-        dataset = TwoViewDataset(path, modality, AugmentConfig(), shape=(n, h, w, 3))
+        dataset = ViewDataset(path, modality, AugmentConfig(), shape=(n, h, w, 3))
         batches = epoch_batches(labels, modality=modality, num_instances=args.instances,
                                 clusters_per_batch=args.clusters_per_batch, iters=args.steps + args.warmup,
                                 seed=0, epoch=0)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=ResumableBatchSampler(batches),
-                                             collate_fn=collate_views, num_workers=args.workers,
+        steps = [[(row, seed, view) for view in (0, 1) for row, seed in keys] for keys in batches]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=ResumableBatchSampler(steps),
+                                             collate_fn=collate_items, num_workers=args.workers,
                                              pin_memory=device.type == "cuda",
                                              prefetch_factor=4 if args.workers else None)
         model = build_model(args.arch).to(device).train()
@@ -65,11 +66,11 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         for step, raw in enumerate(loader):
             t1 = time.perf_counter()
-            x = normalize_batch(torch.cat([raw["view_a"], raw["view_b"]])).to(device, non_blocking=True)
+            x = normalize_batch(raw["images"]).to(device, non_blocking=True)  # (2B, 3, H, W) views A, B
             if args.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(labels[raw["row"].numpy()]).to(device)
-            b = y.shape[0]
+            b = raw["images"].shape[0] // 2
+            y = torch.from_numpy(labels[raw["row"][:b].numpy()]).to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 _, bn = model(x)
             f = F.normalize(bn.float(), dim=1)

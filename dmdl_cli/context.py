@@ -51,7 +51,7 @@ class StageContext:
         (the sha256 of the file as prepared; :meth:`record_reads` adds what was read)."""
         height, width = self.recipe.data.height, self.recipe.data.width
         path = self.ws.cache_path(height, width)
-        cache = open_cache(path, len(self.index), height, width)
+        cache = open_cache(path, len(self.index), height, width, resize=self.recipe.data.resize)
         self._record_input(path, cache.sha256)
         return cache
 

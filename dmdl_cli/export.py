@@ -341,14 +341,14 @@ def _describe(loaded: LoadedModel, recipe: Recipe, height: int, width: int, dyna
             "steps": [
                 "decode the image and convert it to RGB (a grey / infrared image becomes three "
                 "equal channels)",
-                f"resize to height {height} x width {width} with bilinear filtering (PIL "
-                "Image.BILINEAR, as the dmdl image cache does)",
+                f"resize to height {height} x width {width} with {recipe.data.resize} filtering "
+                f"(PIL Image.{recipe.data.resize.upper()}, as the dmdl image cache of this model did)",
                 "uint8 HWC -> float32 CHW, stack into a batch NCHW",
                 "x = (x / 255 - mean) / std per channel (mean/std below, RGB order)",
             ],
             "height": height,
             "width": width,
-            "resize": "bilinear",
+            "resize": recipe.data.resize,
             "channel_order": "RGB",
             "value_range": [0, 255],
             "scale": 1.0 / 255.0,

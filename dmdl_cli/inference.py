@@ -8,7 +8,8 @@
 >>> scores = feats[1:] @ feats[0]        # cosine similarity to the query   # doctest: +SKIP
 
 Images go through exactly what the workspace image cache and ``dmdl evaluate`` do: decode,
-convert to RGB (grey infrared images become three equal channels), resize bilinearly to the
+convert to RGB (grey infrared images become three equal channels), resize (with the filter of
+the checkpoint's ``data.resize``, as its image cache was) to the
 checkpoint's input size, ``(x / 255 - mean) / std`` with the ImageNet statistics
 (:func:`~dmdl_cli.model.backbone.normalize_batch`), the eval-mode network, and (``flip=True``)
 the mean with the embedding of the mirrored image, L2-normalised.
@@ -24,18 +25,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dmdl_cli.data.cache import open_image, to_rgb
+from dmdl_cli.data.cache import open_image, resize_image, to_rgb
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import ReIDNet, normalize_batch
-from dmdl_cli.model.loading import load_model
+from dmdl_cli.model.loading import NetworkSpec, load_model
 from dmdl_cli.recipe import Recipe, load_recipe
 
 __all__ = ["embed", "load_embedder"]
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 
-# One loaded network is kept between calls: {key: (model, (height, width))}.
-_LOADED: dict[tuple, tuple[ReIDNet, tuple[int, int]]] = {}
+# One loaded network is kept between calls: {key: (model, its NetworkSpec)}.
+_LOADED: dict[tuple, tuple[ReIDNet, NetworkSpec]] = {}
 
 
 def load_embedder(checkpoint: str | os.PathLike, *, recipe: Recipe | str | os.PathLike | None = None,
@@ -46,6 +47,14 @@ def load_embedder(checkpoint: str | os.PathLike, *, recipe: Recipe | str | os.Pa
     The network is kept in memory, so repeated :func:`embed` calls do not reload it (a changed
     file is reloaded).
     """
+    model, spec = _embedder(checkpoint, recipe, device)
+    return model, spec.input_size
+
+
+def _embedder(checkpoint: str | os.PathLike, recipe: Recipe | str | os.PathLike | None,
+              device: str | torch.device | None) -> tuple[ReIDNet, NetworkSpec]:
+    """The network of :func:`load_embedder` and its :class:`NetworkSpec` (input size, the
+    resize filter of its training images), loaded once."""
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_file():
         raise DmdlError(f"checkpoint {path} does not exist: pass the path of a dmdl checkpoint "
@@ -55,28 +64,25 @@ def load_embedder(checkpoint: str | os.PathLike, *, recipe: Recipe | str | os.Pa
     stat = path.stat()
     key = (str(path), stat.st_mtime_ns, stat.st_size, str(dev),
            recipe.hash() if isinstance(recipe, Recipe) else str(recipe))
-    if key in _LOADED:
-        return _LOADED[key]
-    if recipe is not None and not isinstance(recipe, Recipe):
-        recipe = load_recipe(str(recipe))
-    model, spec = load_model(path, recipe, check=recipe is not None)
-    model.to(dev).eval()
-    _LOADED.clear()
-    _LOADED[key] = (model, spec.input_size)
-    return model, spec.input_size
+    if key not in _LOADED:
+        if recipe is not None and not isinstance(recipe, Recipe):
+            recipe = load_recipe(str(recipe))
+        model, spec = load_model(path, recipe, check=recipe is not None)
+        model.to(dev).eval()
+        _LOADED.clear()
+        _LOADED[key] = (model, spec)
+    return _LOADED[key]
 
 
-def _to_array(image: ImageLike, height: int, width: int) -> np.ndarray:
-    """``(height, width, 3)`` uint8 RGB, decoded and resized like the workspace image cache."""
+def _to_array(image: ImageLike, height: int, width: int, resize: str = "bilinear") -> np.ndarray:
+    """``(height, width, 3)`` uint8 RGB, decoded and resized like the workspace image cache
+    (filter ``resize``: the checkpoint's ``data.resize``)."""
     if isinstance(image, Image.Image):
-        img = to_rgb(image)
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return resize_image(to_rgb(image), height, width, resize)
     path = Path(image)
     try:
         with open_image(path) as img:
-            return _to_array(img, height, width)
+            return _to_array(img, height, width, resize)
     except FileNotFoundError:
         raise DmdlError(f"image {path} does not exist") from None
     except Exception as err:  # noqa: BLE001 - any decoder failure names the file
@@ -116,13 +122,14 @@ def embed(
     images = list(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model, (height, width) = load_embedder(checkpoint, recipe=recipe, device=device)
+    model, spec = _embedder(checkpoint, recipe, device)
+    (height, width), resize = spec.input_size, spec.resize  # as its training images were
     dev = next(model.parameters()).device
     out: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            arrays = np.stack([_to_array(im, height, width) for im in chunk])  # (B, H, W, 3) uint8
+            arrays = np.stack([_to_array(im, height, width, resize) for im in chunk])  # (B, H, W, 3) uint8
             x = normalize_batch(torch.from_numpy(arrays).permute(0, 3, 1, 2).to(dev))  # (B, 3, H, W)
             emb = model(x).float()  # (B, D) unit rows
             if flip:

@@ -30,7 +30,7 @@ from dmdl_cli.errors import DmdlError
 
 ARCHS = ("resnet50_agw", "resnet50", "resnet18")
 KNN_METHODS = ("exact", "ivf", "hnsw")
-ASSOCIATION_METHODS = ("nearest-alternating", "hungarian")
+ASSOCIATION_METHODS = ("nearest-alternating", "hungarian", "cluster-sample-alternating")
 AMP_MODES = ("off", "fp16", "bf16")
 # Command-line choices (declared once here; the CLI shows them in --help).
 CLUSTER_MODALITIES = ("visible", "infrared", "both")
@@ -39,14 +39,46 @@ TRIPLET_MODES = ("per-modality", "joint")
 LOSS_REDUCTIONS = ("sum-modalities", "mean")
 MEMORY_UPDATES = ("per-sample", "batch-mean")
 INTRA_TARGETS = ("hard", "refined")
-# Random erasing fills: per-pixel uniform noise, the ImageNet mean colour, black.
-ERASING_FILLS = ("random", "mean", "zero")
+# How BatchNorm groups a training batch: "joint" normalises each process's whole forward batch;
+# "reference" normalises the slices the reference's multi-GPU DataParallel forwards
+# (docs/training.md, "BatchNorm groups").
+BN_GROUPS = ("joint", "reference")
+# Which memory rows a stage-2 gradient reads: "fixed" the rows of the forward pass; "in-place"
+# those the reference's memory backward reads, after earlier backward nodes of the same batch
+# moved them (docs/training.md, "The in-place memory gradient").
+MEMORY_GRADIENTS = ("fixed", "in-place")
+# How images are resized to the recipe's size when the cache is built (and by embed()): PIL's
+# bilinear filter (dmdl's first caches) or bicubic (the reference, for training and test images).
+RESIZE_FILTERS = ("bilinear", "bicubic")
+# How the two training views are computed (docs/augmentation.md): dmdl-v1 = dmdl's first
+# pipeline (uint8 views, normalised on the device; colour jitter and pseudo-colour before the
+# crop); reference = the reference implementation's order (jitter and pseudo-colour after the
+# crop; erasing and channel operations on the normalised float view the loader returns).
+AUGMENT_PIPELINES = ("dmdl-v1", "reference")
+# Random erasing fills: per-pixel uniform noise in [0, 255], the ImageNet mean colour, black,
+# per-pixel N(0, 1) noise on the normalised scale (timm's pixel mode, the reference).
+ERASING_FILLS = ("random", "mean", "zero", "normal")
+# Pseudo-colour schemes of infrared view B: three distinct formula maps (COLOUR_MAPS), output
+# channel c = channel c of map c; or one OpenCV map per output channel drawn from that
+# channel's candidates (OPENCV_COLOUR_MAPS), channel c of its BGR output (the reference).
+PSEUDO_COLOUR_SCHEMES = ("formula-distinct", "opencv-per-channel")
+# Stage 2's cross-modality batches: ids of the union of both modalities, each paired with a
+# random id of the other modality where it has none (the reference), or only shared ids.
+CROSS_SAMPLERS = ("union", "shared")
+# CBT's MMD: the unbiased U-statistic on the BN-neck features (the reference), or the biased
+# V-statistic on the L2-normalised features (dmdl's earlier form).
+MMD_FORMS = ("unbiased-bn-neck", "biased-normalised")
+# Label refinement's 2-component GMM: one per cluster, or one over all labelled samples.
+CONFIDENCE_GMMS = ("per-cluster", "global")
 # The most boxes one random erasing tries (the augmentation draws a fixed block of random
 # numbers per view, sized by this bound).
 ERASING_ATTEMPTS_MAX = 10
-# Colour maps of the infrared pseudo-colour view (formulae in dmdl_cli/data/augment.py).
+# Colour maps of the infrared pseudo-colour view (formulae in dmdl_cli/data/colour_maps.py).
 COLOUR_MAPS = ("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot", "cool", "spring", "summer",
                "winter", "autumn")
+# OpenCV's colour maps the reference draws from (COLORMAP_AUTUMN = 0, JET = 2, OCEAN = 5,
+# INFERNO = 14, CIVIDIS = 17, DEEPGREEN = 21), stored in dmdl_cli/data/opencv_colour_maps.json.
+OPENCV_COLOUR_MAPS = ("autumn", "jet", "ocean", "inferno", "cividis", "deepgreen")
 NEVER = "never"  # an epoch threshold that is never reached
 # Sane ranges of integer keys: far beyond any published setting, small enough that a typo
 # (one digit too many) is refused by name instead of exhausting memory in numpy or torch.
@@ -105,6 +137,12 @@ def _pair(default: tuple[float, float], above: float, hi: float | None = None) -
     return field(default_factory=lambda: list(default), metadata={"pair": (above, hi)})
 
 
+def _overrides(section: str) -> Any:
+    """A mapping of keys of the recipe section ``section`` to values that replace them for one
+    stage; each key and value is validated as that section's own (empty: no override)."""
+    return field(default_factory=dict, metadata={"overrides": section})
+
+
 def _names(default: Iterable[str], choices: Iterable[str]) -> Any:
     """A non-empty list of names, each one of ``choices``."""
     default = list(default)
@@ -119,6 +157,9 @@ class DataRecipe:
     height: int = _ranged(288, 16, MAX_IMAGE_SIDE)
     width: int = _ranged(144, 8, MAX_IMAGE_SIDE)
     trial: int = _ranged(1, 1, 10)  # RegDB split trial
+    # the filter that resizes every image to height x width in the cache (RESIZE_FILTERS); a
+    # cache built with another filter is rebuilt by a plain `dmdl prepare-data`
+    resize: str = _choice("bilinear", RESIZE_FILTERS)
 
 
 @dataclass
@@ -184,6 +225,8 @@ class StageRecipe:
     # draw a cluster's other instances from cameras other than the anchor's where possible
     camera_aware_sampling: bool = True
     refine_topk: int = _ranged(3, 1, MAX_NEIGHBOURS)  # k of the refined targets' top-k softmax
+    # this stage's augmentation: `augment:` with these keys replaced ({erasing_scale: [0.02, 0.6]})
+    augment: dict = _overrides("augment")
 
 
 @dataclass
@@ -210,6 +253,15 @@ class Stage2Recipe(StageRecipe):
     triplet_all_modalities: bool = True
     # targets of L_intra: hard labels (the reference) or the refined targets (which feed CAI)
     intra_targets: str = _choice("hard", INTRA_TARGETS)
+    # fixed: memory gradients read the rows of the forward pass; in-place: infrared samples'
+    # gradients read the rows the visible samples of the same batch already moved, as the
+    # reference's memory backward does (docs/training.md)
+    memory_gradient: str = _choice("fixed", MEMORY_GRADIENTS)
+    # ids of the cross-modality batches: union (each id, with a random partner id of the other
+    # modality where it has no images there; one shuffled order per epoch, reused) or shared
+    cross_sampler: str = _choice("shared", CROSS_SAMPLERS)
+    # label refinement's GMM: one per unified id, or one over all labelled samples (RegDB)
+    confidence_gmm: str = _choice("per-cluster", CONFIDENCE_GMMS)
 
 
 @dataclass
@@ -225,6 +277,13 @@ class TrainRecipe:
     # Images per batch of that re-estimation: the statistics are a mean over batches, so the
     # batch size is part of the result (unlike run.feature_batch).
     bn_recalibration_batch: int = _ranged(256, 2, MAX_IMAGES_PER_BATCH)
+    # BatchNorm statistics of a training step: "joint" over each process's whole forward batch
+    # (both views, both modalities); "reference" per slice of the global batch as the
+    # reference's DataParallel over `bn_slices` GPUs cuts it (each modality's [view A; view B]
+    # images in `bn_slices` consecutive chunks, chunk g of both modalities one group), with the
+    # running statistics taken from the first slice only. The same on any number of processes.
+    bn_groups: str = _choice("joint", BN_GROUPS)
+    bn_slices: int = _ranged(4, 1, 64)  # the reference ran on 4 GPUs
 
 
 @dataclass
@@ -235,6 +294,7 @@ class RunRecipe:
     # training DataLoader processes; decoding threads in prepare-data
     workers: int = _ranged(4, 0, MAX_PROCESSES)
     checkpoint_every: int = _ranged(50, 1, MAX_ITERS)  # steps between resume points (and at each epoch end)
+    log_every: int = _ranged(10, 1, MAX_ITERS)  # steps between `step` records of log.jsonl (and each epoch end)
     eval_every: int = _ranged(0, 0, MAX_EPOCHS)  # epochs between test-set monitoring (0 = off); logged only
     # Images per batch of feature extraction (eval mode: each image's embedding is computed on
     # its own, so the batch size changes nothing beyond floating-point rounding)
@@ -273,12 +333,17 @@ MOVED_KEYS = {
 
 @dataclass
 class AugmentRecipe:
-    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4).
+    """CBT data level: probabilities and strengths of the two views (docs/method.md section 4,
+    docs/augmentation.md).
 
-    Values are the paper's and, where it is silent, its reference implementation's. Whether the
-    views are modality-specific comes from ``cbt.augment``; the image size from ``data``.
+    Values are the paper's and, where it is silent, its reference implementation's; the
+    defaults are dmdl's first pipeline (``dmdl-v1``), so a recipe written before ``pipeline``
+    existed trains what it trained. Whether the views are modality-specific comes from
+    ``cbt.augment``; the image size from ``data``.
     """
 
+    # the order and number format of the operations (AUGMENT_PIPELINES)
+    pipeline: str = _choice("dmdl-v1", AUGMENT_PIPELINES)
     pad: int = _ranged(10, 0, MAX_IMAGE_SIDE)  # zero padding before the random crop back to the input size
     flip_p: float = _ranged(0.5, 0.0, 1.0)  # horizontal flip
     # random erasing of one box: probability, area fraction range, aspect ratio range (drawn
@@ -295,11 +360,22 @@ class AugmentRecipe:
     jitter_hue: float = _ranged(0.5, 0.0, 0.5)
     jitter_p: float = _ranged(1.0, 0.0, 1.0)
     channel_exchange_p: float = _ranged(1.0, 0.0, 1.0)  # visible view B: one channel in all three
-    ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)  # IR view A: R, G, B or gray in all three
+    # IR view A: with this probability one of four equally likely choices: R, G or B copied into
+    # all three channels, or the grayscale slot ...
+    ir_channel_copy_p: float = _ranged(0.5, 0.0, 1.0)
+    # ... which turns the view gray with this probability and leaves it unchanged otherwise
+    # (dmdl-v1: always; the reference: 0.5, so 75 % copy, 12.5 % gray, 12.5 % unchanged)
+    ir_gray_p: float = _ranged(1.0, 0.0, 1.0)
     ir_pseudo_colour_p: float = _ranged(1.0, 0.0, 1.0)  # IR view B: false colours
-    # candidate colour maps (COLOUR_MAPS); three distinct ones per image when there are >= 3
+    ir_pseudo_colour_scheme: str = _choice("formula-distinct", PSEUDO_COLOUR_SCHEMES)
+    # formula-distinct: candidate maps (COLOUR_MAPS); three distinct ones per image when >= 3
     ir_pseudo_colour_maps: list = _names(("jet", "hot", "hsv", "ocean", "rainbow", "gnuplot"),
                                          COLOUR_MAPS)
+    # opencv-per-channel: candidates (OPENCV_COLOUR_MAPS) of the red, green and blue output
+    # channels, one drawn per channel (the reference's pairs: COLORMAP 5 / 17, 14 / 0, 21 / 2)
+    ir_opencv_maps_red: list = _names(("ocean", "cividis"), OPENCV_COLOUR_MAPS)
+    ir_opencv_maps_green: list = _names(("inferno", "autumn"), OPENCV_COLOUR_MAPS)
+    ir_opencv_maps_blue: list = _names(("deepgreen", "jet"), OPENCV_COLOUR_MAPS)
 
     def __post_init__(self) -> None:  # sections built in code are checked as a file would be
         check_section(self, AugmentRecipe, "augment", type(self).__name__)
@@ -370,6 +446,7 @@ class CBTRecipe:
     align_weight: float = _ranged(1.0, 0.0)
     mmd_kernels: int = _ranged(5, 1, MAX_KERNELS)
     mmd_kernel_mul: float = _ranged(2.0, 1.0)
+    mmd: str = _choice("biased-normalised", MMD_FORMS)  # estimator and features of the alignment
 
 
 @dataclass
@@ -383,7 +460,14 @@ class CAIRecipe:
 
 @dataclass
 class AssociationRecipe:
+    """How stage 2 links the two modalities' clusters (``clustering/association.py``)."""
+
     method: str = _choice("nearest-alternating", ASSOCIATION_METHODS)
+    # cluster-sample-alternating (the reference's RegDB stage 2): of every `sample_cycle` epochs
+    # the first `cluster_epochs` link clusters as nearest-alternating does; on the others every
+    # sample of the adopting modality takes the label of its nearest sample of the other
+    sample_cycle: int = _ranged(5, 1)
+    cluster_epochs: int = _ranged(2, 0)
 
 
 @dataclass
@@ -511,6 +595,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):  # a tuple: a section built in code
             return copy.deepcopy(list(value))
+    elif tp is dict:
+        if isinstance(value, Mapping):
+            return copy.deepcopy(dict(value))
     else:  # pragma: no cover - a programming error in this file
         raise TypeError(f"unsupported recipe field type {tp!r}")
     raise DmdlError(
@@ -593,6 +680,8 @@ def _validated(fld: dataclasses.Field, tp: Any, raw: Any, key: str, source: str)
         return _checked_pair(value, *meta["pair"], key, source)
     if "items" in meta:
         return _checked_names(value, meta["items"], key, source)
+    if "overrides" in meta:
+        return _checked_overrides(value, meta["overrides"], key, source)
     return value
 
 
@@ -626,6 +715,21 @@ def _checked_names(value: list, choices: tuple[str, ...], key: str, source: str)
             raise DmdlError(f"recipe key '{key}' ({source}): {name!r} is not one of "
                             f"{', '.join(choices)}")
     return list(value)
+
+
+def _checked_overrides(value: dict, section: str, key: str, source: str) -> dict:
+    """Each key of an override mapping must be a key of the recipe section ``section``, and its
+    value valid there (validated as that key, named ``<key>.<name>``)."""
+    cls = typing.get_type_hints(Recipe)[section]
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, raw in value.items():
+        if name not in known:
+            raise DmdlError(f"recipe key '{key}.{name}' ({source}): {section} has no key "
+                            f"{name!r}; known keys: {', '.join(known)}")
+        out[name] = _validated(known[name], hints[name], raw, f"{key}.{name}", source)
+    return out
 
 
 def check_section(section: Any, cls: type, prefix: str, source: str) -> None:
@@ -870,6 +974,12 @@ def load_recipe(
         recipe_from_dict(tree, _shown(text) or f"--set {text}", check_schedule=False)
     sources += [shown for shown in map(_shown, overrides) if shown]
     return recipe_from_dict(tree, " + ".join(sources) or "defaults")
+
+
+def stage_augment(recipe: Recipe, stage: StageRecipe) -> AugmentRecipe:
+    """The augmentation a training stage trains with: ``recipe.augment`` with the stage's
+    ``augment`` overrides applied (a stage's hash covers them: they are keys of its section)."""
+    return dataclasses.replace(recipe.augment, **stage.augment)
 
 
 def triplet_weight(ramp: list, epoch: int) -> float:

@@ -33,8 +33,10 @@ def test_stage1_is_shared_exactly_when_its_sections_hash_equal(tmp_path):
     for setting in ("scratch", "source"):
         for seed in (1, 2):
             s1 = {v: by_run[f"{setting}/{seed}/{v}"] for v in ab.VARIANTS}
-            # CAI acts in stage 2 only: baseline and +CAI share, +CBT and DMDL share, not across
+            # CAI acts in stage 2 only: baseline and +CAI share, +CBT and DMDL share; each CBT
+            # part alone (rows 3-5) trains a stage 1 of its own
             assert s1["baseline"] == s1["cai"] != s1["cbt"] == s1["dmdl"]
+            assert len({s1[v] for v in ("cai", "cai-augment", "cai-refine", "cai-align", "cbt")}) == 5
     # the initialisation and the seed are part of stage 1
     assert by_run["scratch/1/baseline"] != by_run["source/1/baseline"] != by_run["source/2/baseline"]
     switch_runs = [r for r in runs if r.switch]
@@ -56,8 +58,9 @@ def test_tables_average_the_finished_seeds(tmp_path):
         (folder / ab.MARKER).write_text(json.dumps({"recipe_hash": plan.recipe_hash(run)}))
     ab.write_results(plan, args, runs, {})
     text = (tmp_path / "a.md").read_text()
-    assert "| baseline | no | no | 20.0 ± 10.0 | 25.0 ± 5.0 | 12.5 ± 2.5 | 2 | 20.0, 30.0 |" in text
-    assert "| DMDL (CAI + CBT) | yes | yes | 50.0 | 40.0 | 20.0 | 1 | 40.0 |" in text
+    assert ("| 1 baseline (visible channel aug.) | no | no | no | no | 20.0 ± 10.0 | 25.0 ± 5.0 | "
+            "12.5 ± 2.5 | 2 | 20.0, 30.0 |") in text
+    assert "| 7 DMDL (CAI + CBT) | yes | yes | yes | yes | 50.0 | 40.0 | 20.0 | 1 | 40.0 |" in text
     records = json.loads((tmp_path / "a.json").read_text())["runs"]
     assert [r["result"] is None for r in records] == [False, False, False, True]
     # a result made with other settings is stale: not reported
@@ -86,3 +89,27 @@ def test_tasks_run_after_their_stage1_and_failures_propagate(jobs):
     failed = ab.run_tasks(tasks, jobs)
     assert set(failed) == {"s1-b", "b1"} and "s1-b" in failed["b1"]
     assert sorted(order) == ["a1", "a2", "s1-a"] and order.index("s1-a") < order.index("a1")
+
+
+def test_update_docs_replaces_only_what_lies_between_the_markers(tmp_path):
+    page = tmp_path / "results.md"
+    start, end = ab.DOCS_MARKERS
+    page.write_text(f"# Results\n\nintro\n{start}\nold table\n{end}\n\nafter\n")
+    ab.update_docs(page, "| new | table |\n")
+    assert page.read_text() == f"# Results\n\nintro\n{start}\n| new | table |\n{end}\n\nafter\n"
+    page.write_text("# Results without markers\n")
+    with pytest.raises(SystemExit, match="ablation:start"):
+        ab.update_docs(page, "x")
+
+
+def test_copies_share_the_data_and_stage1_files_and_copy_the_rest(tmp_path):
+    src = tmp_path / "src"
+    for rel in ("data/cache.u8", "stage1/epoch-001.pt", "labels/stage1-e001.npz", "manifest.json",
+                "features/x.npy", "stage2/last.pt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    ab.copy_workspace(src, tmp_path / "dst")
+    same = lambda rel: (src / rel).stat().st_ino == (tmp_path / "dst" / rel).stat().st_ino  # noqa: E731
+    assert same("data/cache.u8") and same("stage1/epoch-001.pt")
+    assert not same("labels/stage1-e001.npz") and not same("manifest.json")
+    assert not (tmp_path / "dst" / "features").exists() and not (tmp_path / "dst" / "stage2").exists()

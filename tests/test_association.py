@@ -240,6 +240,49 @@ def test_association_accuracy_counts_the_pairs_a_sample_level_association_links(
     assert association_accuracy(inp, split, {VISIBLE: vis_true, INFRARED: ir_true}) == pytest.approx(2 / 3)
 
 
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_sample_level_association_takes_the_nearest_other_sample_label():
+    # 4 IR samples in 2 clusters (+ an outlier); 4 visible samples, one an outlier of its own
+    # clustering: each sits next to one IR sample, whatever its visible cluster
+    ir_feat = _unit([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]])
+    ir_labels = np.array([0, 0, 1, -1])
+    vis_feat = _unit([[0, 0.95, 0.05], [0.05, 0, 1], [1, 0.01, 0], [0.88, 0.12, 0]])
+    vis_labels = np.array([0, 0, 1, -1])  # visible clusters that the sample level ignores
+    vis_cent, ir_cent = _unit([[1, 1, 0], [1, 0, 0]]), _unit([[1, 0.05, 0], [0, 1, 0]])
+    samples_ = {VISIBLE: ModalitySamples(vis_labels, vis_feat, vis_cent),
+                INFRARED: ModalitySamples(ir_labels, ir_feat, ir_cent)}
+    even = associate("cluster-sample-alternating", AssociationInput(2, samples_))  # sample level
+    # nearest IR samples: 2 (cluster 1), 3 (outlier), 0 (cluster 0), 1 (cluster 0)
+    assert even.labels[VISIBLE].tolist() == [1, -1, 0, 0]  # the visible outlier is labelled too
+    assert even.labels[INFRARED].tolist() == [0, 0, 1, -1] and even.num_ids == 2
+    odd = associate("cluster-sample-alternating", AssociationInput(3, samples_))  # IR adopts
+    # nearest visible samples of IR samples 0..3: 2, 3, 0, 1 -> visible labels 1, -1, 0, 0
+    assert odd.labels[INFRARED].tolist() == [1, -1, 0, 0]
+    assert odd.labels[VISIBLE].tolist() == [0, 0, 1, -1] and odd.num_ids == 2
+
+
+def test_cluster_sample_alternation_follows_its_cycle():
+    from dmdl_cli.recipe import AssociationRecipe
+
+    ir_feat = _unit([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]])
+    vis_feat = _unit([[0, 0.95, 0.05], [0.05, 0, 1], [1, 0.01, 0], [0.88, 0.12, 0]])
+    samples_ = {VISIBLE: ModalitySamples(np.array([0, 0, 1, -1]), vis_feat, _unit([[1, 1, 0], [1, 0, 0]])),
+                INFRARED: ModalitySamples(np.array([0, 0, 1, -1]), ir_feat, _unit([[1, 0.05, 0], [0, 1, 0]]))}
+    settings = AssociationRecipe(method="cluster-sample-alternating", sample_cycle=5, cluster_epochs=2)
+    # even epochs, visible adopts: both visible clusters' centroids are nearest IR cluster 0, while
+    # sample by sample the visible samples take IR labels 1, -1, 0, 0
+    cluster_level, sample_level = [0, 0, 0, -1], [1, -1, 0, 0]
+    for epoch in range(0, 12, 2):
+        got = associate("cluster-sample-alternating", AssociationInput(epoch, samples_), settings)
+        want = cluster_level if epoch % 5 < 2 else sample_level
+        assert got.labels[VISIBLE].tolist() == want, epoch
+    assert [adopter("cluster-sample-alternating", e) for e in range(4)] == [VISIBLE, INFRARED] * 2
+
+
 def test_association_chance_is_what_a_random_linking_scores():
     # visible clusters' majority ids: 10, 11, 12; IR clusters': 10, 12, 11, 11
     vis_labels, vis_true = np.array([0, 0, 1, 1, 2, 2, -1]), np.array([10, 10, 11, 11, 12, 12, 99])

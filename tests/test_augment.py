@@ -9,6 +9,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from dmdl_cli.data import augment as A
+from dmdl_cli.data.normalisation import imagenet_mean_uint8
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import AugmentRecipe, load_recipe
 from dmdl_cli.data.augment import (
@@ -250,7 +251,8 @@ def test_recipe_erasing_keys_change_the_view(visible_image):
     mean = standard_view(visible_image, AugmentConfig(**base, erasing_fill="mean"), gen(4))
     erased = (zero == 0).all(dim=0) & (visible_image != 0).any(dim=0)
     assert erased.any()
-    assert (mean[:, erased] == torch.tensor(A._IMAGENET_MEAN_U8, dtype=torch.uint8).view(3, 1)).all()
+    mean_colour = torch.tensor(imagenet_mean_uint8(), dtype=torch.uint8).view(3, 1)
+    assert (mean[:, erased] == mean_colour).all()
     small = standard_view(visible_image, AugmentConfig(**base, erasing_fill="zero",
                                                        erasing_scale=(0.02, 0.03)), gen(4))
     assert 0 < int(((small == 0).all(dim=0) & (visible_image != 0).any(dim=0)).sum()) < int(erased.sum())

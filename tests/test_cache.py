@@ -135,3 +135,27 @@ def test_every_row_read_is_checked_against_its_checksum(tmp_path, images):
     record_path(out).unlink()
     with pytest.raises(DmdlError, match="no integrity record"):
         open_cache(out, 400, 16, 8)
+
+
+def test_the_resize_filter_is_the_recipe_s_and_the_record_names_it(tmp_path, images):
+    bicubic = build_cache(images, tmp_path / "bicubic.u8", 24, 12, workers=1, progress=False,
+                          resize="bicubic")
+    bilinear = build_cache(images, tmp_path / "bilinear.u8", 24, 12, workers=1, progress=False)
+    for i, path in enumerate(images):
+        with Image.open(path) as img:
+            want = np.asarray(img.convert("RGB").resize((12, 24), Image.BICUBIC), dtype=np.uint8)
+        assert np.array_equal(bicubic[i], want)
+    # the images of another size differ between the filters; the one already 24x12 does not
+    assert not np.array_equal(bicubic[0], bilinear[0]) and np.array_equal(bicubic[3], bilinear[3])
+    assert json.loads(record_path(tmp_path / "bicubic.u8").read_text())["resize"] == "bicubic"
+    assert open_cache(tmp_path / "bicubic.u8", 4, 24, 12, resize="bicubic").shape == (4, 24, 12, 3)
+    with pytest.raises(DmdlError, match=r"resized bilinear but the recipe asks data.resize bicubic: "
+                                        r"re-run `dmdl prepare-data`"):
+        open_cache(tmp_path / "bilinear.u8", 4, 24, 12, resize="bicubic")
+    # a record of an older dmdl has no "resize": its cache was bilinear
+    record = json.loads(record_path(tmp_path / "bilinear.u8").read_text())
+    del record["resize"]
+    record_path(tmp_path / "bilinear.u8").write_text(json.dumps(record))
+    assert open_cache(tmp_path / "bilinear.u8", 4, 24, 12, resize="bilinear").shape == (4, 24, 12, 3)
+    with pytest.raises(DmdlError, match="resized bilinear"):
+        open_cache(tmp_path / "bilinear.u8", 4, 24, 12, resize="bicubic")

@@ -119,13 +119,14 @@ def check_workspace(ws: Path, rows: list[tuple], dataset: str, recipe_file: str,
     splits = [r[4] for r in got]
     assert splits == sorted(splits, key=("train", "test").index)
 
-    # the cache: row i is image i decoded and resized as data/cache.py does it
+    # the cache: row i is image i decoded and resized as data/cache.py does it, with the
+    # recipe's filter (recipes/sysu.yaml: bicubic, as the reference)
     cache_file = ws / "data" / f"cache-{HEIGHT}x{WIDTH}.u8"
     assert cache_file.stat().st_size == len(got) * HEIGHT * WIDTH * 3
     cache = np.memmap(cache_file, dtype=np.uint8, mode="r", shape=(len(got), HEIGHT, WIDTH, 3))
     for i, (path, *_rest) in enumerate(got):
         with Image.open(path) as img:
-            want = np.asarray(img.convert("RGB").resize((WIDTH, HEIGHT), Image.BILINEAR))
+            want = np.asarray(img.convert("RGB").resize((WIDTH, HEIGHT), Image.BICUBIC))
         assert np.array_equal(cache[i], want), path
     del cache
 
@@ -378,12 +379,14 @@ def test_a_damaged_or_missing_cache_is_rebuilt_by_a_plain_rerun(sysu_workspace, 
     result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
     assert result.exit_code == 0 and "unchanged" in result.output
     assert re.search(r"checked the sha256 of data/cache-\S+ \([\d.]+ MiB, [\d.]+ s\)", result.output)
-    # a workspace from before caches had records: checked against the manifest's sha256
+    # a workspace from before caches had records: checked against the manifest's sha256 and
+    # given its record; caches were all resized bilinear then, so the bicubic recipe rebuilds it
     record = cache.with_name(cache.name + ".json")
     written = record.read_text()
     record.unlink()
     result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
-    assert result.exit_code == 0 and "unchanged" in result.output
+    assert result.exit_code == 0 and "unchanged" not in result.output
+    assert "added the checksum of each row" in result.output and "was resized bilinear" in result.output
     assert record.read_text() == written
     # missing: rebuilt the same way
     cache.unlink()
@@ -670,3 +673,25 @@ def test_overlays_and_sets_reach_the_saved_recipe(tmp_path, synthetic_root, regd
     assert_refused(prepare("regdb", regdb_root, tmp_path / "ws2", "--trial", "11"),
                    "'data.trial'", "above the maximum 10")
     assert not (tmp_path / "ws2").exists()
+
+
+def test_a_cache_of_another_resize_filter_is_rebuilt_by_a_plain_rerun(sysu_workspace, tmp_path,
+                                                                      synthetic_root):
+    # a workspace prepared before caches were resized bicubic: its record names no filter
+    # (bilinear, the only one then); the shipped recipes now ask data.resize bicubic
+    ws = copy_workspace(sysu_workspace, tmp_path)
+    cache = ws / "data" / f"cache-{HEIGHT}x{WIDTH}.u8"
+    record = cache.with_name(cache.name + ".json")
+    bicubic = sha256_file(cache)
+    assert json.loads(record.read_text())["resize"] == "bicubic"
+    old = {k: v for k, v in json.loads(record.read_text()).items() if k != "resize"}
+    record.write_text(json.dumps(old))
+    result = invoke(["cluster", "--workspace", ws, "--checkpoint", "imagenet"])
+    assert_refused(result, str(cache), "resized bilinear", "data.resize bicubic", "prepare-data",
+                   "no --force needed")
+    result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
+    assert result.exit_code == 0, result.output
+    assert "was resized bilinear" in result.output and "rebuilding it" in result.output
+    assert json.loads(record.read_text())["resize"] == "bicubic" and sha256_file(cache) == bicubic
+    result = invoke(["prepare-data", "--dataset", "sysu", "--root", synthetic_root, "--workspace", ws])
+    assert result.exit_code == 0 and "unchanged" in result.output

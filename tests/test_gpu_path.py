@@ -23,14 +23,14 @@ from dmdl_cli.clustering import neighbors
 from dmdl_cli.context import StageContext
 from dmdl_cli.data.augment import AugmentConfig
 from dmdl_cli.data.index import IndexTable
-from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
+from dmdl_cli.data.train_dataset import ViewDataset
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import build_model
 from dmdl_cli.model.cai import modality_prior
 from dmdl_cli.recipe import load_recipe
 from dmdl_cli.runtime import CPU_AMP_ENV, Runtime, make_grad_scaler, select_runtime
 from dmdl_cli.training.cross import FUSED, CrossModalityStage
-from dmdl_cli.training.loop import to_batch
+from dmdl_cli.training.loop import batch_features, load_batch
 from dmdl_cli.training.single import SingleModalityStage
 from dmdl_cli.training.state import TrainState
 
@@ -38,7 +38,10 @@ from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-N, IDS, H, W = 48, 4, 32, 16  # images, identities per modality, input size
+# images, identities per modality, input size. 64 x 32 rather than 32 x 16: at 32 x 16 layer3 of
+# resnet18 sees 2 x 1 maps, where torch 2.14's bf16 CPU convolution (oneDNN) returns different
+# values from call to call, now and then NaN, for the same input and weights.
+N, IDS, H, W = 48, 4, 64, 32
 # bf16 keeps 8 mantissa bits: features differ from fp32 by ~1e-2 and the memory logits divide
 # them by tau = 0.05, so the batch loss may move by a few percent.
 BF16_RELATIVE_TOLERANCE = 0.05
@@ -104,12 +107,13 @@ def _stage_state(logic, t, data):
     return t.epoch_state
 
 
-def _batch(recipe, data, state, runtime: Runtime) -> dict[str, torch.Tensor]:
-    """The epoch's first batch, two augmented views, as the training loop hands it over."""
+def _batch(recipe, data, t: TrainState) -> dict[str, torch.Tensor]:
+    """The epoch's first batch, two augmented views, as the training loop hands it over (without
+    its features: ``batch_features`` forwards it)."""
     _, modality, cache = data
     aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
-    dataset = TwoViewDataset(cache, modality, aug)
-    return to_batch(collate_views([dataset[key] for key in state.batches[0]]), runtime)
+    t.dataset = ViewDataset(cache, modality, aug)
+    return load_batch(t, t.epoch_state.batches[0])
 
 
 def _model(seed: int = 0):
@@ -121,8 +125,10 @@ def _loss(recipe, data, stage_name: str, amp: torch.dtype | None) -> tuple[float
     logic = SingleModalityStage() if stage_name == "stage1" else CrossModalityStage()
     runtime = Runtime(CPU, amp, channels_last=False)
     t = _context(recipe, data, logic, runtime, _model())
-    state = _stage_state(logic, t, data)
-    loss, parts, _ = logic.batch_loss(t, _batch(recipe, data, state, runtime))
+    _stage_state(logic, t, data)
+    batch = _batch(recipe, data, t)
+    batch["bn"] = batch_features(t, batch)
+    loss, parts, _ = logic.batch_loss(t, batch)
     return float(loss.detach()), parts
 
 
@@ -131,7 +137,8 @@ def test_bf16_autocast_loss_close_to_fp32(recipe, data, stage_name):
     fp32, parts32 = _loss(recipe, data, stage_name, None)
     bf16, parts16 = _loss(recipe, data, stage_name, torch.bfloat16)
     assert math.isfinite(bf16) and all(math.isfinite(v) for v in parts16.values())
-    assert all(v > 0 for v in parts32.values()), parts32  # every loss term is switched on
+    # every loss term is switched on (the unbiased MMD of the alignment may be negative)
+    assert all(v != 0 for v in parts32.values()), parts32
     assert abs(bf16 - fp32) <= BF16_RELATIVE_TOLERANCE * abs(fp32), (bf16, fp32, parts16, parts32)
 
 
@@ -149,14 +156,15 @@ def test_fp16_grad_scaler_steps_on_the_cpu(recipe, data):
     runtime = Runtime(CPU, torch.float16, channels_last=True)
     logic = CrossModalityStage()
     t = _context(recipe, data, logic, runtime, _model().to(memory_format=torch.channels_last))
-    state = _stage_state(logic, t, data)
-    batch = _batch(recipe, data, state, runtime)
+    _stage_state(logic, t, data)
+    batch = _batch(recipe, data, t)
     optimizer = torch.optim.Adam(t.model.parameters(), lr=1e-3)
     scaler = make_grad_scaler(runtime)
 
     def step() -> tuple[float, float]:
         before = scaler.get_scale() if scaler._scale is not None else scaler._init_scale
         optimizer.zero_grad(set_to_none=True)
+        batch["bn"] = batch_features(t, batch)
         loss, _, update = logic.batch_loss(t, batch)
         assert torch.isfinite(loss)
         scaler.scale(loss).backward()

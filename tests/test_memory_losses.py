@@ -1,8 +1,10 @@
 """Cluster memory updates and the loss functions, against hand computations."""
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,9 @@ from dmdl_cli.training.losses import (
     cross_modal_triplet,
     mmd_multi_kernel,
 )
+from dmdl_cli.recipe import recipe_from_dict
 from dmdl_cli.training.memory import ClusterMemory, confidence_momentum
+from dmdl_cli.training.objectives import alignment
 
 R2 = 1.0 / math.sqrt(2.0)
 BATCH_MEAN = {"temp": 0.05, "momentum": 0.2, "rule": "batch-mean"}  # the memory has no defaults
@@ -169,6 +173,108 @@ def test_mmd_zero_for_identical_sets_and_grows_with_shift():
     assert loss.item() >= 0.0
     loss.backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+# The unbiased MMD (the reference's DAN_new) on a hand case: x = (0,0), (1,0), (0,1) and
+# y = (1,1), (2,1), (1,2). Squared distances: within x (and within y) 1, 1, 2; across the nine
+# pairs x1: 2, 5, 5; x2: 1, 2, 4; x3: 1, 4, 2. Base bandwidth s = mean over the 30 ordered
+# distinct pairs = 2 (4 + 4 + 26) / 30 = 34/15, so with a = exp(-15/34) = 0.64327918 each kernel
+# exp(-d2 / (s 2^(i - K//2))) is a^(d2 2^(K//2 - i)). With k(d2) the kernels' sum and the cross
+# sum C = 2 k(1) + 3 k(2) + 2 k(4) + 2 k(5):
+#   U = 2 * 2 (2 k(1) + k(2)) / (3 * 2) - 2 C / 9
+#   V = 2 (3 k(0) + 2 (2 k(1) + k(2))) / 9 - 2 C / 9
+# K = 1: k(1) = 0.64327918, k(2) = 0.41380810, k(4) = 0.17123714, k(5) = 0.11015329,
+#   C = 3.09076351 -> U = 0.44674130, V = 0.73554875
+# K = 5 (multiplier 2): k(0) = 5, k(1) = 2.92594198, k(2) = 2.05969344, k(4) = 1.25850637,
+#   k(5) = 1.03042973, C = 16.60883649 -> U = 1.58353238, V = 3.15873740
+_HAND_X = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+_HAND_Y = [[1.0, 1.0], [2.0, 1.0], [1.0, 2.0]]
+
+
+@pytest.mark.parametrize("kernels, u, v", [(1, 0.44674130, 0.73554875),
+                                           (5, 1.58353238, 3.15873740)])
+def test_mmd_unbiased_and_biased_hand_case(kernels, u, v):
+    x, y = torch.tensor(_HAND_X), torch.tensor(_HAND_Y)
+    got_u = mmd_multi_kernel(x, y, num_kernels=kernels, kernel_mul=2.0, unbiased=True)
+    got_v = mmd_multi_kernel(x, y, num_kernels=kernels, kernel_mul=2.0)
+    assert got_u.item() == pytest.approx(u, abs=1e-6)
+    assert got_v.item() == pytest.approx(v, abs=1e-6)
+
+
+def _dan_new_loop(x: np.ndarray, y: np.ndarray, kernel_num: int, kernel_mul: float) -> float:
+    """The reference's DAN_new written as plain loops in float64 (an independent check)."""
+    z = np.concatenate([x, y]).astype(np.float64)
+    n, b = len(z), len(x)
+    d2 = [[float(((z[i] - z[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
+    base = sum(map(sum, d2)) / (n * n - n) / kernel_mul ** (kernel_num // 2)
+    widths = [base * kernel_mul ** i for i in range(kernel_num)]
+    k = [[sum(math.exp(-d2[i][j] / w) for w in widths) for j in range(n)] for i in range(n)]
+    within = sum(k[i][j] for i in range(b) for j in range(b) if i != j)
+    within += sum(k[i][j] for i in range(b, n) for j in range(b, n) if i != j)
+    cross = sum(k[i][j] + k[j][i] for i in range(b) for j in range(b, n))
+    return within / (b * (b - 1)) - cross / (b * b)
+
+
+def test_mmd_unbiased_equals_a_loop_over_the_reference_formula():
+    g = torch.Generator().manual_seed(3)
+    for b, d, kernels, mul in ((6, 4, 5, 2.0), (4, 7, 3, 1.5), (2, 3, 5, 2.0)):
+        x = torch.randn(b, d, generator=g) * 4.0  # un-normalised, like BN-neck features
+        y = torch.randn(b, d, generator=g) * 4.0 + 1.0
+        got = mmd_multi_kernel(x, y, num_kernels=kernels, kernel_mul=mul, unbiased=True).item()
+        assert got == pytest.approx(_dan_new_loop(x.numpy(), y.numpy(), kernels, mul), abs=1e-5)
+    with pytest.raises(ValueError, match="2 samples"):
+        mmd_multi_kernel(torch.zeros(1, 2), torch.ones(1, 2), unbiased=True)
+
+
+def test_mmd_unbiased_is_zero_on_average_over_splits_and_the_biased_one_is_not():
+    # One pooled set of 6 points: the bandwidth depends on the pooled set only, so averaged over
+    # all 20 ways of splitting it into x and y (3 + 3), the U-statistic is exactly 0; the
+    # V-statistic averages to a positive value (its diagonal terms).
+    g = torch.Generator().manual_seed(5)
+    pool = torch.randn(6, 3, generator=g)
+    us, vs = [], []
+    for idx in itertools.combinations(range(6), 3):
+        rest = [i for i in range(6) if i not in idx]
+        us.append(mmd_multi_kernel(pool[list(idx)], pool[rest], unbiased=True).item())
+        vs.append(mmd_multi_kernel(pool[list(idx)], pool[rest]).item())
+    assert abs(sum(us) / len(us)) < 1e-6
+    assert min(us) < 0 < max(us)  # an unbiased estimate of 0 takes both signs
+    assert sum(vs) / len(vs) > 0.5 and min(vs) >= 0.0
+    # Independent draws of two samples of one distribution: the U-statistic averages to ~0
+    # (within 4 standard errors), the V-statistic stays far above it.
+    def draws(unbiased: bool) -> torch.Tensor:
+        return torch.tensor([mmd_multi_kernel(torch.randn(8, 4, generator=g),
+                                              torch.randn(8, 4, generator=g),
+                                              unbiased=unbiased).item() for _ in range(300)])
+
+    u, w = draws(True), draws(False)
+    stderr = u.std().item() / math.sqrt(len(u))
+    assert abs(u.mean().item()) < 4 * stderr, (u.mean().item(), stderr)
+    assert w.mean().item() > u.mean().item() + 20 * stderr
+
+
+def test_alignment_reads_bn_neck_features_as_cbt_mmd_says():
+    g = torch.Generator().manual_seed(2)
+    b = 6
+    modality = torch.tensor([0, 0, 0, 1, 1, 1])
+    view_a = torch.randn(b, 5, generator=g)
+    scale = torch.rand(b, 1, generator=g) * 3 + 0.5
+    bn = torch.cat([view_a, view_a * scale]).requires_grad_(True)  # (2B, D): views A, B
+    ref = recipe_from_dict({"cbt": {"mmd": "unbiased-bn-neck"}})
+    old = recipe_from_dict({"cbt": {"mmd": "biased-normalised"}})
+    # the same directions at other lengths: nothing to align once normalised
+    assert alignment(bn, modality, old).item() == pytest.approx(0.0, abs=1e-6)
+    got = alignment(bn, modality, ref)
+    want = sum(mmd_multi_kernel(bn[:b][modality == m], bn[b:][modality == m], unbiased=True)
+               for m in (0, 1))
+    assert got.item() == pytest.approx(want.item(), abs=1e-6) and abs(got.item()) > 1e-3
+    got.backward()
+    assert torch.isfinite(bn.grad).all() and bn.grad.abs().sum() > 0
+    # the earlier form, unchanged: the V-statistic of the L2-normalised views
+    other = torch.randn(2 * b, 5, generator=g)
+    f = F.normalize(other, dim=1)
+    want_old = sum(mmd_multi_kernel(f[:b][modality == m], f[b:][modality == m]) for m in (0, 1))
+    assert alignment(other, modality, old).item() == pytest.approx(want_old.item(), abs=1e-7)
 
 
 # ------------------------------------------------------------------ reference switches (issue 15)

@@ -21,6 +21,7 @@ from dmdl_cli.recipe import (
     reached,
     recipe_from_dict,
     schedule_warning,
+    stage_augment,
     triplet_weight,
     unreached_thresholds,
 )
@@ -33,7 +34,8 @@ OVERLAYS = sorted((RECIPES / "ablation").glob("*.yaml"))
 
 def test_the_shipped_recipes_are_there():
     assert {p.name for p in DATASET_RECIPES} == {"demo.yaml", "sysu.yaml", "regdb.yaml", "llcm.yaml"}
-    assert {p.name for p in OVERLAYS} == {"baseline.yaml", "cai.yaml", "cbt.yaml", "dmdl.yaml"}
+    assert {p.name for p in OVERLAYS} == {"baseline.yaml", "cai.yaml", "cai-augment.yaml",
+                                          "cai-refine.yaml", "cai-align.yaml", "cbt.yaml", "dmdl.yaml"}
 
 
 @pytest.mark.parametrize("path", DATASET_RECIPES, ids=lambda p: p.name)
@@ -66,23 +68,31 @@ def test_every_overlay_composes_on_every_dataset_recipe(base, overlay):
 
 
 def test_ablation_overlays_switch_exactly_their_parts():
+    # the rows of the paper's Table 3: (CAI, augmentation beyond the visible channel exchange,
+    # label refinement, feature alignment)
+    rows = {"baseline": (False, False, False, False), "cai": (True, False, False, False),
+            "cai-augment": (True, True, False, False), "cai-refine": (True, False, True, False),
+            "cai-align": (True, False, False, True), "cbt": (False, True, True, True),
+            "dmdl": (True, True, True, True)}
     base = RECIPES / "sysu.yaml"
-    baseline = load_recipe(base, overlays=[RECIPES / "ablation" / "baseline.yaml"])
-    assert (baseline.cai.enabled, baseline.cbt.augment, baseline.cbt.refine, baseline.cbt.align) == (
-        False, False, False, False)
-    cai = load_recipe(base, overlays=[RECIPES / "ablation" / "cai.yaml"])
-    assert cai.cai.enabled and not (cai.cbt.augment or cai.cbt.refine or cai.cbt.align)
-    cbt = load_recipe(base, overlays=[RECIPES / "ablation" / "cbt.yaml"])
-    assert not cbt.cai.enabled and cbt.cbt.augment and cbt.cbt.refine and cbt.cbt.align
-    dmdl = load_recipe(base, overlays=[RECIPES / "ablation" / "dmdl.yaml"])
-    assert dmdl == load_recipe(base)  # "the same as the data set recipes' defaults"
-    # untouched sections keep the base values: stage 1 and data are the same in all four
-    for r in (baseline, cai, cbt):
+    plain = load_recipe(base).augment
+    for name, (cai, augment, refine, align) in rows.items():
+        r = load_recipe(base, overlays=[RECIPES / "ablation" / f"{name}.yaml"])
+        assert (r.cai.enabled, r.cbt.refine, r.cbt.align) == (cai, refine, align), name
+        assert r.cbt.augment  # every row has modality-specific views, at least the visible channel
+        assert r.augment.channel_exchange_p == 1.0, name
+        full = (r.augment.jitter_p, r.augment.ir_channel_copy_p, r.augment.ir_pseudo_colour_p)
+        assert full == ((plain.jitter_p, plain.ir_channel_copy_p, plain.ir_pseudo_colour_p)
+                        if augment else (0.0, 0.0, 0.0)), name
+        # untouched sections keep the base values: stage 1, data and clustering in every row
+        dmdl = load_recipe(base)
         assert r.stage1 == dmdl.stage1 and r.data == dmdl.data and r.cluster == dmdl.cluster
+    # "the same as the data set recipes' defaults"
+    assert load_recipe(base, overlays=[RECIPES / "ablation" / "dmdl.yaml"]) == load_recipe(base)
     # later overlays win key by key
     both = load_recipe(base, overlays=[RECIPES / "ablation" / "baseline.yaml",
                                        RECIPES / "ablation" / "cai.yaml"])
-    assert both.cai.enabled and not both.cbt.augment
+    assert both.cai.enabled and not both.cbt.refine
 
 
 def test_set_overrides_parse_yaml_types_and_nest():
@@ -287,8 +297,8 @@ def test_each_stage_type_holds_only_the_keys_its_stage_reads():
     assert {f.name for f in dataclasses.fields(Stage1Recipe)} - shared == {"refine_from"}
     assert {f.name for f in dataclasses.fields(Stage2Recipe)} - shared == {
         "onehot_epochs", "cross_sampler_from", "k1_adopting", "cross_memory_update",
-        "triplet_all_modalities",
-        "intra_targets"}
+        "triplet_all_modalities", "intra_targets", "memory_gradient", "cross_sampler",
+        "confidence_gmm"}
     assert not shared & {key.split(".")[1] for key in REMOVED_KEYS}
     r = Recipe()
     assert isinstance(r.stage1, Stage1Recipe) and isinstance(r.stage2, Stage2Recipe)
@@ -421,3 +431,62 @@ def test_regdb_schedule_switches_on_within_its_30_epochs():
     assert r.stage2.k1_adopting is None
     assert [triplet_weight(r.stage1.triplet_ramp, e) for e in (15, 16, 26, 29)] == [0.0, 0.25, 0.5, 0.5]
     assert [triplet_weight(r.stage2.triplet_ramp, e) for e in (10, 11, 21, 29)] == [0.0, 0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name, gmm", [("sysu", "per-cluster"), ("llcm", "per-cluster"),
+                                       ("regdb", "global"), ("demo", "per-cluster")])
+def test_paper_recipes_train_the_reference_sampler_mmd_and_gmm(name, gmm):
+    r = load_recipe(RECIPES / f"{name}.yaml")
+    assert (r.stage2.cross_sampler, r.cbt.mmd, r.stage2.confidence_gmm) == \
+        ("union", "unbiased-bn-neck", gmm)
+    # the defaults keep what dmdl trained before these keys existed
+    d = Recipe()
+    assert (d.stage2.cross_sampler, d.cbt.mmd, d.stage2.confidence_gmm, d.stage2.augment,
+            d.stage1.augment) == ("shared", "biased-normalised", "per-cluster", {}, {})
+
+
+# ------------------------------------------------------------ per-stage augmentation override
+def test_regdb_stage2_erases_up_to_60_percent_while_stage1_keeps_50():
+    r = load_recipe(RECIPES / "regdb.yaml")
+    assert r.stage2.augment == {"erasing_scale": [0.02, 0.6]} and r.stage1.augment == {}
+    assert stage_augment(r, r.stage2).erasing_scale == [0.02, 0.6]
+    assert stage_augment(r, r.stage1).erasing_scale == [0.02, 0.5] == r.augment.erasing_scale
+    # every other key is the augment section's
+    assert dataclasses.replace(stage_augment(r, r.stage2), erasing_scale=[0.02, 0.5]) == r.augment
+    for name in ("sysu", "llcm", "demo"):
+        other = load_recipe(RECIPES / f"{name}.yaml")
+        assert stage_augment(other, other.stage2) == other.augment
+
+
+def test_any_augment_key_can_be_overridden_per_stage_and_only_that_stage_hash_moves():
+    base = load_recipe(RECIPES / "sysu.yaml")
+    s2 = load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.augment.flip_p=0.0",
+                                                       "stage2.augment.erasing_fill=zero"])
+    assert (stage_augment(s2, s2.stage2).flip_p, stage_augment(s2, s2.stage2).erasing_fill) == \
+        (0.0, "zero")
+    assert stage_augment(s2, s2.stage1) == base.augment
+    assert stage_hash(s2, "stage1") == stage_hash(base, "stage1")
+    assert stage_hash(s2, "stage2") != stage_hash(base, "stage2")
+    s1 = load_recipe(RECIPES / "sysu.yaml", overrides=["stage1.augment.ir_pseudo_colour_p=0.5"])
+    assert stage_augment(s1, s1.stage1).ir_pseudo_colour_p == 0.5
+    assert stage_hash(s1, "stage1") != stage_hash(base, "stage1")
+    # an override equal to the section's value trains the same augmentation
+    same = load_recipe(RECIPES / "sysu.yaml", overrides=["stage2.augment.pad=10"])
+    assert stage_augment(same, same.stage2) == base.augment
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("stage2.augment.erasing_area=[0.02, 0.6]", "stage2.augment.erasing_area",
+     "augment has no key"),
+    ("stage2.augment.erasing_scale=[0.7, 0.6]", "stage2.augment.erasing_scale", "lo <= hi"),
+    ("stage2.augment.erasing_scale=[0.02, 1.5]", "stage2.augment.erasing_scale", "<= 1.0"),
+    ("stage1.augment.flip_p=2", "stage1.augment.flip_p", "above the maximum"),
+    ("stage2.augment.ir_pseudo_colour_maps=[jet, sepia]", "stage2.augment.ir_pseudo_colour_maps",
+     "'sepia' is not one of"),
+    ("stage2.augment=3", "stage2.augment", "expected dict"),
+])
+def test_a_bad_augment_override_is_refused_naming_the_key(override, key, words):
+    with pytest.raises(DmdlError) as info:
+        load_recipe(RECIPES / "regdb.yaml", overrides=[override])
+    message = str(info.value)
+    assert f"'{key}'" in message and words in message and "\n" not in message, message

@@ -1,4 +1,5 @@
-"""CBT label refinement: normalised losses, per-cluster GMM confidence, refined targets."""
+"""CBT label refinement: normalised losses, per-cluster and global GMM confidence, refined
+targets."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.mixture import GaussianMixture
 
-from dmdl_cli.training.refine import gmm_confidence, refined_targets, sample_losses
+from dmdl_cli.training.labelling import confidences
+from dmdl_cli.training.refine import (
+    global_gmm_confidence,
+    gmm_confidence,
+    refined_targets,
+    sample_losses,
+)
 
 
 def _two_group_clusters(seed: int = 0):
@@ -62,6 +69,63 @@ def test_gmm_special_cases_and_torch_io():
     # deterministic and independent of the cluster numbering
     relabelled = np.where(labels >= 0, 100 - labels, -1)
     np.testing.assert_array_equal(gmm_confidence(losses, relabelled, min_size=2), conf.numpy())
+
+
+def _reference_global_confidence(losses, reg_covar):
+    """The reference's RegDB stage 2: a global min-max, then one sklearn GaussianMixture."""
+    c = ((losses - losses.min()) / (losses.max() - losses.min()))[:, None]
+    gmm = GaussianMixture(2, reg_covar=reg_covar, tol=1e-10, max_iter=500, random_state=0).fit(c)
+    return gmm.predict_proba(c)[:, int(np.argmin(gmm.means_[:, 0]))]
+
+
+def test_global_gmm_is_one_mixture_over_all_samples_after_a_global_minmax():
+    losses, labels = _two_group_clusters()
+    # a fourth cluster of high losses only, in two groups (0.65 and 0.85)
+    rng = np.random.default_rng(7)
+    losses = np.concatenate([losses, rng.normal(0.65, 0.02, 20), rng.normal(0.85, 0.02, 10)])
+    labels = np.concatenate([labels, np.full(30, 3)])
+    raw = -1.0 + 0.5 * losses  # raw normalised losses lie in [-1, 0]; the min-max undoes the map
+    ours = global_gmm_confidence(raw, labels, reg_covar=1e-4)
+    assert ours.dtype == np.float32 and ours.shape == losses.shape
+    np.testing.assert_allclose(ours, _reference_global_confidence(raw, 1e-4), atol=1e-4)
+    # one threshold for every cluster: cluster 3's lower group is confident in its own
+    # mixture, not against all samples
+    per_cluster = gmm_confidence(losses, labels, reg_covar=1e-4)
+    low3 = (labels == 3) & (losses < 0.75)
+    assert (per_cluster[low3] > 0.99).all() and (ours[low3] < 0.01).all()
+    order = np.argsort(losses)
+    assert (np.diff(ours[order]) <= 1e-6).all()  # monotone in the loss across clusters
+
+
+def test_global_gmm_leaves_outliers_out_of_the_minmax_and_the_fit():
+    losses, labels = _two_group_clusters(seed=2)
+    base = global_gmm_confidence(losses, labels)
+    # outliers with extreme losses: the reference would rescale (and fit) with them; we do not
+    with_outliers = global_gmm_confidence(np.concatenate([losses, [-5.0, 7.0]]),
+                                          np.concatenate([labels, [-1, -1]]))
+    np.testing.assert_array_equal(with_outliers[:-2], base)
+    assert (with_outliers[-2:] == 0.0).all()
+    # all losses equal: nothing to separate, every sample confident
+    assert (global_gmm_confidence(np.full(5, 0.3), np.arange(5)) == 1.0).all()
+    with pytest.raises(ValueError):
+        global_gmm_confidence(losses, labels[:-1])
+
+
+def test_confidences_choose_the_mixture_per_recipe():
+    g = torch.Generator().manual_seed(4)
+    cents = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    labels = torch.arange(4).repeat_interleave(12)
+    feats = F.normalize(cents[labels] + 0.6 * torch.randn(48, 8, generator=g), dim=1)
+    f, c, y = feats.numpy(), cents.numpy(), labels.numpy()
+    glob = confidences(f, c, y, 0.05, "global")
+    raw = sample_losses(feats, cents, labels, 0.05, per_cluster_minmax=False).numpy()
+    np.testing.assert_array_equal(glob, global_gmm_confidence(raw, y))
+    per = confidences(f, c, y, 0.05)  # the default: today's per-cluster mixture
+    scaled = sample_losses(feats, cents, labels, 0.05).numpy()  # per-cluster min-max
+    np.testing.assert_array_equal(per, gmm_confidence(scaled, y))
+    assert not np.array_equal(per, glob)
+    with pytest.raises(ValueError, match="gmm"):
+        confidences(f, c, y, 0.05, "bogus")
 
 
 def test_sample_losses():

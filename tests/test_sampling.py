@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dmdl_cli.data.augment import AugmentConfig
+from dmdl_cli.data.augment import AugmentConfig, make_views
 from dmdl_cli.data.sampling import (
     ResumableBatchSampler,
     epoch_batch_arrays,
     epoch_batches,
 )
-from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views
+from dmdl_cli.data.train_dataset import ViewDataset, collate_items
 from dmdl_cli.errors import DmdlError
 
 P, K = 4, 5
@@ -98,6 +98,105 @@ def test_cross_modality_batches_pair_identities():
         assert len(set(ids_v.tolist())) == P
 
 
+# ---------------------------------------------------------------------------------------------
+# The union cross-modality sampler (the reference's RandomMultipleGallerySamplerInterModality)
+# ---------------------------------------------------------------------------------------------
+def union_batches(labels, modality, p, iters, epoch=4, seed=3, cross_sampler="union"):
+    return epoch_batch_arrays(labels, modality=modality, num_instances=K, clusters_per_batch=p,
+                              iters=iters, seed=seed, epoch=epoch, mode="cross-modality",
+                              cross_sampler=cross_sampler)
+
+
+def slot_ids(rows, labels, p):
+    """``(iters, p)`` ids of the visible half's slots and of the infrared half's."""
+    half = p * K
+    return (labels[rows[:, :half]].reshape(-1, p, K)[:, :, 0],
+            labels[rows[:, half:]].reshape(-1, p, K)[:, :, 0])
+
+
+def test_union_sampler_draws_every_id_once_per_pass_with_partners():
+    labels, modality = make_labels()
+    # visible ids 0..9, infrared ids 0..6 and an infrared-only id 12: the union holds 11 ids
+    labels = np.where((modality == 1) & (labels == 6), 12, labels)
+    vis_ids, ir_ids = set(range(10)), {0, 1, 2, 3, 4, 5, 12}
+    p = 11  # U = 11: one chunk holds the whole order
+    rows, seeds = union_batches(labels, modality, p, iters=3)
+    for r in rows:
+        check_batch_layout([(int(x), 0) for x in r], labels, modality, p, K)
+    ids_v, ids_i = slot_ids(rows, labels, p)
+    for v, i in zip(ids_v, ids_i):
+        own = [x if y in vis_ids else y for x, y in zip(v, i)]  # the order's id of each slot
+        assert sorted(own) == sorted(vis_ids | ir_ids)  # every union id once
+        for x, y, u in zip(v, i, own):
+            if u in vis_ids & ir_ids:
+                assert x == y == u  # an id of both modalities is its own partner
+            elif u in vis_ids:  # visible-only: a random infrared partner
+                assert x == u and y in ir_ids
+            else:  # the infrared-only id: a random visible partner
+                assert y == u == 12 and x in vis_ids
+    assert set(ids_i[0].tolist()) <= ir_ids and set(ids_v[0].tolist()) <= vis_ids
+    assert 12 in ids_i[0]
+    # partners are drawn at random with each epoch's order: over epochs they vary
+    partners = set()
+    for epoch in range(6):
+        v, i = slot_ids(union_batches(labels, modality, p, iters=1, epoch=epoch)[0], labels, p)
+        partners |= {(int(x), int(y)) for x, y in zip(v[0], i[0]) if x != y}
+    assert len({y for x, y in partners if x == 6}) > 1
+    assert len({x for x, y in partners if y == 12}) > 1
+
+
+def test_union_sampler_reuses_its_order_and_drops_the_incomplete_chunk():
+    labels, modality = make_labels()  # union = visible ids 0..9 (infrared 0..6)
+    p = 4  # U = 10: two full chunks (8 ids), the last two ids of the order are dropped
+    rows, seeds = union_batches(labels, modality, p, iters=7)
+    for s in range(2, 7):  # the same two batches on every pass, in the same order
+        assert np.array_equal(rows[s], rows[s % 2])
+    assert not np.array_equal(rows[0], rows[1])
+    assert len(np.unique(seeds)) == seeds.size  # each (step, slot) augmented anew
+    ids_v, _ = slot_ids(rows, labels, p)
+    first_pass = ids_v[:2].reshape(-1)
+    assert len(set(first_pass.tolist())) == 2 * p  # each id at most once per pass
+    # a new order each epoch: over epochs every id of the union gets drawn
+    seen = set()
+    for epoch in range(12):
+        r, _ = union_batches(labels, modality, p, iters=2, epoch=epoch)
+        seen |= set(slot_ids(r, labels, p)[0].reshape(-1).tolist())
+    assert seen == set(range(10))
+    again, again_seeds = union_batches(labels.copy(), modality.copy(), p, iters=7)
+    assert np.array_equal(rows, again) and np.array_equal(seeds, again_seeds)
+    assert not np.array_equal(rows, union_batches(labels, modality, p, iters=7, epoch=5)[0])
+    assert not np.array_equal(rows, union_batches(labels, modality, p, iters=7, seed=4)[0])
+    shared, _ = epoch_batch_arrays(labels, modality=modality, num_instances=K,
+                                   clusters_per_batch=p, iters=7, seed=3, epoch=4,
+                                   mode="cross-modality")
+    assert not np.array_equal(rows, shared)
+
+
+def test_union_sampler_with_fewer_ids_than_p_repeats_the_order():
+    labels, modality = make_labels()
+    labels = np.where(labels >= 3, -1, labels)  # ids 0, 1, 2 in both modalities
+    p = 8
+    rows, _ = union_batches(labels, modality, p, iters=4)
+    assert (rows == rows[:1]).all()  # one batch, trained at every step
+    ids_v, ids_i = slot_ids(rows, labels, p)
+    assert np.array_equal(ids_v, ids_i)
+    order = ids_v[0, :3]
+    assert sorted(order.tolist()) == [0, 1, 2]
+    assert np.array_equal(ids_v[0], np.resize(order, p))  # the order, repeated to P slots
+    half = p * K  # a repeated id brings the same images
+    assert np.array_equal(rows[0, :K], rows[0, 3 * K:4 * K])
+    assert np.array_equal(rows[0, half:half + K], rows[0, half + 3 * K:half + 4 * K])
+
+
+def test_union_sampler_needs_both_modalities():
+    labels, modality = make_labels()
+    no_ir = np.where(modality == 1, -1, labels)
+    with pytest.raises(DmdlError, match="infrared"):
+        union_batches(no_ir, modality, P, iters=2)
+    with pytest.raises(ValueError, match="cross_sampler"):
+        union_batches(labels, modality, P, iters=2, cross_sampler="bogus")
+
+
 def test_deterministic_per_seed_and_epoch():
     labels, modality = make_labels()
     kw = dict(modality=modality, num_instances=K, clusters_per_batch=P, iters=10)
@@ -109,9 +208,10 @@ def test_deterministic_per_seed_and_epoch():
     assert a != epoch_batches(labels, seed=5, epoch=3, **kw)
     assert a != epoch_batches(labels, seed=6, epoch=2, **kw)
     assert a != epoch_batches(labels, seed=5, epoch=2, stream=1, **kw)
-    for mode in ("per-modality", "cross-modality"):
-        r1, s1 = epoch_batch_arrays(labels, seed=5, epoch=2, mode=mode, **kw)
-        r2, s2 = epoch_batch_arrays(labels, seed=5, epoch=2, mode=mode, **kw)
+    for mode, cross in (("per-modality", "shared"), ("cross-modality", "shared"),
+                        ("cross-modality", "union")):
+        r1, s1 = epoch_batch_arrays(labels, seed=5, epoch=2, mode=mode, cross_sampler=cross, **kw)
+        r2, s2 = epoch_batch_arrays(labels, seed=5, epoch=2, mode=mode, cross_sampler=cross, **kw)
         assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
 
 
@@ -147,7 +247,7 @@ def test_resume_from_step_yields_remaining_batches():
 def test_sampler_api_takes_no_true_ids():
     params = set(inspect.signature(epoch_batch_arrays).parameters)
     assert params == {"labels", "modality", "num_instances", "clusters_per_batch", "iters",
-                      "seed", "epoch", "mode", "stream", "cameras"}
+                      "seed", "epoch", "mode", "stream", "cameras", "cross_sampler"}
     assert set(inspect.signature(epoch_batches).parameters) == params
 
 
@@ -160,12 +260,13 @@ def _cameras(labels: np.ndarray, modality: np.ndarray) -> np.ndarray:
     return cams
 
 
-@pytest.mark.parametrize("mode", ["per-modality", "cross-modality"])
-def test_camera_aware_sampling_draws_other_cameras_than_the_anchor(mode):
+@pytest.mark.parametrize("mode,cross", [("per-modality", "shared"), ("cross-modality", "shared"),
+                                        ("cross-modality", "union")])
+def test_camera_aware_sampling_draws_other_cameras_than_the_anchor(mode, cross):
     labels, modality = make_labels()
     cams = _cameras(labels, modality)
     kw = dict(modality=modality, num_instances=K, clusters_per_batch=P, iters=40, seed=3,
-              epoch=1, mode=mode)
+              epoch=1, mode=mode, cross_sampler=cross)
     rows, _ = epoch_batch_arrays(labels, cameras=cams, **kw)
     blocks = rows.reshape(-1, K)  # (iters * 2P, K): the anchor first, then K - 1 others
     assert (labels[blocks] == labels[blocks[:, :1]]).all()
@@ -219,7 +320,7 @@ def test_unusable_labels_raise():
 
 
 # ---------------------------------------------------------------------------------------------
-# TwoViewDataset fed by the sampler
+# ViewDataset fed by the sampler
 # ---------------------------------------------------------------------------------------------
 def write_cache(path, n=300, h=32, w=16):
     rng = np.random.default_rng(0)
@@ -231,57 +332,62 @@ def write_cache(path, n=300, h=32, w=16):
 def test_dataset_reads_rows_and_is_deterministic(tmp_path):
     labels, modality = make_labels()
     images = write_cache(tmp_path / "cache.u8")
-    ds = TwoViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(),
-                        shape=images.shape)
+    ds = ViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(), shape=images.shape)
     assert len(ds) == 300
     assert torch.equal(ds.image(17), torch.from_numpy(images[17]).permute(2, 0, 1))
-    item = ds[(17, 12345)]
-    assert item["row"] == 17 and item["modality"] == int(modality[17])
-    assert item["view_a"].dtype == torch.uint8 and item["view_a"].shape == (3, 32, 16)
-    again = ds[(17, 12345)]
-    assert torch.equal(item["view_a"], again["view_a"])
-    assert torch.equal(item["view_b"], again["view_b"])
-    assert not torch.equal(item["view_a"], ds[(17, 54321)]["view_a"])
+    view_a, view_b = ds[(17, 12345, 0)], ds[(17, 12345, 1)]
+    assert view_a["row"] == 17 and view_a["modality"] == int(modality[17]) and view_b["view"] == 1
+    assert view_a["image"].dtype == torch.uint8 and view_a["image"].shape == (3, 32, 16)
+    # an item is the view of the key's two views, whichever of them is asked for
+    both = make_views(ds.image(17), int(modality[17]), AugmentConfig(),
+                      torch.Generator().manual_seed(12345))
+    assert torch.equal(view_a["image"], both[0]) and torch.equal(view_b["image"], both[1])
+    assert torch.equal(view_a["image"], ds[(17, 12345, 0)]["image"])
+    assert not torch.equal(view_a["image"], ds[(17, 54321, 0)]["image"])
+    with pytest.raises(ValueError, match="view"):
+        ds[(17, 12345, 2)]
     # Pickling for a worker ships no pixels and re-opens the file lazily.
     blob = pickle.dumps(ds)
     assert len(blob) < images.nbytes // 10
     clone = pickle.loads(blob)
-    assert torch.equal(clone[(17, 12345)]["view_b"], item["view_b"])
+    assert torch.equal(clone[(17, 12345, 1)]["image"], view_b["image"])
     # The same from an np.memmap handed in directly.
     mm = np.memmap(tmp_path / "cache.u8", dtype=np.uint8, mode="r", shape=images.shape)
-    ds_mm = TwoViewDataset(mm, modality, AugmentConfig())
+    ds_mm = ViewDataset(mm, modality, AugmentConfig())
     assert len(pickle.dumps(ds_mm)) < images.nbytes // 10
-    assert torch.equal(pickle.loads(pickle.dumps(ds_mm))[(17, 12345)]["view_a"],
-                       item["view_a"])
+    assert torch.equal(pickle.loads(pickle.dumps(ds_mm))[(17, 12345, 0)]["image"],
+                       view_a["image"])
 
 
 def test_dataset_rejects_short_cache(tmp_path):
     write_cache(tmp_path / "cache.u8", n=10)
     with pytest.raises(DmdlError, match="prepare-data"):
-        TwoViewDataset(tmp_path / "cache.u8", np.zeros(20, np.int64), AugmentConfig(),
-                       shape=(20, 32, 16, 3))
+        ViewDataset(tmp_path / "cache.u8", np.zeros(20, np.int64), AugmentConfig(),
+                    shape=(20, 32, 16, 3))
 
 
 def test_dataloader_resume_reproduces_batches(tmp_path):
     labels, modality = make_labels()
     images = write_cache(tmp_path / "cache.u8")
-    ds = TwoViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(), shape=images.shape)
+    ds = ViewDataset(tmp_path / "cache.u8", modality, AugmentConfig(), shape=images.shape)
     batches = epoch_batches(labels, modality=modality, num_instances=2, clusters_per_batch=2,
                             iters=4, seed=0, epoch=0)
+    steps = [[(row, seed, view) for view in (0, 1) for row, seed in keys] for keys in batches]
 
     def run(start):
-        loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(batches, start=start),
-                            collate_fn=collate_views, num_workers=0)
+        loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(steps, start=start),
+                            collate_fn=collate_items, num_workers=0)
         return list(loader)
 
     full = run(0)
     assert len(full) == 4
     b0 = full[0]
-    assert b0["view_a"].shape == (8, 3, 32, 16) and b0["view_a"].dtype == torch.uint8
-    assert b0["row"].tolist() == [r for r, _ in batches[0]]
-    assert b0["modality"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert b0["images"].shape == (16, 3, 32, 16) and b0["images"].dtype == torch.uint8
+    assert b0["row"].tolist() == [r for r, _ in batches[0]] * 2
+    assert b0["modality"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1] * 2
+    assert b0["view"].tolist() == [0] * 8 + [1] * 8
     resumed = run(2)
     assert len(resumed) == 2
     for got, want in zip(resumed, full[2:]):
-        for key in ("view_a", "view_b", "row", "modality"):
+        for key in ("images", "row", "modality", "view"):
             assert torch.equal(got[key], want[key])

@@ -13,7 +13,7 @@ from dmdl_cli.runtime import Runtime
 from dmdl_cli.clustering.association import adopter
 from dmdl_cli.training.cross import FUSED, CrossModalityStage
 from dmdl_cli.training.labelling import make_memory
-from dmdl_cli.training.objectives import gathered_batch, sample_order
+from dmdl_cli.training.objectives import sample_order, update_batch
 
 
 def _moved_rows(epoch: int, cross: bool, method: str = "nearest-alternating") -> dict[str, set[int]]:
@@ -78,14 +78,13 @@ def test_hungarian_has_no_adopting_modality_so_no_cross_update(epoch):
 
 
 def test_update_order_is_visible_then_infrared_view_a_then_b():
-    runtime = Runtime(torch.device("cpu"), None, False)
     labels = torch.tensor([10, 11, 20, 21])
     modality = torch.tensor([VISIBLE, VISIBLE, INFRARED, INFRARED])
     fa = torch.arange(4.0).unsqueeze(1)  # feature value = batch position, view A
     fb = 100 + torch.arange(4.0).unsqueeze(1)  # view B
-    feat, lab, mod = gathered_batch(runtime, fa, fb, labels, modality)
+    feat, lab, mod = update_batch(fa, fb, labels, modality)
     assert feat.squeeze(1).tolist() == [0, 1, 100, 101, 2, 3, 102, 103]
-    feat, _, _ = gathered_batch(runtime, fa, fb, labels, modality, first=INFRARED)
+    feat, _, _ = update_batch(fa, fb, labels, modality, first=INFRARED)
     assert feat.squeeze(1).tolist() == [2, 3, 102, 103, 0, 1, 100, 101]
     # two ranks holding the interleaved halves of the global batch give the same order
     slots = torch.tensor([0, 2, 0, 2, 1, 3, 1, 3])  # rank 0 [A, B], rank 1 [A, B]

@@ -516,7 +516,7 @@ def test_features_of_another_cache_are_never_served(tiny_workspace, tmp_path):
     rows = np.fromfile(cache, dtype=np.uint8).reshape(n, 64, 32, 3)
     rows[::2] = rows[::2, :, ::-1]  # every other image mirrored: another, valid cache
     rows.tofile(cache)
-    write_record(cache, cache_record(cache, n, 64, 32))
+    write_record(cache, cache_record(cache, n, 64, 32, resize="bicubic"))  # the demo recipe's
     result, second_map, entry = _evaluate(ws)
     assert result.exit_code == 0, result.output
     assert "read cached features" not in result.output
@@ -536,16 +536,16 @@ def test_a_damaged_row_read_by_a_loader_process_is_one_line(tmp_path, images_on_
 
     from dmdl_cli.data.augment import AugmentConfig
     from dmdl_cli.data.cache import CacheDamaged, build_cache
-    from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views, worker_error
+    from dmdl_cli.data.train_dataset import ViewDataset, collate_items, worker_error
 
     out = tmp_path / "cache-16x8.u8"
     cache = build_cache(images_on_disk * 3, out, 16, 8, workers=1, progress=False)
     data = bytearray(out.read_bytes())
     data[5 * 16 * 8 * 3 + 7] ^= 1
     out.write_bytes(bytes(data))
-    dataset = TwoViewDataset(cache, np.zeros(12, np.int64), AugmentConfig())
-    loader = torch.utils.data.DataLoader(dataset, num_workers=1, batch_sampler=[[(4, 0), (5, 0)]],
-                                         collate_fn=collate_views)
+    dataset = ViewDataset(cache, np.zeros(12, np.int64), AugmentConfig())
+    loader = torch.utils.data.DataLoader(dataset, num_workers=1, batch_sampler=[[(4, 0, 0), (5, 0, 0)]],
+                                         collate_fn=collate_items)
     with pytest.raises(CacheDamaged) as err:
         for _ in loader:
             pass

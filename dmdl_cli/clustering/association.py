@@ -16,12 +16,18 @@ samples also move the other modality's memory (``stage2.cross_memory_update``).
 * ``"hungarian"`` (PGM-style baselines): one-to-one ``scipy.optimize.linear_sum_assignment``
   maximising the total centroid similarity; matched pairs share an id, unmatched clusters (the
   surplus of the larger modality) keep ids of their own. No modality adopts the other's ids.
+* ``"cluster-sample-alternating"`` (the reference's RegDB stage 2): the adopting modality
+  alternates as in nearest-alternating; of every ``association.sample_cycle`` epochs the first
+  ``association.cluster_epochs`` link clusters as nearest-alternating does, and on the others
+  the association is sample-level: every sample of the adopting modality, outliers included,
+  takes the label of its most similar sample of the other modality (-1 when that one is an
+  outlier), whatever cluster it was in. The unified ids are the other modality's clusters.
 
 Unified ids are always renumbered to ``0..num_ids-1``; an id may have members in one modality
 only. With no clusters in one modality, every cluster of the other keeps its own id. Ties in
 similarity go to the lowest cluster index.
 
-A new method is a function ``(AssociationInput) -> Association`` and an adopter
+A new method is a function ``(AssociationInput, AssociationRecipe) -> Association`` and an adopter
 ``(epoch) -> modality | None`` in :data:`_METHODS`, and its name in ``ASSOCIATION_METHODS``
 (``dmdl_cli/recipe.py``). It may map whole clusters (:func:`_from_cluster_maps`) or label each
 sample on its own.
@@ -34,8 +40,9 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from dmdl_cli.clustering.neighbors import nearest_rows
 from dmdl_cli.data.index import INFRARED, VISIBLE
-from dmdl_cli.recipe import ASSOCIATION_METHODS
+from dmdl_cli.recipe import ASSOCIATION_METHODS, AssociationRecipe
 
 __all__ = [
     "ASSOCIATION_METHODS",
@@ -88,7 +95,8 @@ class Association:
 
 @dataclass(frozen=True)
 class _Method:
-    associate: Callable[[AssociationInput], Association]
+    # (input, the recipe's association section) -> the unified labels
+    associate: Callable[[AssociationInput, AssociationRecipe], Association]
     adopter: Callable[[int], int | None]  # epoch -> the modality adopting the other's ids
 
 
@@ -157,7 +165,7 @@ def _alternating(epoch: int) -> int:
     return VISIBLE if int(epoch) % 2 == 0 else INFRARED
 
 
-def _nearest_alternating(inp: AssociationInput) -> Association:
+def _nearest_alternating(inp: AssociationInput, settings: AssociationRecipe) -> Association:
     """Every cluster of the adopting modality takes the id of its nearest cluster of the other."""
     sim = _similarity(inp)  # (Cv, Ci)
     cv, ci = sim.shape
@@ -170,7 +178,7 @@ def _nearest_alternating(inp: AssociationInput) -> Association:
                               sim.argmax(axis=0).astype(np.int64))
 
 
-def _hungarian(inp: AssociationInput) -> Association:
+def _hungarian(inp: AssociationInput, settings: AssociationRecipe) -> Association:
     """One-to-one, maximum total similarity; matched pairs get ids 0..M-1 in visible order, then
     the unmatched visible clusters, then the unmatched IR clusters."""
     sim = _similarity(inp)  # (Cv, Ci)
@@ -190,6 +198,28 @@ def _hungarian(inp: AssociationInput) -> Association:
     return _from_cluster_maps(inp, vis_raw, ir_raw)
 
 
+def _nearest_samples(inp: AssociationInput) -> Association:
+    """Every sample of the adopting modality takes the label of its most similar sample of the
+    other modality; the other modality's cluster ids are the unified ids."""
+    adopting = _alternating(inp.epoch)
+    other = INFRARED if adopting == VISIBLE else VISIBLE
+    mine, theirs = inp.samples[adopting], inp.samples[other]
+    cv, ci = len(inp.samples[VISIBLE].centroids), len(inp.samples[INFRARED].centroids)
+    if cv == 0 or ci == 0:
+        return _own_ids(inp, cv, ci)
+    own = np.asarray(theirs.labels).astype(np.int64)
+    nearest = nearest_rows(np.asarray(mine.features), np.asarray(theirs.features))  # (N_adopting,)
+    return Association({other: own, adopting: own[nearest]}, len(theirs.centroids))
+
+
+def _cluster_sample_alternating(inp: AssociationInput, settings: AssociationRecipe) -> Association:
+    """Cluster-level (nearest-alternating) on the first ``cluster_epochs`` of every
+    ``sample_cycle`` epochs, sample-level on the others."""
+    if inp.epoch % settings.sample_cycle < settings.cluster_epochs:
+        return _nearest_alternating(inp, settings)
+    return _nearest_samples(inp)
+
+
 def _no_adopter(epoch: int) -> None:
     return None
 
@@ -198,6 +228,7 @@ def _no_adopter(epoch: int) -> None:
 _METHODS: dict[str, _Method] = {
     "nearest-alternating": _Method(_nearest_alternating, _alternating),
     "hungarian": _Method(_hungarian, _no_adopter),
+    "cluster-sample-alternating": _Method(_cluster_sample_alternating, _alternating),
 }
 
 
@@ -214,9 +245,11 @@ def adopter(method: str, epoch: int) -> int | None:
     return _method(method).adopter(epoch)
 
 
-def associate(method: str, inp: AssociationInput) -> Association:
-    """The unified identity labels association ``method`` gives the samples of ``inp``."""
-    return _method(method).associate(inp)
+def associate(method: str, inp: AssociationInput,
+              settings: AssociationRecipe | None = None) -> Association:
+    """The unified identity labels association ``method`` gives the samples of ``inp``, with the
+    numbers of the recipe's ``association`` section (``settings``; default: its defaults)."""
+    return _method(method).associate(inp, settings or AssociationRecipe(method=method))
 
 
 def _cluster_ids(labels: np.ndarray, unified: np.ndarray, num_clusters: int, num_ids: int) -> np.ndarray:

@@ -206,6 +206,26 @@ def knn(
     return sims, idx
 
 
+def nearest_rows(queries: np.ndarray, base: np.ndarray, *, use_gpu: bool | None = None) -> np.ndarray:
+    """``(Nq,)`` int64: for each row of ``queries`` (Nq, D), the row of ``base`` (Nb, D) with
+    the largest inner product (both L2-normalised: the most similar), by exact search."""
+    import faiss
+
+    q, b = check_features(queries, "queries"), check_features(base, "base rows")
+    if q.shape[1] != b.shape[1]:
+        raise DmdlError(f"nearest_rows: queries have {q.shape[1]} dimensions, the base {b.shape[1]}")
+    faiss.omp_set_num_threads(faiss_threads())
+    on_gpu = gpu_available(use_gpu)
+    try:
+        _, idx = _exact(q, b, 1, on_gpu)
+    except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError, CUDA errors vary
+        if not on_gpu or use_gpu is True:
+            raise
+        _gpu_failed(err)
+        _, idx = _exact(q, b, 1, False)
+    return np.ascontiguousarray(idx[:, 0], dtype=np.int64)
+
+
 def _search(x: np.ndarray, k: int, method: str, on_gpu: bool, *, nlist: int | None, nprobe: int,
             train_points_per_list: int, hnsw_m: int, ef_construction: int, ef_search: int,
             seed: int) -> tuple[np.ndarray, np.ndarray]:

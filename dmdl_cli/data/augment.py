@@ -1,32 +1,56 @@
-"""CBT data level: modality-specific two-view augmentation (docs/method.md section 4).
+"""CBT data level: modality-specific two-view augmentation (docs/method.md section 4;
+docs/augmentation.md shows both pipelines on pictures).
 
-Every training image yields two views. With ``AugmentConfig.modality_specific`` (DMDL):
+Every training image yields two views. ``augment.pipeline`` says in which order, and on which
+number format, the operations run.
+
+``dmdl-v1`` (the default): uint8 ``(3, H, W)`` in and out; the training loop normalises on the
+device.
 
 * visible view A: pad + random crop, horizontal flip, random erasing;
-* visible view B: colour jitter, pad + random crop, flip, random erasing, channel exchange
-  (all three channels replaced by one randomly chosen channel);
-* infrared view A: pad + random crop, flip, random erasing, random channel copy / grayscale;
-* infrared view B: pseudo-colour (the IR intensity looked up in a colour map, a different map per
-  output channel, chosen at random), pad + random crop, flip, random erasing.
+* visible view B: colour jitter, pad + crop, flip, erasing, channel exchange (all three channels
+  replaced by one randomly chosen channel);
+* infrared view A: pad + crop, flip, erasing, channel operation (R, G, B or gray in all three);
+* infrared view B: pseudo-colour, pad + crop, flip, erasing.
 
-With ``modality_specific=False`` (the baseline) both views of every image are two independent
-draws of the standard pipeline (crop, flip, erasing): no colour operation is ever applied.
-
-Images are ``uint8`` tensors ``(3, H, W)`` (RGB, channel first) in and out; normalisation to
-float happens on the device in the training loop. Crop, flip, erasing and resizing use
-``torchvision.transforms.v2.functional``; the colour jitter, the grayscale and the colour-map
-lookup are small numpy kernels with the same semantics (checked against torchvision in the tests)
-that run about three times faster on one core: the jitter dominates the cost of a visible view B.
 Colour operations that remap intensities (jitter, pseudo-colour) act before the crop, so the
 zero padding stays black; channel copies act last, after erasing, so their view stays gray.
-Every random decision is drawn from the ``torch.Generator`` handed in, never from the global
-RNG, so a view is a pure function of ``(image, modality, config, generator state)`` in any
-process or DataLoader worker.
 
-Randomness layout: :func:`make_views` draws two child seeds from its generator, one per view.
-Each view then draws one fixed-size block of uniforms (``_NUM_UNIFORMS``) and every decision
-reads its own slot of that block, so enabling or disabling one operation never shifts the random
-numbers of another. Only the per-pixel noise of random erasing is drawn after the block.
+``reference`` (the reference implementation's transforms, ``dmdl_sysu.py`` and
+``ChannelAug.py``): uint8 in, float32 out, normalised with the ImageNet mean / std
+(:mod:`dmdl_cli.data.normalisation`, the same function the model's ``normalize_batch`` uses):
+
+* visible view A: pad + crop, flip, normalise, erasing;
+* visible view B: pad + crop, flip, colour jitter (on the crop, so the padding is jittered
+  too), normalise, erasing, channel exchange of the normalised values;
+* infrared view A: pad + crop, flip, normalise, erasing, channel operation on the normalised
+  values (its grayscale is ``0.2989 R + 0.5870 G + 0.1140 B`` of the normalised channels);
+* infrared view B: pad + crop, flip, pseudo-colour (on the crop, so the black padding is
+  coloured too), normalise, erasing.
+
+With ``modality_specific=False`` (the baseline) both views of every image are two independent
+draws of the pipeline's visible view A: no colour operation is ever applied.
+
+The values of every operation are recipe keys (:class:`~dmdl_cli.recipe.AugmentRecipe`):
+erasing fills (uniform or N(0, 1) noise, the mean colour, black), the infrared view A's
+probabilities (``ir_channel_copy_p``, ``ir_gray_p``) and the pseudo-colour scheme (three
+distinct formula maps, or the reference's OpenCV map per output channel: see
+:mod:`dmdl_cli.data.colour_maps`).
+
+Crop, flip, erasing and resizing use ``torchvision.transforms.v2.functional``; the colour
+jitter, the grayscale and the colour-map lookups are small numpy kernels on uint8 with the
+semantics of torchvision's tensor operations (checked in the tests) that run about three times
+faster on one core. The reference jitters PIL images: PIL rounds after each of the four
+adjustments and blends contrast with the integer-rounded mean, so its views differ from these
+by about a grey level. Every random decision is drawn from the ``torch.Generator`` handed in,
+never from the global RNG, so a view is a pure function of ``(image, modality, config,
+generator state)`` in any process or DataLoader worker.
+
+Randomness layout: :func:`make_views` (and :func:`make_view`, which builds one of the two) draws
+two child seeds from its generator, one per view. Each view then draws one fixed-size block of
+uniforms (``_NUM_UNIFORMS``) and every decision reads its own slot of that block, so enabling or
+disabling one operation never shifts the random numbers of another. Only the per-pixel noise
+of random erasing is drawn after the block.
 """
 from __future__ import annotations
 
@@ -40,120 +64,42 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from dmdl_cli.data.colour_maps import (
+    _MAP_FORMULAE,  # noqa: F401 - tests check it against recipe.COLOUR_MAPS
+    COLOUR_MAPS,
+    colour_map_lut,
+    lut_bank,
+    opencv_colour_map,
+    opencv_gray,
+)
 from dmdl_cli.data.index import INFRARED, VISIBLE
-from dmdl_cli.recipe import COLOUR_MAPS, ERASING_ATTEMPTS_MAX, AugmentRecipe
+from dmdl_cli.data.normalisation import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    imagenet_mean_uint8,
+    normalise_images,
+)
+from dmdl_cli.recipe import ERASING_ATTEMPTS_MAX, AugmentRecipe
 
 __all__ = [
     "AugmentConfig",
     "COLOUR_MAPS",
+    "VIEWS",
     "colour_map_lut",
+    "make_view",
     "make_views",
     "standard_view",
+    "view_dtype",
     "pseudo_colour",
+    "pseudo_colour_opencv",
     "channel_exchange",
     "jitter_colour",
 ]
 
-# ImageNet channel means as uint8: the "mean" erasing fill.
-_IMAGENET_MEAN_U8 = (124, 116, 104)
-
-
-# --------------------------------------------------------------------------------------------
-# Colour maps for the infrared pseudo-colour view
-# --------------------------------------------------------------------------------------------
-def _clip01(x: np.ndarray) -> np.ndarray:
-    return np.clip(x, 0.0, 1.0)
-
-
-def _map_jet(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Piecewise-linear blue -> cyan -> yellow -> red.
-    return (_clip01(1.5 - np.abs(4 * x - 3)), _clip01(1.5 - np.abs(4 * x - 2)),
-            _clip01(1.5 - np.abs(4 * x - 1)))
-
-
-def _map_hot(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Black -> red -> yellow -> white.
-    return _clip01(3 * x), _clip01(3 * x - 1), _clip01(3 * x - 2)
-
-
-def _map_hsv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Full hue circle at saturation = value = 1.
-    return (_clip01(np.abs(6 * x - 3) - 1), _clip01(2 - np.abs(6 * x - 2)),
-            _clip01(2 - np.abs(6 * x - 4)))
-
-
-def _map_ocean(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Green-blue to white (gnuplot formulae 23, 28, 3).
-    return _clip01(3 * x - 2), _clip01(np.abs((3 * x - 1) / 2)), x
-
-
-def _map_rainbow(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Purple -> red (gnuplot formulae 33, 13, 10).
-    return _clip01(np.abs(2 * x - 0.5)), np.sin(np.pi * x), np.cos(np.pi * x / 2)
-
-
-def _map_gnuplot(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Black -> blue/purple -> yellow (gnuplot formulae 7, 5, 15).
-    return np.sqrt(x), x ** 3, _clip01(np.sin(2 * np.pi * x))
-
-
-def _map_cool(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return x, 1 - x, np.ones_like(x)
-
-
-def _map_spring(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.ones_like(x), x, 1 - x
-
-
-def _map_summer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return x, 0.5 + 0.5 * x, np.full_like(x, 0.4)
-
-
-def _map_winter(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.zeros_like(x), x, 1 - 0.5 * x
-
-
-def _map_autumn(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.ones_like(x), x, np.zeros_like(x)
-
-
-_MAP_FORMULAE = {
-    "jet": _map_jet,
-    "hot": _map_hot,
-    "hsv": _map_hsv,
-    "ocean": _map_ocean,
-    "rainbow": _map_rainbow,
-    "gnuplot": _map_gnuplot,
-    "cool": _map_cool,
-    "spring": _map_spring,
-    "summer": _map_summer,
-    "winter": _map_winter,
-    "autumn": _map_autumn,
-}
-# one formula per name the recipe accepts (recipe.COLOUR_MAPS; a test checks they agree)
-
-
-def colour_map_lut(name: str) -> np.ndarray:
-    """The colour map ``name`` as a lookup table: ``uint8 (256, 3)``, row v = RGB of intensity v."""
-    try:
-        formula = _MAP_FORMULAE[name]
-    except KeyError:
-        raise ValueError(f"unknown colour map {name!r}; known: {', '.join(COLOUR_MAPS)}") from None
-    x = np.linspace(0.0, 1.0, 256)
-    rgb = np.stack([_clip01(np.asarray(c, dtype=np.float64)) for c in formula(x)], axis=1)
-    return np.rint(rgb * 255.0).astype(np.uint8)  # (256, 3)
-
-
-_LUT_CACHE: dict[tuple[str, ...], np.ndarray] = {}
-
-
-def _lut_bank(names: tuple[str, ...]) -> np.ndarray:
-    """``uint8 (M, 3, 256)``: channel c of map m at intensity v is ``bank[m, c, v]`` (cached)."""
-    bank = _LUT_CACHE.get(names)
-    if bank is None:
-        bank = np.ascontiguousarray(np.stack([colour_map_lut(n).T for n in names]))
-        _LUT_CACHE[names] = bank
-    return bank
+#: The two views of an image, in the order :func:`make_views` returns them.
+VIEWS = ("a", "b")
+# The reference's grayscale of a normalised view (ChannelAdapGray: MATLAB's rgb2gray weights).
+_REFERENCE_GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,12 +116,17 @@ class AugmentConfig(AugmentRecipe):
     * ``size``: ``(H, W)`` to resize to (bicubic, antialiased) before augmenting, or None when
       the cache already holds images at network input size.
 
-    Erasing fills (``erasing_fill``): ``"random"`` per-pixel uniform noise (the reference's pixel
-    mode), ``"mean"`` the ImageNet mean colour, ``"zero"`` black. Jitter factors are drawn in
-    ``[max(0, 1 - s), 1 + s]``, the hue shift in ``[-h, h]``, applied in a random order. IR
-    view A's channel copy is one of R, G, B or the grayscale (uniform over the four). The
-    pseudo-colour view's output channel c takes channel c of its own map, three distinct maps
-    drawn per image when there are at least three candidates.
+    Erasing fills (``erasing_fill``) are colours, written in the view's number format:
+    ``"random"`` per-pixel uniform noise in [0, 255], ``"mean"`` the ImageNet mean colour
+    (exactly 0 in a normalised view), ``"zero"`` black, ``"normal"`` per-pixel N(0, 1) noise of
+    the normalised scale (timm's pixel mode; a uint8 view stores it de-normalised, rounded and
+    clipped). Jitter factors are drawn in ``[max(0, 1 - s), 1 + s]``, the hue shift in
+    ``[-h, h]``, applied in a random order. Infrared view A's channel operation draws one of
+    R, G, B and the grayscale slot uniformly; the slot turns the view gray with probability
+    ``ir_gray_p``. The ``formula-distinct`` pseudo-colour view's output channel c takes channel
+    c of its own map, three distinct maps drawn per image when there are at least three
+    candidates; ``opencv-per-channel`` draws one OpenCV map per output channel from that
+    channel's candidates and takes channel c of its BGR output, as the reference does.
     """
 
     modality_specific: bool = True
@@ -193,6 +144,12 @@ class AugmentConfig(AugmentRecipe):
         return cls(**dataclasses.asdict(augment), modality_specific=modality_specific, size=size)
 
 
+def view_dtype(config: AugmentRecipe) -> torch.dtype:
+    """The dtype of the views ``config`` produces: ``torch.uint8`` for ``dmdl-v1`` (the loop
+    normalises them), ``torch.float32`` already normalised for ``reference``."""
+    return torch.float32 if config.pipeline == "reference" else torch.uint8
+
+
 # --------------------------------------------------------------------------------------------
 # Random draws
 # --------------------------------------------------------------------------------------------
@@ -206,7 +163,9 @@ _U_JITTER = _U_ERASE_ATTEMPTS + 2 * ERASING_ATTEMPTS_MAX  # 26
 _U_JITTER_FACTORS = _U_JITTER + 1  # 4: brightness, contrast, saturation, hue
 _U_JITTER_ORDER = _U_JITTER_FACTORS + 4  # 4: argsort = order of the four jitter ops
 _U_CHANNEL = _U_JITTER_ORDER + 4  # apply the channel op (exchange / copy / pseudo-colour)
-_U_CHANNEL_CHOICE = _U_CHANNEL + 1  # 3: channel choice, or the three colour-map choices
+# 3: the channel (slot 0) and, for infrared view A, whether the grayscale slot turns gray
+# (slot 1); or the colour maps of the three output channels
+_U_CHANNEL_CHOICE = _U_CHANNEL + 1
 _NUM_UNIFORMS = _U_CHANNEL_CHOICE + 3
 
 
@@ -225,7 +184,7 @@ def _index(u: float, n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Operations (uint8 (3, H, W) in and out)
+# Operations: geometry (any dtype), erasing (uint8 or normalised float32), colour (uint8)
 # --------------------------------------------------------------------------------------------
 def _pad_crop(img: torch.Tensor, pad: int, top: int, left: int) -> torch.Tensor:
     """Zero-pad by ``pad`` on every side, then crop ``(H, W)`` at ``(top, left)`` of the padded
@@ -250,12 +209,9 @@ def _geometric(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float]) -> tor
     return img
 
 
-def _erase(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float],
-           generator: torch.Generator) -> torch.Tensor:
-    """Random erasing of one box (probability ``erasing_p``); returns a new tensor when applied."""
-    if not u[_U_ERASE] < cfg.erasing_p:
-        return img
-    _, h, w = img.shape
+def _erasing_box(h: int, w: int, cfg: AugmentConfig,
+                 u: Sequence[float]) -> tuple[int, int, int, int] | None:
+    """``(top, left, height, width)`` of the box to erase, or None when no attempt fits."""
     area = h * w
     lo, hi = cfg.erasing_scale
     log_r0, log_r1 = math.log(cfg.erasing_ratio[0]), math.log(cfg.erasing_ratio[1])
@@ -267,16 +223,47 @@ def _erase(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float],
         eh = int(round(math.sqrt(target * aspect)))
         ew = int(round(math.sqrt(target / aspect)))
         if 0 < eh < h and 0 < ew < w:
-            i = _index(u[_U_ERASE_POS_Y], h - eh + 1)
-            j = _index(u[_U_ERASE_POS_X], w - ew + 1)
-            if cfg.erasing_fill == "random":
-                value = torch.randint(0, 256, (3, eh, ew), generator=generator, dtype=torch.uint8)
-            elif cfg.erasing_fill == "mean":
-                value = torch.tensor(_IMAGENET_MEAN_U8, dtype=torch.uint8).view(3, 1, 1)
-            else:
-                value = torch.zeros((3, 1, 1), dtype=torch.uint8)
-            return TF.erase(img, i, j, eh, ew, value, inplace=False)
-    return img
+            top = _index(u[_U_ERASE_POS_Y], h - eh + 1)
+            left = _index(u[_U_ERASE_POS_X], w - ew + 1)
+            return top, left, eh, ew
+    return None
+
+
+def _erasing_fill(fill: str, dtype: torch.dtype, eh: int, ew: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The erased box's content, ``(3, eh, ew)`` or ``(3, 1, 1)``, as uint8 colours or, for a
+    float32 view, their normalised values."""
+    normalised = dtype == torch.float32
+    if fill == "normal":
+        noise = torch.randn((3, eh, ew), generator=generator, dtype=torch.float32)
+        if normalised:
+            return noise
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        return ((noise * std + mean) * 255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
+    if fill == "mean" and normalised:
+        return torch.zeros((3, 1, 1), dtype=torch.float32)  # the mean colour, exactly
+    if fill == "random":
+        colour = torch.randint(0, 256, (3, eh, ew), generator=generator, dtype=torch.uint8)
+    elif fill == "mean":
+        colour = torch.tensor(imagenet_mean_uint8(), dtype=torch.uint8).view(3, 1, 1)
+    else:
+        colour = torch.zeros((3, 1, 1), dtype=torch.uint8)
+    return normalise_images(colour) if normalised else colour
+
+
+def _erase(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float],
+           generator: torch.Generator, *, inplace: bool = False) -> torch.Tensor:
+    """Random erasing of one box (probability ``erasing_p``) of a uint8 or a normalised float32
+    ``(3, H, W)``; writes into ``img`` with ``inplace``, else returns a new tensor when applied."""
+    if not u[_U_ERASE] < cfg.erasing_p:
+        return img
+    box = _erasing_box(img.shape[1], img.shape[2], cfg, u)
+    if box is None:
+        return img
+    i, j, eh, ew = box
+    value = _erasing_fill(cfg.erasing_fill, img.dtype, eh, ew, generator)
+    return TF.erase(img, i, j, eh, ew, value, inplace=inplace)
 
 
 def _luma_f32(x: np.ndarray) -> np.ndarray:
@@ -383,13 +370,42 @@ def _luma(img: torch.Tensor) -> np.ndarray:
 
 def channel_exchange(img: torch.Tensor, channel: int) -> torch.Tensor:
     """All three channels replaced by channel ``channel`` (0 R, 1 G, 2 B), or by the grayscale
-    image when ``channel == 3``. ``uint8 (3, H, W)`` -> new ``uint8 (3, H, W)``."""
+    image when ``channel == 3``; ``(3, H, W)`` -> a new ``(3, H, W)`` of the same dtype.
+
+    The grayscale of a uint8 image is ITU-R 601 in 8-bit fixed point (:func:`_luma`); that of a
+    normalised float32 view is the reference's ``0.2989 R + 0.5870 G + 0.1140 B`` of the
+    normalised values.
+    """
     if channel == 3:
-        gray = _luma(img)
-        return torch.from_numpy(np.broadcast_to(gray, (3,) + gray.shape).copy())
+        if img.dtype == torch.uint8:
+            gray = torch.from_numpy(_luma(img))
+        else:
+            wr, wg, wb = _REFERENCE_GRAY_WEIGHTS
+            gray = wr * img[0] + wg * img[1] + wb * img[2]  # (H, W), as ChannelAdapGray computes it
+        return gray.expand(3, -1, -1).clone()
     if channel not in (0, 1, 2):
         raise ValueError(f"channel must be 0, 1, 2 or 3 (grayscale), got {channel}")
     return img[channel:channel + 1].expand(3, -1, -1).clone()
+
+
+def _visible_exchange(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float]) -> torch.Tensor:
+    """Visible view B's channel exchange: R, G or B into all three (``channel_exchange_p``)."""
+    if u[_U_CHANNEL] < cfg.channel_exchange_p:
+        return channel_exchange(img, _index(u[_U_CHANNEL_CHOICE], 3))
+    return img
+
+
+def _infrared_channel_op(img: torch.Tensor, cfg: AugmentConfig,
+                         u: Sequence[float]) -> torch.Tensor:
+    """Infrared view A's channel operation: with probability ``ir_channel_copy_p`` one of R, G,
+    B (copied into all three) or the grayscale slot, uniformly; the slot turns the view gray
+    with probability ``ir_gray_p`` and leaves it unchanged otherwise."""
+    if not u[_U_CHANNEL] < cfg.ir_channel_copy_p:
+        return img
+    k = _index(u[_U_CHANNEL_CHOICE], 4)
+    if k == 3 and not u[_U_CHANNEL_CHOICE + 1] < cfg.ir_gray_p:
+        return img
+    return channel_exchange(img, k)
 
 
 def pseudo_colour(img: torch.Tensor, maps: Sequence[str]) -> torch.Tensor:
@@ -397,7 +413,7 @@ def pseudo_colour(img: torch.Tensor, maps: Sequence[str]) -> torch.Tensor:
     grayscale intensity of ``img``. ``img`` uint8 (3, H, W) -> uint8 (3, H, W)."""
     if len(maps) != 3:
         raise ValueError("pseudo_colour needs one colour map per output channel (3 names)")
-    bank = _lut_bank(tuple(maps))  # (3 maps, 3 channels, 256)
+    bank = lut_bank(tuple(maps))  # (3 maps, 3 channels, 256)
     gray = _luma(img)  # (H, W) uint8 = LUT index
     out = np.empty((3,) + gray.shape, dtype=np.uint8)
     for c in range(3):
@@ -406,7 +422,7 @@ def pseudo_colour(img: torch.Tensor, maps: Sequence[str]) -> torch.Tensor:
 
 
 def _pick_maps(cfg: AugmentConfig, u: Sequence[float]) -> tuple[str, str, str]:
-    """Three colour maps, distinct when there are at least three candidates."""
+    """Three formula maps, distinct when there are at least three candidates."""
     pool = list(cfg.ir_pseudo_colour_maps)
     distinct = len(pool) >= 3
     chosen = []
@@ -414,6 +430,30 @@ def _pick_maps(cfg: AugmentConfig, u: Sequence[float]) -> tuple[str, str, str]:
         k = _index(u[_U_CHANNEL_CHOICE + c], len(pool))
         chosen.append(pool.pop(k) if distinct else pool[k])
     return chosen[0], chosen[1], chosen[2]
+
+
+def pseudo_colour_opencv(img: torch.Tensor, maps: Sequence[str]) -> torch.Tensor:
+    """The reference's false colours (``PseudoColor_new``): output channel c = channel c of
+    ``cv2.applyColorMap(img, maps[c])``'s BGR output, with OpenCV's own gray conversion of the
+    RGB array read as BGR (:func:`~dmdl_cli.data.colour_maps.opencv_gray`).
+    ``img`` uint8 (3, H, W) -> uint8 (3, H, W); ``maps``: three names of OPENCV_COLOUR_MAPS."""
+    if len(maps) != 3:
+        raise ValueError("pseudo_colour_opencv needs one colour map per output channel (3 names)")
+    gray = opencv_gray(img.numpy())  # (H, W) uint8 = LUT index
+    out = np.empty((3,) + gray.shape, dtype=np.uint8)
+    for c in range(3):
+        np.take(np.ascontiguousarray(opencv_colour_map(maps[c])[:, c]), gray, out=out[c])
+    return torch.from_numpy(out)
+
+
+def _pseudo_colour_view(img: torch.Tensor, cfg: AugmentConfig,
+                        u: Sequence[float]) -> torch.Tensor:
+    """Infrared view B's false colours in the recipe's scheme."""
+    if cfg.ir_pseudo_colour_scheme == "opencv-per-channel":
+        pools = (cfg.ir_opencv_maps_red, cfg.ir_opencv_maps_green, cfg.ir_opencv_maps_blue)
+        names = [pool[_index(u[_U_CHANNEL_CHOICE + c], len(pool))] for c, pool in enumerate(pools)]
+        return pseudo_colour_opencv(img, names)
+    return pseudo_colour(img, _pick_maps(cfg, u))
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,55 +483,85 @@ def _standard(img: torch.Tensor, cfg: AugmentConfig, u: Sequence[float],
     return _erase(_geometric(img, cfg, u), cfg, u, generator)
 
 
+def _view_dmdl_v1(img: torch.Tensor, modality: int, which: str, cfg: AugmentConfig,
+                  u: Sequence[float], generator: torch.Generator) -> torch.Tensor:
+    """One uint8 view of the ``dmdl-v1`` pipeline."""
+    if not cfg.modality_specific or (modality == VISIBLE and which == "a"):
+        return _standard(img, cfg, u, generator)
+    if modality == VISIBLE:
+        return _visible_exchange(_standard(_colour_jitter(img, cfg, u), cfg, u, generator), cfg, u)
+    if which == "a":
+        return _infrared_channel_op(_standard(img, cfg, u, generator), cfg, u)
+    if u[_U_CHANNEL] < cfg.ir_pseudo_colour_p:
+        img = _pseudo_colour_view(img, cfg, u)
+    return _standard(img, cfg, u, generator)
+
+
+def _view_reference(img: torch.Tensor, modality: int, which: str, cfg: AugmentConfig,
+                    u: Sequence[float], generator: torch.Generator) -> torch.Tensor:
+    """One normalised float32 view of the ``reference`` pipeline."""
+    specific = cfg.modality_specific
+    out = _geometric(img, cfg, u)  # uint8: pad + crop, flip
+    if specific and which == "b":
+        if modality == VISIBLE:
+            out = _colour_jitter(out, cfg, u)
+        elif u[_U_CHANNEL] < cfg.ir_pseudo_colour_p:
+            out = _pseudo_colour_view(out, cfg, u)
+    view = _erase(normalise_images(out), cfg, u, generator, inplace=True)  # float32 (3, H, W)
+    if specific and modality == VISIBLE and which == "b":
+        view = _visible_exchange(view, cfg, u)
+    elif specific and modality == INFRARED and which == "a":
+        view = _infrared_channel_op(view, cfg, u)
+    return view
+
+
 def _view(img: torch.Tensor, modality: int, which: str, cfg: AugmentConfig,
           generator: torch.Generator) -> torch.Tensor:
     """One view (``which`` = "a" or "b") of a prepared image, drawn from ``generator``."""
+    if modality not in (VISIBLE, INFRARED):
+        raise ValueError(f"modality must be {VISIBLE} (visible) or {INFRARED} (infrared), "
+                         f"got {modality}")
     u = _draw_uniforms(generator)
-    if not cfg.modality_specific:
-        return _standard(img, cfg, u, generator)
-    if modality == VISIBLE:
-        if which == "a":
-            return _standard(img, cfg, u, generator)
-        out = _standard(_colour_jitter(img, cfg, u), cfg, u, generator)
-        if u[_U_CHANNEL] < cfg.channel_exchange_p:
-            out = channel_exchange(out, _index(u[_U_CHANNEL_CHOICE], 3))
-        return out
-    if modality == INFRARED:
-        if which == "a":
-            out = _standard(img, cfg, u, generator)
-            if u[_U_CHANNEL] < cfg.ir_channel_copy_p:
-                out = channel_exchange(out, _index(u[_U_CHANNEL_CHOICE], 4))
-            return out
-        if u[_U_CHANNEL] < cfg.ir_pseudo_colour_p:
-            img = pseudo_colour(img, _pick_maps(cfg, u))
-        return _standard(img, cfg, u, generator)
-    raise ValueError(f"modality must be {VISIBLE} (visible) or {INFRARED} (infrared), "
-                     f"got {modality}")
+    build = _view_reference if cfg.pipeline == "reference" else _view_dmdl_v1
+    return build(img, modality, which, cfg, u, generator)
+
+
+def _view_generators(generator: torch.Generator) -> dict[str, torch.Generator]:
+    """One child generator per view, both seeds drawn in order whichever view is built."""
+    return {which: _child_generator(generator) for which in VIEWS}
+
+
+def make_view(image: torch.Tensor, modality: int, config: AugmentConfig,
+              generator: torch.Generator, which: str) -> torch.Tensor:
+    """View ``which`` ("a" or "b") of one image: exactly the view :func:`make_views` returns in
+    that place for the same generator state (both child seeds are drawn either way).
+
+    ``image``: uint8 ``(3, H, W)`` RGB (not modified). ``modality``: 0 visible, 1 infrared.
+    Returns ``(3, H', W')`` with ``(H', W') = config.size`` or the input size, of
+    :func:`view_dtype`: uint8 (``dmdl-v1``) or normalised float32 (``reference``).
+    """
+    if which not in VIEWS:
+        raise ValueError(f"which must be one of {', '.join(VIEWS)}, got {which!r}")
+    img = _prepare(image, config)
+    generators = _view_generators(generator)
+    return _fresh(_view(img, int(modality), which, config, generators[which]), image)
 
 
 def make_views(image: torch.Tensor, modality: int, config: AugmentConfig,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two training views of one image.
-
-    ``image``: uint8 ``(3, H, W)`` RGB (not modified). ``modality``: 0 visible, 1 infrared.
-    Returns ``(view_a, view_b)``, each uint8 ``(3, H', W')`` with ``(H', W') = config.size`` or
-    the input size. All randomness comes from ``generator`` (two child seeds, one per view).
-    """
+    """The two training views of one image, ``(view_a, view_b)``: each as :func:`make_view`
+    returns it. All randomness comes from ``generator`` (two child seeds, one per view)."""
     img = _prepare(image, config)
-    gen_a = _child_generator(generator)
-    gen_b = _child_generator(generator)
-    modality = int(modality)
-    view_a = _fresh(_view(img, modality, "a", config, gen_a), image)
-    view_b = _fresh(_view(img, modality, "b", config, gen_b), image)
+    generators = _view_generators(generator)
+    view_a, view_b = (_fresh(_view(img, int(modality), which, config, generators[which]), image)
+                      for which in VIEWS)
     return view_a, view_b
 
 
 def standard_view(image: torch.Tensor, config: AugmentConfig,
                   generator: torch.Generator) -> torch.Tensor:
-    """One standard (baseline) view: pad + random crop, flip, random erasing; no colour op.
-
-    ``image`` uint8 ``(3, H, W)`` -> uint8 ``(3, H', W')``; randomness from ``generator``.
-    """
+    """One standard (baseline) view: the pipeline's visible view A (pad + random crop, flip,
+    random erasing; no colour op). ``image`` uint8 ``(3, H, W)`` -> ``(3, H', W')`` of
+    :func:`view_dtype`; randomness from ``generator`` (one child seed)."""
     img = _prepare(image, config)
-    gen = _child_generator(generator)
-    return _fresh(_standard(img, config, _draw_uniforms(gen), gen), image)
+    return _fresh(_view(img, VISIBLE, "a", config, _child_generator(generator)), image)

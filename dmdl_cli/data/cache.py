@@ -6,8 +6,10 @@ header; row ``i`` is the image of index row ``i``. Commands open it read-only wi
 loading costs a memory copy and a checksum.
 
 Decoding: PIL, converted to RGB (grey IR images become three equal channels; 16-bit grey images
-are scaled to 8 bits, not clipped), resized with bilinear filtering to exactly ``H x W``
-(:func:`load_image`). The rows are written with ``pwrite`` into a temporary file whose space is
+are scaled to 8 bits, not clipped), resized to exactly ``H x W`` with the recipe's filter
+(``data.resize``: bilinear, or bicubic as the reference; :func:`load_image`), which the integrity
+record names: a cache built with another filter than a command asks for is refused, and a plain
+``prepare-data`` rebuilds it. The rows are written with ``pwrite`` into a temporary file whose space is
 reserved first (``posix_fallocate``), so a full disk is an error naming the file and the space
 needed (never the SIGBUS a write through a memory map gets), and the file is renamed into place
 only when every image decoded (:func:`dmdl_cli.atomic.atomic_output`).
@@ -43,7 +45,8 @@ from dmdl_cli.console import make_progress
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.workspace import repair_hint
 
-__all__ = ["open_image", "to_rgb", "load_image", "build_cache", "open_cache", "ImageCache",
+__all__ = ["open_image", "to_rgb", "resize_image", "load_image", "build_cache", "open_cache",
+           "cache_resize", "ImageCache",
            "CacheDamaged", "read_rows", "row_checksums", "record_path",
            "read_record", "write_record", "cache_record", "verify_cache"]
 
@@ -76,14 +79,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str, height: int, width: int) -> np.ndarray:
-    """Decode ``path`` to RGB (:func:`to_rgb`) and resize (bilinear) to ``(height, width, 3)``
-    uint8."""
+#: the PIL filter of each ``data.resize`` choice (recipe.RESIZE_FILTERS)
+RESIZE_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+OLD_RESIZE = "bilinear"  # what a record without a "resize" field was built with
+
+
+def resize_image(img: Image.Image, height: int, width: int, resize: str) -> np.ndarray:
+    """An RGB PIL image resized with filter ``resize`` to ``(height, width, 3)`` uint8 (as is
+    when it already has that size)."""
+    if img.size != (width, height):
+        img = img.resize((width, height), RESIZE_FILTERS[resize])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str, height: int, width: int, resize: str = OLD_RESIZE) -> np.ndarray:
+    """Decode ``path`` to RGB (:func:`to_rgb`) and resize (filter ``resize``) to
+    ``(height, width, 3)`` uint8."""
     with open_image(path) as img:
-        img = to_rgb(img)
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return resize_image(to_rgb(img), height, width, resize)
 
 
 class CacheDamaged(DmdlError):
@@ -96,12 +109,13 @@ def row_checksums(images: np.ndarray) -> np.ndarray:
                        count=len(images))
 
 
-def _decode(paths: Sequence[str], start: int, stop: int, height: int, width: int) -> np.ndarray:
+def _decode(paths: Sequence[str], start: int, stop: int, height: int, width: int,
+            resize: str) -> np.ndarray:
     """``(stop - start, H, W, 3)`` uint8: images ``start..stop`` decoded and resized."""
     out = np.empty((stop - start, height, width, 3), dtype=np.uint8)
     for i in range(start, stop):
         try:
-            out[i - start] = load_image(paths[i], height, width)
+            out[i - start] = load_image(paths[i], height, width, resize)
         except Exception as err:  # noqa: BLE001 - report any decoder failure as a user error
             raise DmdlError(
                 f"{paths[i]}: cannot decode image ({err or type(err).__name__}); replace the file "
@@ -118,8 +132,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _fill(fd: int, paths: Sequence[str], start: int, stop: int, height: int, width: int,
-          checksums: np.ndarray) -> int:
-    rows = _decode(paths, start, stop, height, width)
+          resize: str, checksums: np.ndarray) -> int:
+    rows = _decode(paths, start, stop, height, width, resize)
     checksums[start:stop] = row_checksums(rows)
     _pwrite_all(fd, memoryview(rows).cast("B"), start * height * width * 3)
     return stop - start
@@ -150,8 +164,10 @@ def build_cache(
     *,
     workers: int | None = None,
     progress: bool = True,
+    resize: str = OLD_RESIZE,
 ) -> "ImageCache":
-    """Decode + resize ``paths`` into ``out_path`` ((N, H, W, 3) uint8) and open it read-only.
+    """Decode + resize (filter ``resize``) ``paths`` into ``out_path`` ((N, H, W, 3) uint8) and
+    open it read-only.
 
     Decoding runs on ``workers`` threads (default: up to 8, bounded by the CPU count; PIL
     releases the GIL while decoding). ``progress`` shows a bar with the images per second.
@@ -174,7 +190,7 @@ def build_cache(
             bar.disable = bar.disable or not progress
             with bar, ThreadPoolExecutor(n_workers) as pool:
                 task = bar.add_task(f"cache {height}x{width}", total=n, info="")
-                pending = {pool.submit(_fill, fd, paths, s, e, height, width, checksums)
+                pending = {pool.submit(_fill, fd, paths, s, e, height, width, resize, checksums)
                            for s, e in chunks}
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -187,9 +203,9 @@ def build_cache(
                         bar.advance(task, fut.result())
         finally:
             os.close(fd)
-        record = cache_record(tmp, n, height, width, checksums)  # hashed while in the page cache
+        record = cache_record(tmp, n, height, width, checksums, resize=resize)  # in the page cache
     write_record(out_path, record)
-    return open_cache(out_path, n, height, width)
+    return open_cache(out_path, n, height, width, resize=resize)
 
 
 def record_path(path: str | os.PathLike[str]) -> Path:
@@ -208,15 +224,16 @@ def _file_row_checksums(path: Path, n: int, height: int, width: int) -> np.ndarr
 
 
 def cache_record(path: str | os.PathLike[str], n: int, height: int, width: int,
-                 checksums: np.ndarray | None = None) -> dict:
-    """The integrity record of the cache file at ``path``: shape, bytes, sha256 and the crc32
-    of every row (``checksums`` when the writer computed them, else read from the file)."""
+                 checksums: np.ndarray | None = None, *, resize: str = OLD_RESIZE) -> dict:
+    """The integrity record of the cache file at ``path``: shape, bytes, sha256, the crc32 of
+    every row (``checksums`` when the writer computed them, else read from the file) and the
+    filter its images were resized with."""
     path = Path(path)
     if checksums is None:
         checksums = _file_row_checksums(path, int(n), int(height), int(width))
     return {"images": int(n), "height": int(height), "width": int(width),
             "bytes": path.stat().st_size, "sha256": sha256_file(path),
-            "row_checksum": ROW_CHECKSUM,
+            "row_checksum": ROW_CHECKSUM, "resize": resize,
             # 8 hex digits per row, in row order (big-endian: each group reads as the crc32)
             "row_checksums": np.asarray(checksums, dtype=">u4").tobytes().hex()}
 
@@ -364,12 +381,19 @@ class ImageCache:
         return {"rows_read": int(mask.sum()), "read_sha256": hashlib.sha256(sums).hexdigest()}
 
 
-def open_cache(path: str | os.PathLike[str], n: int, height: int, width: int) -> ImageCache:
+def cache_resize(record: dict | None) -> str:
+    """The resize filter an integrity record says its cache was built with."""
+    return str((record or {}).get("resize", OLD_RESIZE))
+
+
+def open_cache(path: str | os.PathLike[str], n: int, height: int, width: int, *,
+               resize: str | None = None) -> ImageCache:
     """Open the cache at ``path`` read-only as ``(n, height, width, 3)`` uint8.
 
-    Raises :class:`DmdlError` naming the file when it is missing, its size does not match, or
-    its integrity record is missing or holds no checksum for each of its rows; rows are
-    checked as they are read (:class:`ImageCache`).
+    Raises :class:`DmdlError` naming the file when it is missing, its size does not match, its
+    integrity record is missing or holds no checksum for each of its rows, or (``resize``
+    given) it was resized with another filter; rows are checked as they are read
+    (:class:`ImageCache`).
     """
     path = Path(path)
     expected = int(n) * int(height) * int(width) * 3
@@ -386,6 +410,10 @@ def open_cache(path: str | os.PathLike[str], n: int, height: int, width: int) ->
     if record is None:
         raise DmdlError(f"{path}: image cache has no integrity record ({record_path(path).name}); "
                         f"{repair_hint()}")
+    if resize is not None and cache_resize(record) != resize:
+        raise DmdlError(f"{path}: the cache was resized {cache_resize(record)} but the recipe asks "
+                        f"data.resize {resize}: re-run `dmdl prepare-data` with the options that "
+                        "prepared the workspace (no --force needed) to rebuild it with that filter")
     checksums = record_checksums(record, n)
     if checksums is None:
         raise DmdlError(f"{path}: its integrity record {record_path(path).name} has no checksum "

@@ -26,6 +26,7 @@ from dmdl_cli.console import console, log
 from dmdl_cli.data.cache import (
     build_cache,
     cache_record,
+    cache_resize,
     read_record,
     record_checksums,
     verify_cache,
@@ -175,7 +176,8 @@ def _prepare(ws: Workspace, recipe: Recipe, run: StageRun, identity: dict[str, A
 
     if (previous and not force and previous.get("fingerprint") == fingerprint
             and ws.index_path.is_file() and previous.get("index_sha256") == sha256_file(ws.index_path)
-            and _cache_intact(ws, cache_path, previous["num_images"], height, width)):
+            and _cache_intact(ws, cache_path, previous["num_images"], height, width,
+                              recipe.data.resize)):
         log(f"[green]unchanged:[/] {escape(str(root))} matches the workspace index and "
             f"{escape(ws.rel(cache_path))}; nothing to do")
         if ws.damaged_manifest is not None:  # the ledger is all that was damaged: write it anew
@@ -290,7 +292,7 @@ def _write_outputs(ws: Workspace, recipe: Recipe, run: StageRun, table: IndexTab
     cache_path = home / ws.rel(ws.cache_path(recipe.data.height, recipe.data.width))
     start = time.perf_counter()
     build_cache(table.paths, cache_path, recipe.data.height, recipe.data.width,
-                workers=max(1, recipe.run.workers))
+                workers=max(1, recipe.run.workers), resize=recipe.data.resize)
     cache_seconds = time.perf_counter() - start
     write_index(indexed, index_path)
     atomic_write_text(home / RECIPE_FILE, recipe.to_yaml())
@@ -315,8 +317,10 @@ def _write_outputs(ws: Workspace, recipe: Recipe, run: StageRun, table: IndexTab
     return cache_seconds
 
 
-def _cache_intact(ws: Workspace, cache_path: Path, n: int, height: int, width: int) -> bool:
-    """Full integrity check of the cache (its sha256 against its record), timed and printed.
+def _cache_intact(ws: Workspace, cache_path: Path, n: int, height: int, width: int,
+                  resize: str) -> bool:
+    """Full integrity check of the cache (its sha256 against its record), timed and printed;
+    a cache resized with another filter than ``resize`` is not the one the recipe asks for.
 
     A workspace written before caches had records (or before records held a checksum of each
     row) is checked against the sha256 the manifest (or the old record) holds for the cache, and
@@ -328,10 +332,17 @@ def _cache_intact(ws: Workspace, cache_path: Path, n: int, height: int, width: i
     record = read_record(cache_path)
     if record_checksums(record, n) is None:  # no record, or one without per-row checksums
         recorded = (record or {}).get("sha256") or _recorded_sha256(ws, cache_path)
-        fresh = cache_record(cache_path, n, height, width) if recorded else None
+        # the filter of its time: the old record's, else bilinear (the only one before records)
+        fresh = (cache_record(cache_path, n, height, width, resize=cache_resize(record))
+                 if recorded else None)
         if fresh is not None and fresh["sha256"] == recorded and fresh["bytes"] == n * height * width * 3:
-            write_record(cache_path, fresh)
+            record = fresh
+            write_record(cache_path, record)
             log(f"added the checksum of each row to {escape(ws.rel(cache_path))}'s integrity record")
+    if cache_resize(record) != resize:
+        log(f"[yellow]{escape(ws.rel(cache_path))} was resized {cache_resize(record)} and the "
+            f"recipe asks data.resize {resize}: rebuilding it[/]")
+        return False
     intact, seconds = verify_cache(cache_path, n, height, width)
     size = cache_path.stat().st_size / 2**20
     if intact:

@@ -1,11 +1,12 @@
 """Batch samplers driven by pseudo labels only (never by true identities).
 
 An epoch's batches are a pure function of ``(labels, modality, P, K, iters, seed, stream,
-epoch, mode)``: a resumed run regenerates the epoch with :func:`epoch_batches` and skips the steps
-it has done with :class:`ResumableBatchSampler` (``start=s`` yields exactly ``batches[s:]``).
+epoch, mode, cross_sampler, cameras)``: a resumed run regenerates the epoch with
+:func:`epoch_batches` and skips the steps it has done with :class:`ResumableBatchSampler`
+(``start=s`` yields exactly ``batches[s:]``).
 
-A batch is a list of keys ``(row, aug_seed)`` for
-:class:`~dmdl_cli.data.train_dataset.TwoViewDataset`.
+A batch is a list of keys ``(row, aug_seed)``; each key has two views, the items
+``(row, aug_seed, view)`` of :class:`~dmdl_cli.data.train_dataset.ViewDataset`.
 Layout of one batch (``B = 2 * P * K``)::
 
     [ visible: cluster 1 x K, cluster 2 x K, ..., cluster P x K | infrared: same layout ]
@@ -20,9 +21,22 @@ Input convention: ``labels`` is one ``(N,)`` int64 array aligned with the index 
   draws P visible clusters and, independently, P infrared clusters, K images of each. Stage 2
   may pass unified ids here too: each modality then samples the ids it has members of.
 * ``mode="cross-modality"`` (stage 2 from ``cross_sampler_from``): labels are unified ids shared
-  by both modalities. Each batch draws P ids that have members in *both* modalities, and K
-  visible plus K infrared images of each; slot ``i`` of the visible half and slot ``i`` of the
-  infrared half belong to the same id.
+  by both modalities; slot ``i`` of the visible half and slot ``i`` of the infrared half hold
+  K visible and K infrared images of one id and its partner. ``cross_sampler`` says which ids:
+
+  - ``"shared"``: each batch draws P ids that have members in *both* modalities; an id is its
+    own partner.
+  - ``"union"`` (the reference's ``RandomMultipleGallerySamplerInterModality``): one shuffled
+    order of the *union* of both modalities' ids per epoch. An id without members in a
+    modality gets a random id of that modality as its partner there, and each id's K images
+    per modality are drawn once, with the order. Batch ``j`` holds the ``j``-th chunk of P
+    consecutive ids of the order; the last incomplete chunk is dropped, and step ``s`` trains
+    chunk ``s mod (U // P)``: the same batches, in the same order, on every pass through the
+    order (the reference computes its index list once per epoch, batches it with
+    ``drop_last=True`` and re-iterates the loader when it runs out). With fewer union ids than
+    P (``U < P``, where the reference's loader would hold no batch and stop) the order is
+    repeated to fill the P slots of one batch, which every step then trains: an id appears
+    up to ``ceil(P / U)`` times, with the same images.
 
 Clusters of a batch are distinct when a modality has at least P of them (otherwise each appears
 at most ``ceil(P / C)`` times). The K images of a cluster are distinct when it has at least K
@@ -50,6 +64,7 @@ from torch.utils.data import Sampler
 
 from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.errors import DmdlError
+from dmdl_cli.recipe import CROSS_SAMPLERS
 
 __all__ = ["SAMPLER_MODES", "epoch_batch_arrays", "epoch_batches", "ResumableBatchSampler"]
 
@@ -139,6 +154,22 @@ def _draw_members_camera_aware(rng: np.random.Generator, groups: _Groups, picks:
     return np.concatenate([anchors[:, None], shuffled[base[:, None] + pos]], axis=1)
 
 
+def _union_slots(rng: np.random.Generator, groups: Sequence[_Groups], iters: int,
+                 p: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The union sampler (module docstring): ``(iters, p)`` positions into the epoch's order
+    of the union ids, and per modality the ``(U,)`` id at each position (the id itself, or its
+    random partner where the modality has no member of it)."""
+    union = np.union1d(groups[0].ids, groups[1].ids)  # (U,)
+    order = union[rng.permutation(union.size)]  # (U,) the epoch's order
+    partners = []
+    for g in groups:
+        random_ids = g.ids[rng.integers(0, g.ids.size, size=order.size)]  # (U,)
+        partners.append(np.where(np.isin(order, g.ids), order, random_ids))
+    chunks = max(order.size // p, 1)  # full chunks of P ids (one, wrapped, when U < P)
+    slots = (np.arange(chunks * p) % order.size).reshape(chunks, p)  # (chunks, p)
+    return slots[np.arange(iters) % chunks], partners
+
+
 def _stream_rng(seed: int, stream: int, epoch: int, tag: int) -> np.random.Generator:
     """Independent generator for ``(seed, stream, epoch, tag)`` (SeedSequence spawn key)."""
     key = (int(stream), int(epoch), int(tag))
@@ -147,7 +178,7 @@ def _stream_rng(seed: int, stream: int, epoch: int, tag: int) -> np.random.Gener
 
 def _check_inputs(labels: np.ndarray, modality: np.ndarray, num_instances: int,
                   clusters_per_batch: int, iters: int, seed: int, epoch: int, stream: int,
-                  mode: str) -> None:
+                  mode: str, cross_sampler: str) -> None:
     if labels.ndim != 1 or modality.shape != labels.shape:
         raise ValueError(f"labels {labels.shape} and modality {modality.shape} must be equal (N,)")
     if not np.isin(modality, (VISIBLE, INFRARED)).all():
@@ -159,24 +190,28 @@ def _check_inputs(labels: np.ndarray, modality: np.ndarray, num_instances: int,
             raise ValueError(f"{name} must be an integer >= {lo}, got {value}")
     if mode not in SAMPLER_MODES:
         raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
+    if cross_sampler not in CROSS_SAMPLERS:
+        raise ValueError(f"cross_sampler must be one of {CROSS_SAMPLERS}, got {cross_sampler!r}")
 
 
 def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instances: int = 16,
                        clusters_per_batch: int = 8, iters: int, seed: int, epoch: int,
                        mode: str = "per-modality", stream: int = 0,
-                       cameras: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       cameras: np.ndarray | None = None,
+                       cross_sampler: str = "shared") -> tuple[np.ndarray, np.ndarray]:
     """The epoch's batches as arrays: ``rows (iters, B)`` int64 and ``aug_seeds (iters, B)``
     int64 in ``[0, 2**63 - 1)``, ``B = 2 * clusters_per_batch * num_instances``.
 
     See the module docstring for the input convention and the batch layout. ``stream``
     separates otherwise identical runs of the same seed (e.g. pass the stage number).
-    Raises :class:`DmdlError` when a modality has no pseudo-labelled cluster (per-modality) or
-    no id has members in both modalities (cross-modality).
+    ``cross_sampler`` (``"shared"`` or ``"union"``) chooses the ids of ``mode="cross-modality"``.
+    Raises :class:`DmdlError` when a modality has no pseudo-labelled cluster (per-modality and
+    union cross-modality) or no id has members in both modalities (shared cross-modality).
     """
     labels = np.asarray(labels)
     modality = np.asarray(modality)
     _check_inputs(labels, modality, num_instances, clusters_per_batch, iters, seed, epoch,
-                  stream, mode)
+                  stream, mode, cross_sampler)
     labels = labels.astype(np.int64, copy=False)
     p, k = int(clusters_per_batch), int(num_instances)
     if iters == 0:
@@ -196,15 +231,22 @@ def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instance
             return _draw_members(rng, g, picks, k)
 
     halves = []
-    if mode == "per-modality":
+    if mode == "per-modality" or cross_sampler == "union":
         for m, g in zip((VISIBLE, INFRARED), groups):
             if g.ids.size == 0:
                 raise DmdlError(
                     f"epoch {epoch}: no {MODALITY_NAMES[m]} image has a pseudo label, so no batch "
                     "can be drawn; loosen the clustering (cluster.eps / cluster.min_samples) in "
                     "the recipe")
+    if mode == "per-modality":
+        for g in groups:
             picks = _pick_clusters(rng, g.ids.size, iters, p)  # (iters, p)
             halves.append(draw(g, picks.reshape(-1)).reshape(iters, p * k))
+    elif cross_sampler == "union":
+        slots, partners = _union_slots(rng, groups, iters, p)  # (iters, p), per modality (U,)
+        for g, ids in zip(groups, partners):
+            members = draw(g, np.searchsorted(g.ids, ids))  # (U, k): drawn once per epoch
+            halves.append(members[slots].reshape(iters, p * k))
     else:
         shared = np.intersect1d(groups[0].ids, groups[1].ids)  # ids in both modalities
         if shared.size == 0:
@@ -225,7 +267,7 @@ def epoch_batch_arrays(labels: np.ndarray, *, modality: np.ndarray, num_instance
 def epoch_batches(labels: np.ndarray, *, modality: np.ndarray, num_instances: int = 16,
                   clusters_per_batch: int = 8, iters: int, seed: int, epoch: int,
                   mode: str = "per-modality", stream: int = 0,
-                  cameras: np.ndarray | None = None) -> list[Batch]:
+                  cameras: np.ndarray | None = None, cross_sampler: str = "shared") -> list[Batch]:
     """The epoch's ``iters`` batches, each a list of ``(row, aug_seed)`` Python int pairs of
     length ``2 * clusters_per_batch * num_instances`` (layout in the module docstring).
 
@@ -235,7 +277,7 @@ def epoch_batches(labels: np.ndarray, *, modality: np.ndarray, num_instances: in
     rows, seeds = epoch_batch_arrays(labels, modality=modality, num_instances=num_instances,
                                      clusters_per_batch=clusters_per_batch, iters=iters,
                                      seed=seed, epoch=epoch, mode=mode, stream=stream,
-                                     cameras=cameras)
+                                     cameras=cameras, cross_sampler=cross_sampler)
     return [list(zip(r, s)) for r, s in zip(rows.tolist(), seeds.tolist())]
 
 

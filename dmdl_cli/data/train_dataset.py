@@ -1,9 +1,13 @@
-"""Training dataset: two augmented views per image, a pure function of ``(row, seed)``.
+"""Training dataset: the augmented views of cached images, a pure function of
+``(row, seed, view)``.
 
-The sampler (:mod:`dmdl_cli.data.sampling`) hands out keys ``(row, aug_seed)``; the dataset reads
-row ``row`` of the uint8 image cache ``(N, H, W, 3)`` and draws both views from a
-``torch.Generator`` seeded with ``aug_seed``. Nothing depends on worker identity, worker count or
-global RNG state, so a resumed run reproduces every batch bit for bit.
+The sampler (:mod:`dmdl_cli.data.sampling`) hands out keys ``(row, aug_seed)``; every key has two
+views, and the training loop asks for the *items* ``(row, aug_seed, view)`` its process forwards
+(``training/forward.py``). The dataset reads row ``row`` of the uint8 image cache
+``(N, H, W, 3)`` and draws the view from a ``torch.Generator`` seeded with ``aug_seed``: both
+views of a key come from the same generator, whichever of them a process loads. Nothing depends
+on worker identity, worker count or global RNG state, so a resumed run reproduces every batch bit
+for bit.
 
 The dataset pickles without its image array: a DataLoader worker re-opens the memmap lazily from
 ``(path, shape, offset)`` on first access.
@@ -17,16 +21,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dmdl_cli.data.augment import AugmentConfig, make_views
+from dmdl_cli.data.augment import AugmentConfig, make_view
 from dmdl_cli.data.cache import ImageCache
 from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.errors import DmdlError
 
-__all__ = ["TwoViewDataset", "collate_views", "worker_error"]
+__all__ = ["ViewDataset", "collate_items", "worker_error"]
 
 
-class TwoViewDataset(Dataset):
-    """Two views of cached images, keyed by ``(row, seed)``.
+class ViewDataset(Dataset):
+    """Augmented views of cached images, keyed by ``(row, seed, view)``.
 
     Args:
         images: the image cache: the workspace's :class:`~dmdl_cli.data.cache.ImageCache` (each
@@ -40,8 +44,9 @@ class TwoViewDataset(Dataset):
         shape: ``(N, H, W, 3)``; required with a path, checked against an array.
         offset: byte offset of row 0 in the file (0 for a bare cache).
 
-    ``dataset[(row, seed)]`` returns ``{"view_a": uint8 (3, H', W'), "view_b": uint8 (3, H', W'),
-    "row": int, "modality": int}``; the same key always returns the same tensors.
+    ``dataset[(row, seed, view)]`` returns ``{"image": (3, H', W'), "row": int, "modality": int,
+    "view": int}``: view 0 (A) or 1 (B) of the key ``(row, seed)``, uint8 or, with the reference
+    augmentation, normalised float32; the same item always returns the same tensor.
     """
 
     def __init__(self, images: str | Path | np.ndarray, modality: Sequence[int] | np.ndarray,
@@ -57,7 +62,7 @@ class TwoViewDataset(Dataset):
             self._array = images
         elif isinstance(images, (str, Path)):
             if shape is None:
-                raise ValueError("TwoViewDataset: `shape` (N, H, W, 3) is required with a path")
+                raise ValueError("ViewDataset: `shape` (N, H, W, 3) is required with a path")
             self._path = str(images)
             self._shape = tuple(int(s) for s in shape)
             path = Path(self._path)
@@ -70,20 +75,20 @@ class TwoViewDataset(Dataset):
             arr = images
             if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 4 \
                     or arr.shape[3] != 3:
-                raise ValueError("TwoViewDataset: images must be a uint8 array (N, H, W, 3)")
+                raise ValueError("ViewDataset: images must be a uint8 array (N, H, W, 3)")
             if shape is not None and tuple(shape) != arr.shape:
-                raise ValueError(f"TwoViewDataset: shape {tuple(shape)} != array shape {arr.shape}")
+                raise ValueError(f"ViewDataset: shape {tuple(shape)} != array shape {arr.shape}")
             self._shape = tuple(arr.shape)
             if isinstance(arr, np.memmap) and getattr(arr, "filename", None):
                 self._path = str(arr.filename)
                 self._offset = int(arr.offset)
             self._array = arr
         if self.modality.shape != (self._shape[0],):
-            raise ValueError(f"TwoViewDataset: modality has shape {self.modality.shape}, "
+            raise ValueError(f"ViewDataset: modality has shape {self.modality.shape}, "
                              f"expected ({self._shape[0]},)")
         bad = ~np.isin(self.modality, (VISIBLE, INFRARED))
         if bad.any():
-            raise ValueError(f"TwoViewDataset: modality values must be {VISIBLE} or {INFRARED}")
+            raise ValueError(f"ViewDataset: modality values must be {VISIBLE} or {INFRARED}")
 
     # -- pickling: never ship a memmap's contents to a worker ---------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -114,14 +119,16 @@ class TwoViewDataset(Dataset):
             hwc = np.array(hwc, dtype=np.uint8, copy=True)
         return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        row, seed = int(key[0]), int(key[1])
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        row, seed, view = int(item[0]), int(item[1]), int(item[2])
         if not 0 <= row < self._shape[0]:
             raise IndexError(f"row {row} out of range [0, {self._shape[0]})")
+        if view not in (0, 1):
+            raise ValueError(f"view must be 0 (A) or 1 (B), got {view}")
         generator = torch.Generator().manual_seed(seed)
         modality = int(self.modality[row])
-        view_a, view_b = make_views(self.image(row), modality, self.config, generator)
-        return {"view_a": view_a, "view_b": view_b, "row": row, "modality": modality}
+        image = make_view(self.image(row), modality, self.config, generator, "ab"[view])
+        return {"image": image, "row": row, "modality": modality, "view": view}
 
 
 def worker_error(err: DmdlError) -> DmdlError:
@@ -134,12 +141,12 @@ def worker_error(err: DmdlError) -> DmdlError:
     return type(err)(last.partition(": ")[2] or last)
 
 
-def collate_views(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack samples of :class:`TwoViewDataset` in order: ``view_a``, ``view_b`` uint8
-    ``(B, 3, H, W)``; ``row``, ``modality`` int64 ``(B,)``."""
+def collate_items(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack samples of :class:`ViewDataset` in order: ``images`` ``(n, 3, H, W)``; ``row``,
+    ``modality``, ``view`` int64 ``(n,)``."""
     return {
-        "view_a": torch.stack([s["view_a"] for s in samples]),
-        "view_b": torch.stack([s["view_b"] for s in samples]),
+        "images": torch.stack([s["image"] for s in samples]),
         "row": torch.tensor([s["row"] for s in samples], dtype=torch.int64),
         "modality": torch.tensor([s["modality"] for s in samples], dtype=torch.int64),
+        "view": torch.tensor([s["view"] for s in samples], dtype=torch.int64),
     }

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from dmdl_cli.data.normalisation import IMAGENET_MEAN, IMAGENET_STD, normalise_images
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.weights import (
     TORCHVISION_MODEL,
@@ -50,10 +51,6 @@ __all__ = [
     "normalize_batch",
 ]
 
-#: Per-channel RGB statistics of ImageNet, the ones torchvision's weights were trained with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # arch -> (output dim, {layer: number of non-local blocks}); the torchvision constructor and its
 # ImageNet files are in dmdl_cli/model/weights.py (TORCHVISION_MODEL, IMAGENET_WEIGHTS)
 _ARCH_SPECS: dict[str, tuple[int, dict[str, int]]] = {
@@ -69,16 +66,16 @@ _ARCH_SPECS: dict[str, tuple[int, dict[str, int]]] = {
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:
     """uint8 images ``(B, 3, H, W)`` -> float32 ``(B, 3, H, W)``: ``(x / 255 - mean) / std``.
 
-    ``mean`` / ``std`` are :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` (RGB order). The result
-    lives on the input's device; the memory format (e.g. channels_last) is preserved.
+    ``mean`` / ``std`` are :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` (RGB order), declared
+    with the arithmetic in ``dmdl_cli/data/normalisation.py`` (the augmentation's ``reference``
+    pipeline normalises there, in the data loader). The result lives on the input's device; the
+    memory format (e.g. channels_last) is preserved.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_batch expects uint8 images, got {images.dtype}")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"normalize_batch expects (B, 3, H, W), got {tuple(images.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.to(torch.float32) / 255.0 - mean) / std
+    return normalise_images(images)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["cai_log_prob", "cai_loss", "modality_prior"]
+__all__ = ["cai_log_prob", "cai_log_prob_from_logits", "cai_loss", "modality_prior"]
 
 
 def cai_log_prob(
@@ -55,23 +55,41 @@ def cai_log_prob(
         temp: softmax temperature tau.
         eps: probability floor used only for ids that no modality can predict.
     """
-    if len(memories) != len(memory_ids) or len(memories) != prior.numel():
-        raise ValueError(
-            f"{len(memories)} memories, {len(memory_ids)} id maps and a prior of "
-            f"{prior.numel()} modalities must agree"
-        )
+    if len(memories) != len(memory_ids):
+        raise ValueError(f"{len(memories)} memories and {len(memory_ids)} id maps must agree")
     with torch.autocast(device_type=feat.device.type, enabled=False):
         feat32 = feat.float()
-        log_prior = torch.log(prior.to(device=feat.device, dtype=torch.float32))
+        logits = [feat32 @ mem.detach().float().T / temp for mem in memories]  # (B, C_m) each
+    return cai_log_prob_from_logits(logits, memory_ids, prior, num_ids, eps=eps)
+
+
+def cai_log_prob_from_logits(
+    logits: Sequence[torch.Tensor],
+    memory_ids: Sequence[torch.Tensor],
+    prior: torch.Tensor,
+    num_ids: int,
+    *,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """``log P(y | do(x))`` ``(B, num_ids)`` from each modality's memory logits
+    ``f(x) . M_m / temp`` ``(B, C_m)`` (gradients flow through them): :func:`cai_log_prob`
+    for callers that compute the logits themselves (stage 2's in-place memory gradient)."""
+    if len(logits) != len(memory_ids) or len(logits) != prior.numel():
+        raise ValueError(
+            f"{len(logits)} memories, {len(memory_ids)} id maps and a prior of "
+            f"{prior.numel()} modalities must agree"
+        )
+    device = logits[0].device
+    with torch.autocast(device_type=device.type, enabled=False):
+        log_prior = torch.log(prior.to(device=device, dtype=torch.float32))
         parts, ids = [], []
-        for mem, mid, lp in zip(memories, memory_ids, log_prior):
-            if mem.shape[0] == 0:
+        for z, mid, lp in zip(logits, memory_ids, log_prior):
+            if z.shape[1] == 0:
                 continue
-            if mid.shape != (mem.shape[0],):
-                raise ValueError(f"memory of shape {tuple(mem.shape)} with ids {tuple(mid.shape)}")
-            logits = feat32 @ mem.detach().float().T / temp  # (B, C_m)
-            parts.append(torch.log_softmax(logits, dim=1) + lp)  # log P(r | x, m) + log P(m)
-            ids.append(mid.to(device=feat.device, dtype=torch.long))
+            if mid.shape != (z.shape[1],):
+                raise ValueError(f"logits over {z.shape[1]} memory rows with ids {tuple(mid.shape)}")
+            parts.append(torch.log_softmax(z.float(), dim=1) + lp)  # log P(r | x, m) + log P(m)
+            ids.append(mid.to(device=device, dtype=torch.long))
         if not parts:
             raise ValueError("cai_log_prob needs at least one non-empty memory")
         a = torch.cat(parts, dim=1)  # (B, R) with R = sum_m C_m

@@ -78,6 +78,7 @@ class NetworkSpec:
     gem_p: float
     last_stride: int
     input_size: tuple[int, int]  # (height, width)
+    resize: str = "bilinear"  # the filter its training images were resized with (data.resize)
 
 
 def checkpoint_spec(meta: Mapping[str, Any], path: Path | str, recipe: Recipe | None) -> NetworkSpec:
@@ -91,9 +92,11 @@ def checkpoint_spec(meta: Mapping[str, Any], path: Path | str, recipe: Recipe | 
         model, data = saved["model"], saved["data"]
         fields = {"model": {k: model.get(k) for k in ("arch", "gem_p", "last_stride")},
                   "data": {k: data.get(k) for k in ("height", "width")}}
+        if "resize" in data:  # a checkpoint of an older dmdl: bilinear, the filter it knew
+            fields["data"]["resize"] = data["resize"]
         network = recipe_from_dict(fields, f"checkpoint {path} meta.recipe", check_schedule=False)
         return NetworkSpec(network.model.arch, network.model.gem_p, network.model.last_stride,
-                           (network.data.height, network.data.width))
+                           (network.data.height, network.data.width), network.data.resize)
     arch = meta.get("arch") or (recipe.model.arch if recipe is not None else None)
     size = meta.get("input_size") or (
         [recipe.data.height, recipe.data.width] if recipe is not None else None)

@@ -59,9 +59,9 @@ from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, descr
 from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
 from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
-from dmdl_cli.data.index import INFRARED, MODALITY_NAMES
+from dmdl_cli.data.index import INFRARED, MODALITY_NAMES, VISIBLE
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.model.cai import cai_log_prob, modality_prior
+from dmdl_cli.model.cai import cai_log_prob_from_logits, modality_prior
 from dmdl_cli.model.loading import load_model
 from dmdl_cli.provenance import check_made_with
 from dmdl_cli.recipe import Recipe, reached, triplet_weight
@@ -84,9 +84,9 @@ from dmdl_cli.training.losses import (
 from dmdl_cli.training.memory import confidence_momentum
 from dmdl_cli.training.objectives import (
     alignment,
-    gathered_batch,
     memory_contrast,
     stage_triplet,
+    update_batch,
     view_targets,
 )
 from dmdl_cli.training.state import EpochState, StageLogic, TrainState
@@ -174,7 +174,7 @@ class CrossModalityStage(StageLogic):
         feats_of = t.train_position  # index row -> row of feats
         inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, feats[feats_of[c.rows]], c.centroids)
                                        for m, c in clusters.items()})
-        assoc = associate(recipe.association.method, inp)
+        assoc = associate(recipe.association.method, inp, recipe.association)
         labels = np.full(len(t.ctx.index), -1, dtype=np.int64)  # unified ids per index row
         for m in MODALITIES:
             labels[clusters[m].rows] = assoc.labels[m]
@@ -183,7 +183,8 @@ class CrossModalityStage(StageLogic):
         fused = _centroids(feats, feats_of[labelled], labels[labelled])
         conf = np.ones(len(labels), dtype=np.float32)
         if recipe.cbt.refine and len(labelled):
-            conf[labelled] = confidences(feats[feats_of[labelled]], fused, labels[labelled], stage.temp)
+            conf[labelled] = confidences(feats[feats_of[labelled]], fused, labels[labelled], stage.temp,
+                                         stage.confidence_gmm)
         ids = {m: unified_memory_ids(labels, modality, m) for m in MODALITIES}
         memories = {}
         for m in MODALITIES:
@@ -243,48 +244,32 @@ class CrossModalityStage(StageLogic):
 
     def batch_loss(self, t: TrainState, batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
-        recipe, stage, runtime, epoch, state = t.recipe, t.stage, t.runtime, t.epoch, t.epoch_state
+        recipe, stage, epoch, state = t.recipe, t.stage, t.epoch, t.epoch_state
         rows, modality = batch["rows"], batch["modality"]
         b = rows.shape[0]
         labels = state.labels_t[rows]  # (B,) unified ids
         conf = state.conf_t[rows]
         refine = recipe.cbt.refine and reached(stage.onehot_epochs, epoch)
-        with runtime.autocast():
-            _, bn = t.ddp_model(batch["images"])  # (2B, D) BN-neck features
-        feat = F.normalize(bn.float(), dim=1)
+        bn = batch["bn"].float()  # (2B, D) BN-neck features, views A then B
+        feat = F.normalize(bn, dim=1)
         fa, fb = feat[:b], feat[b:]
         both_labels, both_mod = torch.cat([labels, labels]), torch.cat([modality, modality])  # (2B,)
-
-        fused = state.memories[FUSED]
-        za, zb = fused.logits(fa), fused.logits(fb)  # (B, num_ids)
-        ta, tb = view_targets(labels, conf, za, zb, stage.refine_topk, refine)
-        per_sample = torch.cat([sample_cross_entropy(za, ta), sample_cross_entropy(zb, tb)])
-        loss_fused = reduce_over_modalities(per_sample, both_mod, stage.loss_reduction)
-
-        intra = memory_contrast(state.memories, lambda m, sel: state.row_of_id[m][labels[sel]], fa, fb,
-                                modality, conf, stage.refine_topk,
-                                refine and stage.intra_targets == "refined")
-
-        cai = feat.new_zeros(())
-        if recipe.cai.enabled:
-            mems = [state.memories[m].features for m in MODALITIES]
-            ids = [state.ids_t[m] for m in MODALITIES]
-            soft = torch.cat([q if q.dim() == 2 else F.one_hot(q, state.num_ids).float() for q in (ta, tb)])
-            log_p = cai_log_prob(feat, mems, ids, state.prior_t, state.num_ids, stage.temp)  # (2B, ids)
-            cai = reduce_over_modalities(-(soft * log_p).sum(dim=1), both_mod, stage.loss_reduction)
-
+        late = late_memories(state, fa, fb, labels, modality, adopter(recipe.association.method, epoch),
+                             stage, recipe.cai.enabled)
+        terms = identity_terms(stage, recipe.cai.enabled, state, feat, labels, modality, conf,
+                               refine, late)
         sigma = triplet_weight(stage.triplet_ramp, epoch)
         triplet = feat.new_zeros(())
         if sigma > 0:
-            triplet = self.triplet(stage, bn.float(), both_labels, both_mod, state.cross_mode)
-        align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
-        identity = recipe.cai.weight * cai if recipe.cai.enabled else loss_fused
-        loss = intra + identity + sigma * triplet + recipe.cbt.align_weight * align
-        parts = {"intra": intra.item(), "fused": loss_fused.item(), "cai": cai.item(),
+            triplet = self.triplet(stage, bn, both_labels, both_mod, state.cross_mode)
+        align = alignment(bn, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
+        identity = recipe.cai.weight * terms.cai if recipe.cai.enabled else terms.fused
+        loss = terms.intra + identity + sigma * triplet + recipe.cbt.align_weight * align
+        parts = {"intra": terms.intra.item(), "fused": terms.fused.item(), "cai": terms.cai.item(),
                  "triplet": triplet.item(), "align": align.item()}
 
         def update() -> None:
-            self.update_memories(t, fa, fb, labels, modality, ta, tb)
+            self.update_memories(t, fa, fb, labels, modality, terms.ta, terms.tb)
 
         return loss, parts, update
 
@@ -304,25 +289,103 @@ class CrossModalityStage(StageLogic):
     def update_memories(t: TrainState, fa, fb, labels, modality, ta, tb) -> None:
         """Momentum updates of the per-modality memories and the fused memory (module doc)
         after a step on views ``fa``, ``fb`` (B, D) with targets ``ta``, ``tb``."""
-        recipe, stage, runtime, state = t.recipe, t.stage, t.runtime, t.epoch_state
+        recipe, stage, state = t.recipe, t.stage, t.epoch_state
         if ta.dim() == 2:  # (2B,) target probability t(y) of each view's own label
             own_target = torch.cat([ta.gather(1, labels[:, None]).squeeze(1),
                                     tb.gather(1, labels[:, None]).squeeze(1)])
         else:
             own_target = torch.ones(2 * labels.shape[0], device=fa.device)
-        feat, lab, mod = gathered_batch(runtime, fa, fb, labels, modality)
+        feat, lab, mod = update_batch(fa, fb, labels, modality)
         movers = memory_updates(mod, adopter(recipe.association.method, t.epoch),
                                 stage.cross_memory_update)
         for m in MODALITIES:
             sel = movers[m]
             if bool(sel.any()):
                 state.memories[m].update(feat[sel], state.row_of_id[m][lab[sel]])
-        feat, lab, _, target = gathered_batch(runtime, fa, fb, labels, modality, own_target,
-                                              first=INFRARED)
+        feat, lab, _, target = update_batch(fa, fb, labels, modality, own_target, first=INFRARED)
         momentum = None
         if recipe.cai.enabled and recipe.cai.confidence_momentum:
             momentum = confidence_momentum(target, base=stage.momentum)
         state.memories[FUSED].update(feat, lab, momentum)
+
+
+@dataclass
+class IdentityTerms:
+    """Stage 2's identity terms of a batch and the targets they were computed with."""
+
+    intra: torch.Tensor  # L_intra, against each sample's own modality memory
+    fused: torch.Tensor  # likelihood term against the fused memory (trained without CAI)
+    cai: torch.Tensor  # L_CAI (0 when CAI is off)
+    ta: torch.Tensor  # targets of view A: (B,) unified ids or (B, num_ids) refined
+    tb: torch.Tensor  # targets of view B
+
+
+def identity_terms(stage, cai_enabled: bool, state: Stage2Epoch, feat: torch.Tensor,
+                   labels: torch.Tensor, modality: torch.Tensor, conf: torch.Tensor, refine: bool,
+                   late: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> IdentityTerms:
+    """L_intra, the fused likelihood term and L_CAI of a batch (module docstring).
+
+    ``feat`` ``(2B, D)`` L2-normalised, views A then B; ``labels``, ``modality``, ``conf``
+    ``(B,)``; ``late`` from :func:`late_memories` (empty: every gradient reads the forward's
+    memory rows). Each per-modality memory's logits are computed once for the whole batch and
+    feed both L_intra and CAI's P(y | x, m), as in the reference.
+    """
+    b = labels.shape[0]
+    fa, fb = feat[:b], feat[b:]
+    both_mod = torch.cat([modality, modality])
+    fused = state.memories[FUSED]
+    za, zb = fused.logits(fa), fused.logits(fb)  # (B, num_ids)
+    ta, tb = view_targets(labels, conf, za, zb, stage.refine_topk, refine)
+    per_sample = torch.cat([sample_cross_entropy(za, ta), sample_cross_entropy(zb, tb)])
+    loss_fused = reduce_over_modalities(per_sample, both_mod, stage.loss_reduction)
+    logits = {m: state.memories[m].logits(feat, *late.get(m, (None, None))) for m in MODALITIES}
+    intra = memory_contrast(state.memories, lambda m, sel: state.row_of_id[m][labels[sel]], fa, fb,
+                            modality, conf, stage.refine_topk,
+                            refine and stage.intra_targets == "refined",
+                            logits=lambda m, sel: (logits[m][:b][sel], logits[m][b:][sel]))
+    cai = feat.new_zeros(())
+    if cai_enabled:
+        soft = torch.cat([q if q.dim() == 2 else F.one_hot(q, state.num_ids).float() for q in (ta, tb)])
+        log_p = cai_log_prob_from_logits([logits[m] for m in MODALITIES],
+                                         [state.ids_t[m] for m in MODALITIES], state.prior_t,
+                                         state.num_ids)  # (2B, num_ids)
+        cai = reduce_over_modalities(-(soft * log_p).sum(dim=1), both_mod, stage.loss_reduction)
+    return IdentityTerms(intra, loss_fused, cai, ta, tb)
+
+
+def late_memories(state: Stage2Epoch, fa: torch.Tensor, fb: torch.Tensor, labels: torch.Tensor,
+                  modality: torch.Tensor, adopting: int | None, stage, cai_enabled: bool
+                  ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """What the in-place memory gradient (``stage2.memory_gradient: in-place``) reads: per
+    memory m, ``(late (2B,) bool, rows (C_m, D))``, the batch rows whose gradient against m
+    reads ``rows`` instead of the forward's.
+
+    The reference computes the infrared samples' memory terms first and the visible ones'
+    second; its memory autograd functions move memory rows inside ``backward``, which runs in
+    reverse order. So the visible samples' nodes move their memories (their own, and the
+    infrared one on the epochs they adopt its ids) before the infrared samples' nodes compute
+    their input gradients, which read the moved rows, for every memory the infrared samples
+    move themselves (their own; the visible one on the epochs they adopt its ids): against a
+    memory they do not move the reference uses a copy taken in the forward. The result is an
+    instance-level pull of the infrared samples toward this batch's visible samples of the same
+    unified id. Visible gradients read the forward's rows. Empty with ``fixed``.
+
+    Without CAI nothing changes either: only CAI's P(y | x, m) reads a sample's logits against
+    the *other* modality's memory, so without it those autograd nodes reach no loss term and
+    autograd never runs their backward (nor the memory moves inside it); the infrared samples'
+    own-memory node then reads rows no visible node moved.
+    """
+    if stage.memory_gradient != "in-place" or not cai_enabled:
+        return {}
+    feat, lab, mod = update_batch(fa, fb, labels, modality)  # the reference's update order
+    movers = memory_updates(mod, adopting, stage.cross_memory_update)
+    late = torch.cat([modality, modality]) == INFRARED  # (2B,) rows of infrared samples
+    out = {}
+    for m in MODALITIES:
+        visible = movers[m] & (mod == VISIBLE)
+        if bool((movers[m] & (mod == INFRARED)).any()) and bool(visible.any()):
+            out[m] = (late, state.memories[m].moved(feat[visible], state.row_of_id[m][lab[visible]]))
+    return out
 
 
 def _centroids(feats: np.ndarray, positions: np.ndarray, labels: np.ndarray) -> np.ndarray:

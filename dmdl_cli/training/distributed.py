@@ -1,7 +1,7 @@
-"""What the training loop needs under DDP (``torchrun``): every rank draws the same global
-batches and takes its slice; pseudo labels are computed on rank 0 and broadcast; memory updates
-gather every rank's samples back into global batch order. On one process each function is the
-identity."""
+"""What the training loop needs under DDP (``torchrun``) besides the forward of
+``training/forward.py``: pseudo labels are computed on rank 0 and broadcast; logged scalars are
+averaged over ranks; features are gathered from every rank. On one process each function is
+the identity."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,17 +10,6 @@ import torch
 import torch.distributed as dist
 
 from dmdl_cli.runtime import Runtime
-
-
-def rank_slice(batch: list, rank: int, world: int) -> list:
-    """This rank's share of a global batch (every rank draws the same global batches)."""
-    return batch[rank::world]
-
-
-def batch_slots(n: int, runtime: Runtime) -> torch.Tensor:
-    """``(n,)`` position in the global batch of each of this rank's ``n`` samples (the inverse
-    of :func:`rank_slice`), so that gathered samples can be put back in batch order."""
-    return torch.arange(n, device=runtime.device) * runtime.world_size + runtime.rank
 
 
 def broadcast_object(obj: Any, runtime: Runtime) -> Any:
@@ -32,13 +21,33 @@ def broadcast_object(obj: Any, runtime: Runtime) -> Any:
     return holder[0]
 
 
-def gather_cat(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """Concatenate a per-rank tensor over ranks (memory updates see the whole global batch)."""
-    if not runtime.distributed:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(runtime.world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order (sizes may differ); the backward sums the
+    gradient over ranks and returns this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, rank
+        width = max(sizes)
+        padded = x.new_zeros((width, *x.shape[1:]))
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+def gather_rows(local: torch.Tensor, sizes: tuple[int, ...], runtime: Runtime) -> torch.Tensor:
+    """Every rank's rows ``(sizes[r], ...)`` concatenated in rank order, with gradient: the
+    backward sums the gradient over ranks (every rank computes the same loss of the gathered
+    rows; DDP then divides by the number of ranks)."""
+    return _GatherRows.apply(local, tuple(sizes), runtime.rank)
 
 
 def mean_over_ranks(value: torch.Tensor, runtime: Runtime) -> float:

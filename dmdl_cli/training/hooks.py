@@ -40,9 +40,6 @@ from dmdl_cli.training.signals import StopRequest, signal_name
 from dmdl_cli.training.state import TrainState
 from dmdl_cli.workspace import save_checkpoint
 
-STEP_RECORD_EVERY = 10  # a ``step`` log record every this many steps (and at an epoch's end)
-
-
 class Hook:
     """A hook does nothing at any event; subclasses override the events they need."""
 
@@ -142,7 +139,7 @@ class ProgressHook(Hook):
         total = max(self.wait + self.compute, 1e-9)
         steps = t.stage.iters - self.first_step
         t.log({"kind": "speed", "epoch": t.epoch, "step": t.stage.iters,
-               "images_per_s": round(steps * self.per_step * t.runtime.world_size / total, 1),
+               "images_per_s": round(steps * self.per_step / total, 1),  # global batch images
                "data_wait_share": round(self.wait / total, 3)})
         t.log({"kind": "epoch", "epoch": t.epoch, "step": t.stage.iters,
                "seconds": round(time.perf_counter() - self.started, 2), "lr": self.lr})
@@ -156,7 +153,7 @@ class ProgressHook(Hook):
 class LogHook(Hook):
     """The run's own records in the stage log: ``start`` (on resume instead: drop the records
     written after the checkpoint, they are written again) and a ``step`` record every
-    ``STEP_RECORD_EVERY`` steps and at each epoch's end. ``log`` is the log ``t.log`` writes
+    ``run.log_every`` steps and at each epoch's end. ``log`` is the log ``t.log`` writes
     to (``training/logs.py``); it is closed at the end."""
 
     def __init__(self, log: Any):
@@ -170,7 +167,7 @@ class LogHook(Hook):
                    "recipe_hash": t.recipe.hash(), "init": t.origin})
 
     def on_step_end(self, t: TrainState) -> None:
-        if t.step % STEP_RECORD_EVERY == 0 or t.step == t.stage.iters:
+        if t.step % t.recipe.run.log_every == 0 or t.step == t.stage.iters:
             t.log({"kind": "step", "epoch": t.epoch, "step": t.step, "loss": round(t.loss, 5),
                    **{name: round(value, 5) for name, value in t.parts.items()}})
 

@@ -13,17 +13,25 @@ import torch
 
 from dmdl_cli.data.index import IndexTable
 from dmdl_cli.data.sampling import epoch_batches
+from dmdl_cli.recipe import CONFIDENCE_GMMS
 from dmdl_cli.training.memory import ClusterMemory
-from dmdl_cli.training.refine import gmm_confidence, sample_losses
+from dmdl_cli.training.refine import global_gmm_confidence, gmm_confidence, sample_losses
 from dmdl_cli.workspace import save_labels
 
 
-def confidences(feats: np.ndarray, cents: np.ndarray, labels: np.ndarray, temp: float) -> np.ndarray:
-    """CBT label refinement: per-cluster 2-component GMM confidence of each sample, (N,)."""
+def confidences(feats: np.ndarray, cents: np.ndarray, labels: np.ndarray, temp: float,
+                gmm: str = "per-cluster") -> np.ndarray:
+    """CBT label refinement: the 2-component GMM confidence of each sample, (N,): one mixture
+    per cluster on losses min-max rescaled within each cluster (``gmm="per-cluster"``), or one
+    over all samples on losses rescaled together (``"global"``, ``stage2.confidence_gmm``)."""
+    if gmm not in CONFIDENCE_GMMS:
+        raise ValueError(f"gmm must be one of {CONFIDENCE_GMMS}, got {gmm!r}")
     if len(labels) == 0 or cents.shape[0] == 0:
         return np.ones(len(labels), dtype=np.float32)
     losses = sample_losses(torch.from_numpy(feats), torch.from_numpy(cents),
-                           torch.from_numpy(labels), temp)
+                           torch.from_numpy(labels), temp, per_cluster_minmax=gmm == "per-cluster")
+    if gmm == "global":
+        return global_gmm_confidence(losses.numpy(), labels)
     return np.asarray(gmm_confidence(losses.numpy(), labels), dtype=np.float32)
 
 
@@ -52,11 +60,14 @@ def restore_memories(saved: dict[Any, torch.Tensor], stage, device: torch.device
 def stage_batches(stage, index: IndexTable, seed: int, labels: np.ndarray, epoch: int,
                   mode: str) -> list:
     """The epoch's batches (``data/sampling.py:epoch_batches``) with the stage's batch shape,
-    iterations and camera-aware sampling; ``labels`` (N_all,) per index row."""
+    iterations and camera-aware sampling, and in ``mode="cross-modality"`` (stage 2 only) its
+    ``cross_sampler``; ``labels`` (N_all,) per index row."""
+    cross = stage.cross_sampler if mode == "cross-modality" else "shared"
     return epoch_batches(labels, modality=index.modality, num_instances=stage.instances,
                          clusters_per_batch=stage.clusters_per_batch, iters=stage.iters,
                          seed=seed, epoch=epoch, mode=mode,
-                         cameras=index.cams if stage.camera_aware_sampling else None)
+                         cameras=index.cams if stage.camera_aware_sampling else None,
+                         cross_sampler=cross)
 
 
 def write_labels_file(t, epoch: int, labels_all: np.ndarray, **arrays: Any) -> None:

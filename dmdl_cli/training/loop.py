@@ -32,16 +32,18 @@ import torch.distributed as dist
 from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
 from dmdl_cli.data.augment import AugmentConfig
+from dmdl_cli.data.index import INFRARED, VISIBLE
 from dmdl_cli.data.sampling import ResumableBatchSampler
-from dmdl_cli.data.train_dataset import TwoViewDataset, collate_views, worker_error
+from dmdl_cli.data.train_dataset import ViewDataset, collate_items, worker_error
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.provenance import check_made_with, write_recipe
-from dmdl_cli.recipe import StageRecipe
+from dmdl_cli.recipe import StageRecipe, stage_augment
 from dmdl_cli.runtime import Runtime, make_grad_scaler, seed_everything, set_rng_state
 from dmdl_cli.stages import StageSpec, stage_spec
 from dmdl_cli.training.commit import RunFiles, clear_leftovers
-from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks, rank_slice
+from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks
+from dmdl_cli.training.forward import ForwardPlan, GroupedForward, forward_plan, global_features
 from dmdl_cli.training.hooks import Hook, Hooks, standard_hooks
 from dmdl_cli.training.logs import open_stage_log
 from dmdl_cli.training.state import EpochState, StageLogic, TrainState
@@ -124,10 +126,13 @@ def _label_epoch(t: TrainState) -> EpochState:
 
 
 def _train_steps(t: TrainState, hooks: Hook) -> None:
-    """The epoch's steps from ``t.step`` on; this rank takes its slice of each batch."""
+    """The epoch's steps from ``t.step`` on; this rank forwards its share of each global batch
+    (``training/forward.py``)."""
     runtime = t.runtime
-    batches = [rank_slice(b, runtime.rank, runtime.world_size) for b in t.epoch_state.batches]
-    loader = make_loader(t.dataset, batches, t.step, workers=t.recipe.run.workers,
+    batches = t.epoch_state.batches
+    plans = [step_plan(t, keys) for keys in batches]
+    loader = make_loader(t.dataset, [plan_items(keys, plan, runtime.rank) for keys, plan in zip(batches, plans)],
+                         t.step, workers=t.recipe.run.workers,
                          pin_memory=runtime.device.type == "cuda")
     # the loader's processes check each row against its checksum as they read it: this
     # process only learns of a mismatch, so it records the rows as read (the ledger's rows_read)
@@ -135,9 +140,9 @@ def _train_steps(t: TrainState, hooks: Hook) -> None:
                                    dtype=np.int64))
     t.ddp_model.train()
     try:
-        for raw in loader:
+        for index, raw in zip(range(t.step, len(batches)), loader):
             hooks.on_step_start(t)
-            loss, parts = optimizer_step(t, to_batch(raw, runtime))
+            loss, parts = optimizer_step(t, to_batch(raw, batches[index], plans[index], t))
             t.step += 1
             t.loss = mean_over_ranks(loss.detach(), runtime)
             t.parts = {name: mean_over_ranks(torch.tensor(value), runtime) for name, value in parts.items()}
@@ -146,10 +151,25 @@ def _train_steps(t: TrainState, hooks: Hook) -> None:
         raise worker_error(err) from None
 
 
-def optimizer_step(t: TrainState, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """One step on ``batch``: the stage's loss, the (scaled) backward pass and update, then the
-    stage's no-grad memory update. Returns the loss and its named parts."""
+def step_plan(t: TrainState, keys: list) -> ForwardPlan:
+    """The forward plan (BatchNorm groups, each rank's share) of the global batch ``keys``."""
+    train = t.recipe.train
+    modality = t.ctx.index.modality[[row for row, _ in keys]]
+    return forward_plan(modality, mode=train.bn_groups, slices=train.bn_slices,
+                        world=t.runtime.world_size)
+
+
+def plan_items(keys: list, plan: ForwardPlan, rank: int) -> list[tuple[int, int, int]]:
+    """The dataset items ``(row, aug_seed, view)`` rank ``rank`` forwards, in its order."""
+    return [(*keys[j], v) for j, v in zip(plan.keys(rank).tolist(), plan.views(rank).tolist())]
+
+
+def optimizer_step(t: TrainState, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step on ``batch``: the forward of this rank's images, the stage's loss over the
+    global batch, the (scaled) backward pass and update, then the stage's no-grad memory
+    update. Returns the loss and its named parts."""
     t.optimizer.zero_grad(set_to_none=True)
+    batch["bn"] = batch_features(t, batch)
     loss, parts, update = t.logic.batch_loss(t, batch)
     if not torch.isfinite(loss):
         raise DmdlError(
@@ -163,23 +183,47 @@ def optimizer_step(t: TrainState, batch: dict[str, torch.Tensor]) -> tuple[torch
     return loss, parts
 
 
-def to_batch(raw: dict[str, torch.Tensor], runtime: Runtime) -> dict[str, torch.Tensor]:
-    """Two uint8 views -> one normalised float input (2B, 3, H, W): view A rows, then view B."""
-    images = torch.cat([raw["view_a"], raw["view_b"]])
+def batch_features(t: TrainState, batch: dict[str, Any]) -> torch.Tensor:
+    """``(2B, D)`` BN-neck features of the global batch (view A of every key, then view B),
+    with gradient: this rank forwards its BatchNorm groups, then every rank's rows are gathered."""
+    plan: ForwardPlan = batch["plan"]
+    rank = t.runtime.rank
+    with t.runtime.autocast():
+        _, bn = t.ddp_model(batch["images"], plan.groups[rank], plan.stats[rank])  # (n_r, D)
+    return global_features(bn, plan, t.runtime)
+
+
+def to_batch(raw: dict[str, torch.Tensor], keys: list, plan: ForwardPlan, t: TrainState
+             ) -> dict[str, Any]:
+    """This rank's images (normalised float on the device) and the global batch's keys: rows
+    and modality ``(B,)`` of every key, and the forward plan."""
+    runtime = t.runtime
+    images = raw["images"]
+    rows = torch.tensor([row for row, _ in keys], dtype=torch.int64)
     return {
-        "images": runtime.to_input(normalize_batch(images)),
-        "rows": raw["row"].to(runtime.device).long(),  # (B,) positions into the train rows
-        "modality": raw["modality"].to(runtime.device).long(),  # (B,)
+        "images": runtime.to_input(normalize_batch(images) if images.dtype == torch.uint8 else images),
+        "rows": rows.to(runtime.device),  # (B,) index rows of the keys
+        "modality": torch.from_numpy(t.ctx.index.modality[rows.numpy()]).long().to(runtime.device),
+        "plan": plan,
     }
 
 
-def make_loader(dataset: TwoViewDataset, batches: list, start: int, *, workers: int,
+def load_batch(t: TrainState, keys: list) -> dict[str, Any]:
+    """The batch ``keys`` as a step receives it, loaded in this process without a DataLoader
+    (benchmarks and tests); ``batch_features(t, batch)`` then forwards it."""
+    plan = step_plan(t, keys)
+    items = plan_items(keys, plan, t.runtime.rank)
+    return to_batch(collate_items([t.dataset[item] for item in items]), keys, plan, t)
+
+
+def make_loader(dataset: ViewDataset, steps: list, start: int, *, workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The epoch's batches from number ``start`` on, augmented by ``workers`` processes."""
+    """The items of each step (``steps[s]``: this rank's ``(row, aug_seed, view)``) from step
+    ``start`` on, augmented by ``workers`` processes."""
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=ResumableBatchSampler(batches, start=start),
-        collate_fn=collate_views,
+        batch_sampler=ResumableBatchSampler(steps, start=start),
+        collate_fn=collate_items,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,
@@ -290,18 +334,27 @@ def _setup(ctx: StageContext, logic: StageLogic, saved: dict[str, Any] | None) -
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=stage.lr, weight_decay=stage.weight_decay)
-    ddp_model = model
+    _check_bn_groups(recipe, stage, runtime)
+    ddp_model = GroupedForward(model)
     if runtime.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    aug = AugmentConfig.from_recipe(recipe.augment, modality_specific=recipe.cbt.augment)
-    dataset = TwoViewDataset(cache, ctx.index.modality, aug)
+            ddp_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    aug = AugmentConfig.from_recipe(stage_augment(recipe, stage), modality_specific=recipe.cbt.augment)
+    dataset = ViewDataset(cache, ctx.index.modality, aug)
     t = TrainState(ctx, logic, model, ddp_model, optimizer,
                    torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage)),
                    make_grad_scaler(runtime), dataset, origin=origin)
     if saved is not None:
         _restore(t, saved)
     return t
+
+
+def _check_bn_groups(recipe, stage: StageRecipe, runtime: Runtime) -> None:
+    """Refuse, before anything is written, a number of processes that cannot share the
+    recipe's BatchNorm groups (a batch holds P x K keys of each modality)."""
+    per_modality = stage.clusters_per_batch * stage.instances
+    forward_plan(np.repeat([VISIBLE, INFRARED], per_modality), mode=recipe.train.bn_groups,
+                 slices=recipe.train.bn_slices, world=runtime.world_size)
 
 
 def _lr_lambda(stage: StageRecipe) -> Callable[[int], float]:

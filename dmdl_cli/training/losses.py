@@ -149,16 +149,24 @@ def cross_modal_triplet(feat: torch.Tensor, labels: torch.Tensor, modality: torc
 
 
 def mmd_multi_kernel(x: torch.Tensor, y: torch.Tensor, *, num_kernels: int = 5,
-                     kernel_mul: float = 2.0) -> torch.Tensor:
-    """Multi-kernel Gaussian MMD^2 (biased estimator) between ``x (B, D)`` and ``y (B', D)``.
+                     kernel_mul: float = 2.0, unbiased: bool = False) -> torch.Tensor:
+    """Multi-kernel Gaussian MMD^2 between ``x (B, D)`` and ``y (B', D)``.
 
-    ``k(a, b) = sum_{i=0}^{K-1} exp(-|a - b|^2 / s_i)`` with bandwidths
-    ``s_i = s * kernel_mul^(i - K // 2)`` and base ``s`` = the mean squared distance over the
-    distinct pairs of the pooled set ``z = [x; y]`` (DAN convention; ``s`` carries no gradient).
+    ``k(a, b) = sum_{i=0}^{K-1} exp(-|a - b|^2 / s_i)`` (summed over the K kernels, not
+    averaged) with bandwidths ``s_i = s * kernel_mul^(i - K // 2)`` and base ``s`` = the mean
+    squared distance over the distinct pairs of the pooled set ``z = [x; y]`` (DAN convention;
+    ``s`` carries no gradient).
 
-    ``MMD^2 = mean k(x, x') + mean k(y, y') - 2 mean k(x, y)``, all means over every pair
-    including the diagonal (biased V-statistic): 0 for identical sets, >= 0 always.
+    ``unbiased=False``: the V-statistic ``mean k(x, x') + mean k(y, y') - 2 mean k(x, y)``, all
+    means over every pair including the diagonal: 0 for identical sets, >= 0 always, biased
+    upward. ``unbiased=True``: the U-statistic of the reference's ``DAN_new``: the within-set
+    means leave the diagonal out (``sum_{i != j} k(x_i, x_j) / (B (B - 1))``, likewise for
+    ``y``), the cross term is ``2 sum k(x_i, y_j) / (B B')``; its expectation is 0 when x and y
+    come from one distribution (it can be negative); needs ``B, B' >= 2``.
     """
+    if unbiased and min(x.shape[0], y.shape[0]) < 2:
+        raise ValueError(f"the unbiased MMD needs >= 2 samples per set, got {x.shape[0]} and "
+                         f"{y.shape[0]}")
     with _no_autocast(x):
         z = torch.cat([x.float(), y.float()], dim=0)  # (n, D), n = B + B'
         n, b = z.shape[0], x.shape[0]
@@ -168,7 +176,10 @@ def mmd_multi_kernel(x: torch.Tensor, y: torch.Tensor, *, num_kernels: int = 5,
         kernel = torch.zeros_like(d2)
         for i in range(num_kernels):
             kernel = kernel + torch.exp(-d2 / (base * kernel_mul ** (i - num_kernels // 2)))
-        kxx = kernel[:b, :b].mean()
-        kyy = kernel[b:, b:].mean()
-        kxy = kernel[:b, b:].mean()
-        return kxx + kyy - 2.0 * kxy
+        kxx, kyy, kxy = kernel[:b, :b], kernel[b:, b:], kernel[:b, b:]
+        if not unbiased:
+            return kxx.mean() + kyy.mean() - 2.0 * kxy.mean()
+        c = n - b
+        within = ((kxx.sum() - kxx.diagonal().sum()) / (b * (b - 1))
+                  + (kyy.sum() - kyy.diagonal().sum()) / (c * (c - 1)))
+        return within - 2.0 * kxy.sum() / (b * c)

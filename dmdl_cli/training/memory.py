@@ -33,7 +33,41 @@ from torch import nn
 
 from dmdl_cli.recipe import MEMORY_UPDATES
 
-__all__ = ["ClusterMemory", "confidence_momentum"]
+__all__ = ["ClusterMemory", "confidence_momentum", "memory_product"]
+
+
+class _MemoryProduct(torch.autograd.Function):
+    """``x @ memory.T`` whose backward reads ``memory_late`` for the rows ``late``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, memory: torch.Tensor, memory_late: torch.Tensor,
+                late: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(memory, memory_late, late)
+        return x @ memory.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        memory, memory_late, late = ctx.saved_tensors
+        grad_x = grad @ memory
+        if bool(late.any()):
+            grad_x[late] = grad[late] @ memory_late
+        return grad_x, None, None, None
+
+
+def memory_product(x: torch.Tensor, memory: torch.Tensor, late: torch.Tensor | None = None,
+                   memory_late: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (B, D) @ memory.T -> (B, C)``, the memory a constant.
+
+    With ``late`` ``(B,)`` bool and ``memory_late`` ``(C, D)``, the value is the same but the
+    gradient of the rows ``late`` reads ``memory_late`` instead of ``memory``: the reference's
+    memory autograd functions move memory rows inside ``backward``, so a node that runs later in
+    the backward pass computes its input gradient against rows an earlier node of the same batch
+    already moved (stage 2's ``memory_gradient: in-place``; ``training/cross.py``).
+    """
+    memory = memory.detach()
+    if late is None or memory_late is None or not bool(late.any()):
+        return x @ memory.T
+    return _MemoryProduct.apply(x, memory, memory_late.detach(), late)
 
 
 
@@ -86,10 +120,13 @@ class ClusterMemory(nn.Module):
     def num_clusters(self) -> int:
         return self.features.shape[0]
 
-    def logits(self, feat: torch.Tensor) -> torch.Tensor:
-        """``(B, D) -> (B, C)``: ``feat @ features.T / temp`` (float32, autocast off)."""
+    def logits(self, feat: torch.Tensor, late: torch.Tensor | None = None,
+               features_late: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, D) -> (B, C)``: ``feat @ features.T / temp`` (float32, autocast off); with
+        ``late`` / ``features_late`` the gradient of those rows reads ``features_late``
+        (:func:`memory_product`)."""
         with torch.autocast(device_type=feat.device.type, enabled=False):
-            return feat.float() @ self.features.T / self.temp
+            return memory_product(feat.float(), self.features, late, features_late) / self.temp
 
     forward = logits
 
@@ -128,6 +165,16 @@ class ClusterMemory(nn.Module):
             pull = (onehot @ ((1.0 - mu).unsqueeze(1) * f)) / count  # (U, D) = (1 - mu_bar) f_bar
             old = self.features[rows].float()  # (U, D)
             self.features[rows] = F.normalize(mu_bar * old + pull, dim=1).to(self.features.dtype)
+
+    @torch.no_grad()
+    def moved(self, feat: torch.Tensor, labels: torch.Tensor, momentum=None) -> torch.Tensor:
+        """The rows ``(C, D)`` this memory would hold after ``update(feat, labels, momentum)``;
+        the memory itself is left as it was."""
+        before = self.features.clone()
+        self.update(feat, labels, momentum)
+        after = self.features.clone()
+        self.features.copy_(before)
+        return after
 
     def _update_in_order(self, f: torch.Tensor, labels: torch.Tensor, mu: torch.Tensor) -> None:
         """Sample-by-sample rule in the given order, in rounds over the r-th sample of each row.

@@ -1,6 +1,6 @@
 """Loss terms and targets both training stages build their batch loss from: the memory
 contrast with (refined) targets of each view, the CBT feature alignment, the stage's triplet,
-and the reference's per-sample memory-update order of a (gathered) two-view batch.
+and the reference's per-sample memory-update order of a two-view batch.
 
 Batches hold two views of B images: features ``fa``, ``fb`` ``(B, D)`` L2-normalised, or
 ``feat (2B, D)`` with view A rows first; ``modality`` is ``(B,)`` or ``(2B,)`` accordingly.
@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from dmdl_cli.clustering.modalities import MODALITIES
 from dmdl_cli.data.index import VISIBLE
 from dmdl_cli.recipe import Recipe, StageRecipe
-from dmdl_cli.training.distributed import batch_slots, gather_cat
 from dmdl_cli.training.losses import (
     batch_hard_triplet,
     contrastive_loss,
@@ -35,33 +35,48 @@ def view_targets(local: torch.Tensor, conf: torch.Tensor, logits_a: torch.Tensor
 
 def memory_contrast(memories: dict, local_labels: Callable[[int, torch.Tensor], torch.Tensor],
                     fa: torch.Tensor, fb: torch.Tensor, modality: torch.Tensor, conf: torch.Tensor,
-                    topk: int, refine: bool) -> torch.Tensor:
+                    topk: int, refine: bool,
+                    logits: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> torch.Tensor:
     """Sum over modalities m of 1/2 [CE(f_A M_m / tau, t_A) + CE(f_B M_m / tau, t_B)].
 
-    ``local_labels(m, sel)`` gives the memory-m rows of the batch samples selected by ``sel``.
+    ``local_labels(m, sel)`` gives the memory-m rows of the batch samples selected by ``sel``;
+    ``logits(m, sel)``, when given, their logits ``(f_A M_m / tau, f_B M_m / tau)`` computed by
+    the caller (stage 2's in-place memory gradient), else ``memories[m].logits``.
     """
     total = fa.new_zeros(())
     for m in MODALITIES:
         sel = modality == m
         if not bool(sel.any()):
             continue
-        mem = memories[m]
         local = local_labels(m, sel)
-        la, lb = mem.logits(fa[sel]), mem.logits(fb[sel])
+        if logits is None:
+            la, lb = memories[m].logits(fa[sel]), memories[m].logits(fb[sel])
+        else:
+            la, lb = logits(m, sel)
         ta, tb = view_targets(local, conf[sel], la, lb, topk, refine)
         total = total + 0.5 * (contrastive_loss(la, ta) + contrastive_loss(lb, tb))
     return total
 
 
-def alignment(fa: torch.Tensor, fb: torch.Tensor, modality: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """CBT feature level: multi-kernel MMD between view A and view B, per modality."""
-    total = fa.new_zeros(())
+def alignment(bn: torch.Tensor, modality: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """CBT feature level: multi-kernel MMD between view A and view B of each modality, summed
+    over the modalities. ``bn (2B, D)``: the BN-neck features, view A rows then view B;
+    ``modality (B,)``. ``cbt.mmd``: ``unbiased-bn-neck`` (the reference's ``DAN_new``) is the
+    U-statistic on ``bn`` as it is; ``biased-normalised`` the V-statistic on the L2-normalised
+    features (:func:`~dmdl_cli.training.losses.mmd_multi_kernel`)."""
+    feat = bn.float()
+    if recipe.cbt.mmd == "biased-normalised":
+        feat = F.normalize(feat, dim=1)
+    b = modality.shape[0]
+    fa, fb = feat[:b], feat[b:]  # (B, D) each
+    total = feat.new_zeros(())
     for m in MODALITIES:
         sel = modality == m
         if int(sel.sum()) > 1:
-            total = total + mmd_multi_kernel(fa[sel].float(), fb[sel].float(),
-                                             num_kernels=recipe.cbt.mmd_kernels,
-                                             kernel_mul=recipe.cbt.mmd_kernel_mul)
+            total = total + mmd_multi_kernel(fa[sel], fb[sel], num_kernels=recipe.cbt.mmd_kernels,
+                                             kernel_mul=recipe.cbt.mmd_kernel_mul,
+                                             unbiased=recipe.cbt.mmd == "unbiased-bn-neck")
     return total
 
 
@@ -88,17 +103,17 @@ def sample_order(modality: torch.Tensor, view: torch.Tensor, slots: torch.Tensor
     return torch.argsort(key, stable=True)
 
 
-def gathered_batch(runtime, fa: torch.Tensor, fb: torch.Tensor, labels: torch.Tensor,
-                   modality: torch.Tensor, *extra: torch.Tensor, first: int = VISIBLE
-                   ) -> list[torch.Tensor]:
-    """Every rank's two-view samples, in :func:`sample_order` (the same on one or many ranks):
-    ``[feat (2B, D), labels (2B,), modality (2B,), *extra]``; ``fa``, ``fb`` ``(b, D)``,
-    ``labels``, ``modality`` ``(b,)`` and each ``extra`` ``(2b, ...)`` (views A then B)."""
+def update_batch(fa: torch.Tensor, fb: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor,
+                 *extra: torch.Tensor, first: int = VISIBLE) -> list[torch.Tensor]:
+    """The global batch's two-view samples in :func:`sample_order` (the reference's memory
+    update order): ``[feat (2B, D) detached, labels (2B,), modality (2B,), *extra]``; ``fa``,
+    ``fb`` ``(B, D)``, ``labels``, ``modality`` ``(B,)`` and each ``extra`` ``(2B, ...)`` (views
+    A then B). Every process holds the whole global batch (``training/forward.py``), so every
+    process moves its memories identically."""
     b = labels.shape[0]
-    slots = batch_slots(b, runtime)
-    view = torch.cat([torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)])
+    slots = torch.arange(b, device=labels.device)
+    view = torch.cat([torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.long)]).to(labels.device)
     parts = [torch.cat([fa, fb]).detach(), torch.cat([labels, labels]),
-             torch.cat([modality, modality]), *extra, torch.cat([slots, slots]), view.to(slots.device)]
-    parts = [gather_cat(p, runtime) for p in parts]
-    order = sample_order(parts[2], parts[-1], parts[-2], first)
-    return [p[order] for p in parts[:-2]]
+             torch.cat([modality, modality]), *extra]
+    order = sample_order(parts[2], view, torch.cat([slots, slots]), first)
+    return [p[order] for p in parts]

@@ -11,6 +11,11 @@ Per cluster a two-component 1-D Gaussian mixture is fitted to these losses by EM
 component. The fit runs for all clusters at once (segment sums with ``np.bincount``), with a
 fixed number of EM iterations and a deterministic initialisation.
 
+With ``confidence_gmm: global`` (:func:`global_gmm_confidence`, the reference's RegDB stage 2)
+the losses are min-max rescaled once over all labelled samples and one mixture is fitted to
+them all. The reference also scores its outliers there (label -1 indexes its last identity
+column, so they enter the min-max and the fit); dmdl leaves outliers out of both.
+
 (b) **Refined target** (:func:`refined_targets`): ``t = c onehot(y) + (1 - c) P_topk``, with
 ``P_topk`` the softmax of the other view's top-k memory logits (the rest at -inf).
 """
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-__all__ = ["gmm_confidence", "refined_targets", "sample_losses"]
+__all__ = ["global_gmm_confidence", "gmm_confidence", "refined_targets", "sample_losses"]
 
 
 def sample_losses(
@@ -116,6 +121,29 @@ def gmm_confidence(
     if as_torch:
         return torch.from_numpy(conf).to(device)
     return conf
+
+
+def global_gmm_confidence(losses, labels, *, iters: int = 50, reg_covar: float = 5e-4
+                          ) -> np.ndarray:
+    """Posterior of the low-loss component of ONE 2-component 1-D GMM over every labelled
+    sample, ``(N,)`` float32 numpy.
+
+    ``losses (N,)`` raw normalised losses (:func:`sample_losses` with
+    ``per_cluster_minmax=False``), ``labels (N,)`` with ``-1`` outliers. The losses of the
+    labelled samples are min-max rescaled to ``[0, 1]`` together (all equal: all 0), then fitted
+    as one cluster by :func:`gmm_confidence` (same EM, initialisation and ``reg_covar``).
+    Outliers take no part in the rescaling nor the fit and get 0.
+    """
+    x = np.asarray(torch.as_tensor(losses).detach().cpu(), dtype=np.float64)
+    y = np.asarray(torch.as_tensor(labels).detach().cpu(), dtype=np.int64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"losses {x.shape} and labels {y.shape} must be equal (N,)")
+    valid = y >= 0
+    scaled = np.zeros_like(x)
+    if valid.any():
+        lo, hi = x[valid].min(), x[valid].max()
+        scaled[valid] = (x[valid] - lo) / (hi - lo) if hi > lo else 0.0
+    return gmm_confidence(scaled, np.where(valid, 0, -1), iters=iters, reg_covar=reg_covar)
 
 
 def _em_low_posterior(x: np.ndarray, seg: np.ndarray, *, iters: int, min_size: int,

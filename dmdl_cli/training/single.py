@@ -39,7 +39,7 @@ from dmdl_cli.training.labelling import (
     write_labels_file,
 )
 from dmdl_cli.training.loop import run_stage
-from dmdl_cli.training.objectives import alignment, gathered_batch, memory_contrast, stage_triplet
+from dmdl_cli.training.objectives import alignment, memory_contrast, stage_triplet, update_batch
 from dmdl_cli.training.state import EpochState, StageLogic, TrainState
 
 
@@ -101,15 +101,14 @@ class SingleModalityStage(StageLogic):
 
     def batch_loss(self, t: TrainState, batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
-        recipe, stage, runtime, epoch, state = t.recipe, t.stage, t.runtime, t.epoch, t.epoch_state
+        recipe, stage, epoch, state = t.recipe, t.stage, t.epoch, t.epoch_state
         rows, modality = batch["rows"], batch["modality"]
         b = rows.shape[0]
         labels = state.labels_t[rows]  # (B,) global cluster ids
         conf = state.conf_t[rows]  # (B,)
         refine = recipe.cbt.refine and reached(stage.refine_from, epoch)
-        with runtime.autocast():
-            _, bn = t.ddp_model(batch["images"])  # (2B, D) BN-neck features
-        feat = F.normalize(bn.float(), dim=1)
+        bn = batch["bn"].float()  # (2B, D) BN-neck features, views A then B
+        feat = F.normalize(bn, dim=1)
         fa, fb = feat[:b], feat[b:]
         offsets = state.offsets
         contrast = memory_contrast(state.memories, lambda m, sel: labels[sel] - offsets[m], fa, fb,
@@ -117,14 +116,14 @@ class SingleModalityStage(StageLogic):
         sigma = triplet_weight(stage.triplet_ramp, epoch)
         triplet = feat.new_zeros(())
         if sigma > 0:
-            triplet = stage_triplet(stage, bn.float(), torch.cat([labels, labels]),
+            triplet = stage_triplet(stage, bn, torch.cat([labels, labels]),
                                     torch.cat([modality, modality]))
-        align = alignment(fa, fb, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
+        align = alignment(bn, modality, recipe) if recipe.cbt.align else feat.new_zeros(())
         loss = contrast + sigma * triplet + recipe.cbt.align_weight * align
         parts = {"contrast": contrast.item(), "triplet": triplet.item(), "align": align.item()}
 
         def update() -> None:
-            all_feat, all_labels, all_mod = gathered_batch(runtime, fa, fb, labels, modality)
+            all_feat, all_labels, all_mod = update_batch(fa, fb, labels, modality)
             for m in MODALITIES:
                 sel = all_mod == m
                 if bool(sel.any()):

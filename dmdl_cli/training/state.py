@@ -23,6 +23,7 @@ from dmdl_cli.recipe import Recipe, StageRecipe
 from dmdl_cli.runtime import Runtime
 from dmdl_cli.stages import StageSpec
 from dmdl_cli.training.commit import RunFiles
+from dmdl_cli.training.forward import GroupedForward
 from dmdl_cli.training.memory import ClusterMemory
 
 Record = dict[str, Any]  # one line of the stage's log.jsonl
@@ -81,7 +82,8 @@ class TrainState:
     """A training run: what it trains, where it is, and the epoch's labels and memories.
 
     ``model`` is the network itself (saved, used for features); ``ddp_model`` is what a step
-    calls: ``model`` wrapped in DistributedDataParallel under ``torchrun``, else ``model``.
+    calls: ``model`` forwarded in its BatchNorm groups (``training/forward.py``:
+    ``GroupedForward``), wrapped in DistributedDataParallel under ``torchrun``.
     ``epoch`` is 0-based; ``step`` counts the steps done in it (``stage.iters`` at its end).
     """
 
@@ -92,7 +94,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None  # torch.optim.lr_scheduler.LambdaLR
     scaler: Any = None  # torch.amp.GradScaler
-    dataset: Any = None  # dmdl_cli.data.train_dataset.TwoViewDataset
+    dataset: Any = None  # dmdl_cli.data.train_dataset.ViewDataset
     log: Callable[[Record], None] = _no_log  # the stage's log (JsonLog, maybe with TensorBoard)
     epoch: int = 0
     step: int = 0
@@ -105,7 +107,7 @@ class TrainState:
 
     def __post_init__(self) -> None:
         if self.ddp_model is None:
-            self.ddp_model = self.model
+            self.ddp_model = GroupedForward(self.model)
 
     @property
     def recipe(self) -> Recipe:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from dmdl_cli.clustering.criteria import EpochLabels, epoch_criteria
-from dmdl_cli.clustering.eps import epoch_labels
+from dmdl_cli.clustering.modalities import epoch_labels
 from dmdl_cli.data.index import IndexTable
 from dmdl_cli.features.extract import extract_features
 from dmdl_cli.model.loading import LoadedModel, resolve_model
@@ -78,7 +78,7 @@ def checkpoint_criteria(ws: Workspace, recipe: Recipe, stage_name: str, *, index
         trains_across = spec.upstream is not None  # stage 2: association, k1 alternation
         now = epoch_labels(feats, modality, cluster, delta=select.eps_delta,
                            k1=clustering_k1(recipe, epoch) if trains_across else None,
-                           association=recipe.association.method if trains_across else None,
+                           association=recipe.association if trains_across else None,
                            epoch=epoch)
         record = epoch_criteria(now, previous[1] if previous else None, feats, epoch=epoch,
                                 rank_samples=select.rank_samples, seed=recipe.train.seed)

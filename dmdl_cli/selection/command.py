@@ -75,7 +75,8 @@ def select_stage(ctx: StageContext, spec: StageSpec) -> Path:
     rule, epochs = recipe.select, spec.section(recipe).epochs
     models = stage_models(ws.root, spec, epochs)  # {epochs trained: file}, final.pt for the last
     kept = [e for e in models if e < epochs]
-    if not kept and rule.criterion != "last":
+    between = spec.upstream is not None and rule.between_stages != "stage2"
+    if not kept and rule.criterion != "last" and not between:
         raise DmdlError(
             f"{spec.name} kept no epoch models (run.keep_epochs was false), so only its final model "
             f"exists and select.criterion {rule.criterion} has none to choose between: use "
@@ -84,8 +85,8 @@ def select_stage(ctx: StageContext, spec: StageSpec) -> Path:
     candidates = [r for r in records if int(r["epoch"]) in models]
     choice = choose_epoch(candidates, rule, last_epoch=epochs)
     start = None
-    if spec.upstream is not None and rule.between_stages != "stage2":
-        start, _ = start_checkpoint(ws, spec, recipe)  # epoch 0: the model stage 2 started from
+    if between:  # epoch 0: the model stage 2 started from
+        start, _ = start_checkpoint(ws, spec, recipe)
         choice = choose_between_stages(records, choice, rule)
     target = start if choice.epoch == 0 else models[choice.epoch]
     _print(ctx, spec, records, models, choice, recipe_file, rule, start)
@@ -126,6 +127,9 @@ def _print(ctx: StageContext, spec: StageSpec, records: list, models: dict, choi
     if not_kept:
         log(f"{len(not_kept)} model(s) not kept (run.keep_epochs), so not chosen: epochs "
             f"{', '.join(map(str, not_kept))}")
+    if start is not None and all(e == max(models) for e in models):
+        log(f"{spec.name} kept no epoch models: the choice is between its final model and the "
+            "one it started from (select.between_stages)")
     log(f"[bold]selected[/] {spec.name}: {escape(choice.reason)}")
 
 

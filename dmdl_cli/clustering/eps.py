@@ -29,7 +29,7 @@ import scipy.sparse as sp
 
 from dmdl_cli.clustering.criteria import eps_robustness, json_ready, label_alarms
 from dmdl_cli.clustering.jaccard import jaccard_distance
-from dmdl_cli.clustering.pseudo_labels import centroids, cluster_stats, dbscan_precomputed
+from dmdl_cli.clustering.pseudo_labels import cluster_stats, dbscan_precomputed
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import ClusterRecipe
 

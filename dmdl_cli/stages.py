@@ -112,7 +112,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     # select writes only the training stages' selected.pt (holding their locks shared: the
     # runner's `reads`); its own folder is never made, its lock is shared (several may run)
     StageSpec("select", "select", "select", "select", "dmdl_cli.selection.command:select_models",
-              "Choose a stage's model by the recipe's label-free rule (writes selected.pt).",
+              "Choose a checkpoint by the recipe's label-free rule.",
               concurrent=True),
 )}
 TRAINING_STAGES: tuple[StageSpec, ...] = tuple(s for s in STAGES.values() if s.trains)

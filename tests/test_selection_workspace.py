@@ -201,6 +201,16 @@ def test_select_follows_the_declared_rule_and_never_opens_a_test_row(trained, li
         assert selection.criterion == "eps_robustness" and selection.recipe == f"{stage}/recipe.yaml"
         assert f"selected {stage}: epoch {epoch}" in result.output
         pointers[stage] = (linked / stage / "selected.pt").read_text()
+    # the rule is the one the run declared when it started: a recipe file rewritten since (a
+    # --resume with other select: values) is said, not followed
+    start = json.loads((linked / "stage1" / "log.jsonl").read_text().splitlines()[0])
+    assert start["kind"] == "start" and start["select"]["criterion"] == "eps_robustness"
+    recipe_file = linked / "stage1" / "recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace("criterion: eps_robustness",
+                                                           "criterion: last"))
+    again = invoke(["select", "--workspace", linked, "--stage", "stage1"])
+    assert again.exit_code == 0 and "declared another select: rule" in again.output
+    assert (linked / "stage1" / "selected.pt").read_text() == pointers["stage1"]
     # the same answer from a workspace without its test split
     blind = linked_workspace(trained.root, tmp_path / "blind")
     _without_test_rows(blind)

@@ -2,16 +2,18 @@
 
 For each stage asked (``--stage stage1|stage2|both``; default the newest finished stage) it
 reads the ``criteria`` records the training logged (``WS/<stage>/log.jsonl``, one per model:
-epoch e = the model after e epochs, the final model included) and the rule of the recipe the
-stage was trained with (``WS/<stage>/recipe.yaml``: its ``select:`` section, part of the
-recipe the run hashed and logged when it started), prints each model's criteria and the model
+epoch e = the model after e epochs, the final model included) and the rule the run declared
+(the ``select:`` section of its recipe, which the log's ``start`` record holds), prints each
+model's criteria and the model
 the rule chooses among those that exist (kept ``epoch-NNN.pt`` with ``run.keep_epochs``, and
 ``final.pt``) with its reason, and writes ``WS/<stage>/selected.pt``, a pointer to it
 (:mod:`dmdl_cli.selected`). Stage 2's rule may also keep the model stage 2 started from
 (``select.between_stages``; :func:`dmdl_cli.selection.rule.choose_between_stages`).
 
-It reads the log, the recipe file and the chosen model's bytes (for its sha256): never the
-index, the image cache or a test row, and never ``--set``: the rule is the one the run declared.
+The rule is the one the run declared when it started: recorded in its log's ``start`` record
+(the stage's recipe file for a log that does not hold it); ``select`` takes no ``--set``. It
+reads the log, the recipe file and the chosen model's bytes (for its sha256): never the index,
+the image cache or a test row.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dmdl_cli.atomic import sha256_file
 from dmdl_cli.console import console, log
 from dmdl_cli.context import StageContext
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.recipe import SelectRecipe, load_recipe
+from dmdl_cli.recipe import SelectRecipe, load_recipe, recipe_from_dict
 from dmdl_cli.report.logs import read_jsonl
 from dmdl_cli.report.tables import criteria_table
 from dmdl_cli.selected import (
@@ -65,14 +67,15 @@ def select_stage(ctx: StageContext, spec: StageSpec) -> Path:
     if not log_path.is_file():
         raise DmdlError(f"{ws.rel(log_path)} is missing: select reads the criteria the training "
                         f"logged; train {spec.name} again (`dmdl {spec.command} --force`)")
-    records = criteria_records(read_jsonl(log_path))
+    logged = read_jsonl(log_path)
+    records = criteria_records(logged)
     if not records:
         raise DmdlError(f"{ws.rel(log_path)} holds no criteria records (trained by a dmdl that did "
                         f"not log them): train {spec.name} again (`dmdl {spec.command} --force "
                         "--set run.keep_epochs=true`) to choose among its epochs")
     recipe_file = spec.recipe_file(ws)
     recipe = load_recipe(recipe_file)
-    rule, epochs = recipe.select, spec.section(recipe).epochs
+    rule, epochs = declared_rule(ws, log_path, logged, recipe.select), spec.section(recipe).epochs
     models = stage_models(ws.root, spec, epochs)  # {epochs trained: file}, final.pt for the last
     kept = [e for e in models if e < epochs]
     between = spec.upstream is not None and rule.between_stages != "stage2"
@@ -106,6 +109,22 @@ def select_stage(ctx: StageContext, spec: StageSpec) -> Path:
     return pointer
 
 
+def declared_rule(ws, log_path: Path, logged: list[dict], recorded: SelectRecipe) -> SelectRecipe:
+    """The rule the run declared when it started (its log's ``start`` record), else the one of
+    its recipe file (``recorded``; a log of a dmdl that did not record it). ``select:`` is in no
+    stage's hash, so a ``--resume`` may have rewritten the file with other values: said, not
+    used."""
+    start = next((r for r in logged if r.get("kind") == "start"), None)
+    if start is None or not isinstance(start.get("select"), dict):
+        return recorded
+    declared = recipe_from_dict({"select": start["select"]}, f"{ws.rel(log_path)} start record",
+                                check_schedule=False).select
+    if declared != recorded:
+        log(f"note: the run declared another select: rule when it started than its recipe.yaml "
+            f"now holds (a --resume with other select: values); the declared one applies")
+    return declared
+
+
 def _print(ctx: StageContext, spec: StageSpec, records: list, models: dict, choice: Choice,
            recipe_file: Path, rule: SelectRecipe, start: Path | None) -> None:
     """The table of every model's criteria, the rule, what was not kept, the choice."""
@@ -119,7 +138,7 @@ def _print(ctx: StageContext, spec: StageSpec, records: list, models: dict, choi
                            [view], compact=True, criterion=criterion)
     console.print(table.rich())
     between = f", between stages {rule.between_stages}" if spec.upstream is not None else ""
-    log(f"rule of {escape(ws.rel(recipe_file))} (declared before training): criterion "
+    log(f"rule declared when {spec.name} started ({escape(ws.rel(recipe_file))}): criterion "
         f"{rule.criterion}, warm-up {rule.warmup}, tolerance {rule.tolerance:g}, tie {rule.tie}, "
         f"largest cluster at most {rule.max_largest_share:.0%}{between}")
     not_kept = sorted(int(r["epoch"]) for r in records

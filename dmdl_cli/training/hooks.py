@@ -27,6 +27,7 @@ after them.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Iterable
 
@@ -166,8 +167,11 @@ class LogHook(Hook):
         if t.resumed_at is not None:
             self.log.truncate_after(*t.resumed_at)
         else:
+            # the selection rule as the run declares it before training (dmdl select applies
+            # this one: select: is in no stage's hash, so a --resume could change the file's)
             t.log({"kind": "start", "epoch": 0, "step": 0, "stage": t.spec.name,
-                   "recipe_hash": t.recipe.hash(), "init": t.origin})
+                   "recipe_hash": t.recipe.hash(), "init": t.origin,
+                   "select": dataclasses.asdict(t.recipe.select)})
 
     def on_step_end(self, t: TrainState) -> None:
         if t.step % t.recipe.run.log_every == 0 or t.step == t.stage.iters:

@@ -16,7 +16,8 @@ augmentation (row 1), +CAI (2), CAI with each part of CBT alone (3-5: data augme
 refinement, feature alignment), +CBT (6), DMDL (7). On the ``source`` setting, faithful DMDL is
 also run with each switch of :data:`SWITCHES` turned off in turn (``--set`` overrides; edit the
 table to change them). ``--update-docs`` writes the tables into docs/results.md between its
-``<!-- ablation:start -->`` / ``<!-- ablation:end -->`` markers.
+``<!-- ablation:start -->`` / ``<!-- ablation:end -->`` markers, and the Table 3 summary (mAP per
+row and setting) into README.md between ``<!-- ablation-summary:start/end -->``.
 
 Runs whose stage-1 recipe sections hash equal (:func:`dmdl_cli.stages.stage_hash`) share one
 stage-1 run, copied into each stage-2 workspace. Every step is skipped when its result exists
@@ -535,7 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--cai-share", action="store_true", help="add the CAI own-modality share table")
     parser.add_argument("--update-docs", action="store_true",
-                        help=f"also write the tables into {DOCS.relative_to(REPO)} between its ablation markers")
+                        help=f"also write the tables into {DOCS.relative_to(REPO)} and their summary into "
+                             "README.md, between their ablation markers")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="recipe override for every run and the source backbone (section.key=value)")
     parser.add_argument("--source", action="append", default=[],
@@ -566,6 +568,7 @@ def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavail
         lines += switch_table(plan, args.seeds, args.switches, unavailable)
     if args.cai_share:
         lines += cai_share_table(plan, runs)
+    documented = len(lines)  # docs/results.md takes the tables up to here, not every run's row
     lines += per_seed_table(plan, runs)
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -574,18 +577,36 @@ def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavail
                 "unavailable": unavailable.get(run)} for run in runs]
     atomic_write_text(REPO / args.json, json.dumps({"command": command, "runs": records}, indent=1) + "\n")
     if args.update_docs:
-        update_docs(DOCS, "\n".join(lines[1:]))  # the page has its own heading
+        update_docs(DOCS, "\n".join(lines[1:documented]))  # the page has its own heading
+        update_docs(README, "\n".join(summary_table(plan, args.settings, args.seeds, args.variants)),
+                    README_MARKERS)
     print("\n".join(lines))
+
+
+def summary_table(plan: Plan, settings: list[str], seeds: list[int], variants: list[str]) -> list[str]:
+    """The README's short form: all-search mAP (mean ± std over seeds) of each Table 3 row (and
+    every run's mAP) per setting."""
+    lines = ["| Table 3 row | " + " | ".join(SETTINGS[s][2] for s in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    for variant in variants:
+        cells = []
+        for setting in settings:
+            rows = [r for s in seeds if (r := read_result(plan, Run(setting, variant, s))) is not None]
+            cells.append(f"{mean_std([r['mAP'] for r in rows])} ({per_seed(rows)})" if rows else "—")
+        lines.append(f"| {VARIANTS[variant][1]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 DOCS = REPO / "docs" / "results.md"
 DOCS_MARKERS = ("<!-- ablation:start -->", "<!-- ablation:end -->")
+README = REPO / "README.md"
+README_MARKERS = ("<!-- ablation-summary:start -->", "<!-- ablation-summary:end -->")
 
 
-def update_docs(path: Path, tables: str) -> None:
-    """Replace what lies between the ablation markers of ``path`` by ``tables``."""
+def update_docs(path: Path, tables: str, markers: tuple[str, str] = DOCS_MARKERS) -> None:
+    """Replace what lies between the ``markers`` lines of ``path`` by ``tables``."""
     text = path.read_text()
-    start, end = DOCS_MARKERS
+    start, end = markers
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise SystemExit(f"{path}: needs one '{start}' line before one '{end}' line")
     head, rest = text.split(start)

@@ -382,10 +382,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plans(ab, args: argparse.Namespace) -> list[tuple[float | None, Any]]:
-    """One ablation plan per eps (its own folder), all with ``run.keep_epochs=true``."""
+    """One ablation plan per eps (its own folder), all with ``run.keep_epochs=true``. The
+    recipe's own eps is the plain plan (the work folder itself): its runs are the ones
+    ``benchmarks/ablation.py`` runs as DMDL in the same work folder, trained once."""
+    from dmdl_cli.recipe import load_recipe
+
     root = (REPO / args.workdir).resolve()
+    recipe_eps = load_recipe(REPO / args.recipe, overrides=args.sets).cluster.eps
     out = []
     for eps in args.eps or [None]:
+        if eps is not None and math.isclose(eps, recipe_eps):
+            eps = None
         work = root if eps is None else root / f"eps-{eps:g}"
         sets = [*args.sets, "run.keep_epochs=true", *([f"cluster.eps={eps}"] if eps is not None else [])]
         out.append((eps, ab.Plan(work, (REPO / args.recipe).resolve(), sets, args.threads,

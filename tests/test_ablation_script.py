@@ -61,6 +61,9 @@ def test_tables_average_the_finished_seeds(tmp_path):
     assert ("| 1 baseline (visible channel aug.) | no | no | no | no | 20.0 ± 10.0 | 25.0 ± 5.0 | "
             "12.5 ± 2.5 | 2 | 20.0, 30.0 |") in text
     assert "| 7 DMDL (CAI + CBT) | yes | yes | yes | yes | 50.0 | 40.0 | 20.0 | 1 | 40.0 |" in text
+    summary = ab.summary_table(plan, ["scratch"], [1, 2], ["baseline", "dmdl"])
+    assert summary[2] == "| 1 baseline (visible channel aug.) | 25.0 ± 5.0 (20.0, 30.0) |"
+    assert summary[3] == "| 7 DMDL (CAI + CBT) | 40.0 (40.0) |"
     records = json.loads((tmp_path / "a.json").read_text())["runs"]
     assert [r["result"] is None for r in records] == [False, False, False, True]
     # a result made with other settings is stale: not reported

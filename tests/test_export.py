@@ -264,7 +264,10 @@ def test_embed_matches_evaluation_features(tiny_workspace, checkpoint_file):
     index, cache = _cache(tiny_workspace)
     rows = np.array([0, 5, 100, len(index) - 1])
     paths = [index.paths[i] for i in rows]
-    feats = dmdl_cli.embed(paths, checkpoint_file, batch_size=3, device="cpu")
+    # the checkpoint carries no recipe (an older dmdl's): the workspace's recipe says how its
+    # images were resized (bicubic), as for evaluation
+    recipe = tiny_workspace / "recipe.yaml"
+    feats = dmdl_cli.embed(paths, checkpoint_file, recipe=recipe, batch_size=3, device="cpu")
     assert feats.shape == (4, 512) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
 
@@ -275,10 +278,11 @@ def test_embed_matches_evaluation_features(tiny_workspace, checkpoint_file):
 
     # PIL images (any size, grey or RGB) give the same result as their files
     pil = [Image.open(p) for p in paths]
-    np.testing.assert_allclose(dmdl_cli.embed(pil, checkpoint_file, device="cpu"), feats, atol=1e-6)
-    single = dmdl_cli.embed(paths[1], checkpoint_file, device="cpu")
+    np.testing.assert_allclose(dmdl_cli.embed(pil, checkpoint_file, recipe=recipe, device="cpu"), feats,
+                               atol=1e-6)
+    single = dmdl_cli.embed(paths[1], checkpoint_file, recipe=recipe, device="cpu")
     np.testing.assert_allclose(single, feats[1:2], atol=1e-5)
-    no_flip = dmdl_cli.embed(paths, checkpoint_file, flip=False, device="cpu")
+    no_flip = dmdl_cli.embed(paths, checkpoint_file, recipe=recipe, flip=False, device="cpu")
     np.testing.assert_allclose(no_flip, extract_features(model, cache, rows, CPU, flip=False),
                                atol=1e-5)
     assert np.abs(no_flip - feats).max() > 1e-4  # flip averaging does something

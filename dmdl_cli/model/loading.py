@@ -106,9 +106,10 @@ def checkpoint_spec(meta: Mapping[str, Any], path: Path | str, recipe: Recipe | 
     fallback = recipe if recipe is not None else Recipe()
     where = "the recipe" if recipe is not None else "the recipe defaults"
     log(f"note: checkpoint {path} does not carry its recipe (an older dmdl): gem_p "
-        f"{fallback.model.gem_p} and last_stride {fallback.model.last_stride} come from {where}")
+        f"{fallback.model.gem_p}, last_stride {fallback.model.last_stride} and the resize filter "
+        f"{fallback.data.resize} come from {where}")
     return NetworkSpec(str(arch), float(fallback.model.gem_p), int(fallback.model.last_stride),
-                       (int(size[0]), int(size[1])))
+                       (int(size[0]), int(size[1])), fallback.data.resize)
 
 
 def check_compatible(spec: NetworkSpec, recipe: Recipe, path: Path | str) -> None:

@@ -28,6 +28,7 @@ from dmdl_cli.console import console
 from dmdl_cli.errors import DmdlError, NotImplementedStage
 from dmdl_cli.datasets import ALL_MODES, DATASET_NAMES, dataset_record
 from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS, OptionOverride
+from dmdl_cli.selected import BOTH, stages_to_select
 from dmdl_cli.stages import BY_COMMAND, TRAINING_STAGES, StageSpec, stage_spec
 
 app = typer.Typer(
@@ -66,9 +67,10 @@ OverlayOpt = typer.Option(None, "--overlay", metavar="FILE",
                           help="Overlay YAML applied on the recipe (repeatable).")
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE",
                       help="Override a recipe key, e.g. stage1.epochs=1 (repeatable).")
-CheckpointOpt = typer.Option(None, "--checkpoint", metavar="PATH|imagenet",
-                             help="A checkpoint file, or 'imagenet': the untrained network of the "
-                             "recipe (default: the newest of stage 2, then stage 1).")
+CheckpointOpt = typer.Option(None, "--checkpoint", metavar="PATH|imagenet|selected",
+                             help="A checkpoint file, 'imagenet': the untrained network of the "
+                             "recipe, or 'selected': the model `dmdl select` chose (default: the "
+                             "newest of stage 2, then stage 1).")
 ForceOpt = typer.Option(False, "--force", help="Overwrite what this stage wrote before.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue a killed or partial run from its last checkpoint.")
 DeterministicOpt = typer.Option(False, "--deterministic", help="Bit-reproducible CPU run (slower).")
@@ -181,7 +183,7 @@ def _warn_missing_weights(recipe) -> None:
 @command("cluster")
 def cluster(
     workspace: Path = WorkspaceOpt,
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="PATH|imagenet", help="A checkpoint file, or 'imagenet': the untrained network of the recipe (default: the newest of stage 2, then stage 1, else imagenet)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", metavar="PATH|imagenet|selected", help="A checkpoint file, 'imagenet': the untrained network of the recipe, or 'selected': the model `dmdl select` chose (default: the newest of stage 2, then stage 1, else imagenet)."),
     modality: str = _choice("both", "--modality", values=CLUSTER_MODALITIES, help="Which modality to cluster."),
     recipe: Optional[Path] = RecipeOpt,
     overlay: Optional[list[Path]] = OverlayOpt,
@@ -261,6 +263,23 @@ def export(
          body=lambda ctx: _stage_function("export")(ctx, fmt=fmt, opset=opset,
                                                     dynamic_batch=dynamic_batch))
     _results(f"{_output_folder(workspace, 'export')}")
+
+
+@command("select")
+def select(
+    workspace: Path = WorkspaceOpt,
+    stage: Optional[str] = _choice(None, "--stage", values=[*(s.name for s in TRAINING_STAGES), BOTH], help="The stage whose model to choose (default: the newest finished stage); both: every stage, in order."),
+) -> None:
+    """Choose a stage's model by the label-free rule its recipe declared before training.
+
+    Prints each model's criteria (from the training log) and the one the rule (select: of the
+    stage's recipe.yaml) chooses among the kept epochs (run.keep_epochs) and the final model,
+    and writes WS/<stage>/selected.pt, which --checkpoint selected follows. Reads no test image.
+    """
+    stages = stages_to_select(_folder(workspace), stage)
+    pointers = _run("select", workspace, None, None, None, reads=stages, stages=list(stages),
+                    body=lambda ctx: _stage_function("select")(ctx, stages=stages))
+    _results(", ".join(str(p) for p in pointers) + " (pointers to the selected models)")
 
 
 def _folder(workspace: Path) -> Path:

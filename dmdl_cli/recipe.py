@@ -100,6 +100,12 @@ MAX_INT = 2**31 - 1  # any other integer: nothing the tool counts comes near it
 SELECT_CRITERIA = ("last", "eps_robustness", "label_ari", "label_nmi", "unified_ari", "pairs_kept",
                    "mutual_nn", "matching_cost", "association_cost", "effective_rank")
 SELECT_TIES = ("later", "earlier")  # which epoch a tie goes to
+# What stage 2's selection may also choose: only its own models ("stage2"), or, by one of the
+# criteria its record of the model it started from defines (stability needs a previous epoch),
+# that model when it scores better.
+SELECT_BETWEEN_STAGES = ("stage2", "mutual_nn", "matching_cost", "association_cost",
+                         "eps_robustness", "effective_rank")
+STAGE2_STARTS = ("final", "selected")  # the stage-1 model stage 2 starts from
 
 
 def _choice(default: Any, choices: Iterable[Any]) -> Any:
@@ -262,6 +268,9 @@ class Stage2Recipe(StageRecipe):
     cross_sampler: str = _choice("shared", CROSS_SAMPLERS)
     # label refinement's GMM: one per unified id, or one over all labelled samples (RegDB)
     confidence_gmm: str = _choice("per-cluster", CONFIDENCE_GMMS)
+    # the stage-1 model stage 2 starts from: stage1/final.pt, or the one `dmdl select --stage
+    # stage1` chose by the recipe's select: rule (stage1/selected.pt; docs/selection.md)
+    start_from: str = _choice("final", STAGE2_STARTS)
 
 
 @dataclass
@@ -499,6 +508,10 @@ class SelectRecipe:
     # of the best is picked
     sweep_min_peak: float = _ranged(0.5, 0.0, 1.0)
     rank_samples: int = _ranged(1024, 2, MAX_IMAGES)  # train feature rows of the effective rank (RankMe)
+    # stage 2's selection: "stage2" chooses among its own models only; a criterion also keeps
+    # the model stage 2 started from (stage 1's) when that scores better by it than stage 2's
+    # choice, beyond `tolerance` (on data where the association fails, stage 2 can end below it)
+    between_stages: str = _choice("stage2", SELECT_BETWEEN_STAGES)
 
 
 def _stage2_defaults() -> Stage2Recipe:

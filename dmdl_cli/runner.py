@@ -2,7 +2,8 @@
 
 :func:`run_command` opens the workspace (prepare-data creates it), finishes or undoes what a
 killed ``prepare-data --force`` left (``data/swap.py``), resolves the checkpoint a command
-loads (:func:`dmdl_cli.stages.resolve_checkpoint`) and the recipe
+loads (:func:`dmdl_cli.stages.resolve_checkpoint`; a pointer of ``dmdl select`` is followed to
+the model it names, :mod:`dmdl_cli.selected`) and the recipe
 (:mod:`dmdl_cli.provenance`: inherited keys, and a refusal naming every key that differs from
 what an upstream result was made with), selects the runtime, takes the locks of the command's
 stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`StageContext` once
@@ -29,6 +30,7 @@ from dmdl_cli.data.swap import settle_interrupted_swap
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.provenance import resolve_recipe
 from dmdl_cli.recipe import Recipe, schedule_warning
+from dmdl_cli.selected import follow_checkpoint
 from dmdl_cli.stages import StageSpec, resolve_checkpoint, stage_spec
 from dmdl_cli.workspace import LOCK_FILE, Workspace
 
@@ -51,14 +53,17 @@ def run_command(
     resume: bool = False,
     checkpoint: str | None = None,
     deterministic: bool = False,
+    reads: Sequence[str] = (),
     **ledger_info: Any,
 ) -> Result:
     """Run ``body`` (a stage function of a :class:`StageContext`) as command ``command``.
 
     ``recipe``, ``overlays``, ``overrides``, ``resume``: what the recipe is resolved from
     (``default_recipe`` and ``force``: prepare-data's base recipe). ``checkpoint``: the
-    ``--checkpoint`` of a stage that loads one, resolved here once. ``ledger_info``: extra
-    fields of the ledger entry's ``info``.
+    ``--checkpoint`` of a stage that loads one, resolved here once (``selected`` and pointer
+    files are followed: ``dmdl_cli/selected.py``). ``reads``: training stages whose results the
+    command reads and points into (``select``): their locks are held shared while it runs.
+    ``ledger_info``: extra fields of the ledger entry's ``info``.
     """
     spec = stage_spec(command)
     if resume and force:
@@ -68,7 +73,16 @@ def run_command(
     settle_interrupted_swap(ws, command)  # a killed prepare-data --force: finished or undone
     if not spec.exclusive:
         ws.require_dataset()
-    chosen = resolve_checkpoint(ws, spec, checkpoint) if spec.loads_checkpoint else None
+    chosen = None
+    if spec.loads_checkpoint:
+        followed = follow_checkpoint(ws, checkpoint)  # --checkpoint selected, or a pointer file
+        if followed is None:
+            chosen = resolve_checkpoint(ws, spec, checkpoint)
+        else:
+            chosen, pointer, selection = followed
+            log(f"--checkpoint {escape(str(checkpoint))}: {escape(ws.rel(pointer))} names "
+                f"{escape(selection.checkpoint)} ({escape(selection.reason)})")
+            ledger_info = {**ledger_info, "selected": ws.rel(pointer)}
     recipe_obj, origin = resolve_recipe(
         ws, command, str(recipe) if recipe else None, [str(o) for o in overlays], list(overrides),
         resume=resume, checkpoint=chosen, force=force,
@@ -84,7 +98,7 @@ def run_command(
             stack.enter_context(_undone_if_refused(ws))
         ledger = None
         if runtime.is_main:
-            stack.enter_context(ws.locked(spec))
+            stack.enter_context(ws.locked(spec, reads=reads))
             ledger = stack.enter_context(ws.stage_run(
                 command, recipe_obj, origin=origin, **_info(spec, ledger_info, resume)))
         ctx = StageContext(ws, recipe_obj, spec, runtime, ledger, checkpoint=chosen)

@@ -109,6 +109,11 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               concurrent=True),
     StageSpec("export", "export", "export", "export", "dmdl_cli.export:export_model",
               "Export to ONNX / TorchScript with a parity check.", loads_checkpoint=True),
+    # select writes only the training stages' selected.pt (holding their locks shared: the
+    # runner's `reads`); its own folder is never made, its lock is shared (several may run)
+    StageSpec("select", "select", "select", "select", "dmdl_cli.selection.command:select_models",
+              "Choose a checkpoint by the recipe's label-free rule.",
+              concurrent=True),
 )}
 TRAINING_STAGES: tuple[StageSpec, ...] = tuple(s for s in STAGES.values() if s.trains)
 BY_COMMAND: dict[str, StageSpec] = {spec.command: spec for spec in STAGES.values()}

@@ -448,7 +448,8 @@ class Workspace:
 
     # -- lock and stage runs ------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self, spec: "StageSpec | None" = None) -> Iterator["Workspace"]:
+    def locked(self, spec: "StageSpec | None" = None, *, reads: tuple[str, ...] | list[str] = ()
+               ) -> Iterator["Workspace"]:
         """Hold the locks a command needs while it writes.
 
         ``spec`` None or exclusive (prepare-data): ``WS/.lock`` exclusively, alone in the
@@ -456,8 +457,10 @@ class Workspace:
         ``WS/.lock-<folder>`` exclusively (shared for a ``concurrent`` stage: evaluate, cluster),
         so ``evaluate`` runs while ``train-cross`` trains but two ``train-cross`` do not; a stage
         that starts from an upstream stage's result also holds that stage's lock shared, so
-        ``pretrain-single --force`` cannot replace stage 1 under a running ``train-cross``.
-        Refused at once, naming the holder, when one is taken.
+        ``pretrain-single --force`` cannot replace stage 1 under a running ``train-cross``;
+        ``reads`` names more stages whose locks are held shared (``select``, which points into
+        their folders, waits for no training of them). Refused at once, naming the holder, when
+        one is taken.
         """
         whole = spec is None or spec.exclusive
         locks = [WorkspaceLock(self.root / LOCK_FILE, shared=not whole,
@@ -465,8 +468,8 @@ class Workspace:
         if not whole:
             locks.append(WorkspaceLock(self.root / lock_file(spec.folder), shared=spec.concurrent,
                                        holder=spec.title))
-            if spec.upstream is not None:
-                locks.append(WorkspaceLock(self.root / lock_file(STAGES[spec.upstream].folder),
+            for name in ([spec.upstream] if spec.upstream is not None else []) + list(reads):
+                locks.append(WorkspaceLock(self.root / lock_file(STAGES[name].folder),
                                            shared=True, holder=spec.title))
         self.root.mkdir(parents=True, exist_ok=True)
         try:

@@ -122,6 +122,17 @@ def copy_workspace(src: Path, tmp_path: Path, name: str = "ws") -> Path:
     return dst
 
 
+def linked_workspace(src: Path, dst: Path) -> Path:
+    """A copy of workspace ``src`` at ``dst`` whose checkpoints are hard links (dmdl replaces a
+    checkpoint by a rename, never writes into it, so ``src`` stays as it was): a test that trains
+    or edits checkpoints leaves no 100 MB copies behind. Delete it after the test."""
+    def link_checkpoints(a, b):
+        return os.link(a, b) if str(a).endswith(".pt") else shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link_checkpoints)
+    return Path(dst)
+
+
 @pytest.fixture(autouse=True)
 def _no_progress(monkeypatch):
     monkeypatch.setenv("DMDL_NO_PROGRESS", "1")

@@ -27,7 +27,8 @@ from dmdl_cli.atomic import sha256_file
 from dmdl_cli.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ("prepare-data", "pretrain-single", "cluster", "train-cross", "evaluate", "export", "report")
+COMMANDS = ("prepare-data", "pretrain-single", "cluster", "train-cross", "evaluate", "export", "select",
+            "report")
 SYSU_MODALITY = {1: "visible", 2: "visible", 3: "infrared", 4: "visible", 5: "visible", 6: "infrared"}
 HEIGHT, WIDTH = 64, 32
 
@@ -620,6 +621,7 @@ def test_unreadable_format_version_is_refused_by_every_command(tmp_path, sysu_wo
         ["train-cross", "--workspace", ws],
         ["evaluate", "--workspace", ws, "--checkpoint", "imagenet"],
         ["export", "--workspace", ws],
+        ["select", "--workspace", ws],
         ["report", ws],
     ]
     assert {c[0] for c in commands} == set(COMMANDS)

@@ -42,6 +42,32 @@ def test_a_graph_reaching_further_gives_the_labelling_s_labels():
         jaccard_graph(x, CFG, reach=1.0)
 
 
+def test_the_training_s_labelling_with_margins_keeps_its_labels(capsys):
+    """cluster_modalities with a margin (the training's, for the criteria) labels exactly as
+    without, and adds the labels at eps -+ margin of the same graph."""
+    from dmdl_cli.clustering.modalities import cluster_modalities, criteria_labels
+
+    x, _ = clustered_features(300, n_ids=15, sigma=0.8, seed=2)
+    modality = np.arange(300) % 2
+    rows = np.arange(300) + 1000
+    plain = cluster_modalities(CFG, x, rows, modality, k1={1: 6})
+    margins = cluster_modalities(CFG, x, rows, modality, k1={1: 6}, margin=0.05)
+    for m in (0, 1):
+        a, b = plain[m], margins[m]
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.rows, b.rows)
+        assert np.array_equal(a.centroids, b.centroids) and a.tighter is None
+        graph = jaccard_graph(x[modality == m], CFG, reach=0.65, k1=6 if m else CFG.k1)
+        tighter, looser = relabel_around(graph, 0.6, 0.05, CFG.min_samples)
+        assert np.array_equal(b.tighter, tighter) and np.array_equal(b.looser, looser)
+    labelled = criteria_labels(margins, {0: np.zeros(150, np.int64), 1: np.ones(150, np.int64)})
+    assert labelled.modalities[1].looser is margins[1].looser
+    assert labelled.modalities[1].unified.tolist() == [1] * 150
+    # eps -+ margin outside (0, 1): the labels still, no re-runs, and a warning
+    wide = cluster_modalities(CFG, x, rows, modality, margin=0.5)
+    assert np.array_equal(wide[0].labels, plain[0].labels) and wide[0].looser is None
+    assert "eps robustness is not computed" in capsys.readouterr().out
+
+
 def test_parse_eps_grid():
     grid = parse_eps_grid("0.4:0.7:0.05")
     assert grid == EpsGrid((0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7), 0.05)

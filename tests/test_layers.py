@@ -2,7 +2,8 @@
 
 The layers, bottom to top (docs/architecture.md):
 
-    core        errors, atomic, console, datasets, recipe, stages, runtime, workspace, provenance
+    core        errors, atomic, console, datasets, recipe, stages, selected, runtime, workspace,
+                provenance
     data        data/ (index, sources, cache, augment, sampling, synthetic, prepare)
     model       model/ (backbone, CAI, loading)
     context     context.py (what a stage reads: index, cache, runtime, model)
@@ -25,7 +26,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dmdl_cli"
 LAYERS = (
-    ("core", ("errors", "atomic", "console", "datasets", "recipe", "stages", "runtime",
+    ("core", ("errors", "atomic", "console", "datasets", "recipe", "stages", "selected", "runtime",
               "workspace", "provenance")),
     ("data", ("data",)),
     ("model", ("model",)),

@@ -298,7 +298,7 @@ def test_each_stage_type_holds_only_the_keys_its_stage_reads():
     assert {f.name for f in dataclasses.fields(Stage2Recipe)} - shared == {
         "onehot_epochs", "cross_sampler_from", "k1_adopting", "cross_memory_update",
         "triplet_all_modalities", "intra_targets", "memory_gradient", "cross_sampler",
-        "confidence_gmm"}
+        "confidence_gmm", "start_from"}
     assert not shared & {key.split(".")[1] for key in REMOVED_KEYS}
     r = Recipe()
     assert isinstance(r.stage1, Stage1Recipe) and isinstance(r.stage2, Stage2Recipe)

@@ -252,6 +252,9 @@ def test_tensorboard_scalars_of_log_records() -> None:
     assert tags["labels/association_accuracy"] == 0.5
     assert scalars({"kind": "step", "epoch": 0, "step": 10, "loss": 2.5}) == {"loss/loss": 2.5}
     assert scalars({"kind": "start", "epoch": 0, "step": 0}) == {}
+    criteria = scalars({"kind": "criteria", "epoch": 2, "step": 0, "eps_robustness": 0.8,
+                        "label_ari": None, "previous_epoch": 1, "visible": {"clusters": 7}})
+    assert criteria == {"criteria/eps_robustness": 0.8, "criteria/visible_clusters": 7.0}
 
 
 # -- one real tiny run ----------------------------------------------------------------------------
@@ -294,8 +297,16 @@ def test_report_of_a_real_tiny_run(trained: Path, tmp_path: Path) -> None:
     assert [(r["stage"], r["epoch"]) for r in rows] == [("stage1", "1"), ("stage2", "1"), ("stage2", "2")]
     assert all(float(r["lr"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
     assert rows[1]["association_accuracy"] != ""  # the synthetic set has identities
-    for name in ("training_curves.png", "pseudo_labels.png", "cmc.png"):
+    for name in ("training_curves.png", "pseudo_labels.png", "selection.png", "cmc.png"):
         assert (tmp_path / "r" / name).stat().st_size > 10_000, name
+    # the label-free criteria of each model: the one a stage started from, then after each epoch
+    criteria = list(csv.DictReader(open(tmp_path / "r" / "criteria.csv")))
+    assert [(r["stage"], r["epochs trained"], r["model"]) for r in criteria] == [
+        ("stage1", "0", "untrained"), ("stage1", "1", "final.pt"), ("stage2", "0", "start"),
+        ("stage2", "1", "(not kept)"), ("stage2", "2", "final.pt")]
+    assert all(0 <= float(r["eps_robustness"]) <= 1 for r in criteria)
+    assert criteria[3]["pairs_kept"] != "" and criteria[2]["pairs_kept"] == ""
+    assert "label-free criteria per model" in result.output
 
 
 @pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed: the refusal cannot happen")

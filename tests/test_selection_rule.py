@@ -90,3 +90,30 @@ def test_select_section_is_validated_naming_the_key(tmp_path):
     path.write_text("select:\n  criterion: label_ari\n  warmup: 2\n")
     assert load_recipe(path).select.criterion == "label_ari"
     assert "select" in {f.name for f in dataclasses.fields(Recipe)}
+
+
+def test_between_stages_keeps_the_start_model_only_when_it_scores_better():
+    from dmdl_cli.selection.rule import choose_between_stages
+
+    # stage 2's records: epoch 0 is the model it started from (stage 1's)
+    recs = records([0.5, 0.8, 0.9], key="eps_robustness")
+    for r, nn in zip(recs, (0.6, 0.4, 0.3)):
+        r["mutual_nn"] = nn
+    own = choose_epoch(recs, rule())
+    assert own.epoch == 2
+    assert choose_between_stages(recs, own, rule()) == own  # between_stages: stage2
+    back = choose_between_stages(recs, own, rule(between_stages="mutual_nn"))
+    assert (back.epoch, back.criterion, back.value) == (0, "mutual_nn", 0.6)
+    assert "started from" in back.reason and own.reason in back.reason
+    # within the tolerance: a tie, which stage 2 keeps
+    assert choose_between_stages(recs, own, rule(between_stages="mutual_nn", tolerance=0.3)).epoch == 2
+    # a cost: lower is better
+    for r, cost in zip(recs, (0.5, 0.2, 0.3)):
+        r["matching_cost"] = cost
+    assert choose_between_stages(recs, own, rule(between_stages="matching_cost")).epoch == 2
+    # a start model beyond the collapse guard, or a criterion it does not define: stage 2 stays
+    recs[0]["largest_share"] = 0.9
+    kept = choose_between_stages(recs, own, rule(between_stages="mutual_nn"))
+    assert kept.epoch == 2 and "largest cluster" in kept.reason
+    recs[0]["largest_share"], recs[0]["mutual_nn"] = 0.1, None
+    assert choose_between_stages(recs, own, rule(between_stages="mutual_nn")).epoch == 2

@@ -204,6 +204,14 @@ def test_sigkill_then_resume_is_bitwise_identical(prepared: Path, stage1_done: P
     records = [json.loads(x) for x in (ws / "stage1" / "log.jsonl").read_text().splitlines()]
     positions = [(r["epoch"], r["step"]) for r in records if r["kind"] == "step"]
     assert len(positions) == len(set(positions))
+    # and the label-free criteria as the uninterrupted run logged them: the epoch after the
+    # resume compares its labels with those last.pt kept. (A kill between the first last.pt
+    # and the log's first write loses the records of epoch 0, which was not labelled again.)
+    uninterrupted = [json.loads(x) for x in (stage1_done / "stage1" / "log.jsonl").read_text().splitlines()]
+    criteria = {r["epoch"]: r for r in records if r["kind"] == "criteria"}
+    want = {r["epoch"]: r for r in uninterrupted if r["kind"] == "criteria"}
+    assert {1, 2} <= set(criteria) and criteria[1]["label_ari"] is not None
+    assert all(criteria[e] == want[e] for e in criteria)
 
 
 def _start_until_first_checkpoint(ws: Path, extra: list[str], output) -> tuple[subprocess.Popen, Path]:

@@ -224,11 +224,9 @@ def trained_copy(stage1_tiny, tmp_path):
     the tests that train or edit checkpoints leave no 100 MB copies behind."""
     import shutil
 
-    def link_checkpoints(src, dst):
-        return os.link(src, dst) if str(src).endswith(".pt") else shutil.copy2(src, dst)
+    from conftest import linked_workspace
 
-    ws = tmp_path / "ws"
-    shutil.copytree(stage1_tiny, ws, copy_function=link_checkpoints)
+    ws = linked_workspace(stage1_tiny, tmp_path / "ws")
     yield ws
     shutil.rmtree(ws, ignore_errors=True)
 

@@ -7,7 +7,9 @@ graph by the same code path (same k1, k2, k-NN search) storing distances up to a
 (sklearn takes the stored entries <= eps as the eps-neighbourhoods; a test checks the labels
 are identical). So one graph serves the labelling, its re-runs at eps - delta and eps + delta
 (:func:`relabel_around`, for the ``eps_robustness`` criterion of
-:mod:`dmdl_cli.clustering.criteria`) and a whole grid of eps (:func:`eps_sweep`).
+:mod:`dmdl_cli.clustering.criteria`) and a whole grid of eps (:func:`eps_sweep`). The
+training's labelling builds it so at every epoch
+(:func:`dmdl_cli.clustering.modalities.cluster_modalities` with a ``margin``).
 
 The rule that picks an eps from a sweep is declared here, before any data is seen
 (:func:`pick_eps`, docs/selection.md): robustness of each grid eps measured against its grid
@@ -25,17 +27,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from dmdl_cli.clustering.association import AssociationInput, ModalitySamples, associate
-from dmdl_cli.clustering.criteria import (
-    EpochLabels,
-    ModalityLabels,
-    eps_robustness,
-    json_ready,
-    label_alarms,
-)
+from dmdl_cli.clustering.criteria import eps_robustness, json_ready, label_alarms
 from dmdl_cli.clustering.jaccard import jaccard_distance
-from dmdl_cli.clustering.pseudo_labels import centroids, cluster_stats, dbscan_precomputed
-from dmdl_cli.data.index import INFRARED, VISIBLE
+from dmdl_cli.clustering.pseudo_labels import cluster_stats, dbscan_precomputed
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.recipe import ClusterRecipe
 
@@ -52,6 +46,7 @@ class JaccardGraph:
 
     distances: sp.csr_matrix  # (N, N) float32
     reach: float
+    warnings: tuple[str, ...] = ()  # what the distance adjusted (k1 >= N clamped, ...)
 
     @property
     def size(self) -> int:
@@ -66,9 +61,10 @@ def jaccard_graph(features: np.ndarray, cfg: ClusterRecipe, *, reach: float,
     if not 0.0 < reach < 1.0:
         raise DmdlError(f"the Jaccard graph's reach must be in (0, 1), got {reach}: eps + delta "
                         "must stay below 1 (lower the eps grid or select.eps_delta)")
-    dist = jaccard_distance(features, k1=cfg.k1 if k1 is None else k1, k2=cfg.k2,
-                            knn_method=cfg.knn, max_distance=float(reach), neighbors=neighbors)
-    return JaccardGraph(dist, float(reach))
+    dist, info = jaccard_distance(features, k1=cfg.k1 if k1 is None else k1, k2=cfg.k2,
+                                  knn_method=cfg.knn, max_distance=float(reach),
+                                  neighbors=neighbors, return_info=True)
+    return JaccardGraph(dist, float(reach), tuple(info.get("warnings", ())))
 
 
 def labels_at(graph: JaccardGraph, eps: float, min_samples: int) -> np.ndarray:
@@ -86,45 +82,18 @@ def relabel_around(graph: JaccardGraph, eps: float, delta: float, min_samples: i
     return (labels_at(graph, eps - delta, min_samples), labels_at(graph, eps + delta, min_samples))
 
 
+def feasible_margin(eps: float, delta: float) -> bool:
+    """Whether DBSCAN can be re-run at ``eps - delta`` and ``eps + delta`` on a Jaccard graph:
+    both inside (0, 1) (a distance of 1 is "no overlap", which the sparse graph does not store)."""
+    return 0.0 < round(eps - delta, _EPS_DECIMALS) and round(eps + delta, _EPS_DECIMALS) < 1.0
+
+
 @dataclass(frozen=True)
 class EpsGrid:
     """The eps values of a sweep (ascending) and the step between them."""
 
     values: tuple[float, ...]
     step: float
-
-
-def labels_with_margins(features: np.ndarray, cfg: ClusterRecipe, *, delta: float,
-                        k1: int | None = None) -> ModalityLabels:
-    """One modality's labelling as the training does it (``cfg``: k1 or ``k1``, k2, k-NN, eps,
-    min_samples) plus its re-runs at eps -+ ``delta``, all on one graph reaching eps + delta,
-    and the centroids. ``features`` (N, D) L2-normalised."""
-    graph = jaccard_graph(features, cfg, reach=cfg.eps + delta, k1=k1)
-    labels = labels_at(graph, cfg.eps, cfg.min_samples)
-    tighter, looser = relabel_around(graph, cfg.eps, delta, cfg.min_samples)
-    return ModalityLabels(labels, centroids(features, labels), tighter, looser)
-
-
-def epoch_labels(features: np.ndarray, modality: np.ndarray, cfg: ClusterRecipe, *, delta: float,
-                 k1: Mapping[int, int] | None = None, association: str | None = None,
-                 epoch: int = 0) -> EpochLabels:
-    """An epoch's labelling for the criteria: :func:`labels_with_margins` of each modality of
-    ``features (N, D)`` (``modality (N,)``; ``k1`` overrides ``cfg.k1`` per modality), and with
-    ``association`` (a method of ``associate``, stage 2) every sample's unified id at
-    ``epoch``."""
-    k1 = k1 or {}
-    out = EpochLabels()
-    selected = {m: np.asarray(modality) == m for m in (VISIBLE, INFRARED)}
-    for m, sel in selected.items():
-        if sel.any():
-            out.modalities[m] = labels_with_margins(features[sel], cfg, delta=delta, k1=k1.get(m))
-    if association is not None and len(out.modalities) == 2:
-        inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, features[selected[m]], c.centroids)
-                                       for m, c in out.modalities.items()})
-        unified = associate(association, inp).labels
-        for m, c in out.modalities.items():
-            c.unified = unified[m]
-    return out
 
 
 def parse_eps_grid(text: str, *, option: str = "--eps-sweep") -> EpsGrid:
@@ -279,6 +248,6 @@ def pick_eps(rows: Sequence[SweepRow], *, max_largest_share: float = 0.5, min_pe
     raise AssertionError("a finite sequence has a peak at its maximum")  # pragma: no cover
 
 
-__all__ = ["EpsGrid", "JaccardGraph", "MAX_GRID", "SweepResult", "SweepRow", "epoch_labels",
-           "eps_sweep", "jaccard_graph", "labels_at", "labels_with_margins", "parse_eps_grid",
-           "pick_eps", "relabel_around", "sweep_reach"]
+__all__ = ["EpsGrid", "JaccardGraph", "MAX_GRID", "SweepResult", "SweepRow", "eps_sweep",
+           "feasible_margin", "jaccard_graph", "labels_at", "parse_eps_grid", "pick_eps",
+           "relabel_around", "sweep_reach"]

@@ -1,6 +1,7 @@
 """The ``dmdl report`` stage: read workspaces, print tables, write tables and figures.
 
-One workspace: its per-epoch table and evaluation table on the console; ``per_epoch.{md,csv}``,
+One workspace: its per-epoch table, its table of label-free criteria per model and its
+evaluation table on the console; ``per_epoch.{md,csv}``, ``criteria.{md,csv}``,
 ``evaluations.{md,csv}`` and the PNGs of :mod:`dmdl_cli.report.figures` under ``--out``
 (default ``WS/report``). Several: the comparison table (mean ± std over the runs of each recipe
 variant) on the console; ``comparison.{md,csv}``, the overlaid figures, and each workspace's own
@@ -18,7 +19,13 @@ from dmdl_cli.console import console, log
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.report.logs import WorkspaceRecord, read_workspace
 from dmdl_cli.workspace import MANIFEST, Workspace
-from dmdl_cli.report.tables import TableData, comparison_table, epoch_table, evaluation_table
+from dmdl_cli.report.tables import (
+    TableData,
+    comparison_table,
+    criteria_table,
+    epoch_table,
+    evaluation_table,
+)
 
 
 def labels_for(paths: list[Path]) -> list[str]:
@@ -43,14 +50,19 @@ def workspace_report(record: WorkspaceRecord, out: Path, show: bool) -> list[Pat
     """Tables and figures of one workspace under ``out``; the tables on the console if ``show``."""
     out.mkdir(parents=True, exist_ok=True)
     epochs, evals = epoch_table(record), evaluation_table(record)
+    title = f"{record.label}: label-free criteria per model (docs/selection.md)"
+    criteria = criteria_table(title, record.stages)
     if show:
-        for table in (epoch_table(record, compact=True), evals):
+        for table in (epoch_table(record, compact=True),
+                      criteria_table(title, record.stages, compact=True), evals):
             if table.rows:
                 console.print(table.rich())
-    written = _write_table(epochs, out, "per_epoch") + _write_table(evals, out, "evaluations")
+    written = (_write_table(epochs, out, "per_epoch") + _write_table(criteria, out, "criteria")
+               + _write_table(evals, out, "evaluations"))
     from dmdl_cli.report import figures  # matplotlib: only once the workspaces were read
 
-    for draw in (figures.training_curves, figures.pseudo_label_curves, figures.cmc_curves):
+    for draw in (figures.training_curves, figures.pseudo_label_curves, figures.selection_curves,
+                 figures.cmc_curves):
         path = draw(record, out)
         if path is not None:
             written.append(path)

@@ -3,7 +3,8 @@
 One workspace: ``training_curves.png`` (losses per stage with the triplet weight that makes the
 total rise, learning rate, speed, and test-set monitoring when it was logged),
 ``pseudo_labels.png`` (clusters and outliers per modality against the true number of
-identities, ARI/NMI, stage 2's association accuracy against chance, label confidence) and
+identities, ARI/NMI, stage 2's association accuracy against chance, label confidence),
+``selection.png`` (the label-free criteria of each model, the selected one marked) and
 ``cmc.png`` (every evaluation). Several: ``compare_curves.png`` and ``compare_cmc.png`` with one
 line per workspace. Per-epoch curves are drawn per stage: stage 2's epochs continue after stage
 1's, and no line joins the two stages. A panel is drawn only when something was logged for it.
@@ -263,6 +264,101 @@ def pseudo_label_panels(record: WorkspaceRecord) -> list[Panel]:
                       [("mean_confidence", "mean confidence of labelled images", "tab:gray")],
                       note="GMM confidence of the pseudo labels; stage 1 reports 1 until "
                            "stage1.refine_from"),
+    ]
+    return [p for p in panels if p]
+
+
+def _criteria_segments(record: WorkspaceRecord, key: str) -> list[tuple[list[float], list[float]]]:
+    """(xs, ys) of criterion ``key`` per stage; x = the model's epochs trained, stage 2's after
+    stage 1's last model (stage 2's start model sits on stage 1's final one)."""
+    out, offset = [], 0
+    for stage in record.stages:
+        pts = [(offset + r["epoch"], r[key]) for r in stage.criteria if r.get(key) is not None]
+        if pts:
+            out.append(([p[0] for p in pts], [p[1] for p in pts]))
+        if stage.criteria:
+            offset += max(r["epoch"] for r in stage.criteria)
+    return out
+
+
+SELECTED_STYLE = {"stage1": ("black", "--"), "stage2": ("darkred", "-.")}
+
+
+def _selected_marks(record: WorkspaceRecord) -> list[tuple[float, str, str]]:
+    """(x, label, stage) of each stage's selected model (as ``_criteria_segments`` places it)."""
+    out, offset = [], 0
+    for stage in record.stages:
+        if stage.selected is not None:
+            what = " (the model it started from)" if stage.selected == 0 and offset else ""
+            out.append((offset + stage.selected, f"selected, {stage.stage}{what}", stage.stage))
+        if stage.criteria:
+            offset += max(r["epoch"] for r in stage.criteria)
+    return out
+
+
+def _criteria_panel(record: WorkspaceRecord, title: str, ylabel: str,
+                    lines: list[tuple[str, str, str | None, str]], note: str = "") -> Panel | None:
+    """A panel of criteria ``lines`` (key, legend label, colour, line style) per model, with
+    the stage boundary and the selected models; None when none of the keys was logged."""
+    if not any(_criteria_segments(record, key) for key, *_ in lines):
+        return None
+
+    def draw(ax: Axes) -> None:
+        for key, label, colour, style in lines:
+            segments = _criteria_segments(record, key)
+            if segments:
+                _plot_segments(ax, segments, label=label, color=colour, ls=style)
+        stage1 = record.stages[0].criteria if record.stages else []
+        if len(record.stages) > 1 and stage1:
+            x = max(r["epoch"] for r in stage1)
+            ax.axvline(x, color="grey", ls=":", lw=1)
+            ax.text(x + 0.1, 0.98, "stage 2 ->", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=8, color="grey")
+        for x, label, stage in _selected_marks(record):
+            colour, style = SELECTED_STYLE.get(stage, ("black", "--"))
+            ax.axvline(x, color=colour, ls=style, lw=1.4, label=label)
+        _title(ax, title, note)
+        ax.set(xlabel="model: epochs trained (stage 2's 0: the model it started from)",
+               ylabel=ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return draw
+
+
+def selection_curves(record: WorkspaceRecord, out: Path) -> Path | None:
+    return _grid(f"{record.label}: label-free criteria of each model (train images only; "
+                 "vertical lines: the selected models)",
+                 selection_panels(record), out / "selection.png")
+
+
+def selection_panels(record: WorkspaceRecord) -> list[Panel]:
+    """The criteria of each model (docs/selection.md): eps robustness, stability,
+    cross-modality consistency, collapse alarms; those logged."""
+    panels = [
+        _criteria_panel(record, "eps robustness", "share of images",
+                        [("eps_robustness", "eps robustness", "tab:blue", "-"),
+                         ("independence", "independence", "tab:cyan", "--"),
+                         ("compactness", "compactness", "tab:purple", ":")],
+                        note="higher: images in clusters that keep their members when DBSCAN's "
+                             "eps moves by select.eps_delta either way"),
+        _criteria_panel(record, "stability against the previous model's labels", "score",
+                        [("label_ari", "ARI, each modality (mean)", "tab:orange", "-"),
+                         ("label_nmi", "NMI, each modality (mean)", "tab:orange", "--"),
+                         ("unified_ari", "ARI of unified ids", "tab:green", "-"),
+                         ("pairs_kept", "cross-modality pairs kept", "tab:red", "-")],
+                        note="higher: labels change less; a collapsed model is stable too"),
+        _criteria_panel(record, "cross-modality consistency of the clusters", "value",
+                        [("mutual_nn", "mutual-NN centroid rate (higher)", "tab:blue", "-"),
+                         ("matching_cost", "matching cost (lower)", "tab:red", "-"),
+                         ("association_cost", "association cost (lower)", "tab:red", "--")]),
+        _criteria_panel(record, "collapse alarms", "share of a modality's images",
+                        [("largest_share", "largest cluster (worse modality)", "tab:red", "-"),
+                         ("outlier_share", "outliers (worse modality)", "tab:gray", "-")],
+                        note="select.max_largest_share: no model whose largest cluster holds more "
+                             "is selected"),
+        _criteria_panel(record, "effective rank of the train features (RankMe)", "rank",
+                        [("effective_rank", "effective rank", "tab:green", "-")],
+                        note="near 1: the features collapse to one direction"),
     ]
     return [p for p in panels if p]
 

@@ -1,9 +1,12 @@
 """Reading what training and evaluation wrote: ``WS/stage*/log.jsonl`` and ``WS/eval/*.json``.
 
 A stage's log holds mixed records (see :mod:`dmdl_cli.training.logs`): ``labels`` (pseudo-label
-statistics at the start of an epoch), ``step`` (losses every 10 steps), ``speed``, ``epoch``
-(seconds, learning rate), ``monitor`` (test-set monitoring). :func:`epoch_rows` folds them into
-one flat row per epoch; missing values are simply absent from a row.
+statistics at the start of an epoch), ``criteria`` (the label-free criteria of each model's
+labelling, docs/selection.md), ``step`` (losses every 10 steps), ``speed``, ``epoch``
+(seconds, learning rate), ``monitor`` (test-set monitoring). :func:`epoch_rows` folds the
+per-epoch ones into one flat row per epoch (missing values are simply absent from a row); the
+criteria records are kept per model (``StageLog.criteria``), with the model the stage's
+``selected.pt`` names.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import yaml
 
 from dmdl_cli.data.index import INFRARED, VISIBLE, read_index
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.stages import STAGE_RECIPE, TRAINING_STAGES
+from dmdl_cli.selected import SELECTED, read_selection, stage_models
+from dmdl_cli.selection.rule import criteria_records
+from dmdl_cli.stages import STAGE_RECIPE, TRAINING_STAGES, stage_spec
 
 MODALITY_PREFIX = {"visible": "vis", "infrared": "ir"}
 # how evaluations are ordered in tables: untrained first, then each stage's final model
@@ -32,6 +37,10 @@ class StageLog:
     epochs: list[dict[str, Any]]  # one row per epoch, "epoch" 1-based
     steps: list[dict[str, Any]]  # step records with "x": epochs done (fractional)
     finished: bool
+    # criteria records, one per model ("epoch": epochs it had trained; 0 = the start model)
+    criteria: list[dict[str, Any]] = field(default_factory=list)
+    models: dict[int, str] = field(default_factory=dict)  # epochs trained -> its kept file
+    selected: int | None = None  # epochs trained of the model selected.pt names (None: none)
 
 
 @dataclass
@@ -79,7 +88,7 @@ def epoch_rows(records: list[dict[str, Any]], stage: str) -> list[dict[str, Any]
     losses: dict[int, dict[str, list[float]]] = {}
     for rec in records:
         kind, epoch = rec.get("kind"), rec.get("epoch")
-        if kind in (None, "start", "end") or not isinstance(epoch, int):
+        if kind in (None, "start", "end", "criteria") or not isinstance(epoch, int):
             continue
         row = rows.setdefault(epoch, {"stage": stage, "epoch": epoch + 1})
         if kind == "step":
@@ -129,8 +138,25 @@ def read_stage(ws: Path, stage: str, recipe: dict[str, Any]) -> StageLog | None:
         return None
     records = read_jsonl(path)
     iters = (recipe.get(stage) or {}).get("iters")
+    epochs = (recipe.get(stage) or {}).get("epochs")
+    models = stage_models(ws, stage_spec(stage), epochs) if isinstance(epochs, int) else {}
     return StageLog(stage, epoch_rows(records, stage), step_points(records, iters),
-                    finished=any(r.get("kind") == "end" for r in records))
+                    finished=any(r.get("kind") == "end" for r in records),
+                    criteria=[dict(r) for r in criteria_records(records)],
+                    models={e: p.name for e, p in models.items()},
+                    selected=_selected_epoch(ws, stage))
+
+
+def _selected_epoch(ws: Path, stage: str) -> int | None:
+    """The epoch of the model the stage's ``selected.pt`` names (None without a readable one)."""
+    pointer = ws / stage_spec(stage).folder / SELECTED
+    if not pointer.is_file():
+        return None
+    try:
+        selection = read_selection(pointer)
+    except DmdlError:
+        return None
+    return selection.epoch if selection.stage == stage else None
 
 
 def read_evaluation(path: Path) -> Evaluation:

@@ -127,6 +127,67 @@ def epoch_table(record: WorkspaceRecord, compact: bool = False) -> TableData:
     return TableData(title, [h for _, h, _ in columns], rows, raw)
 
 
+# The label-free criteria of each model (docs/selection.md): (record key, header, the
+# console's short header or None when the console leaves it out, format).
+CRITERIA_COLUMNS: list[tuple[str, str, str | None, Callable[[Any], str]]] = [
+    ("eps_robustness", "eps robustness", "robust", _num(3)),
+    ("independence", "independence", None, _num(3)),
+    ("compactness", "compactness", None, _num(3)),
+    ("label_ari", "ARI vs previous", "ARI prev", _num(3)),
+    ("label_nmi", "NMI vs previous", None, _num(3)),
+    ("unified_ari", "unified ARI vs previous", None, _num(3)),
+    ("pairs_kept", "pairs kept", "pairs kept", _num(3)),
+    ("mutual_nn", "mutual NN", "mutual NN", _num(3)),
+    ("matching_cost", "matching cost", "match cost", _num(3)),
+    ("association_cost", "association cost", None, _num(3)),
+    ("effective_rank", "effective rank", "rank", _num(1)),
+    ("largest_share", "largest %", "largest %", _pct),
+    ("outlier_share", "outliers %", "outl %", _pct),
+    ("clusters", "clusters", "clusters", str),
+]
+
+
+def model_label(stage: str, epoch: int, models: dict[int, str]) -> str:
+    """What a criteria record's model is: its kept file, the start model, or not kept."""
+    if epoch in models:
+        return models[epoch]
+    if epoch == 0:
+        return "untrained" if stage == "stage1" else "start"
+    return "(not kept)"
+
+
+def criteria_table(title: str, stages: list[Any], *, compact: bool = False,
+                   criterion: str | None = None) -> TableData:
+    """One row per model of each stage (``stages``: objects with ``stage``, ``criteria``,
+    ``models`` and ``selected``, as :class:`dmdl_cli.report.logs.StageLog`): its epochs trained,
+    file and criteria, ``<`` on the model ``selected.pt`` names. ``criterion``: the rule's,
+    marked ``*`` in its header (and shown in the ``compact`` console view too). Columns no
+    record defines are left out."""
+    raw: list[dict[str, Any]] = []
+    for st in stages:
+        for rec in st.criteria:
+            e = int(rec["epoch"])
+            raw.append({"stage": st.stage, "epochs trained": e,
+                        "model": model_label(st.stage, e, st.models),
+                        **{c[0]: rec[c[0]] for c in CRITERIA_COLUMNS if rec.get(c[0]) is not None},
+                        "selected": "<" if st.selected == e else ""})
+    columns = [(key, short if compact else long, fmt) for key, long, short, fmt in CRITERIA_COLUMNS
+               if (not compact or short is not None or key == criterion)
+               and any(key in row for row in raw)]
+    columns = [(key, head or key, fmt) for key, head, fmt in columns]
+    header = ["stage", "epochs" if compact else "epochs trained", "model",
+              *[h + (" *" if k == criterion else "") for k, h, _ in columns],
+              "<" if compact else "selected"]
+    rows = [[str(row["stage"]), str(row["epochs trained"]), row["model"],
+             *[fmt(row[k]) if k in row else "-" for k, _, fmt in columns], row["selected"]]
+            for row in raw]
+    notes = ["epochs trained: the model that made the labelling (0: the model the stage started "
+             "from); - : not defined for that model (stability needs the previous one)"]
+    if criterion:
+        notes.append(f"* the rule's criterion ({criterion}); < the selected model")
+    return TableData(title, header, rows, raw, text_columns=3, notes=notes)
+
+
 def _pm(values: list[float]) -> str:
     arr = 100 * np.asarray(values, dtype=np.float64)
     return f"{arr.mean():.2f}" + (f" ± {arr.std():.2f}" if len(arr) > 1 else "")

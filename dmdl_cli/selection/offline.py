@@ -22,12 +22,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from dmdl_cli.clustering.criteria import EpochLabels, epoch_criteria
-from dmdl_cli.clustering.eps import epoch_labels
+from dmdl_cli.clustering.modalities import epoch_labels
 from dmdl_cli.data.index import IndexTable
 from dmdl_cli.features.extract import extract_features
 from dmdl_cli.model.loading import LoadedModel, resolve_model
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import Runtime
+from dmdl_cli.selected import start_checkpoint
 from dmdl_cli.stages import stage_spec
 from dmdl_cli.training.cross import clustering_k1
 from dmdl_cli.workspace import Workspace
@@ -35,10 +36,11 @@ from dmdl_cli.workspace import Workspace
 _EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt")
 
 
-def kept_checkpoints(ws: Workspace, stage_name: str) -> dict[int, Path]:
+def kept_checkpoints(ws: Workspace, stage_name: str, recipe: Recipe | None = None) -> dict[int, Path]:
     """``{epoch: path}`` of a stage's models by epochs trained: the kept ``epoch-NNN.pt`` and
-    the model it started from (0: stage 2's upstream ``final.pt``; stage 1's untrained network
-    is the string ``imagenet``, the name :func:`resolve_model` knows it by)."""
+    the model it started from (0: stage 2's upstream ``final.pt``, or with ``recipe``'s
+    ``stage2.start_from: selected`` the model ``stage1/selected.pt`` names; stage 1's untrained
+    network is the string ``imagenet``, the name :func:`resolve_model` knows it by)."""
     spec = stage_spec(stage_name)
     out: dict[int, Path] = {}
     folder = ws.root / spec.folder
@@ -47,7 +49,8 @@ def kept_checkpoints(ws: Workspace, stage_name: str) -> dict[int, Path]:
         if match:
             out[int(match.group(1))] = path
     if spec.upstream is not None:
-        start = stage_spec(spec.upstream).final(ws)
+        start = (start_checkpoint(ws, spec, recipe)[0] if recipe is not None
+                 else stage_spec(spec.upstream).final(ws))
         if start.is_file():
             out[0] = start
     else:
@@ -69,7 +72,7 @@ def checkpoint_criteria(ws: Workspace, recipe: Recipe, stage_name: str, *, index
     rows = index.rows(split="train")
     modality = index.modality[rows]
     previous: tuple[int, EpochLabels] | None = None
-    for epoch, path in kept_checkpoints(ws, stage_name).items():
+    for epoch, path in kept_checkpoints(ws, stage_name, recipe).items():
         if epochs is not None and epoch not in epochs:
             continue
         loaded = load(str(path))
@@ -78,7 +81,7 @@ def checkpoint_criteria(ws: Workspace, recipe: Recipe, stage_name: str, *, index
         trains_across = spec.upstream is not None  # stage 2: association, k1 alternation
         now = epoch_labels(feats, modality, cluster, delta=select.eps_delta,
                            k1=clustering_k1(recipe, epoch) if trains_across else None,
-                           association=recipe.association.method if trains_across else None,
+                           association=recipe.association if trains_across else None,
                            epoch=epoch)
         record = epoch_criteria(now, previous[1] if previous else None, feats, epoch=epoch,
                                 rank_samples=select.rank_samples, seed=recipe.train.seed)

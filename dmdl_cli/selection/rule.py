@@ -14,6 +14,9 @@ had trained, so its checkpoint is ``epoch-NNN.pt`` with NNN = epoch):
    (higher is better, or lower for the costs: :data:`dmdl_cli.clustering.criteria.DIRECTIONS`)
    tie, and the tie goes to the later epoch (``tie: later``) or the earlier (``earlier``).
 4. No eligible epoch: the last epoch, and the reason says why.
+5. Stage 2 only, with ``between_stages`` naming a criterion: the model stage 2 started from
+   (its record of epoch 0) replaces stage 2's choice when it scores better by that criterion
+   by more than ``tolerance`` (:func:`choose_between_stages`).
 
 Pure: records in, a :class:`Choice` out. It reads no file and no test row.
 """
@@ -98,6 +101,42 @@ def choose_epoch(records: Iterable[Mapping[str, Any]], rule: SelectRecipe, *,
                   tuple(e for e, _ in eligible))
 
 
+def choose_between_stages(records: Iterable[Mapping[str, Any]], choice: Choice,
+                          rule: SelectRecipe) -> Choice:
+    """Stage 2's choice under ``select.between_stages``: ``choice`` (stage 2's own, by
+    :func:`choose_epoch`), or the model stage 2 started from (its record of epoch 0: stage 1's
+    model, labelled as stage 2 labels) when that scores better by the between-stages criterion
+    by more than ``tolerance`` and is within the collapse guard. A tie keeps stage 2's. With
+    ``between_stages: stage2`` the choice is returned unchanged."""
+    name = rule.between_stages
+    if name == "stage2" or choice.epoch is None:
+        return choice
+    recs = {int(r["epoch"]): r for r in criteria_records(records)}
+    start, chosen = recs.get(0), recs.get(choice.epoch)
+    v0 = criterion_value(start, name) if start is not None else float("nan")
+    vc = criterion_value(chosen, name) if chosen is not None else float("nan")
+
+    def kept(why: str) -> Choice:
+        return Choice(choice.epoch, choice.criterion, choice.value,
+                      f"{choice.reason}; stage 2's model is kept over the one it started from: "
+                      f"{why} (select.between_stages: {name})", choice.eligible)
+
+    if not (math.isfinite(v0) and math.isfinite(vc)):
+        return kept(f"{name} is not defined for both")
+    share = criterion_value(start, "largest_share")
+    if math.isfinite(share) and share > rule.max_largest_share:
+        return kept(f"the start model's largest cluster holds more than "
+                    f"{rule.max_largest_share:.0%} of a modality")
+    direction = DIRECTIONS[name]
+    if direction * (v0 - vc) > rule.tolerance:
+        return Choice(0, name, v0,
+                      f"epoch 0, the model stage 2 started from (stage 1's): its {name} "
+                      f"({v0:.4g}) is better than that of stage 2's own choice ({vc:.4g}; "
+                      f"{choice.reason}) (select.between_stages: {name})",
+                      (0, *choice.eligible))
+    return kept(f"its {name} {vc:.4g} against {v0:.4g}")
+
+
 def _span(epochs: list[int]) -> str:
     """``[1, 2, 3, 5]`` -> ``1-3, 5``."""
     parts: list[tuple[int, int]] = []
@@ -109,4 +148,4 @@ def _span(epochs: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
 
 
-__all__ = ["Choice", "choose_epoch", "criteria_records"]
+__all__ = ["Choice", "choose_between_stages", "choose_epoch", "criteria_records"]

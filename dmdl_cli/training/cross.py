@@ -55,7 +55,8 @@ from dmdl_cli.clustering.association import (
     association_accuracy,
     association_chance,
 )
-from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
+from dmdl_cli.clustering.criteria import EpochLabels
+from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, criteria_labels, describe
 from dmdl_cli.clustering.pseudo_labels import centroids as cluster_centroids
 from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
@@ -65,9 +66,12 @@ from dmdl_cli.model.cai import cai_log_prob_from_logits, modality_prior
 from dmdl_cli.model.loading import load_model
 from dmdl_cli.provenance import check_made_with
 from dmdl_cli.recipe import Recipe, reached, triplet_weight
+from dmdl_cli.selected import start_checkpoint
 from dmdl_cli.stages import stage_spec
 from dmdl_cli.training.labelling import (
     confidences,
+    labelling_of_rows,
+    log_criteria,
     make_memory,
     restore_memories,
     stage_batches,
@@ -137,9 +141,15 @@ class Stage2Epoch(EpochState):
     prior_t: torch.Tensor | None = None
     row_of_id: dict[int, torch.Tensor] = field(default_factory=dict)  # (num_ids,) row of memory m, -1
     cross_mode: bool = False  # the cross-modality sampler is on this epoch
+    # (N_all,) each modality's own cluster ids per index row (-1 outlier or test row), before
+    # the association: what the next epoch's criteria compare with
+    clusters: np.ndarray | None = None
 
     def saved(self) -> dict[str, Any]:
-        return {**super().saved(), "ids": self.ids, "prior": self.prior, "num_ids": self.num_ids}
+        out = {**super().saved(), "ids": self.ids, "prior": self.prior, "num_ids": self.num_ids}
+        if self.clusters is not None:
+            out["clusters"] = self.clusters
+        return out
 
 
 class CrossModalityStage(StageLogic):
@@ -148,36 +158,37 @@ class CrossModalityStage(StageLogic):
     def initial_model(self, ctx: StageContext, *, resuming: bool):
         ws, recipe = ctx.ws, ctx.recipe
         upstream = stage_spec(self.spec.upstream)
-        path = upstream.final(ws)
-        if not path.is_file():
-            raise DmdlError(f"{path} is missing: run `dmdl {upstream.command} --workspace {ws.root}` "
-                            "first (stage 2 starts from the stage-1 model)")
+        if not upstream.final(ws).is_file():
+            raise DmdlError(f"{upstream.final(ws)} is missing: run `dmdl {upstream.command} "
+                            f"--workspace {ws.root}` first (stage 2 starts from the stage-1 model)")
+        path, pointer = start_checkpoint(ws, self.spec, recipe)  # stage2.start_from
         state = load_checkpoint(path, what="stage-1 checkpoint")
         check_made_with(ws, upstream, path, state["meta"], recipe,
                         f"re-run `dmdl {upstream.command} --force` with them")
         model, _ = load_model(state, recipe, path=path, check=True, what="stage-1 checkpoint")
         if not resuming:  # when resuming, the weights come from last.pt
-            log(f"stage 2 starts from {ws.rel(path)}")
+            chosen = f" (stage 1's selected model, {ws.rel(pointer)})" if pointer else ""
+            log(f"stage 2 starts from {ws.rel(path)}{chosen}")
         method = recipe.association.method
         if all(adopter(method, epoch) is None for epoch in range(recipe.stage2.epochs)):
             log(f"association.method {method}: no modality adopts the other's ids, so "
                 "stage2.k1_adopting and stage2.cross_memory_update do not apply")
         return model, str(path)
 
+    def upstream_files(self, ctx: StageContext) -> list:
+        path, pointer = start_checkpoint(ctx.ws, self.spec, ctx.recipe)
+        return [p for p in (pointer, path) if p is not None]
+
     def prepare_epoch(self, t: TrainState) -> Stage2Epoch:
         recipe, stage, epoch = t.recipe, t.stage, t.epoch
         feats = t.train_features()  # (N_train, D)
-        clusters = cluster_modalities(recipe.cluster, feats, t.ctx.train_rows, t.modality, t.true_ids,
-                                      clustering_k1(recipe, epoch))
-        for m in MODALITIES:
-            log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
+        clusters, inp, assoc = self.cluster(t, feats, epoch, announce=True)
         feats_of = t.train_position  # index row -> row of feats
-        inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, feats[feats_of[c.rows]], c.centroids)
-                                       for m, c in clusters.items()})
-        assoc = associate(recipe.association.method, inp, recipe.association)
         labels = np.full(len(t.ctx.index), -1, dtype=np.int64)  # unified ids per index row
+        cluster_ids = np.full(len(t.ctx.index), -1, dtype=np.int64)  # each modality's own
         for m in MODALITIES:
             labels[clusters[m].rows] = assoc.labels[m]
+            cluster_ids[clusters[m].rows] = clusters[m].labels
         modality = t.ctx.index.modality.astype(np.int64)
         labelled = np.flatnonzero(labels >= 0)
         fused = _centroids(feats, feats_of[labelled], labels[labelled])
@@ -194,9 +205,36 @@ class CrossModalityStage(StageLogic):
         memories[FUSED] = make_memory(fused, stage)
         prior = modality_prior(torch.from_numpy(labels), torch.from_numpy(modality)).numpy()
         self.log_labels(t, clusters, inp, assoc, prior, conf[labelled])
+        log_criteria(t, criteria_labels(clusters, assoc.labels), feats, epoch)
         write_labels_file(t, epoch, labels, confidence=conf)
         return Stage2Epoch(epoch, labels, conf, memories, ids=ids, prior=prior,
-                           num_ids=int(assoc.num_ids))
+                           num_ids=int(assoc.num_ids), clusters=cluster_ids)
+
+    @staticmethod
+    def cluster(t: TrainState, feats: np.ndarray, epoch: int, *, announce: bool):
+        """Epoch ``epoch``'s clusters of the train features ``feats`` (N, D) per modality (the
+        adopting modality with ``stage2.k1_adopting``; with the re-runs at eps -+
+        ``select.eps_delta`` of the criteria), the association's input and its result.
+        ``announce``: the epoch's own labelling, with its diagnostics and log lines."""
+        recipe = t.recipe
+        clusters = cluster_modalities(recipe.cluster, feats, t.ctx.train_rows, t.modality,
+                                      t.true_ids if announce else None, clustering_k1(recipe, epoch),
+                                      margin=recipe.select.eps_delta)
+        if announce:
+            for m in MODALITIES:
+                log(f"epoch {epoch + 1} {MODALITY_NAMES[m]}: {describe(clusters[m].stats)}")
+        feats_of = t.train_position  # index row -> row of feats
+        inp = AssociationInput(epoch, {m: ModalitySamples(c.labels, feats[feats_of[c.rows]], c.centroids)
+                                       for m, c in clusters.items()})
+        return clusters, inp, associate(recipe.association.method, inp, recipe.association)
+
+    def final_labelling(self, t: TrainState, feats: np.ndarray) -> EpochLabels:
+        clusters, _, assoc = self.cluster(t, feats, t.stage.epochs, announce=False)
+        return criteria_labels(clusters, assoc.labels)
+
+    def saved_labelling(self, t: TrainState, saved: dict[str, Any]) -> EpochLabels | None:
+        clusters = saved.get("clusters")  # a last.pt of an older dmdl holds only unified ids
+        return None if clusters is None else labelling_of_rows(t, clusters, saved["labels"])
 
     @staticmethod
     def log_labels(t: TrainState, clusters, inp: AssociationInput, assoc, prior: np.ndarray,
@@ -240,7 +278,7 @@ class CrossModalityStage(StageLogic):
             ids=ids, prior=saved["prior"], num_ids=num_ids,
             ids_t={m: torch.from_numpy(ids[m]).to(device) for m in MODALITIES},
             prior_t=torch.as_tensor(saved["prior"], dtype=torch.float32, device=device),
-            row_of_id=row_of_id, cross_mode=cross_mode)
+            row_of_id=row_of_id, cross_mode=cross_mode, clusters=saved.get("clusters"))
 
     def batch_loss(self, t: TrainState, batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:

@@ -21,11 +21,13 @@ close             always, last, however the run ends: release what the hook hold
 Hooks run on every rank (under ``torchrun`` the stop signal is agreed between ranks at the
 same events); the ones that write files write on the main rank only. The standard hooks, in
 their order (:func:`standard_hooks`): :class:`ProgressHook`, :class:`LogHook`,
-:class:`BatchNormHook`, :class:`CheckpointHook`, :class:`StopHook`. Hooks passed to
-``run_stage`` (test-set monitoring, ``dmdl_cli/evaluation/monitor.py``) run after them.
+:class:`BatchNormHook`, :class:`CriteriaHook`, :class:`CheckpointHook`, :class:`StopHook`.
+Hooks passed to ``run_stage`` (test-set monitoring, ``dmdl_cli/evaluation/monitor.py``) run
+after them.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Iterable
 
@@ -35,7 +37,9 @@ from dmdl_cli.errors import Interrupted
 from dmdl_cli.features.batchnorm import recalibrate_batchnorm, recalibration_rows
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.runtime import rng_state
+from dmdl_cli.selected import epoch_file, selected_path
 from dmdl_cli.stages import StageSpec
+from dmdl_cli.training.labelling import log_criteria
 from dmdl_cli.training.signals import StopRequest, signal_name
 from dmdl_cli.training.state import TrainState
 from dmdl_cli.workspace import save_checkpoint
@@ -163,8 +167,11 @@ class LogHook(Hook):
         if t.resumed_at is not None:
             self.log.truncate_after(*t.resumed_at)
         else:
+            # the selection rule as the run declares it before training (dmdl select applies
+            # this one: select: is in no stage's hash, so a --resume could change the file's)
             t.log({"kind": "start", "epoch": 0, "step": 0, "stage": t.spec.name,
-                   "recipe_hash": t.recipe.hash(), "init": t.origin})
+                   "recipe_hash": t.recipe.hash(), "init": t.origin,
+                   "select": dataclasses.asdict(t.recipe.select)})
 
     def on_step_end(self, t: TrainState) -> None:
         if t.step % t.recipe.run.log_every == 0 or t.step == t.stage.iters:
@@ -196,6 +203,20 @@ class BatchNormHook(Hook):
         layers = recalibrate_batchnorm(t.model, t.ctx.cache, rows, t.runtime,
                                        batch_size=t.recipe.train.bn_recalibration_batch)
         log(f"re-estimated {layers} BatchNorm layers on {len(rows)} clean train images")
+
+
+class CriteriaHook(Hook):
+    """The final model's ``criteria`` record (docs/selection.md): its train features labelled as
+    the stage would label them at the epoch after its last, compared with the last epoch's
+    labels, so that a selection rule can choose the final model too. Runs after
+    :class:`BatchNormHook` (the features of the model ``final.pt`` holds), main rank only; the
+    epochs' own records are written by the stages as they label (``training/labelling.py``)."""
+
+    def on_run_end(self, t: TrainState) -> None:
+        if not t.runtime.is_main:
+            return
+        feats = t.train_features()  # (N, D)
+        log_criteria(t, t.logic.final_labelling(t, feats), feats, t.stage.epochs)
 
 
 def checkpoint_meta(recipe: Recipe, spec: StageSpec, epoch: int, step: int, complete: bool) -> dict[str, Any]:
@@ -234,8 +255,9 @@ class CheckpointHook(Hook):
 
     The first ``last.pt`` a new run writes commits it (``training/commit.py``): its pending
     recipe and label files go into place and its held log replaces the previous one
-    (``release``); with ``replacing`` (``--force``) the previous run's ``final.pt`` and the epoch
-    models and label files this run has not rewritten yet are removed then too.
+    (``release``); with ``replacing`` (``--force``) the previous run's ``final.pt``, its
+    ``selected.pt`` (``dmdl select``) and the epoch models and label files this run has not
+    rewritten yet are removed then too.
     """
 
     def __init__(self, *, replacing: bool, release: Callable[[], None]):
@@ -254,7 +276,7 @@ class CheckpointHook(Hook):
     def on_epoch_end(self, t: TrainState) -> None:
         self.save_last(t)
         if t.recipe.run.keep_epochs and t.runtime.is_main:
-            save_checkpoint(t.spec.path(t.ctx.ws, f"epoch-{t.epoch + 1:03d}.pt"), {
+            save_checkpoint(t.spec.path(t.ctx.ws, epoch_file(t.epoch + 1)), {
                 "model": t.model.state_dict(),
                 "meta": checkpoint_meta(t.recipe, t.spec, t.epoch, t.stage.iters, True)})
 
@@ -289,6 +311,7 @@ class CheckpointHook(Hook):
         if self.replacing:
             self.replacing = False
             spec.final(ws).unlink(missing_ok=True)
+            selected_path(ws, spec).unlink(missing_ok=True)  # it chose among the previous run's
             for path in (ws.root / spec.folder).glob("epoch-*.pt"):  # this run wrote 1..t.epoch
                 if _number(path.stem, "epoch-") > t.epoch:
                     path.unlink(missing_ok=True)
@@ -349,4 +372,5 @@ def standard_hooks(log: Any, *, replacing: bool) -> list[Hook]:
     """The hooks every training run has, in order (see the module docstring); ``log`` is the
     stage's log (``training/logs.py``), ``replacing`` says ``--force``."""
     checkpoints = CheckpointHook(replacing=replacing, release=log.release)
-    return [ProgressHook(), LogHook(log), BatchNormHook(), checkpoints, StopHook(checkpoints)]
+    return [ProgressHook(), LogHook(log), BatchNormHook(), CriteriaHook(), checkpoints,
+            StopHook(checkpoints)]

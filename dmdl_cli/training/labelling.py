@@ -1,5 +1,6 @@
 """Per-epoch label helpers shared by both stages: GMM confidences, memories from centroids,
-label files (the clustering itself is :mod:`dmdl_cli.clustering.modalities`).
+label files, the epoch's label-free criteria record (the clustering itself is
+:mod:`dmdl_cli.clustering.modalities`, the criteria :mod:`dmdl_cli.clustering.criteria`).
 
 All label arrays here are aligned with the INDEX rows (length N_all, test rows -1), the layout of
 the ``WS/labels/*.npz`` files; features are aligned with the train rows.
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmdl_cli.clustering.criteria import EpochLabels, ModalityLabels, epoch_criteria
+from dmdl_cli.clustering.modalities import MODALITIES
 from dmdl_cli.data.index import IndexTable
 from dmdl_cli.data.sampling import epoch_batches
 from dmdl_cli.recipe import CONFIDENCE_GMMS
@@ -79,3 +82,33 @@ def write_labels_file(t, epoch: int, labels_all: np.ndarray, **arrays: Any) -> N
                 stage=spec.labels_prefix, recipe_hash=ctx.recipe.hash(),
                 cache_sha256=ctx.cache.sha256,  # the image cache the features came from
                 stage_hash=spec.hash(ctx.recipe), **arrays)
+
+
+def log_criteria(t, now: EpochLabels, feats: np.ndarray, epoch: int) -> None:
+    """The ``criteria`` record of the labelling ``now`` (made from the train features ``feats``
+    (N, D) of the model trained ``epoch`` epochs in its stage), compared with the run's previous
+    labelling (``t.labelled``; none at the first epoch, or after a resume from a ``last.pt``
+    that does not hold it: stability is then null and ``previous_epoch`` says so). Keeps the
+    labels (not the re-runs) for the next epoch's comparison."""
+    previous = t.labelled[1] if t.labelled is not None else None
+    record = epoch_criteria(now, previous, feats, epoch=epoch,
+                            rank_samples=t.recipe.select.rank_samples, seed=t.recipe.train.seed)
+    record["previous_epoch"] = t.labelled[0] if previous is not None else None
+    t.log(record)
+    t.labelled = (epoch, EpochLabels({m: ModalityLabels(c.labels, c.centroids, unified=c.unified)
+                                      for m, c in now.modalities.items()}))
+
+
+def labelling_of_rows(t, clusters: np.ndarray, unified: np.ndarray | None = None) -> EpochLabels:
+    """An epoch's labels as the criteria compare them, from arrays aligned with the index rows
+    (as an epoch state saves them): each modality's cluster ids (``clusters`` (N_all,), any
+    numbering) and stage 2's unified ids (``unified`` (N_all,)), restricted to its train rows."""
+    out = EpochLabels()
+    rows, modality = t.ctx.train_rows, t.modality
+    for m in MODALITIES:
+        mine = rows[modality == m]
+        if len(mine):
+            out.modalities[m] = ModalityLabels(
+                np.asarray(clusters)[mine].astype(np.int64), np.zeros((0, 0), np.float32),
+                unified=None if unified is None else np.asarray(unified)[mine].astype(np.int64))
+    return out

@@ -40,7 +40,7 @@ from dmdl_cli.model.backbone import normalize_batch
 from dmdl_cli.provenance import check_made_with, write_recipe
 from dmdl_cli.recipe import StageRecipe, stage_augment
 from dmdl_cli.runtime import Runtime, make_grad_scaler, seed_everything, set_rng_state
-from dmdl_cli.stages import StageSpec, stage_spec
+from dmdl_cli.stages import StageSpec
 from dmdl_cli.training.commit import RunFiles, clear_leftovers
 from dmdl_cli.training.distributed import broadcast_object, mean_over_ranks
 from dmdl_cli.training.forward import ForwardPlan, GroupedForward, forward_plan, global_features
@@ -82,7 +82,7 @@ def run_stage(ctx: StageContext, logic: StageLogic, *, resume: bool, force: bool
                                tensorboard=ctx.recipe.run.tensorboard, iters=t.stage.iters,
                                resume_at=t.resumed_at)
     t.log = stage_log
-    ctx.record_input(ctx.ws.index_path, *_upstream_results(ctx, logic.spec))
+    ctx.record_input(ctx.ws.index_path, *logic.upstream_files(ctx))
     if ctx.runtime.is_main:
         recipe_file = write_recipe(t.files.path(logic.spec.recipe_file(ctx.ws)), ctx.recipe)
         if t.files.committed:
@@ -234,11 +234,6 @@ def make_loader(dataset: ViewDataset, steps: list, start: int, *, workers: int,
 # -- start, resume or refuse; setup ---------------------------------------------------------
 
 
-def _upstream_results(ctx: StageContext, spec: StageSpec) -> list[Path]:
-    """The upstream stage's ``final.pt`` a stage starts from (none for stage 1), for the ledger."""
-    return [stage_spec(spec.upstream).final(ctx.ws)] if spec.upstream else []
-
-
 def _finished(ctx: StageContext, spec: StageSpec, *, resume: bool, force: bool) -> bool:
     """True when the stage is finished and ``--resume`` has nothing to do; refuses to start
     over a finished or partial run without ``--force`` (or ``--resume`` for a partial one)."""
@@ -376,6 +371,8 @@ def _restore(t: TrainState, saved: dict[str, Any]) -> None:
             t.epoch_state = t.logic.restore_epoch(t, saved["epoch_state"])
         else:  # saved at an epoch end: the next epoch starts afresh
             t.epoch, t.step = t.epoch + 1, 0
+        # the saved epoch's labels: what the next labelling's criteria compare with
+        t.labelled = (meta["epoch"], t.logic.saved_labelling(t, saved["epoch_state"]))
         set_rng_state(saved["rng"])
     except _RESTORE_ERRORS as err:
         first = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])[:200]

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, describe
+from dmdl_cli.clustering.criteria import EpochLabels
+from dmdl_cli.clustering.modalities import MODALITIES, cluster_modalities, criteria_labels, describe
 from dmdl_cli.console import log
 from dmdl_cli.context import StageContext
 from dmdl_cli.data.index import MODALITY_NAMES
@@ -33,6 +34,8 @@ from dmdl_cli.stages import stage_spec
 from dmdl_cli.training.hooks import Hook
 from dmdl_cli.training.labelling import (
     confidences,
+    labelling_of_rows,
+    log_criteria,
     make_memory,
     restore_memories,
     stage_batches,
@@ -67,7 +70,7 @@ class SingleModalityStage(StageLogic):
     def prepare_epoch(self, t: TrainState) -> Stage1Epoch:
         recipe, stage, epoch, index = t.recipe, t.stage, t.epoch, t.ctx.index
         feats = t.train_features()  # (N_train, D)
-        clusters = cluster_modalities(recipe.cluster, feats, t.ctx.train_rows, t.modality, t.true_ids)
+        clusters = self.cluster(t, feats, announce=True)
         labels = np.full(len(index), -1, dtype=np.int64)
         conf = np.ones(len(index), dtype=np.float32)
         offsets, sizes = {}, {}
@@ -85,9 +88,24 @@ class SingleModalityStage(StageLogic):
         t.log({"kind": "labels", "epoch": epoch, "step": 0,
                **{MODALITY_NAMES[m]: clusters[m].stats for m in MODALITIES},
                "refine": refine, "mean_confidence": float(conf[labels >= 0].mean()) if (labels >= 0).any() else 1.0})
+        log_criteria(t, criteria_labels(clusters), feats, epoch)
         write_labels_file(t, epoch, labels, confidence=conf)
         memories = {m: make_memory(clusters[m].centroids, stage) for m in MODALITIES}
         return Stage1Epoch(epoch, labels, conf, memories, offsets=offsets, sizes=sizes)
+
+    @staticmethod
+    def cluster(t: TrainState, feats: np.ndarray, *, announce: bool):
+        """Each modality's clusters of the train features ``feats`` (N, D), with the re-runs at
+        eps -+ ``select.eps_delta`` of the criteria; ``announce``: the epoch's own labelling,
+        with its diagnostics against true identities."""
+        return cluster_modalities(t.recipe.cluster, feats, t.ctx.train_rows, t.modality,
+                                  t.true_ids if announce else None, margin=t.recipe.select.eps_delta)
+
+    def final_labelling(self, t: TrainState, feats: np.ndarray) -> EpochLabels:
+        return criteria_labels(self.cluster(t, feats, announce=False))
+
+    def saved_labelling(self, t: TrainState, saved: dict[str, Any]) -> EpochLabels:
+        return labelling_of_rows(t, saved["labels"])  # each modality's clusters, offset
 
     def restore_epoch(self, t: TrainState, saved: dict[str, Any]) -> Stage1Epoch:
         stage, device, index = t.stage, t.runtime.device, t.ctx.index

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dmdl_cli.clustering.criteria import EpochLabels
 from dmdl_cli.context import StageContext
 from dmdl_cli.features.extract import extract_features
 from dmdl_cli.recipe import Recipe, StageRecipe
@@ -58,6 +59,10 @@ class StageLogic:
         ``resuming`` its weights are replaced by those of ``last.pt``)."""
         raise NotImplementedError  # pragma: no cover
 
+    def upstream_files(self, ctx: StageContext) -> list:
+        """The files of another stage the stage starts from (for the ledger): none by default."""
+        return []
+
     def prepare_epoch(self, t: "TrainState") -> EpochState:
         """Pseudo labels and memories of epoch ``t.epoch`` (runs on the main rank only)."""
         raise NotImplementedError  # pragma: no cover
@@ -70,6 +75,17 @@ class StageLogic:
     def batch_loss(self, t: "TrainState", batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, dict[str, float], Callable[[], None]]:
         """(loss, named parts for the log, a no-grad memory update to run after the step)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def final_labelling(self, t: "TrainState", feats: np.ndarray) -> EpochLabels:
+        """The labelling the stage would make of the final model's train features ``feats``
+        (N, D) at the epoch after its last, for the final model's criteria record (nothing is
+        trained on it)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def saved_labelling(self, t: "TrainState", saved: dict[str, Any]) -> EpochLabels | None:
+        """The labels of a saved epoch state (``EpochState.saved()``, from ``last.pt`` on
+        resume) as the next epoch's criteria compare them; None when it does not hold them."""
         raise NotImplementedError  # pragma: no cover
 
 
@@ -103,6 +119,9 @@ class TrainState:
     origin: str = ""  # where the starting weights came from (the log's start record)
     files: RunFiles = field(default_factory=lambda: RunFiles(committed=True))  # until the commit
     loss: float = math.nan  # the last step's loss, mean over ranks
+    # (epoch, labels) of the last labelling, which the next epoch's criteria compare with
+    # (stability); restored from last.pt on resume; main rank only
+    labelled: tuple[int, EpochLabels | None] | None = None
     parts: dict[str, float] = field(default_factory=dict)  # its named parts, mean over ranks
 
     def __post_init__(self) -> None:

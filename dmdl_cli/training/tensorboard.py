@@ -15,7 +15,8 @@ from typing import Any
 
 from dmdl_cli.errors import DmdlError
 
-SKIPPED = ("kind", "epoch", "step", "stage", "note", "mode", "recipe_hash", "init", "prior")
+SKIPPED = ("kind", "epoch", "step", "stage", "note", "mode", "recipe_hash", "init", "prior",
+           "previous_epoch")
 MODALITIES = ("visible", "infrared")
 
 
@@ -30,10 +31,12 @@ def require_tensorboard() -> type:
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """{tag: value} of one log record: losses, pseudo-label statistics, speed, monitoring."""
+    """{tag: value} of one log record: losses, pseudo-label statistics, the label-free
+    criteria (``criteria/...``, on the step axis of the epoch whose labels they describe; a
+    criterion not defined that epoch is left out), speed, monitoring."""
     kind = record.get("kind")
-    group = {"step": "loss", "labels": "labels", "speed": "speed", "epoch": "epoch",
-             "monitor": "monitor_test"}.get(kind)
+    group = {"step": "loss", "labels": "labels", "criteria": "criteria", "speed": "speed",
+             "epoch": "epoch", "monitor": "monitor_test"}.get(kind)
     if group is None:
         return {}
     out: dict[str, float] = {}

@@ -494,7 +494,7 @@ class SelectRecipe:
     rule is part of the hashed recipe, so a run states it before it starts."""
 
     # the criterion the epoch is chosen by (SELECT_CRITERIA; "last": the last epoch)
-    criterion: str = _choice("eps_robustness", SELECT_CRITERIA)
+    criterion: str = _choice("label_ari", SELECT_CRITERIA)
     # models trained fewer epochs than this in their stage: never chosen
     warmup: int = _ranged(1, 0, MAX_EPOCHS)
     # criterion values within this of the best count as tied; a tie goes to the `tie` epoch

@@ -164,9 +164,9 @@ def test_offline_criteria_never_read_a_test_image(trained):
 
 
 def _by_hand(records: list[dict]) -> int:
-    """The default rule (eps_robustness, warm-up 1, guard 50 %, ties to the later), by hand."""
-    eligible = [(r["eps_robustness"], r["epoch"]) for r in records
-                if r["epoch"] >= 1 and r["largest_share"] <= 0.5]
+    """The default rule (label_ari, warm-up 1, guard 50 %, ties to the later), by hand."""
+    eligible = [(r["label_ari"], r["epoch"]) for r in records
+                if r["epoch"] >= 1 and r["label_ari"] is not None and r["largest_share"] <= 0.5]
     return max(eligible)[1] if eligible else records[-1]["epoch"]
 
 
@@ -198,15 +198,15 @@ def test_select_follows_the_declared_rule_and_never_opens_a_test_row(trained, li
         model = f"{stage}/epoch-001.pt" if epoch == 1 else f"{stage}/final.pt"  # final: epoch 2
         assert (selection.stage, selection.epoch, selection.checkpoint) == (stage, epoch, model)
         assert selection.sha256 == sha256_file(linked / model)
-        assert selection.criterion == "eps_robustness" and selection.recipe == f"{stage}/recipe.yaml"
+        assert selection.criterion == "label_ari" and selection.recipe == f"{stage}/recipe.yaml"
         assert f"selected {stage}: epoch {epoch}" in result.output
         pointers[stage] = (linked / stage / "selected.pt").read_text()
     # the rule is the one the run declared when it started: a recipe file rewritten since (a
     # --resume with other select: values) is said, not followed
     start = json.loads((linked / "stage1" / "log.jsonl").read_text().splitlines()[0])
-    assert start["kind"] == "start" and start["select"]["criterion"] == "eps_robustness"
+    assert start["kind"] == "start" and start["select"]["criterion"] == "label_ari"
     recipe_file = linked / "stage1" / "recipe.yaml"
-    recipe_file.write_text(recipe_file.read_text().replace("criterion: eps_robustness",
+    recipe_file.write_text(recipe_file.read_text().replace("criterion: label_ari",
                                                            "criterion: last"))
     again = invoke(["select", "--workspace", linked, "--stage", "stage1"])
     assert again.exit_code == 0 and "declared another select: rule" in again.output

@@ -62,13 +62,32 @@ def test_tables_average_the_finished_seeds(tmp_path):
             "12.5 ± 2.5 | 2 | 20.0, 30.0 |") in text
     assert "| 7 DMDL (CAI + CBT) | yes | yes | yes | yes | 50.0 | 40.0 | 20.0 | 1 | 40.0 |" in text
     summary = ab.summary_table(plan, ["scratch"], [1, 2], ["baseline", "dmdl"])
-    assert summary[2] == "| 1 baseline (visible channel aug.) | 25.0 ± 5.0 (20.0, 30.0) |"
-    assert summary[3] == "| 7 DMDL (CAI + CBT) | 40.0 (40.0) |"
+    assert summary[2] == ("| 1 baseline (visible channel aug.) | `baseline` | no CAI; visible channel "
+                          "exchange only | 25.0 ± 5.0 |")
+    assert summary[3] == ("| 7 DMDL (CAI + CBT) | `dmdl` | CAI; full views, refinement, alignment | "
+                          "40.0 (1 of 2 seeds) |")
     records = json.loads((tmp_path / "a.json").read_text())["runs"]
     assert [r["result"] is None for r in records] == [False, False, False, True]
     # a result made with other settings is stale: not reported
     plan.sets = ["stage1.iters=3"]
     assert ab.read_result(plan, runs[0]) is None
+
+
+def test_switch_summary_gives_each_switch_against_faithful_dmdl(tmp_path):
+    plan = _plan(tmp_path)
+    done = {ab.Run("source", "dmdl", 1): 0.30, ab.Run("source", "dmdl", 2): 0.40,
+            ab.Run("source", "dmdl", 1, "joint-batchnorm"): 0.20}
+    for run, m in done.items():
+        folder = plan.run_dir(run)
+        (folder / "eval").mkdir(parents=True)
+        (folder / ab.RESULT).write_text(json.dumps({"mean": {"cmc": [m], "mAP": m, "mINP": m / 2}}))
+        (folder / ab.MARKER).write_text(json.dumps({"recipe_hash": plan.recipe_hash(run)}))
+    lines = ab.switch_summary(plan, [1, 2], ["joint-batchnorm", "biased-mmd", "dmdl-v1-augment"])
+    assert lines[2] == "| — (all on) | — | 35.0 ± 5.0 | 0 |"
+    assert lines[3] == ("| BatchNorm per slice of the reference's 4-GPU batch | `train.bn_groups=joint` | "
+                        "20.0 (1 of 2 seeds) | -15.0 |")
+    assert lines[4].endswith("| — | — |")  # not run: no figure, no delta
+    assert "`augment.pipeline=dmdl-v1 ...`" in lines[5]
 
 
 def test_unknown_switch_is_refused():

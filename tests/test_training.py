@@ -543,7 +543,7 @@ def test_two_processes_train_what_one_process_trains(prepared: Path, tmp_path: P
     _same_labels(single, multi, "stage1-e002.npz")  # from the models after one epoch
     # stage 2 from the same stage-1 model on one process and on two
     shutil.rmtree(multi)
-    shutil.copytree(single, multi)
+    linked_workspace(single, multi)  # stage-1 checkpoints hard-linked
     dmdl_here("train-cross", "--workspace", str(single), *_sets(DDP_SCHEDULE))
     two_ranks("train-cross", multi)
     _first_epoch_steps_agree(single, multi, "stage2", 2)

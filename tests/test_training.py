@@ -3,7 +3,8 @@
 Every run uses ``--deterministic`` and one torch thread so that CPU results are bit-exact.
 Runs whose models are compared bit for bit, runs that are killed, stopped or limited, and the
 two-rank run are subprocesses (``dmdl``); the other runs and the refusals go through the Typer
-app in this process (``dmdl_here``), which spares each the 2-4 s a fresh torch import costs.
+app in this process (``dmdl_here``), which spares each the 2-4 s a fresh torch import costs
+(train-cross and evaluate run as subprocesses in test_readme.py and test_reproduce.py).
 """
 from __future__ import annotations
 
@@ -378,7 +379,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
 def test_train_cross_end_to_end_and_evaluate(stage1_done: Path, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     linked_workspace(stage1_done, ws)  # checkpoints hard-linked
-    dmdl("train-cross", "--workspace", str(ws), "--deterministic")
+    dmdl_here("train-cross", "--workspace", str(ws), "--deterministic")
     assert (ws / "stage2" / "final.pt").is_file()
     assert sorted(p.name for p in (ws / "labels").glob("cross-e*.npz")) == [
         "cross-e001.npz", "cross-e002.npz", "cross-e003.npz"]
@@ -412,7 +413,7 @@ def test_a_gem_p_4_model_embeds_alike_through_embed_and_evaluate(prepared: Path,
     final = ws / "stage1" / "final.pt"
     model, spec = load_model(final)
     assert spec.gem_p == 4.0 and float(model.pool.p) == 4.0
-    dmdl("evaluate", "--workspace", str(ws), "--checkpoint", str(final), "--mode", "all-search")
+    dmdl_here("evaluate", "--workspace", str(ws), "--checkpoint", str(final), "--mode", "all-search")
     [cached] = (ws / "features").glob("*-test-32x16.npz")
     with np.load(cached) as data:
         evaluated, rows = data["features"], data["rows"]  # (N_test, D) from the image cache

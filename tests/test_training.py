@@ -1,10 +1,11 @@
 """Both training stages through the CLI on a tiny synthetic workspace: results, honesty, resume.
 
 Every run uses ``--deterministic`` and one torch thread so that CPU results are bit-exact.
-Runs whose models are compared bit for bit, runs that are killed, stopped or limited, and the
-two-rank run are subprocesses (``dmdl``); the other runs and the refusals go through the Typer
-app in this process (``dmdl_here``), which spares each the 2-4 s a fresh torch import costs
-(train-cross and evaluate run as subprocesses in test_readme.py and test_reproduce.py).
+Training and evaluation runs are subprocesses (``dmdl``, OMP_NUM_THREADS=1): in this process,
+whose OpenMP/BLAS pools keep pytest's thread count, a training run was measured several times
+slower on the loaded 2-core machine. The refusals, the module's prepare-data and the --resume
+that has nothing to do go through the Typer app in this process (``dmdl_here``), which spares
+each the 2-4 s a fresh torch import costs.
 """
 from __future__ import annotations
 
@@ -379,7 +380,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
 def test_train_cross_end_to_end_and_evaluate(stage1_done: Path, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     linked_workspace(stage1_done, ws)  # checkpoints hard-linked
-    dmdl_here("train-cross", "--workspace", str(ws), "--deterministic")
+    dmdl("train-cross", "--workspace", str(ws), "--deterministic")
     assert (ws / "stage2" / "final.pt").is_file()
     assert sorted(p.name for p in (ws / "labels").glob("cross-e*.npz")) == [
         "cross-e001.npz", "cross-e002.npz", "cross-e003.npz"]
@@ -389,7 +390,7 @@ def test_train_cross_end_to_end_and_evaluate(stage1_done: Path, tmp_path: Path) 
     assert all("association_accuracy" in r for r in labels)
     steps = [r for r in records if r["kind"] == "step"]
     assert all(r["cai"] > 0 for r in steps)
-    out = dmdl_here("evaluate", "--workspace", str(ws), "--mode", "all-search")
+    out = dmdl("evaluate", "--workspace", str(ws), "--mode", "all-search")
     assert "stage2-final" in out.stdout and "mAP" in out.stdout
     result = json.loads((ws / "eval" / "all-search-stage2-final.json").read_text())
     assert 0.0 <= result["mean"]["mAP"] <= 1.0 and len(result["per_trial"]) == 2
@@ -408,12 +409,12 @@ def test_a_gem_p_4_model_embeds_alike_through_embed_and_evaluate(prepared: Path,
 
     ws = tmp_path / "ws"
     shutil.copytree(prepared, ws)
-    dmdl_here("pretrain-single", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE1,
-              "--set", "stage1.iters=1", "--set", "train.bn_recalibration=0", "--set", "model.gem_p=4")
+    dmdl("pretrain-single", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE1,
+         "--set", "stage1.iters=1", "--set", "train.bn_recalibration=0", "--set", "model.gem_p=4")
     final = ws / "stage1" / "final.pt"
     model, spec = load_model(final)
     assert spec.gem_p == 4.0 and float(model.pool.p) == 4.0
-    dmdl_here("evaluate", "--workspace", str(ws), "--checkpoint", str(final), "--mode", "all-search")
+    dmdl("evaluate", "--workspace", str(ws), "--checkpoint", str(final), "--mode", "all-search")
     [cached] = (ws / "features").glob("*-test-32x16.npz")
     with np.load(cached) as data:
         evaluated, rows = data["features"], data["rows"]  # (N_test, D) from the image cache
@@ -449,13 +450,13 @@ def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Pat
         "stage2.k1_adopting: use stage2.k1_adopting instead (only stage 2 reads it, so stage 1's "
         "results no longer depend on it)"]
     # overrides that only change stage-2 parts (stage2.k1_adopting among them) keep stage 1 valid
-    proc = dmdl_here("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25",
-                     "--set", "stage2.k1_adopting=4", *ONE_EPOCH_STAGE2)
+    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25",
+                "--set", "stage2.k1_adopting=4", *ONE_EPOCH_STAGE2)
     assert (ws / "stage2" / "final.pt").is_file()
     assert "association.method" not in proc.stdout
     # an association without an adopting modality says that the adopting keys do not apply
-    proc = dmdl_here("train-cross", "--workspace", str(ws), "--force",
-                     "--set", "association.method=hungarian", *ONE_EPOCH_STAGE2)
+    proc = dmdl("train-cross", "--workspace", str(ws), "--force",
+                "--set", "association.method=hungarian", *ONE_EPOCH_STAGE2)
     assert ("association.method hungarian: no modality adopts the other's ids, so "
             "stage2.k1_adopting and stage2.cross_memory_update do not apply") in " ".join(proc.stdout.split())
 
@@ -474,8 +475,8 @@ def test_cai_replaces_the_likelihood_term(stage1_done: Path, tmp_path: Path) -> 
     for enabled in ("true", "false"):
         ws = tmp_path / f"cai-{enabled}"
         linked_workspace(stage1_done, ws)  # checkpoints hard-linked
-        dmdl_here("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
-                  "--set", "stage2.iters=1", "--set", f"cai.enabled={enabled}")
+        dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
+             "--set", "stage2.iters=1", "--set", f"cai.enabled={enabled}")
         runs[enabled] = _first_step(ws, "stage2")
     on, off = runs["true"], runs["false"]
     assert off["cai"] == 0.0 and on["cai"] > 0.0 and on["fused"] > 0.0
@@ -538,14 +539,14 @@ def test_two_processes_train_what_one_process_trains(prepared: Path, tmp_path: P
     single, multi = tmp_path / "single", tmp_path / "ddp"
     shutil.copytree(prepared, single)
     shutil.copytree(prepared, multi)
-    dmdl_here("pretrain-single", "--workspace", str(single), *_sets(DDP_SCHEDULE))
+    dmdl("pretrain-single", "--workspace", str(single), *_sets(DDP_SCHEDULE))
     two_ranks("pretrain-single", multi)
     _first_epoch_steps_agree(single, multi, "stage1", 3)
     _same_labels(single, multi, "stage1-e002.npz")  # from the models after one epoch
     # stage 2 from the same stage-1 model on one process and on two
     shutil.rmtree(multi)
     linked_workspace(single, multi)  # stage-1 checkpoints hard-linked
-    dmdl_here("train-cross", "--workspace", str(single), *_sets(DDP_SCHEDULE))
+    dmdl("train-cross", "--workspace", str(single), *_sets(DDP_SCHEDULE))
     two_ranks("train-cross", multi)
     _first_epoch_steps_agree(single, multi, "stage2", 2)
     _same_labels(single, multi, "cross-e002.npz")
@@ -556,9 +557,9 @@ def test_sample_level_association_trains_through_the_cli(stage1_done: Path, tmp_
     # label of its nearest infrared sample, so the unified ids are the infrared clusters
     ws = tmp_path / "ws"
     linked_workspace(stage1_done, ws)  # checkpoints hard-linked
-    dmdl_here("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
-              "--set", "stage2.iters=1", "--set", "association.method=cluster-sample-alternating",
-              "--set", "association.cluster_epochs=0")
+    dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
+         "--set", "stage2.iters=1", "--set", "association.method=cluster-sample-alternating",
+         "--set", "association.cluster_epochs=0")
     records = [json.loads(x) for x in (ws / "stage2" / "log.jsonl").read_text().splitlines()]
     labels = next(r for r in records if r["kind"] == "labels")
     assert labels["unified_ids"] == labels["infrared"]["clusters"]

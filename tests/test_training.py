@@ -1,6 +1,11 @@
 """Both training stages through the CLI on a tiny synthetic workspace: results, honesty, resume.
 
 Every run uses ``--deterministic`` and one torch thread so that CPU results are bit-exact.
+Training and evaluation runs are subprocesses (``dmdl``, OMP_NUM_THREADS=1): in this process,
+whose OpenMP/BLAS pools keep pytest's thread count, a training run was measured several times
+slower on the loaded 2-core machine. The refusals, the module's prepare-data and the --resume
+that has nothing to do go through the Typer app in this process (``dmdl_here``), which spares
+each the 2-4 s a fresh torch import costs.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import discard_when_done, error_lines
+from conftest import discard_when_done, error_lines, invoke, linked_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 # A schedule small enough for seconds on a CPU, large enough to cross every epoch switch
@@ -46,6 +51,8 @@ ONE_EPOCH_STAGE1 = ["--set", "stage1.epochs=1", "--set", "stage1.refine_from=nev
 ONE_EPOCH_STAGE2 = ["--set", "stage2.epochs=1", "--set", "stage2.onehot_epochs=0",
                     "--set", "stage2.cross_sampler_from=never", "--set", "stage2.triplet_ramp=[]"]
 ENV = {"DMDL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# in-process runs on one torch thread too, as the subprocesses (OMP_NUM_THREADS=1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sets(extra: list[str] = ()) -> list[str]:
@@ -64,11 +71,24 @@ def dmdl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def dmdl_here(*args: str, check: bool = True):
+    """``dmdl ARGS`` in this process (conftest's ``invoke``: no exception and no traceback may
+    escape); ``--deterministic`` is switched back off after it, as a process ends with it."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        result = invoke(args)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    if check and result.exit_code != 0:
+        raise AssertionError(f"dmdl {' '.join(args)} failed ({result.exit_code}):\n{result.output}")
+    return result
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("train") / "ws"
-    dmdl("prepare-data", "--dataset", "synthetic", "--workspace", str(ws), "--ids", "15",
-         "--seed", "3", *_sets())
+    dmdl_here("prepare-data", "--dataset", "synthetic", "--workspace", str(ws), "--ids", "15",
+              "--seed", "3", *_sets())
     return ws
 
 
@@ -157,11 +177,11 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
 
 
 def test_second_run_refuses_without_resume_or_force(stage1_done: Path) -> None:
-    proc = dmdl("pretrain-single", "--workspace", str(stage1_done), check=False)
-    assert proc.returncode != 0
-    assert "--force" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
-    proc = dmdl("pretrain-single", "--workspace", str(stage1_done), "--resume")
-    assert "nothing to resume" in proc.stdout
+    result = dmdl_here("pretrain-single", "--workspace", str(stage1_done), check=False)
+    assert result.exit_code != 0
+    assert "--force" in result.stdout  # and no traceback: dmdl_here checks
+    result = dmdl_here("pretrain-single", "--workspace", str(stage1_done), "--resume")
+    assert "nothing to resume" in result.stdout
 
 
 def test_training_never_reads_true_train_identities(prepared: Path, stage1_done: Path, tmp_path: Path) -> None:
@@ -275,17 +295,17 @@ def test_failed_force_runs_keep_the_previous_models(stage1_done: Path, tmp_path:
     """--force that fails (a bad value, a file-size limit hit while writing) leaves the
     previous run's models byte-identical, and says why in one line naming the file."""
     ws = tmp_path / "ws"
-    shutil.copytree(stage1_done, ws)
+    linked_workspace(stage1_done, ws)  # checkpoints hard-linked
     before = snapshot(ws / "stage1")
     labels_before = snapshot(ws / "labels")
     # a value refused on load (eps is an open interval) and one that fails after the start
     # (no cache at that size): the old code removed final.pt before either was found
     for bad, words in ((["--set", "cluster.eps=0"], ["cluster.eps", "open interval"]),
                        (["--set", "data.height=48"], ["cache-48x16.u8", "prepare-data"])):
-        proc = dmdl("pretrain-single", "--workspace", str(ws), "--force", *bad, check=False)
-        assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
-        lines = error_lines(proc.stdout)
-        assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stdout
+        result = dmdl_here("pretrain-single", "--workspace", str(ws), "--force", *bad, check=False)
+        assert result.exit_code == 1  # and no traceback: dmdl_here checks
+        lines = error_lines(result.stdout)
+        assert len(lines) == 1 and all(w in lines[0] for w in words), result.stdout
         assert snapshot(ws / "stage1") == before
     # a disk that fills up when the new run writes its first checkpoint (ulimit -f: EFBIG)
     limit_kib = (ws / "stage1" / "last.pt").stat().st_size // 1024 // 2
@@ -305,7 +325,7 @@ def test_failed_force_runs_keep_the_previous_models(stage1_done: Path, tmp_path:
 def test_prepare_data_force_that_fails_keeps_the_stage_outputs(stage1_done: Path, tmp_path: Path,
                                                                snapshot) -> None:
     ws = tmp_path / "ws"
-    shutil.copytree(stage1_done, ws)
+    linked_workspace(stage1_done, ws)  # checkpoints hard-linked
     cache = ws / "data" / "cache-32x16.u8"
     limit_kib = cache.stat().st_size // 1024 // 2
     assert (ws / "data" / "index.csv").stat().st_size < limit_kib * 1024  # only the cache fails
@@ -320,7 +340,7 @@ def test_prepare_data_force_that_fails_keeps_the_stage_outputs(stage1_done: Path
         {k: v for k, v in before.items() if k != "manifest.json"}  # models, labels, data intact
     assert _last_run(ws, "prepare-data")["status"] == "failed"
     # a --force that succeeds retires them only after the new index and cache exist
-    dmdl("prepare-data", "--dataset", "synthetic", "--workspace", str(ws), "--ids", "15",
+    dmdl_here("prepare-data", "--dataset", "synthetic", "--workspace", str(ws), "--ids", "15",
          "--seed", "3", "--force", *_sets())
     assert not (ws / "stage1").exists() and not (ws / "labels").exists()
     assert not list(ws.glob(".retired-*"))
@@ -359,7 +379,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
 
 def test_train_cross_end_to_end_and_evaluate(stage1_done: Path, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
-    shutil.copytree(stage1_done, ws)
+    linked_workspace(stage1_done, ws)  # checkpoints hard-linked
     dmdl("train-cross", "--workspace", str(ws), "--deterministic")
     assert (ws / "stage2" / "final.pt").is_file()
     assert sorted(p.name for p in (ws / "labels").glob("cross-e*.npz")) == [
@@ -416,16 +436,16 @@ def test_a_gem_p_4_model_embeds_alike_through_embed_and_evaluate(prepared: Path,
 
 def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Path, stage1_done: Path,
                                                                   tmp_path: Path) -> None:
-    proc = dmdl("train-cross", "--workspace", str(prepared), check=False)
-    assert proc.returncode != 0 and "pretrain-single" in proc.stdout and "stage1/final.pt" in proc.stdout
+    proc = dmdl_here("train-cross", "--workspace", str(prepared), check=False)
+    assert proc.exit_code != 0 and "pretrain-single" in proc.stdout and "stage1/final.pt" in proc.stdout
     ws = tmp_path / "ws"
-    shutil.copytree(stage1_done, ws)
-    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "stage1.lr=0.001", check=False)
-    assert proc.returncode != 0 and "stage1.lr: 0.00035 -> 0.001" in proc.stdout
-    assert "Traceback" not in proc.stdout + proc.stderr
+    linked_workspace(stage1_done, ws)  # checkpoints hard-linked
+    proc = dmdl_here("train-cross", "--workspace", str(ws), "--set", "stage1.lr=0.001", check=False)
+    assert proc.exit_code != 0 and "stage1.lr: 0.00035 -> 0.001" in proc.stdout
+    # (and no traceback: dmdl_here checks)
     # the k1 of the adopting modality moved out of the `cluster` section: refused, naming its new key
-    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cluster.k1_adopting=4", check=False)
-    assert proc.returncode != 0 and error_lines(proc.stdout) == [
+    proc = dmdl_here("train-cross", "--workspace", str(ws), "--set", "cluster.k1_adopting=4", check=False)
+    assert proc.exit_code != 0 and error_lines(proc.stdout) == [
         "error: recipe key 'cluster.k1_adopting' (--set cluster.k1_adopting=4) moved to "
         "stage2.k1_adopting: use stage2.k1_adopting instead (only stage 2 reads it, so stage 1's "
         "results no longer depend on it)"]
@@ -435,8 +455,8 @@ def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Pat
     assert (ws / "stage2" / "final.pt").is_file()
     assert "association.method" not in proc.stdout
     # an association without an adopting modality says that the adopting keys do not apply
-    proc = dmdl("train-cross", "--workspace", str(ws), "--force", "--set", "association.method=hungarian",
-                *ONE_EPOCH_STAGE2)
+    proc = dmdl("train-cross", "--workspace", str(ws), "--force",
+                "--set", "association.method=hungarian", *ONE_EPOCH_STAGE2)
     assert ("association.method hungarian: no modality adopts the other's ids, so "
             "stage2.k1_adopting and stage2.cross_memory_update do not apply") in " ".join(proc.stdout.split())
 
@@ -454,7 +474,7 @@ def test_cai_replaces_the_likelihood_term(stage1_done: Path, tmp_path: Path) -> 
     runs = {}
     for enabled in ("true", "false"):
         ws = tmp_path / f"cai-{enabled}"
-        shutil.copytree(stage1_done, ws)
+        linked_workspace(stage1_done, ws)  # checkpoints hard-linked
         dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
              "--set", "stage2.iters=1", "--set", f"cai.enabled={enabled}")
         runs[enabled] = _first_step(ws, "stage2")
@@ -525,7 +545,7 @@ def test_two_processes_train_what_one_process_trains(prepared: Path, tmp_path: P
     _same_labels(single, multi, "stage1-e002.npz")  # from the models after one epoch
     # stage 2 from the same stage-1 model on one process and on two
     shutil.rmtree(multi)
-    shutil.copytree(single, multi)
+    linked_workspace(single, multi)  # stage-1 checkpoints hard-linked
     dmdl("train-cross", "--workspace", str(single), *_sets(DDP_SCHEDULE))
     two_ranks("train-cross", multi)
     _first_epoch_steps_agree(single, multi, "stage2", 2)
@@ -536,7 +556,7 @@ def test_sample_level_association_trains_through_the_cli(stage1_done: Path, tmp_
     # the reference's RegDB association at a sample-level epoch: every visible sample takes the
     # label of its nearest infrared sample, so the unified ids are the infrared clusters
     ws = tmp_path / "ws"
-    shutil.copytree(stage1_done, ws)
+    linked_workspace(stage1_done, ws)  # checkpoints hard-linked
     dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
          "--set", "stage2.iters=1", "--set", "association.method=cluster-sample-alternating",
          "--set", "association.cluster_epochs=0")

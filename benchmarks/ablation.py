@@ -535,6 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="runs side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--cai-share", action="store_true", help="add the CAI own-modality share table")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="train nothing: the tables from the runs that finished (the others show as missing)")
     parser.add_argument("--update-docs", action="store_true",
                         help=f"also write the tables into {DOCS.relative_to(REPO)} and their summary into "
                              "README.md, between their ablation markers")
@@ -664,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     for run, why in unavailable.items():
         say(f"not run: {run.setting} seed {run.seed} {run.name}: {why}")
     say(f"{len(tasks)} tasks ({sum(t.after is None for t in tasks)} stage-1 runs), {args.jobs} at a time")
-    failed = run_tasks(tasks, args.jobs)
+    failed = {} if args.tables_only else run_tasks(tasks, args.jobs)
     write_results(plan, args, runs, unavailable)
     for key, why in failed.items():
         say(f"FAILED {key}: {why}")

@@ -601,7 +601,9 @@ def summary_table(plan: Plan, settings: list[str], seeds: list[int], variants: l
     """The README's short form: each Table 3 row, its overlay and what it turns on, and its
     all-search mAP (mean ± std over seeds, seeds that finished in brackets when not all) per
     setting."""
-    lines = ["| Table 3 row | overlay | turns on | " + " | ".join(SETTINGS[s][2] for s in settings) + " |",
+    short = {"scratch": "default set, from scratch", "source": "default set, source-pretrained",
+             "thermal-source": "thermal-like set, source-pretrained"}
+    lines = ["| Table 3 row | overlay | turns on | " + " | ".join(short.get(s, s) for s in settings) + " |",
              "|---|---|---|" + "---|" * len(settings)]
     for variant in variants:
         cells = []
@@ -617,7 +619,7 @@ def summary_table(plan: Plan, settings: list[str], seeds: list[int], variants: l
 def switch_summary(plan: Plan, seeds: list[int], switches: list[str]) -> list[str]:
     """The README's short switch table: faithful DMDL's all-search mAP with one mechanism off."""
     base = [r["mAP"] for s in seeds if (r := read_result(plan, Run(SWITCH_SETTING, SWITCH_VARIANT, s)))]
-    lines = [f"| faithful DMDL ({SETTINGS[SWITCH_SETTING][2]}) without | `--set` | mAP | Δ mAP |",
+    lines = ["| faithful DMDL (default set, source-pretrained) without | `--set` | mAP | Δ mAP |",
              "|---|---|---|---|",
              f"| — (all on) | — | {mean_std(base)} | 0 |"]
     for name in switches:

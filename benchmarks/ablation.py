@@ -62,6 +62,9 @@ SETTINGS: dict[str, tuple[str, str, str]] = {
     "thermal-source": ("thermal", "source",
                        "thermal-like set (material_coupling -0.8), from the source-pretrained backbone"),
 }
+# the README's column titles of the settings
+SHORT_TITLES = {"scratch": "default set, from scratch", "source": "default set, source-pretrained",
+                "thermal-source": "thermal-like set, source-pretrained"}
 # variant -> (overlay in recipes/ablation/, label, CAI, CBT parts on: data augmentation, label
 # refinement, feature alignment); the rows of the paper's Table 3 in its order
 VARIANTS: dict[str, tuple[str, str, bool, tuple[bool, bool, bool]]] = {
@@ -601,9 +604,7 @@ def summary_table(plan: Plan, settings: list[str], seeds: list[int], variants: l
     """The README's short form: each Table 3 row, its overlay and what it turns on, and its
     all-search mAP (mean ± std over seeds, seeds that finished in brackets when not all) per
     setting."""
-    short = {"scratch": "default set, from scratch", "source": "default set, source-pretrained",
-             "thermal-source": "thermal-like set, source-pretrained"}
-    lines = ["| Table 3 row | overlay | turns on | " + " | ".join(short.get(s, s) for s in settings) + " |",
+    lines = ["| Table 3 row | overlay | turns on | " + " | ".join(SHORT_TITLES[s] for s in settings) + " |",
              "|---|---|---|" + "---|" * len(settings)]
     for variant in variants:
         cells = []
@@ -619,7 +620,7 @@ def summary_table(plan: Plan, settings: list[str], seeds: list[int], variants: l
 def switch_summary(plan: Plan, seeds: list[int], switches: list[str]) -> list[str]:
     """The README's short switch table: faithful DMDL's all-search mAP with one mechanism off."""
     base = [r["mAP"] for s in seeds if (r := read_result(plan, Run(SWITCH_SETTING, SWITCH_VARIANT, s)))]
-    lines = ["| faithful DMDL (default set, source-pretrained) without | `--set` | mAP | Δ mAP |",
+    lines = [f"| faithful DMDL ({SHORT_TITLES[SWITCH_SETTING]}) without | `--set` | mAP | Δ mAP |",
              "|---|---|---|---|",
              f"| — (all on) | — | {mean_std(base)} | 0 |"]
     for name in switches:

@@ -129,6 +129,28 @@ def test_use_gpu_true_without_gpu_raises():
         knn(x, 5, use_gpu=True)
 
 
+def test_a_search_leaves_the_thread_count_of_torch_as_it_was(monkeypatch):
+    """faiss searches on OMP_NUM_THREADS threads, but where torch was imported first (as here)
+    its omp_set_num_threads is torch's: a search left torch on faiss's count, undoing a
+    caller's torch.set_num_threads (an in-process training run then changed its bits)."""
+    import torch
+
+    from dmdl_cli.clustering.neighbors import nearest_rows
+
+    x, _ = clustered(300, d=16, seed=8)
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(1)
+    try:
+        for method in ("exact", "ivf", "hnsw"):
+            knn(x, 10, method=method, nlist=10, nprobe=2)
+            assert torch.get_num_threads() == 1, method
+        nearest_rows(x[:5], x)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_knn_clamps_k_to_n():
     x, _ = clustered(7, seed=4)
     sims, idx = knn(x, 50)

@@ -15,7 +15,10 @@ always first. Three methods:
 - ``"hnsw"``: faiss ``IndexHNSWFlat`` graph index (inner product), parameters ``hnsw_m``,
   ``ef_construction``, ``ef_search``. CPU only.
 
-faiss uses :func:`faiss_threads` OpenMP threads (``OMP_NUM_THREADS`` or the CPUs available).
+faiss uses :func:`faiss_threads` OpenMP threads (``OMP_NUM_THREADS`` or the CPUs available)
+during a search, and the process's OpenMP thread count is as before afterwards: where torch was
+imported first, faiss's ``omp_set_num_threads`` is torch's, and a search would otherwise leave
+torch on faiss's count (a caller's ``torch.set_num_threads(1)`` undone).
 
 GPU or CPU (``use_gpu=None``): the GPU when faiss has GPU support and torch sees CUDA. On a CUDA
 machine whose faiss cannot use it, or after a GPU search fails (a CUDA error, out of memory),
@@ -82,6 +85,20 @@ def faiss_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _faiss_thread_count():
+    """faiss on :func:`faiss_threads` OpenMP threads inside the block, the OpenMP thread count
+    of before after it (torch's too, where faiss's OpenMP calls reach torch's runtime)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(faiss_threads())
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def gpu_available(use_gpu: bool | None = None) -> bool:
@@ -174,8 +191,6 @@ def knn(
     (nlist None = :func:`default_nlist`); ``hnsw_m``/``ef_construction``/``ef_search`` tune
     ``"hnsw"`` (ef_search is raised to at least k).
     """
-    import faiss
-
     x = check_features(features)
     n, d = x.shape
     if int(k) < 1:
@@ -183,25 +198,25 @@ def knn(
     if method not in METHODS:
         raise DmdlError(f"knn: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     k = min(int(k), n)
-    faiss.omp_set_num_threads(faiss_threads())
     on_gpu = gpu_available(use_gpu)
     options = dict(nlist=nlist, nprobe=nprobe, train_points_per_list=train_points_per_list,
                    hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, seed=seed)
-    try:
-        sims, idx = _search(x, k, method, on_gpu, **options)
-    except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError, CUDA errors vary
-        if not on_gpu or use_gpu is True:
-            raise
-        _gpu_failed(err)
-        on_gpu = False
-        sims, idx = _search(x, k, method, on_gpu, **options)
+    with _faiss_thread_count():
+        try:
+            sims, idx = _search(x, k, method, on_gpu, **options)
+        except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError, CUDA errors vary
+            if not on_gpu or use_gpu is True:
+                raise
+            _gpu_failed(err)
+            on_gpu = False
+            sims, idx = _search(x, k, method, on_gpu, **options)
 
-    sims = np.ascontiguousarray(sims, dtype=np.float32)
-    idx = np.ascontiguousarray(idx, dtype=np.int64)
-    missing = np.flatnonzero((idx < 0).any(axis=1))
-    if missing.size:  # approximate index returned fewer than k results: search those exactly
-        s2, i2 = _exact(x[missing], x, k, on_gpu)
-        sims[missing], idx[missing] = s2, i2
+        sims = np.ascontiguousarray(sims, dtype=np.float32)
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        missing = np.flatnonzero((idx < 0).any(axis=1))
+        if missing.size:  # approximate index returned fewer than k results: search those exactly
+            s2, i2 = _exact(x[missing], x, k, on_gpu)
+            sims[missing], idx[missing] = s2, i2
     _self_first(x, sims, idx)
     return sims, idx
 
@@ -209,20 +224,18 @@ def knn(
 def nearest_rows(queries: np.ndarray, base: np.ndarray, *, use_gpu: bool | None = None) -> np.ndarray:
     """``(Nq,)`` int64: for each row of ``queries`` (Nq, D), the row of ``base`` (Nb, D) with
     the largest inner product (both L2-normalised: the most similar), by exact search."""
-    import faiss
-
     q, b = check_features(queries, "queries"), check_features(base, "base rows")
     if q.shape[1] != b.shape[1]:
         raise DmdlError(f"nearest_rows: queries have {q.shape[1]} dimensions, the base {b.shape[1]}")
-    faiss.omp_set_num_threads(faiss_threads())
     on_gpu = gpu_available(use_gpu)
-    try:
-        _, idx = _exact(q, b, 1, on_gpu)
-    except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError, CUDA errors vary
-        if not on_gpu or use_gpu is True:
-            raise
-        _gpu_failed(err)
-        _, idx = _exact(q, b, 1, False)
+    with _faiss_thread_count():
+        try:
+            _, idx = _exact(q, b, 1, on_gpu)
+        except Exception as err:  # noqa: BLE001 - faiss raises RuntimeError, CUDA errors vary
+            if not on_gpu or use_gpu is True:
+                raise
+            _gpu_failed(err)
+            _, idx = _exact(q, b, 1, False)
     return np.ascontiguousarray(idx[:, 0], dtype=np.int64)
 
 

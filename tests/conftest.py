@@ -15,10 +15,13 @@ writes into a workspace must copy it first (``copy_workspace(tiny_workspace, tmp
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
+import random
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +32,7 @@ import torch
 from typer.testing import CliRunner, Result
 
 from dmdl_cli.cli import app
+from dmdl_cli.training.signals import STOP_SIGNALS
 from dmdl_cli.workspace import LOCK_FILE, MANIFEST_LOCK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +63,42 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def process_state_kept():
+    """What a dmdl command sets for its own process and a process's end would undo, put back
+    after an in-process command, so that it does not leak into later tests: torch's
+    deterministic flag (``--deterministic``), torch's thread count and ``os.environ``
+    (``run.threads`` sets both), the global RNGs of Python, numpy and torch (seeded by the
+    stages). The working directory and the stop-signal handlers are not put back but checked:
+    a command that left them changed would change them for a library user too."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    environ = dict(os.environ)
+    rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cwd = os.getcwd()
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
+        for key in os.environ.keys() - environ.keys():
+            del os.environ[key]
+        os.environ.update(environ)
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.set_rng_state(rngs[2])
+    assert os.getcwd() == cwd, "a dmdl command changed the working directory"
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == handlers, \
+        "a dmdl command left its signal handlers installed"
+
+
 def invoke(args: Sequence[str]) -> Result:
-    """Run ``dmdl ARGS`` in process; fail the test if an exception (not an exit) escaped."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    """Run ``dmdl ARGS`` in process (the process's state kept: :func:`process_state_kept`);
+    fail the test if an exception (not an exit) escaped."""
+    with process_state_kept():
+        result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(
             f"dmdl {' '.join(map(str, args))} raised {result.exception!r}\n{result.output}"

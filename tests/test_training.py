@@ -1,11 +1,12 @@
 """Both training stages through the CLI on a tiny synthetic workspace: results, honesty, resume.
 
 Every run uses ``--deterministic`` and one torch thread so that CPU results are bit-exact.
-Training and evaluation runs are subprocesses (``dmdl``, OMP_NUM_THREADS=1): in this process,
-whose OpenMP/BLAS pools keep pytest's thread count, a training run was measured several times
-slower on the loaded 2-core machine. The refusals, the module's prepare-data and the --resume
-that has nothing to do go through the Typer app in this process (``dmdl_here``), which spares
-each the 2-4 s a fresh torch import costs.
+The runs go through the Typer app in this process (``dmdl_here``, in the subprocesses'
+environment ENV, the process's state put back after each), which spares each the 2-4 s of a
+fresh torch import; they give the same bits as a ``dmdl`` subprocess, so a run resumed here
+after a subprocess was killed still ends on the uninterrupted run's weights. Subprocesses
+remain where a real process is the point: SIGKILL and SIGTERM mid-run, a file-size limit
+(``ulimit -f``), two ranks under torchrun.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import Result
 
 from conftest import discard_when_done, error_lines, invoke, linked_workspace
 
@@ -62,23 +64,15 @@ def _sets(extra: list[str] = ()) -> list[str]:
     return out
 
 
-def dmdl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV}
-    proc = subprocess.run([sys.executable, "-m", "dmdl_cli", *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dmdl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def dmdl_here(*args: str, check: bool = True):
-    """``dmdl ARGS`` in this process (conftest's ``invoke``: no exception and no traceback may
-    escape); ``--deterministic`` is switched back off after it, as a process ends with it."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
+def dmdl_here(*args: str, check: bool = True) -> Result:
+    """``dmdl ARGS`` in this process, in the environment of this module's subprocesses (ENV),
+    through conftest's ``invoke``: no exception and no traceback may escape, and what the
+    command sets for its process (``--deterministic``, torch's threads, the seeded RNGs, the
+    environment) is put back after it, as a process's end would."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in ENV.items():
+            patch.setenv(key, value)
         result = invoke(args)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
     if check and result.exit_code != 0:
         raise AssertionError(f"dmdl {' '.join(args)} failed ({result.exit_code}):\n{result.output}")
     return result
@@ -96,7 +90,7 @@ def prepared(tmp_path_factory) -> Path:
 def stage1_done(prepared, tmp_path_factory, request) -> Path:
     ws = tmp_path_factory.mktemp("s1") / "ws"
     shutil.copytree(prepared, ws)
-    dmdl("pretrain-single", "--workspace", str(ws), "--deterministic")
+    dmdl_here("pretrain-single", "--workspace", str(ws), "--deterministic")
     yield ws
     discard_when_done(request, ws.parent)
 
@@ -158,8 +152,8 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
     for layer in batchnorm_layers(model):  # start from nothing: the result must not depend on it
         layer.running_mean.fill_(7.0)
         layer.running_var.fill_(7.0)
-    # Compared exactly. The training subprocess ran on one thread (OMP_NUM_THREADS=1), so this
-    # re-estimation runs on one thread too: the same kernels then add the same float32 values in
+    # Compared exactly. The training run had one torch thread (this module's one_torch_thread),
+    # so this re-estimation runs on one thread too: the same kernels then add the same float32 values in
     # the same order and the statistics are bit-identical. With the test process's default
     # thread count the sums are split across threads in another order, and the results differ
     # by float32 reduction-order noise (seen: 7e-6 on values of order 1 on another machine of
@@ -179,9 +173,9 @@ def test_final_model_carries_batchnorm_statistics_of_clean_train_images(stage1_d
 def test_second_run_refuses_without_resume_or_force(stage1_done: Path) -> None:
     result = dmdl_here("pretrain-single", "--workspace", str(stage1_done), check=False)
     assert result.exit_code != 0
-    assert "--force" in result.stdout  # and no traceback: dmdl_here checks
+    assert "--force" in result.output  # and no traceback: dmdl_here checks
     result = dmdl_here("pretrain-single", "--workspace", str(stage1_done), "--resume")
-    assert "nothing to resume" in result.stdout
+    assert "nothing to resume" in result.output
 
 
 def test_training_never_reads_true_train_identities(prepared: Path, stage1_done: Path, tmp_path: Path) -> None:
@@ -204,7 +198,7 @@ def test_training_never_reads_true_train_identities(prepared: Path, stage1_done:
     manifest["dataset"]["index_sha256"] = sha256_file(index)
     (ws / "manifest.json").write_text(json.dumps(manifest))
     assert [r[1] for r in body] != original
-    dmdl("pretrain-single", "--workspace", str(ws), "--deterministic")
+    dmdl_here("pretrain-single", "--workspace", str(ws), "--deterministic")
     assert_same_weights(ws / "stage1" / "final.pt", stage1_done / "stage1" / "final.pt")
 
 
@@ -217,8 +211,8 @@ def test_sigkill_then_resume_is_bitwise_identical(prepared: Path, stage1_done: P
     assert not (ws / "stage1" / "final.pt").exists()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["meta"]
     assert (killed_at["epoch"], killed_at["step"]) < (1, 3)
-    out = dmdl("pretrain-single", "--workspace", str(ws), "--deterministic", "--resume")
-    assert "resuming stage1" in out.stdout
+    out = dmdl_here("pretrain-single", "--workspace", str(ws), "--deterministic", "--resume")
+    assert "resuming stage1" in out.output
     assert_same_weights(ws / "stage1" / "final.pt", stage1_done / "stage1" / "final.pt")
     # the resumed log holds each step record once
     records = [json.loads(x) for x in (ws / "stage1" / "log.jsonl").read_text().splitlines()]
@@ -277,10 +271,10 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(prepared: Path, stag
     run = _last_run(ws, "pretrain-single")
     assert run["status"] == "interrupted" and "SIGTERM" in run["error"]
     # resumed with another run.checkpoint_every: a run: key changes no result, so it is accepted
-    out = dmdl("pretrain-single", "--workspace", str(ws), "--deterministic", "--resume",
-               "--set", "run.checkpoint_every=3")
-    assert f"epoch 1, step {meta['step']}" in out.stdout
-    assert "starts from the untrained" not in out.stdout  # the weights come from last.pt
+    out = dmdl_here("pretrain-single", "--workspace", str(ws), "--deterministic", "--resume",
+                    "--set", "run.checkpoint_every=3")
+    assert f"epoch 1, step {meta['step']}" in out.output
+    assert "starts from the untrained" not in out.output  # the weights come from last.pt
     assert_same_weights(ws / "stage1" / "final.pt", stage1_done / "stage1" / "final.pt")
     assert _last_run(ws, "pretrain-single")["status"] == "done"
 
@@ -304,8 +298,8 @@ def test_failed_force_runs_keep_the_previous_models(stage1_done: Path, tmp_path:
                        (["--set", "data.height=48"], ["cache-48x16.u8", "prepare-data"])):
         result = dmdl_here("pretrain-single", "--workspace", str(ws), "--force", *bad, check=False)
         assert result.exit_code == 1  # and no traceback: dmdl_here checks
-        lines = error_lines(result.stdout)
-        assert len(lines) == 1 and all(w in lines[0] for w in words), result.stdout
+        lines = error_lines(result.output)
+        assert len(lines) == 1 and all(w in lines[0] for w in words), result.output
         assert snapshot(ws / "stage1") == before
     # a disk that fills up when the new run writes its first checkpoint (ulimit -f: EFBIG)
     limit_kib = (ws / "stage1" / "last.pt").stat().st_size // 1024 // 2
@@ -341,7 +335,7 @@ def test_prepare_data_force_that_fails_keeps_the_stage_outputs(stage1_done: Path
     assert _last_run(ws, "prepare-data")["status"] == "failed"
     # a --force that succeeds retires them only after the new index and cache exist
     dmdl_here("prepare-data", "--dataset", "synthetic", "--workspace", str(ws), "--ids", "15",
-         "--seed", "3", "--force", *_sets())
+              "--seed", "3", "--force", *_sets())
     assert not (ws / "stage1").exists() and not (ws / "labels").exists()
     assert not list(ws.glob(".retired-*"))
 
@@ -380,7 +374,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path,
 def test_train_cross_end_to_end_and_evaluate(stage1_done: Path, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     linked_workspace(stage1_done, ws)  # checkpoints hard-linked
-    dmdl("train-cross", "--workspace", str(ws), "--deterministic")
+    dmdl_here("train-cross", "--workspace", str(ws), "--deterministic")
     assert (ws / "stage2" / "final.pt").is_file()
     assert sorted(p.name for p in (ws / "labels").glob("cross-e*.npz")) == [
         "cross-e001.npz", "cross-e002.npz", "cross-e003.npz"]
@@ -390,8 +384,8 @@ def test_train_cross_end_to_end_and_evaluate(stage1_done: Path, tmp_path: Path) 
     assert all("association_accuracy" in r for r in labels)
     steps = [r for r in records if r["kind"] == "step"]
     assert all(r["cai"] > 0 for r in steps)
-    out = dmdl("evaluate", "--workspace", str(ws), "--mode", "all-search")
-    assert "stage2-final" in out.stdout and "mAP" in out.stdout
+    out = dmdl_here("evaluate", "--workspace", str(ws), "--mode", "all-search")
+    assert "stage2-final" in out.output and "mAP" in out.output
     result = json.loads((ws / "eval" / "all-search-stage2-final.json").read_text())
     assert 0.0 <= result["mean"]["mAP"] <= 1.0 and len(result["per_trial"]) == 2
 
@@ -409,12 +403,12 @@ def test_a_gem_p_4_model_embeds_alike_through_embed_and_evaluate(prepared: Path,
 
     ws = tmp_path / "ws"
     shutil.copytree(prepared, ws)
-    dmdl("pretrain-single", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE1,
-         "--set", "stage1.iters=1", "--set", "train.bn_recalibration=0", "--set", "model.gem_p=4")
+    dmdl_here("pretrain-single", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE1,
+              "--set", "stage1.iters=1", "--set", "train.bn_recalibration=0", "--set", "model.gem_p=4")
     final = ws / "stage1" / "final.pt"
     model, spec = load_model(final)
     assert spec.gem_p == 4.0 and float(model.pool.p) == 4.0
-    dmdl("evaluate", "--workspace", str(ws), "--checkpoint", str(final), "--mode", "all-search")
+    dmdl_here("evaluate", "--workspace", str(ws), "--checkpoint", str(final), "--mode", "all-search")
     [cached] = (ws / "features").glob("*-test-32x16.npz")
     with np.load(cached) as data:
         evaluated, rows = data["features"], data["rows"]  # (N_test, D) from the image cache
@@ -437,28 +431,28 @@ def test_a_gem_p_4_model_embeds_alike_through_embed_and_evaluate(prepared: Path,
 def test_train_cross_refuses_without_stage1_or_with_another_recipe(prepared: Path, stage1_done: Path,
                                                                   tmp_path: Path) -> None:
     proc = dmdl_here("train-cross", "--workspace", str(prepared), check=False)
-    assert proc.exit_code != 0 and "pretrain-single" in proc.stdout and "stage1/final.pt" in proc.stdout
+    assert proc.exit_code != 0 and "pretrain-single" in proc.output and "stage1/final.pt" in proc.output
     ws = tmp_path / "ws"
     linked_workspace(stage1_done, ws)  # checkpoints hard-linked
     proc = dmdl_here("train-cross", "--workspace", str(ws), "--set", "stage1.lr=0.001", check=False)
-    assert proc.exit_code != 0 and "stage1.lr: 0.00035 -> 0.001" in proc.stdout
+    assert proc.exit_code != 0 and "stage1.lr: 0.00035 -> 0.001" in proc.output
     # (and no traceback: dmdl_here checks)
     # the k1 of the adopting modality moved out of the `cluster` section: refused, naming its new key
     proc = dmdl_here("train-cross", "--workspace", str(ws), "--set", "cluster.k1_adopting=4", check=False)
-    assert proc.exit_code != 0 and error_lines(proc.stdout) == [
+    assert proc.exit_code != 0 and error_lines(proc.output) == [
         "error: recipe key 'cluster.k1_adopting' (--set cluster.k1_adopting=4) moved to "
         "stage2.k1_adopting: use stage2.k1_adopting instead (only stage 2 reads it, so stage 1's "
         "results no longer depend on it)"]
     # overrides that only change stage-2 parts (stage2.k1_adopting among them) keep stage 1 valid
-    proc = dmdl("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25",
-                "--set", "stage2.k1_adopting=4", *ONE_EPOCH_STAGE2)
+    proc = dmdl_here("train-cross", "--workspace", str(ws), "--set", "cai.weight=0.25",
+                     "--set", "stage2.k1_adopting=4", *ONE_EPOCH_STAGE2)
     assert (ws / "stage2" / "final.pt").is_file()
-    assert "association.method" not in proc.stdout
+    assert "association.method" not in proc.output
     # an association without an adopting modality says that the adopting keys do not apply
-    proc = dmdl("train-cross", "--workspace", str(ws), "--force",
-                "--set", "association.method=hungarian", *ONE_EPOCH_STAGE2)
+    proc = dmdl_here("train-cross", "--workspace", str(ws), "--force",
+                     "--set", "association.method=hungarian", *ONE_EPOCH_STAGE2)
     assert ("association.method hungarian: no modality adopts the other's ids, so "
-            "stage2.k1_adopting and stage2.cross_memory_update do not apply") in " ".join(proc.stdout.split())
+            "stage2.k1_adopting and stage2.cross_memory_update do not apply") in " ".join(proc.output.split())
 
 
 def _first_step(ws: Path, stage: str) -> dict:
@@ -475,8 +469,8 @@ def test_cai_replaces_the_likelihood_term(stage1_done: Path, tmp_path: Path) -> 
     for enabled in ("true", "false"):
         ws = tmp_path / f"cai-{enabled}"
         linked_workspace(stage1_done, ws)  # checkpoints hard-linked
-        dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
-             "--set", "stage2.iters=1", "--set", f"cai.enabled={enabled}")
+        dmdl_here("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
+                  "--set", "stage2.iters=1", "--set", f"cai.enabled={enabled}")
         runs[enabled] = _first_step(ws, "stage2")
     on, off = runs["true"], runs["false"]
     assert off["cai"] == 0.0 and on["cai"] > 0.0 and on["fused"] > 0.0
@@ -539,14 +533,14 @@ def test_two_processes_train_what_one_process_trains(prepared: Path, tmp_path: P
     single, multi = tmp_path / "single", tmp_path / "ddp"
     shutil.copytree(prepared, single)
     shutil.copytree(prepared, multi)
-    dmdl("pretrain-single", "--workspace", str(single), *_sets(DDP_SCHEDULE))
+    dmdl_here("pretrain-single", "--workspace", str(single), *_sets(DDP_SCHEDULE))
     two_ranks("pretrain-single", multi)
     _first_epoch_steps_agree(single, multi, "stage1", 3)
     _same_labels(single, multi, "stage1-e002.npz")  # from the models after one epoch
     # stage 2 from the same stage-1 model on one process and on two
     shutil.rmtree(multi)
     linked_workspace(single, multi)  # stage-1 checkpoints hard-linked
-    dmdl("train-cross", "--workspace", str(single), *_sets(DDP_SCHEDULE))
+    dmdl_here("train-cross", "--workspace", str(single), *_sets(DDP_SCHEDULE))
     two_ranks("train-cross", multi)
     _first_epoch_steps_agree(single, multi, "stage2", 2)
     _same_labels(single, multi, "cross-e002.npz")
@@ -557,9 +551,9 @@ def test_sample_level_association_trains_through_the_cli(stage1_done: Path, tmp_
     # label of its nearest infrared sample, so the unified ids are the infrared clusters
     ws = tmp_path / "ws"
     linked_workspace(stage1_done, ws)  # checkpoints hard-linked
-    dmdl("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
-         "--set", "stage2.iters=1", "--set", "association.method=cluster-sample-alternating",
-         "--set", "association.cluster_epochs=0")
+    dmdl_here("train-cross", "--workspace", str(ws), "--deterministic", *ONE_EPOCH_STAGE2,
+              "--set", "stage2.iters=1", "--set", "association.method=cluster-sample-alternating",
+              "--set", "association.cluster_epochs=0")
     records = [json.loads(x) for x in (ws / "stage2" / "log.jsonl").read_text().splitlines()]
     labels = next(r for r in records if r["kind"] == "labels")
     assert labels["unified_ids"] == labels["infrared"]["clusters"]

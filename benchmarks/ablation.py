@@ -559,13 +559,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def how_trained(args: argparse.Namespace) -> str:
+    """The sentence on threads and jobs: those of this command, or with ``--tables-only`` (which
+    trains nothing) a pointer to the seconds each run recorded."""
+    if args.tables_only:
+        return ("Written from the finished runs by `--tables-only`; each run's seconds, as it "
+                "was trained, are in the table of every run (`benchmarks/results/ablation.md`).")
+    threads = "1 torch thread" if args.threads == 1 else f"{args.threads} torch threads"
+    jobs = "1 run at a time" if args.jobs == 1 else f"{args.jobs} runs side by side"
+    return f"{threads} per run, {jobs}."
+
+
 def write_results(plan: Plan, args: argparse.Namespace, runs: list[Run], unavailable: dict[Run, str]) -> None:
     command = args.command
     trials = plan.resolve(Run(args.settings[0], args.variants[0], args.seeds[0])).eval.trials
     lines = ["## Ablation on the synthetic set", "",
              f"All-search (IR query -> visible gallery, single-shot, {trials} trials); recipe `{args.recipe}` "
              "with the overlays of `recipes/ablation/`; mean ± std (population) over the seeds that "
-             f"finished. {args.threads} torch thread(s) per run, {args.jobs} run(s) side by side.",
+             f"finished. {how_trained(args)}",
              f"Regenerate: `{command}`", ""]
     for setting in args.settings:
         lines += variant_table(plan, setting, args.seeds, args.variants)

@@ -175,6 +175,17 @@ def _no_progress(monkeypatch):
     monkeypatch.setenv("DMDL_NO_PROGRESS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _torch_state_restored():
+    """Each test leaves torch's thread count and deterministic-algorithms flag as it found them
+    (a stage run in process with ``--deterministic`` or ``run.threads`` sets them for the rest
+    of the process, as a command does): no test runs with a state an earlier one left."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.fixture
 def run_cli() -> Callable[[Sequence[str]], Result]:
     return invoke

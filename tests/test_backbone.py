@@ -26,7 +26,15 @@ from dmdl_cli.model.weights import (
 )
 from dmdl_cli.recipe import ARCHS
 
-torch.set_num_threads(2)
+
+@pytest.fixture(scope="module", autouse=True)
+def two_torch_threads():
+    """Two threads for this module's ResNet-50 forwards, set back after it (set at import, it
+    held for every later module of the session)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

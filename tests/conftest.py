@@ -9,6 +9,10 @@ writes into a workspace must copy it first (``copy_workspace(tiny_workspace, tmp
 * ``sysu_workspace``: ``synthetic_root`` prepared as ``--dataset sysu`` at 64x32.
 * ``tiny_workspace``: ``dmdl prepare-data --dataset synthetic --ids 9`` at 64x32 (the demo recipe:
   resnet18, no ImageNet weights; 270 images: 6 train identities, 3 test).
+* ``trained_tiny``: ``tiny_workspace`` after both training stages on ``TRAINED_TINY_SETS`` (two
+  epochs of one step each, epoch models kept), trained once per session for every module that
+  needs a trained workspace: never written into; a test or module fixture that adds to it (evaluate,
+  cluster, export, select, ...) works on ``linked_workspace(trained_tiny, ...)``.
 * ``run_cli``: ``run_cli(["evaluate", ...])`` runs the Typer app in process and checks that no
   exception escaped it (only ``typer.Exit``/``SystemExit``) and no traceback was printed.
 * ``snapshot``: ``snapshot(folder)`` -> {relative path: sha256} of every file below it.
@@ -37,6 +41,7 @@ RAW_IDS = (3, 1, 2)  # train / val / test identities of the raw trees
 RAW_IMAGES_PER_CAM = 2
 RAW_SEED = 3
 TINY_WORKSPACE_IDS = 9
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def load_benchmark(name: str):
@@ -97,6 +102,7 @@ def tree_snapshot(folder: Path) -> dict[str, str]:
 
 
 FAILED_MODULES: set[Path] = set()  # test files with a failed test in this session
+FAILED_FIXTURES: set[str] = set()  # fixtures (direct or not) of a failed test in this session
 
 
 @pytest.hookimpl(wrapper=True)
@@ -104,15 +110,20 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed:
         FAILED_MODULES.add(Path(item.path))
+        FAILED_FIXTURES.update(getattr(item, "fixturenames", ()))
     return report
 
 
 def discard_when_done(request: pytest.FixtureRequest, folder: Path) -> None:
-    """Remove a module fixture's folder (trained workspaces: hundreds of MB of checkpoints) once
-    its module is done, unless a test of that module failed (then it stays, to inspect). With
-    pyproject's ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files
-    small."""
-    if Path(request.node.path) not in FAILED_MODULES:
+    """Remove a module or session fixture's folder (trained workspaces: hundreds of MB of
+    checkpoints) once its module (its session) is done, unless a test of that module (a test
+    that used the session fixture) failed: then it stays, to inspect. With pyproject's
+    ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files small."""
+    if request.scope == "session":
+        failed = request.fixturename in FAILED_FIXTURES
+    else:
+        failed = Path(request.node.path) in FAILED_MODULES
+    if not failed:
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -204,6 +215,22 @@ def tiny_workspace(tmp_path_factory) -> Path:
     return ws
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_workspace, tmp_path_factory, request) -> Path:
+    """``tiny_workspace`` after ``pretrain-single`` and ``train-cross --deterministic`` on
+    ``TRAINED_TINY_SETS`` (TensorBoard event files too when the extra is installed), once per
+    session. Read-only: add to a ``linked_workspace`` of it."""
+    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("trained-tiny"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DMDL_NO_PROGRESS", "1")
+        for command in ("pretrain-single", "train-cross"):
+            result = invoke([command, "--workspace", ws, "--deterministic",
+                             *set_args(TRAINED_TINY_SETS)])
+            assert result.exit_code == 0, result.output
+    yield ws
+    discard_when_done(request, ws.parent)
+
+
 def clustered_features(n: int, d: int = 32, n_ids: int = 25, sigma: float = 0.9, seed: int = 0):
     """Unit features around ``n_ids`` identity centres; returns (features (n, d) float32, ids (n,))."""
     rng = np.random.default_rng(seed)
@@ -238,3 +265,11 @@ STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3
 def set_args(items: list[str]) -> list[str]:
     """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``."""
     return [arg for item in items for arg in ("--set", item)]
+
+
+# The schedule of ``trained_tiny`` (the last --set of a key wins): two epochs of one step per stage
+# with every epoch model kept (the label-free criteria of three models per stage; epoch models for
+# `dmdl select`), stage 2's triplet weight ramping between its two epochs (a resumed run must agree).
+TRAINED_TINY_SETS = [*STAGE1_SETS, *STAGE2_SETS, "stage1.epochs=2", "stage2.epochs=2",
+                     "stage2.triplet_ramp=[[0, 0.5], [1, 1.0]]", "run.keep_epochs=true",
+                     *(["run.tensorboard=true"] if HAS_TENSORBOARD else [])]

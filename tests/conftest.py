@@ -127,6 +127,39 @@ def discard_when_done(request: pytest.FixtureRequest, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# Session fixtures whose folder goes once the last test that uses them is done, not at the end
+# of the session: {fixture name: node id of its last test} and {fixture name: its discard}.
+LAST_USER: dict[str, str] = {}
+DISCARD: dict[str, Callable[[], None]] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            LAST_USER[name] = item.nodeid
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    for name, nodeid in LAST_USER.items():
+        if nodeid == item.nodeid and name in DISCARD:
+            DISCARD.pop(name)()
+    return result
+
+
+def discard_after_last_user(request: pytest.FixtureRequest, folder: Path) -> Callable[[], None]:
+    """:func:`discard_when_done` for a session fixture, run when the last test of the session
+    that uses it is done; returns it for the fixture's own teardown too (it runs once)."""
+    def discard():
+        DISCARD.pop(request.fixturename, None)
+        discard_when_done(request, folder)
+
+    DISCARD[request.fixturename] = discard
+    return discard
+
+
 def copy_workspace(src: Path, tmp_path: Path, name: str = "ws") -> Path:
     dst = Path(tmp_path) / name
     shutil.copytree(src, dst, symlinks=True)
@@ -219,8 +252,10 @@ def tiny_workspace(tmp_path_factory) -> Path:
 def trained_tiny(tiny_workspace, tmp_path_factory, request) -> Path:
     """``tiny_workspace`` after ``pretrain-single`` and ``train-cross --deterministic`` on
     ``TRAINED_TINY_SETS`` (TensorBoard event files too when the extra is installed), once per
-    session. Read-only: add to a ``linked_workspace`` of it."""
+    session, removed after the last test that uses it. Read-only: add to a ``linked_workspace``
+    of it."""
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("trained-tiny"))
+    discard = discard_after_last_user(request, ws.parent)  # 0.5 GB of checkpoints
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMDL_NO_PROGRESS", "1")
         for command in ("pretrain-single", "train-cross"):
@@ -228,7 +263,7 @@ def trained_tiny(tiny_workspace, tmp_path_factory, request) -> Path:
                              *set_args(TRAINED_TINY_SETS)])
             assert result.exit_code == 0, result.output
     yield ws
-    discard_when_done(request, ws.parent)
+    discard()
 
 
 def clustered_features(n: int, d: int = 32, n_ids: int = 25, sigma: float = 0.9, seed: int = 0):

@@ -78,12 +78,17 @@ print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH")
 """
 
 
-def _no_torch(*args) -> str:
+def _fresh_python(script: str, *args) -> str:
+    """The output of ``script`` run with ``args`` in a fresh interpreter (which must succeed)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DMDL_NO_PROGRESS": "1"}
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+def _no_torch(*args) -> str:
+    return _fresh_python(NO_TORCH, *args)
 
 
 def test_importing_the_cli_imports_no_torch():
@@ -117,11 +122,7 @@ runpy.run_module("dmdl_cli", run_name="__main__")
 
 
 def _run_to_exit(*args) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DMDL_NO_PROGRESS": "1"}
-    done = subprocess.run([sys.executable, "-c", RUN_TO_EXIT, *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    return _fresh_python(RUN_TO_EXIT, *args)
 
 
 def test_a_whole_prepare_data_run_imports_no_torch(tmp_path):

@@ -19,13 +19,14 @@ writes into a workspace must copy it first (``copy_workspace(tiny_workspace, tmp
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -54,14 +55,23 @@ def load_benchmark(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): the 2-core
-    test machines are shared, and one thread keeps float reductions in one order."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread inside the block: the 2-core test machines are shared, and one thread
+    keeps float reductions in one order (a run compared with another must use it both times)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with one_thread():
+        yield
 
 
 def invoke(args: Sequence[str]) -> Result:
@@ -256,7 +266,9 @@ def trained_tiny(tiny_workspace, tmp_path_factory, request) -> Path:
     of it."""
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("trained-tiny"))
     discard = discard_after_last_user(request, ws.parent)  # 0.5 GB of checkpoints
-    with pytest.MonkeyPatch.context() as mp:
+    # one thread whichever module asks first: test_selection_workspace resumes stage 2 with one
+    # and compares the logs
+    with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setenv("DMDL_NO_PROGRESS", "1")
         for command in ("pretrain-single", "train-cross"):
             result = invoke([command, "--workspace", ws, "--deterministic",

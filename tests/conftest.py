@@ -163,8 +163,8 @@ def discard_after_last_user(request: pytest.FixtureRequest, folder: Path) -> Cal
     """:func:`discard_when_done` for a session fixture, run when the last test of the session
     that uses it is done; returns it for the fixture's own teardown too (it runs once)."""
     def discard():
-        DISCARD.pop(request.fixturename, None)
-        discard_when_done(request, folder)
+        if DISCARD.pop(request.fixturename, None) is not None:
+            discard_when_done(request, folder)
 
     DISCARD[request.fixturename] = discard
     return discard

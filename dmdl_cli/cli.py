@@ -7,11 +7,13 @@ in the ledger and builds the stage's context; no stage logic lives here. The tra
 are made from the table's training stages. A :class:`~dmdl_cli.errors.DmdlError` raised
 anywhere is printed as one line and turned into a non-zero exit code.
 
-Keep this module's imports torch-free (and those of ``runner.py``): options, the workspace and
-the recipe are checked before torch is imported (it takes seconds), so a bad option, key or
-value is answered at once. Stage modules are imported inside each command's body, after the
-runner has resolved the recipe. ``tests/test_cli_choices.py`` checks that importing this module
-imports no torch, nor does a refused option, key or value.
+Keep this module's imports torch-free (and those of ``runner.py`` and ``context.py``): options,
+the workspace and the recipe are checked before torch is imported (it takes seconds), so a bad
+option, key or value is answered at once, and a stage that runs no network (prepare-data, select:
+``StageSpec.device``) never imports it. Stage modules are imported inside each command's body,
+after the runner has resolved the recipe. ``tests/test_cli_choices.py`` checks that importing
+this module imports no torch, nor does a refused option, key or value, nor a whole prepare-data
+or select run.
 """
 from __future__ import annotations
 

@@ -6,23 +6,30 @@ this command, the checkpoint it loads (``--checkpoint``, resolved once by the ru
 opened on first use, the index, the image cache and that checkpoint's model. Nothing here
 decides policy (locks, ledger, force or resume): the runner does that before it hands the
 context over.
+
+This module imports no torch: the model loader is imported when :meth:`StageContext.model` is
+first called, and the runtime is selected by the runner only for a stage whose record says it
+runs on a device (``StageSpec.device``), so prepare-data and select run without torch.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dmdl_cli.data.cache import ImageCache, open_cache
 from dmdl_cli.data.index import IndexTable, read_index
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.model.loading import LoadedModel, resolve_model
 from dmdl_cli.recipe import Recipe
-from dmdl_cli.runtime import Runtime
 from dmdl_cli.stages import StageSpec
 from dmdl_cli.workspace import StageRun, Workspace
+
+if TYPE_CHECKING:  # both import torch: loaded only by stages that run a network
+    from dmdl_cli.model.loading import LoadedModel
+    from dmdl_cli.runtime import Runtime
 
 
 @dataclass
@@ -30,7 +37,7 @@ class StageContext:
     ws: Workspace
     recipe: Recipe
     spec: StageSpec
-    runtime: Runtime
+    runtime: Runtime | None  # None for a stage that runs on no device (StageSpec.device)
     ledger: StageRun | None = None  # this command's ledger entry (None on DDP ranks other than 0)
     # what a stage that loads a checkpoint loads (dmdl_cli.stages.resolve_checkpoint): a path,
     # "imagenet" (the untrained backbone), None (nothing trained yet)
@@ -75,6 +82,11 @@ class StageContext:
         """The network of :attr:`checkpoint` (``dmdl_cli.model.loading.resolve_model``), on the
         runtime's device, recorded as an input of this command in the ledger (the command's
         entry is written from here on)."""
+        if self.runtime is None:
+            raise RuntimeError(f"{self.spec.command} loads a model: its record in the table of "
+                               f"stages needs device=True (dmdl_cli/stages.py)")
+        from dmdl_cli.model.loading import resolve_model  # torch: only a stage with a device
+
         loaded = resolve_model(self.ws, self.recipe, self.checkpoint)
         loaded.model.to(self.runtime.device)
         if self.ledger is not None:

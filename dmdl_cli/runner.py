@@ -1,21 +1,23 @@
 """The command runner: what every stage command does before and after its stage function.
 
 :func:`run_command` opens the workspace (prepare-data creates it), finishes or undoes what a
-killed ``prepare-data --force`` left (``data/swap.py``), resolves the checkpoint a command
-loads (:func:`dmdl_cli.stages.resolve_checkpoint`; a pointer of ``dmdl select`` is followed to
-the model it names, :mod:`dmdl_cli.selected`) and the recipe
-(:mod:`dmdl_cli.provenance`: inherited keys, and a refusal naming every key that differs from
-what an upstream result was made with), selects the runtime, takes the locks of the command's
-stage (:meth:`Workspace.locked`), opens its ledger entry, builds the :class:`StageContext` once
-and calls the stage function with it. Under ``torchrun`` only rank 0 locks and writes the
-ledger, so the runtime (which knows the rank) is selected first. ``dmdl report`` only reads and
-does not come through here.
+killed ``prepare-data --force`` left (``data/swap.py``), resolves the checkpoint a command loads
+(:func:`dmdl_cli.stages.resolve_checkpoint`; a pointer of ``dmdl select`` is followed to the
+model it names, :mod:`dmdl_cli.selected`) and the recipe (:mod:`dmdl_cli.provenance`: inherited
+keys, and a refusal naming every key that differs from what an upstream result was made with),
+selects the runtime of a stage that runs a network (``StageSpec.device``), takes the locks of
+the command's stage (:meth:`Workspace.locked`), opens its ledger entry, builds the
+:class:`StageContext` once and calls the stage function with it. Under ``torchrun`` only rank 0
+locks and writes the ledger, so the runtime (which knows the rank) is selected first. ``dmdl
+report`` only reads and does not come through here.
 
-Torch is imported only once the workspace and the recipe have been checked: the modules
-imported at the top of this file (and of ``cli.py``) must not import torch, so that a bad
-option, key or value is answered in a fraction of a second (``tests/test_cli_choices.py``
-checks it). The context and the runtime, which need torch, are imported inside
-:func:`run_command`.
+Torch is imported only once the workspace and the recipe have been checked, and only for a stage
+that runs a network: the modules imported at the top of this file (and of ``cli.py``) must not
+import torch, so that a bad option, key or value is answered in a fraction of a second
+(``tests/test_cli_choices.py`` checks it). The runtime (:mod:`dmdl_cli.runtime`, which needs
+torch) is imported and selected inside :func:`run_command` for a stage whose record says
+``device=True``; the others (prepare-data, select) run with ``ctx.runtime = None`` and import no
+torch at all.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 from rich.markup import escape
 
 from dmdl_cli.console import log
+from dmdl_cli.context import StageContext
 from dmdl_cli.data.swap import settle_interrupted_swap
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.provenance import resolve_recipe
@@ -34,8 +37,8 @@ from dmdl_cli.selected import follow_checkpoint
 from dmdl_cli.stages import StageSpec, resolve_checkpoint, stage_spec
 from dmdl_cli.workspace import LOCK_FILE, Workspace
 
-if TYPE_CHECKING:  # imports torch: loaded in run_command, after the recipe is checked
-    from dmdl_cli.context import StageContext
+if TYPE_CHECKING:  # imports torch: loaded in run_command, for a stage with a device
+    from dmdl_cli.runtime import Runtime
 
 Result = TypeVar("Result")
 
@@ -87,17 +90,15 @@ def run_command(
         ws, command, str(recipe) if recipe else None, [str(o) for o in overlays], list(overrides),
         resume=resume, checkpoint=chosen, force=force,
         default=str(default_recipe) if default_recipe else None)
-    from dmdl_cli.context import StageContext  # torch: only now that the recipe is valid
-    from dmdl_cli.runtime import select_runtime
-
-    runtime = select_runtime(recipe_obj, deterministic=deterministic)
-    if runtime.is_main:
+    runtime = _runtime(spec, recipe_obj, deterministic)
+    is_main = runtime is None or runtime.is_main  # a stage without a device runs in one process
+    if is_main:
         _warn_schedule(spec, recipe_obj)
     with contextlib.ExitStack() as stack:
         if spec.exclusive:
             stack.enter_context(_undone_if_refused(ws))
         ledger = None
-        if runtime.is_main:
+        if is_main:
             stack.enter_context(ws.locked(spec, reads=reads))
             ledger = stack.enter_context(ws.stage_run(
                 command, recipe_obj, origin=origin, **_info(spec, ledger_info, resume)))
@@ -106,6 +107,16 @@ def run_command(
             return body(ctx)
         finally:
             ctx.record_reads()  # what the command read of the image cache, in its entry
+
+
+def _runtime(spec: StageSpec, recipe: Recipe, deterministic: bool) -> Runtime | None:
+    """The device, AMP and DDP rank of a stage that runs a network (``spec.device``); None for
+    one that does not, which then never imports torch."""
+    if not spec.device:
+        return None
+    from dmdl_cli.runtime import select_runtime  # torch: only now that the recipe is valid
+
+    return select_runtime(recipe, deterministic=deterministic)
 
 
 def _warn_schedule(spec: StageSpec, recipe: Recipe) -> None:

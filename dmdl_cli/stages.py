@@ -33,13 +33,15 @@ class StageSpec:
     imported when the command runs. ``help``: the command's one line in ``--help``.
     ``sections``: the recipe sections its result depends on (a checkpoint is compatible with a
     recipe when their hash agrees); ``()`` for commands that make no model. ``upstream``: the
-    stage whose ``final.pt`` it starts from. ``trains``: it writes ``last.pt``/``final.pt``
-    and can be resumed. ``loads_checkpoint``: it runs the network ``--checkpoint`` names (the
-    newest stage result by default; with ``untrained_default`` the untrained backbone when
-    nothing is trained yet). ``exclusive``: it rewrites what every other stage reads (the data),
-    so it runs alone in the workspace. ``concurrent``: several runs of it may share the
-    workspace (each writes files named after the checkpoint it reads, atomically: ``evaluate``
-    of ten epoch models at once), so its lock is held shared.
+    stage whose ``final.pt`` it starts from. ``trains``: it writes ``last.pt``/``final.pt`` and
+    can be resumed. ``loads_checkpoint``: it runs the network ``--checkpoint`` names (the newest
+    stage result by default; with ``untrained_default`` the untrained backbone when nothing is
+    trained yet). ``device``: it runs a network, so the command runner selects the runtime
+    (device, AMP, DDP rank) and imports torch for it; a stage without one (prepare-data, select)
+    runs in one process and never imports torch. ``exclusive``: it rewrites what every other
+    stage reads (the data), so it runs alone in the workspace. ``concurrent``: several runs of
+    it may share the workspace (each writes files named after the checkpoint it reads,
+    atomically: ``evaluate`` of ten epoch models at once), so its lock is held shared.
     """
 
     name: str
@@ -54,6 +56,7 @@ class StageSpec:
     trains: bool = False
     loads_checkpoint: bool = False
     untrained_default: bool = False
+    device: bool = False
     exclusive: bool = False
     concurrent: bool = False
 
@@ -96,21 +99,24 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("stage1", "pretrain-single", "stage 1 (pretrain-single)", "stage1",
               "dmdl_cli.training.single:pretrain_single",
               "Stage 1: single-modality contrastive learning.",
-              labels_prefix="stage1", sections=STAGE1_SECTIONS, trains=True),
+              labels_prefix="stage1", sections=STAGE1_SECTIONS, trains=True, device=True),
     StageSpec("stage2", "train-cross", "stage 2 (train-cross)", "stage2",
               "dmdl_cli.training.cross:train_cross",
               "Stage 2: cross-modality learning with CAI and CBT.",
-              labels_prefix="cross", sections=STAGE2_SECTIONS, upstream="stage1", trains=True),
+              labels_prefix="cross", sections=STAGE2_SECTIONS, upstream="stage1", trains=True,
+              device=True),
     StageSpec("cluster", "cluster", "cluster", LABELS, "dmdl_cli.clustering.stage:cluster_stage",
               "Pseudo-label train images per modality.", loads_checkpoint=True,
-              untrained_default=True, concurrent=True),
+              untrained_default=True, device=True, concurrent=True),
     StageSpec("evaluate", "evaluate", "evaluate", "eval", "dmdl_cli.evaluation.evaluate:evaluate",
               "Rank-k, mAP and mINP on cross-modality protocols.", loads_checkpoint=True,
-              concurrent=True),
+              device=True, concurrent=True),
     StageSpec("export", "export", "export", "export", "dmdl_cli.export:export_model",
-              "Export to ONNX / TorchScript with a parity check.", loads_checkpoint=True),
+              "Export to ONNX / TorchScript with a parity check.", loads_checkpoint=True,
+              device=True),
     # select writes only the training stages' selected.pt (holding their locks shared: the
-    # runner's `reads`); its own folder is never made, its lock is shared (several may run)
+    # runner's `reads`); its own folder is never made, its lock is shared (several may run); it
+    # reads the logged criteria, no model: no device
     StageSpec("select", "select", "select", "select", "dmdl_cli.selection.command:select_models",
               "Choose a checkpoint by the recipe's label-free rule.",
               concurrent=True),

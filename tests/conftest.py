@@ -9,6 +9,10 @@ writes into a workspace must copy it first (``copy_workspace(tiny_workspace, tmp
 * ``sysu_workspace``: ``synthetic_root`` prepared as ``--dataset sysu`` at 64x32.
 * ``tiny_workspace``: ``dmdl prepare-data --dataset synthetic --ids 9`` at 64x32 (the demo recipe:
   resnet18, no ImageNet weights; 270 images: 6 train identities, 3 test).
+* ``trained_tiny``: ``tiny_workspace`` after both training stages on ``TRAINED_TINY_SETS`` (two
+  epochs of one step each, epoch models kept), trained once per session for every module that
+  needs a trained workspace: never written into; a test or module fixture that adds to it (evaluate,
+  cluster, export, select, ...) works on ``linked_workspace(trained_tiny, ...)``.
 * ``run_cli``: ``run_cli(["evaluate", ...])`` runs the Typer app in process and checks that no
   exception escaped it (only ``typer.Exit``/``SystemExit``) and no traceback was printed.
 * ``snapshot``: ``snapshot(folder)`` -> {relative path: sha256} of every file below it.
@@ -24,7 +28,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -41,6 +45,7 @@ RAW_IDS = (3, 1, 2)  # train / val / test identities of the raw trees
 RAW_IMAGES_PER_CAM = 2
 RAW_SEED = 3
 TINY_WORKSPACE_IDS = 9
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def load_benchmark(name: str):
@@ -53,14 +58,23 @@ def load_benchmark(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): the 2-core
-    test machines are shared, and one thread keeps float reductions in one order."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread inside the block: the 2-core test machines are shared, and one thread
+    keeps float reductions in one order (a run compared with another must use it both times)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    with one_thread():
+        yield
 
 
 @contextlib.contextmanager
@@ -134,6 +148,7 @@ def tree_snapshot(folder: Path) -> dict[str, str]:
 
 
 FAILED_MODULES: set[Path] = set()  # test files with a failed test in this session
+FAILED_FIXTURES: set[str] = set()  # fixtures (direct or not) of a failed test in this session
 
 
 @pytest.hookimpl(wrapper=True)
@@ -141,16 +156,54 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed:
         FAILED_MODULES.add(Path(item.path))
+        FAILED_FIXTURES.update(getattr(item, "fixturenames", ()))
     return report
 
 
 def discard_when_done(request: pytest.FixtureRequest, folder: Path) -> None:
-    """Remove a module fixture's folder (trained workspaces: hundreds of MB of checkpoints) once
-    its module is done, unless a test of that module failed (then it stays, to inspect). With
-    pyproject's ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files
-    small."""
-    if Path(request.node.path) not in FAILED_MODULES:
+    """Remove a module or session fixture's folder (trained workspaces: hundreds of MB of
+    checkpoints) once its module (its session) is done, unless a test of that module (a test
+    that used the session fixture) failed: then it stays, to inspect. With pyproject's
+    ``tmp_path_retention_policy = "failed"`` this keeps the suite's temporary files small."""
+    if request.scope == "session":
+        failed = request.fixturename in FAILED_FIXTURES
+    else:
+        failed = Path(request.node.path) in FAILED_MODULES
+    if not failed:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Session fixtures whose folder goes once the last test that uses them is done, not at the end
+# of the session: {fixture name: node id of its last test} and {fixture name: its discard}.
+LAST_USER: dict[str, str] = {}
+DISCARD: dict[str, Callable[[], None]] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            LAST_USER[name] = item.nodeid
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    for name, nodeid in LAST_USER.items():
+        if nodeid == item.nodeid and name in DISCARD:
+            DISCARD.pop(name)()
+    return result
+
+
+def discard_after_last_user(request: pytest.FixtureRequest, folder: Path) -> Callable[[], None]:
+    """:func:`discard_when_done` for a session fixture, run when the last test of the session
+    that uses it is done; returns it for the fixture's own teardown too (it runs once)."""
+    def discard():
+        if DISCARD.pop(request.fixturename, None) is not None:
+            discard_when_done(request, folder)
+
+    DISCARD[request.fixturename] = discard
+    return discard
 
 
 def copy_workspace(src: Path, tmp_path: Path, name: str = "ws") -> Path:
@@ -252,6 +305,26 @@ def tiny_workspace(tmp_path_factory) -> Path:
     return ws
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_workspace, tmp_path_factory, request) -> Path:
+    """``tiny_workspace`` after ``pretrain-single`` and ``train-cross --deterministic`` on
+    ``TRAINED_TINY_SETS`` (TensorBoard event files too when the extra is installed), once per
+    session, removed after the last test that uses it. Read-only: add to a ``linked_workspace``
+    of it."""
+    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("trained-tiny"))
+    discard = discard_after_last_user(request, ws.parent)  # 0.5 GB of checkpoints
+    # one thread whichever module asks first: test_selection_workspace resumes stage 2 with one
+    # and compares the logs
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setenv("DMDL_NO_PROGRESS", "1")
+        for command in ("pretrain-single", "train-cross"):
+            result = invoke([command, "--workspace", ws, "--deterministic",
+                             *set_args(TRAINED_TINY_SETS)])
+            assert result.exit_code == 0, result.output
+    yield ws
+    discard()
+
+
 def clustered_features(n: int, d: int = 32, n_ids: int = 25, sigma: float = 0.9, seed: int = 0):
     """Unit features around ``n_ids`` identity centres; returns (features (n, d) float32, ids (n,))."""
     rng = np.random.default_rng(seed)
@@ -286,3 +359,11 @@ STAGE2_SETS = ["stage2.epochs=1", "stage2.iters=1", "stage2.clusters_per_batch=3
 def set_args(items: list[str]) -> list[str]:
     """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``."""
     return [arg for item in items for arg in ("--set", item)]
+
+
+# The schedule of ``trained_tiny`` (the last --set of a key wins): two epochs of one step per stage
+# with every epoch model kept (the label-free criteria of three models per stage; epoch models for
+# `dmdl select`), stage 2's triplet weight ramping between its two epochs (a resumed run must agree).
+TRAINED_TINY_SETS = [*STAGE1_SETS, *STAGE2_SETS, "stage1.epochs=2", "stage2.epochs=2",
+                     "stage2.triplet_ramp=[[0, 0.5], [1, 1.0]]", "run.keep_epochs=true",
+                     *(["run.tensorboard=true"] if HAS_TENSORBOARD else [])]

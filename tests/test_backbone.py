@@ -11,7 +11,7 @@ import torchvision
 from torchvision.models import ResNet50_Weights
 
 from dmdl_cli.errors import DmdlError
-from dmdl_cli.model import (
+from dmdl_cli.model.backbone import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_model,

@@ -11,10 +11,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from conftest import REPO, assert_refused, copy_workspace, invoke
+from conftest import REPO, assert_refused, copy_workspace, invoke, linked_workspace
 from dmdl_cli.cli import app
 from dmdl_cli.datasets import DATA_SETS
 from dmdl_cli.recipe import CLUSTER_MODALITIES, EXPORT_FORMATS
+from dmdl_cli.stages import STAGES
 
 ALL_MODES = ["all", *dict.fromkeys(m for record in DATA_SETS.values() for m in record.modes)]
 CHOICES = [
@@ -77,12 +78,17 @@ print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH")
 """
 
 
-def _no_torch(*args) -> str:
+def _fresh_python(script: str, *args) -> str:
+    """The output of ``script`` run with ``args`` in a fresh interpreter (which must succeed)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DMDL_NO_PROGRESS": "1"}
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+def _no_torch(*args) -> str:
+    return _fresh_python(NO_TORCH, *args)
 
 
 def test_importing_the_cli_imports_no_torch():
@@ -103,6 +109,41 @@ def test_bad_options_keys_and_values_are_answered_before_torch_is_imported(tiny_
         assert len([line for line in output.splitlines()
                     if line.startswith(("error:", "Error:"))]) == 1, (args, output)
     assert not (tmp_path / "new").exists()
+
+
+# A whole run of a stage that runs no network (StageSpec.device false: prepare-data, select) imports
+# no torch: `python -m dmdl_cli ARGS` in a fresh interpreter says at exit whether torch was loaded.
+RUN_TO_EXIT = """
+import atexit, runpy, sys
+atexit.register(lambda: print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH"))
+sys.argv = ["dmdl", *sys.argv[1:]]
+runpy.run_module("dmdl_cli", run_name="__main__")
+"""
+
+
+def _run_to_exit(*args) -> str:
+    return _fresh_python(RUN_TO_EXIT, *args)
+
+
+def test_a_whole_prepare_data_run_imports_no_torch(tmp_path):
+    ws = tmp_path / "ws"
+    output = _run_to_exit("prepare-data", "--dataset", "synthetic", "--ids", "4", "--workspace", ws,
+                          "--set", "run.workers=1")
+    assert output.strip().endswith("NO_TORCH"), output
+    assert f"results: workspace {ws.resolve()}" in " ".join(output.split())
+    assert (ws / "data" / "index.csv").is_file() and list((ws / "data").glob("cache-*.u8"))
+
+
+def test_a_whole_select_run_imports_no_torch(trained_tiny, tmp_path):
+    ws = linked_workspace(trained_tiny, tmp_path / "ws")
+    output = _run_to_exit("select", "--workspace", ws, "--stage", "both")
+    assert output.strip().endswith("NO_TORCH"), output
+    assert (ws / "stage1" / "selected.pt").is_file() and (ws / "stage2" / "selected.pt").is_file()
+
+
+def test_every_stage_that_runs_a_network_says_it_needs_a_device():
+    for spec in STAGES.values():
+        assert spec.device == (spec.trains or spec.loads_checkpoint), spec.name
 
 
 def test_errors_name_the_options_typed_not_the_keys_they_imply(tmp_path):

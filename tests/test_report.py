@@ -6,7 +6,6 @@ here by hand (known numbers, known means); one real tiny run checks the whole pa
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
-from conftest import assert_refused, copy_workspace, discard_when_done, invoke, tree_snapshot
+from conftest import (HAS_TENSORBOARD, STAGE1_SETS, assert_refused, copy_workspace,
+                      discard_when_done, invoke, linked_workspace, set_args, tree_snapshot)
 from dmdl_cli.data.index import IndexTable, write_index
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.report import figures
 from dmdl_cli.report.logs import epoch_rows, read_workspace
 from dmdl_cli.report.tables import comparison_table, group_variants
 from dmdl_cli.training.tensorboard import scalars
-
-HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def _labels(epoch: int, vis: int, ir: int, ari: float, **extra) -> dict:
@@ -258,33 +256,18 @@ def test_tensorboard_scalars_of_log_records() -> None:
 
 
 # -- one real tiny run ----------------------------------------------------------------------------
-TINY_TRAIN = [
-    "cluster.k1=8", "cluster.k2=3", "cluster.min_samples=2", "cluster.eps=0.7",
-    "stage1.epochs=1", "stage1.iters=2", "stage1.clusters_per_batch=3", "stage1.instances=2",
-    "stage2.epochs=2", "stage2.iters=1", "stage2.clusters_per_batch=3", "stage2.instances=2",
-    "run.feature_batch=64", "eval.trials=2",
-    # epoch switches this short schedule never reaches (validation refuses them)
-    "stage1.refine_from=never", "stage1.triplet_ramp=[]", "stage2.cross_sampler_from=never",
-    "stage2.triplet_ramp=[[0, 1.0]]",
-]
-
-
-def _sets(extra: tuple[str, ...] = ()) -> list[str]:
-    return [x for kv in (*TINY_TRAIN, *extra) for x in ("--set", kv)]
-
-
 @pytest.fixture(scope="module")
-def trained(tiny_workspace, tmp_path_factory, request) -> Path:
-    """The tiny workspace after both stages and an all-search evaluation (one real run)."""
-    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("trained"))
+def trained(trained_tiny, tmp_path_factory, request) -> Path:
+    """The session's trained tiny workspace (two epochs per stage, epoch models kept; TensorBoard
+    event files when installed), linked, after an all-search evaluation; stage 2's first epoch
+    model removed, as a run that kept none would have it."""
+    ws = linked_workspace(trained_tiny, tmp_path_factory.mktemp("report") / "ws")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMDL_NO_PROGRESS", "1")
-        extra = ("run.tensorboard=true",) if HAS_TENSORBOARD else ()
-        for command in ("pretrain-single", "train-cross"):
-            result = invoke([command, "--workspace", ws, "--deterministic", *_sets(extra)])
-            assert result.exit_code == 0, result.output
-        result = invoke(["evaluate", "--workspace", ws, "--mode", "all-search", *_sets()])
+        result = invoke(["evaluate", "--workspace", ws, "--mode", "all-search",
+                         *set_args(["eval.trials=2"])])
         assert result.exit_code == 0, result.output
+    (ws / "stage2" / "epoch-001.pt").unlink()  # a hard link: trained_tiny keeps its file
     yield ws
     discard_when_done(request, ws.parent)
 
@@ -294,18 +277,20 @@ def test_report_of_a_real_tiny_run(trained: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "stage1" in result.output and "stage2" in result.output and "all-search" in result.output
     rows = list(csv.DictReader(open(tmp_path / "r" / "per_epoch.csv")))
-    assert [(r["stage"], r["epoch"]) for r in rows] == [("stage1", "1"), ("stage2", "1"), ("stage2", "2")]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [
+        ("stage1", "1"), ("stage1", "2"), ("stage2", "1"), ("stage2", "2")]
     assert all(float(r["lr"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
-    assert rows[1]["association_accuracy"] != ""  # the synthetic set has identities
+    assert rows[2]["association_accuracy"] != ""  # the synthetic set has identities
     for name in ("training_curves.png", "pseudo_labels.png", "selection.png", "cmc.png"):
         assert (tmp_path / "r" / name).stat().st_size > 10_000, name
-    # the label-free criteria of each model: the one a stage started from, then after each epoch
+    # the label-free criteria of each model: the one a stage started from, then after each epoch,
+    # named by its kept file (stage 2's epoch-001.pt was removed: not kept)
     criteria = list(csv.DictReader(open(tmp_path / "r" / "criteria.csv")))
     assert [(r["stage"], r["epochs trained"], r["model"]) for r in criteria] == [
-        ("stage1", "0", "untrained"), ("stage1", "1", "final.pt"), ("stage2", "0", "start"),
-        ("stage2", "1", "(not kept)"), ("stage2", "2", "final.pt")]
+        ("stage1", "0", "untrained"), ("stage1", "1", "epoch-001.pt"), ("stage1", "2", "final.pt"),
+        ("stage2", "0", "start"), ("stage2", "1", "(not kept)"), ("stage2", "2", "final.pt")]
     assert all(0 <= float(r["eps_robustness"]) <= 1 for r in criteria)
-    assert criteria[3]["pairs_kept"] != "" and criteria[2]["pairs_kept"] == ""
+    assert criteria[4]["pairs_kept"] != "" and criteria[3]["pairs_kept"] == ""
     assert "label-free criteria per model" in result.output
 
 
@@ -313,7 +298,8 @@ def test_report_of_a_real_tiny_run(trained: Path, tmp_path: Path) -> None:
 def test_tensorboard_without_the_package_is_one_error_line_and_writes_nothing(tiny_workspace, tmp_path) -> None:
     ws = copy_workspace(tiny_workspace, tmp_path)
     before = tree_snapshot(ws)
-    result = invoke(["pretrain-single", "--workspace", ws, *_sets(("run.tensorboard=true",))])
+    sets = set_args([*STAGE1_SETS, "run.tensorboard=true"])
+    result = invoke(["pretrain-single", "--workspace", ws, *sets])
     assert_refused(result, "tensorboard", "pip install")
     assert tree_snapshot(ws) == before
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (STAGE1_SETS, STAGE2_SETS, assert_refused, copy_workspace, discard_when_done,
-                      invoke, set_args, tree_snapshot)
+                      invoke, linked_workspace, set_args, tree_snapshot)
 from dmdl_cli.atomic import atomic_write_bytes
 from dmdl_cli.recipe import Recipe
 from dmdl_cli.workspace import Workspace, WorkspaceLock
@@ -31,13 +31,12 @@ def _runs(ws: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_workspace, tmp_path_factory, request) -> Path:
-    """The tiny workspace through all six commands (one step per training stage)."""
-    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("runner"))
+def pipeline(trained_tiny, tmp_path_factory, request) -> Path:
+    """The tiny workspace through all six commands: the session's trained workspace (linked)
+    after cluster, evaluate and export."""
+    ws = linked_workspace(trained_tiny, tmp_path_factory.mktemp("runner") / "ws")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DMDL_NO_PROGRESS", "1")
-        _ok(["pretrain-single", "-w", ws, *set_args(STAGE1_SETS)])
-        _ok(["train-cross", "-w", ws, *set_args(STAGE2_SETS)])
         _ok(["cluster", "-w", ws, "--modality", "visible"])
         _ok(["evaluate", "-w", ws, "--checkpoint", ws / "stage1" / "final.pt", "--mode", "all-search"])
         _ok(["export", "-w", ws, "--format", "torchscript"])
@@ -94,7 +93,7 @@ def _hold(ws: Path, folder: str, title: str) -> list[WorkspaceLock]:
 
 
 def test_evaluate_runs_while_stage2_trains_but_a_second_train_cross_does_not(pipeline, tmp_path):
-    ws = copy_workspace(pipeline, tmp_path)
+    ws = linked_workspace(pipeline, tmp_path / "ws")
     held = _hold(ws, "stage2", "stage 2 (train-cross)")
     try:
         result = invoke(["evaluate", "-w", ws, "--checkpoint", ws / "stage1" / "final.pt",
@@ -116,7 +115,7 @@ def test_stage1_cannot_be_replaced_under_a_running_train_cross(pipeline, tmp_pat
     `pretrain-single --force` meanwhile is refused naming it, and goes through afterwards."""
     from dmdl_cli.stages import stage_spec
 
-    ws = copy_workspace(pipeline, tmp_path)
+    ws = linked_workspace(pipeline, tmp_path / "ws")
     before = tree_snapshot(ws)
     with Workspace.open(ws).locked(stage_spec("train-cross")):
         result = invoke(["pretrain-single", "-w", ws, "--force", *set_args(STAGE1_SETS)])
@@ -134,7 +133,7 @@ def test_evaluates_run_side_by_side_but_keep_prepare_data_out(pipeline, tmp_path
     prepare-data is refused."""
     from dmdl_cli.stages import stage_spec
 
-    ws = copy_workspace(pipeline, tmp_path)
+    ws = linked_workspace(pipeline, tmp_path / "ws")
     with Workspace.open(ws).locked(stage_spec("evaluate")):
         result = invoke(["evaluate", "-w", ws, "--checkpoint", ws / "stage2" / "final.pt",
                          "--mode", "all-search"])

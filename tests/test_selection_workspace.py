@@ -13,9 +13,8 @@ import pytest
 from conftest import (
     STAGE1_SETS,
     STAGE2_SETS,
+    TRAINED_TINY_SETS,
     assert_refused,
-    copy_workspace,
-    discard_when_done,
     invoke,
     linked_workspace,
     set_args,
@@ -32,18 +31,13 @@ from dmdl_cli.selection.rule import choose_epoch
 from dmdl_cli.workspace import Workspace, load_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-TWO_EPOCHS = ["stage1.epochs=2", "stage2.epochs=2", "run.keep_epochs=true"]
-TRAINED_SETS = set_args(STAGE1_SETS + STAGE2_SETS + TWO_EPOCHS)
+TRAINED_SETS = set_args(TRAINED_TINY_SETS)  # two epochs per stage, epoch models kept
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_workspace, tmp_path_factory, request):
-    ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("kept"))
-    for command in ("pretrain-single", "train-cross"):
-        result = invoke([command, "--workspace", ws, "--deterministic", *TRAINED_SETS])
-        assert result.exit_code == 0, result.output
-    yield Workspace(ws)
-    discard_when_done(request, ws.parent)
+def trained(trained_tiny):
+    """The session's trained tiny workspace (read only: tests that write use ``linked``)."""
+    return Workspace(trained_tiny)
 
 
 @pytest.fixture

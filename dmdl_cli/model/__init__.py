@@ -1,26 +1,5 @@
-"""The network (:mod:`.backbone`) and the CAI backdoor-adjusted prediction (:mod:`.cai`)."""
-from dmdl_cli.model.backbone import (
-    ARCHS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ReIDNet,
-    build_model,
-    model_signature,
-    normalize_batch,
-)
-from dmdl_cli.model.weights import imagenet_weight_candidates
-from dmdl_cli.model.cai import cai_log_prob, cai_loss, modality_prior
-
-__all__ = [
-    "ARCHS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ReIDNet",
-    "build_model",
-    "cai_log_prob",
-    "cai_loss",
-    "imagenet_weight_candidates",
-    "modality_prior",
-    "model_signature",
-    "normalize_batch",
-]
+"""The network: :mod:`.backbone` (ResNet AGW, GeM, BN neck), :mod:`.cai` (the CAI backdoor-adjusted
+prediction), :mod:`.loading` (the one model loader) and :mod:`.weights` (where the ImageNet files
+come from). Import from those modules: this package imports nothing, so that the torch-free
+:mod:`.weights` (prepare-data's check of the recipe's ImageNet file) does not bring torch in.
+"""

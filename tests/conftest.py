@@ -179,8 +179,16 @@ LAST_USER: dict[str, str] = {}
 DISCARD: dict[str, Callable[[], None]] = {}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "run_last: run this module after every other one (it "
+                            "holds large files while it runs; the session fixtures' are gone then)")
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(items):
+    """Modules marked ``run_last`` go to the end, in their order (``sorted`` is stable); then
+    each session fixture's last user is recorded."""
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("run_last") is not None)
     for item in items:
         for name in getattr(item, "fixturenames", ()):
             LAST_USER[name] = item.nodeid

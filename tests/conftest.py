@@ -199,7 +199,7 @@ def pytest_runtest_teardown(item, nextitem):
     result = yield
     for name, nodeid in LAST_USER.items():
         if nodeid == item.nodeid and name in DISCARD:
-            DISCARD.pop(name)()
+            DISCARD[name]()  # the discard takes itself out of DISCARD (it runs once)
     return result
 
 

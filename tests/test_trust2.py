@@ -207,14 +207,16 @@ def test_a_damaged_manifest_is_one_line_and_prepare_data_repairs_it(tiny_workspa
 
 
 @pytest.fixture(scope="module")
-def stage1_tiny(tiny_workspace, tmp_path_factory) -> Path:
-    """``tiny_workspace`` after one stage-1 step (copy it before writing)."""
-    from conftest import STAGE1_SETS, set_args
+def stage1_tiny(tiny_workspace, tmp_path_factory, request) -> Path:
+    """``tiny_workspace`` after one stage-1 step (copy it before writing); its 0.2 GB of
+    checkpoints go when the module is done."""
+    from conftest import STAGE1_SETS, discard_when_done, set_args
 
     ws = copy_workspace(tiny_workspace, tmp_path_factory.mktemp("stage1-tiny"))
     result = invoke(["pretrain-single", "--workspace", ws, "--deterministic", *set_args(STAGE1_SETS)])
     assert result.exit_code == 0, result.output
-    return ws
+    yield ws
+    discard_when_done(request, ws.parent)
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ Torch is imported only once the workspace and the recipe have been checked, and 
 that runs a network: the modules imported at the top of this file (and of ``cli.py``) must not
 import torch, so that a bad option, key or value is answered in a fraction of a second
 (``tests/test_cli_choices.py`` checks it). The runtime (:mod:`dmdl_cli.runtime`, which needs
-torch) is imported and selected inside :func:`run_command` for a stage whose record says
-``device=True``; the others (prepare-data, select) run with ``ctx.runtime = None`` and import no
-torch at all.
+torch) is imported and selected inside :func:`run_command` for a stage whose record says it
+runs a network (``StageSpec.device``: it trains or loads a checkpoint); the others
+(prepare-data, select) run with ``ctx.runtime = None`` and import no torch at all.
 """
 from __future__ import annotations
 

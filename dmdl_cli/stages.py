@@ -36,9 +36,9 @@ class StageSpec:
     stage whose ``final.pt`` it starts from. ``trains``: it writes ``last.pt``/``final.pt`` and
     can be resumed. ``loads_checkpoint``: it runs the network ``--checkpoint`` names (the newest
     stage result by default; with ``untrained_default`` the untrained backbone when nothing is
-    trained yet). ``device``: it runs a network, so the command runner selects the runtime
-    (device, AMP, DDP rank) and imports torch for it; a stage without one (prepare-data, select)
-    runs in one process and never imports torch. ``exclusive``: it rewrites what every other
+    trained yet). ``device`` (derived: it trains or loads a checkpoint): it runs a network, so the
+    command runner selects the runtime (device, AMP, DDP rank) and imports torch for it; a stage
+    without one (prepare-data, select) runs in one process and never imports torch. ``exclusive``: it rewrites what every other
     stage reads (the data), so it runs alone in the workspace. ``concurrent``: several runs of
     it may share the workspace (each writes files named after the checkpoint it reads,
     atomically: ``evaluate`` of ten epoch models at once), so its lock is held shared.
@@ -56,9 +56,13 @@ class StageSpec:
     trains: bool = False
     loads_checkpoint: bool = False
     untrained_default: bool = False
-    device: bool = False
     exclusive: bool = False
     concurrent: bool = False
+
+    @property
+    def device(self) -> bool:
+        """It runs a network: it trains, or runs the checkpoint ``--checkpoint`` names."""
+        return self.trains or self.loads_checkpoint
 
     def path(self, ws: "Workspace", name: str) -> Path:
         """``WS/<folder>/<name>``."""
@@ -99,21 +103,19 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("stage1", "pretrain-single", "stage 1 (pretrain-single)", "stage1",
               "dmdl_cli.training.single:pretrain_single",
               "Stage 1: single-modality contrastive learning.",
-              labels_prefix="stage1", sections=STAGE1_SECTIONS, trains=True, device=True),
+              labels_prefix="stage1", sections=STAGE1_SECTIONS, trains=True),
     StageSpec("stage2", "train-cross", "stage 2 (train-cross)", "stage2",
               "dmdl_cli.training.cross:train_cross",
               "Stage 2: cross-modality learning with CAI and CBT.",
-              labels_prefix="cross", sections=STAGE2_SECTIONS, upstream="stage1", trains=True,
-              device=True),
+              labels_prefix="cross", sections=STAGE2_SECTIONS, upstream="stage1", trains=True),
     StageSpec("cluster", "cluster", "cluster", LABELS, "dmdl_cli.clustering.stage:cluster_stage",
               "Pseudo-label train images per modality.", loads_checkpoint=True,
-              untrained_default=True, device=True, concurrent=True),
+              untrained_default=True, concurrent=True),
     StageSpec("evaluate", "evaluate", "evaluate", "eval", "dmdl_cli.evaluation.evaluate:evaluate",
               "Rank-k, mAP and mINP on cross-modality protocols.", loads_checkpoint=True,
-              device=True, concurrent=True),
+              concurrent=True),
     StageSpec("export", "export", "export", "export", "dmdl_cli.export:export_model",
-              "Export to ONNX / TorchScript with a parity check.", loads_checkpoint=True,
-              device=True),
+              "Export to ONNX / TorchScript with a parity check.", loads_checkpoint=True),
     # select writes only the training stages' selected.pt (holding their locks shared: the
     # runner's `reads`); its own folder is never made, its lock is shared (several may run); it
     # reads the logged criteria, no model: no device

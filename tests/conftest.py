@@ -59,21 +59,32 @@ def load_benchmark(name: str):
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One torch thread inside the block: the 2-core test machines are shared, and one thread
-    keeps float reductions in one order (a run compared with another must use it both times)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def torch_state_kept() -> Iterator[None]:
+    """Torch's thread count and deterministic-algorithms flag (with its warn-only setting) put
+    back as they were after the block."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """``count`` torch threads inside the block. One on the shared 2-core test machines keeps
+    float reductions in one order (a run compared with another must use it both times)."""
+    with torch_state_kept():
+        torch.set_num_threads(count)
+        yield
 
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``)."""
-    with one_thread():
+    with torch_threads(1):
         yield
 
 
@@ -85,18 +96,14 @@ def process_state_kept():
     (``run.threads`` sets both), the global RNGs of Python, numpy and torch (seeded by the
     stages). The working directory and the stop-signal handlers are not put back but checked:
     a command that left them changed would change them for a library user too."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
     environ = dict(os.environ)
     rngs = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cwd = os.getcwd()
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        yield
+        with torch_state_kept():
+            yield
     finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.set_num_threads(threads)
         for key in os.environ.keys() - environ.keys():
             del os.environ[key]
         os.environ.update(environ)
@@ -239,12 +246,10 @@ def _no_progress(monkeypatch):
 @pytest.fixture(autouse=True)
 def _torch_state_restored():
     """Each test leaves torch's thread count and deterministic-algorithms flag as it found them
-    (a stage run in process with ``--deterministic`` or ``run.threads`` sets them for the rest
-    of the process, as a command does): no test runs with a state an earlier one left."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+    (a runtime selected in a test, as test_batchnorm does, sets them for the rest of the process,
+    as a command does): no test runs with a state an earlier one left."""
+    with torch_state_kept():
+        yield
 
 
 @pytest.fixture
@@ -323,7 +328,7 @@ def trained_tiny(tiny_workspace, tmp_path_factory, request) -> Path:
     discard = discard_after_last_user(request, ws.parent)  # 0.5 GB of checkpoints
     # one thread whichever module asks first: test_selection_workspace resumes stage 2 with one
     # and compares the logs
-    with pytest.MonkeyPatch.context() as mp, one_thread():
+    with pytest.MonkeyPatch.context() as mp, torch_threads(1):
         mp.setenv("DMDL_NO_PROGRESS", "1")
         for command in ("pretrain-single", "train-cross"):
             result = invoke([command, "--workspace", ws, "--deterministic",

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torchvision.models import ResNet50_Weights
 
+from conftest import torch_threads
 from dmdl_cli.errors import DmdlError
 from dmdl_cli.model.backbone import (
     IMAGENET_MEAN,
@@ -31,10 +32,8 @@ from dmdl_cli.recipe import ARCHS
 def two_torch_threads():
     """Two threads for this module's ResNet-50 forwards, set back after it (set at import, it
     held for every later module of the session)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")
